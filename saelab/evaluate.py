@@ -1,0 +1,179 @@
+"""SAE evaluation on held-out windows, with SAEBench's core-metric definitions (`evals/core`).
+
+Reconstruction metrics run over the kept positions of `n_windows` held-out windows (leading positions and special
+tokens excluded, as recorded in the result):
+- MSE = sum (x - x_hat)^2 / n_tokens;
+- explained variance, conventional: 1 - sum (x - x_hat)^2 / sum (x - mean_tokens(x))^2 (mean per dimension) — the
+  headline; legacy (SAEBench paper): per-token 1 - ||x - x_hat||^2 / ||x - batch_mean||^2, averaged;
+- cosine similarity of x and x_hat, averaged over tokens; L0 = mean number of active latents per token;
+- dead latents: never fire on the evaluation tokens; dense: fire on more than `dense_threshold` of them.
+Downstream scores splice the SAE into the forward at the hookpoint (excluded positions keep their activation):
+- CE-loss score = (CE_zero_ablation - CE_sae) / (CE_zero_ablation - CE_clean);
+- KL score = (KL_zero_ablation - KL_sae) / KL_zero_ablation, KL = sum p_clean (log p_clean - log p_new) per token.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from saelab.activations import iter_window_batches
+from saelab.config import EvalConfig
+from saelab.data import TokenWindows
+from saelab.models import LoadedModel, replace_output
+from saelab.sae import SAEError, TopKSAE
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Core metrics of one SAE on held-out tokens."""
+
+    mse: float
+    explained_variance: float
+    """Conventional EV (variance about the per-dimension mean)."""
+    explained_variance_legacy: float
+    """SAEBench paper's per-token EV, for comparison with published numbers."""
+    cosine_similarity: float
+    l0: float
+    dead_fraction: float
+    dense_fraction: float
+    ce_clean: float
+    ce_sae: float
+    ce_zero_ablation: float
+    ce_loss_score: float
+    kl_sae: float
+    kl_zero_ablation: float
+    kl_score: float
+    n_tokens: int
+    """Tokens in the reconstruction metrics."""
+    n_ce_tokens: int
+    """Tokens in the CE / KL scores."""
+    excluded: str
+    """Which positions were left out."""
+    log10_frequency: list[float]
+    """Per-latent log10 firing frequency on the eval tokens (-inf for dead latents written as null)."""
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["log10_frequency"] = [None if not np.isfinite(v) else v for v in self.log10_frequency]
+        return d
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2))
+        tmp.rename(path)
+
+
+@torch.no_grad()
+def reconstruction_metrics(
+    sae: TopKSAE, batches: list[torch.Tensor], dense_threshold: float
+) -> dict[str, Any]:
+    """Metrics over token batches (each [n, D], kept positions only); sums kept in float64."""
+    F_ = sae.cfg.d_sae
+    sq_err = sum_x = sum_x2 = 0.0
+    dim_sum: torch.Tensor | None = None
+    dim_sq: torch.Tensor | None = None
+    cos_sum = legacy_sum = l0_sum = 0.0
+    n = 0
+    fired = torch.zeros(F_, dtype=torch.float64)
+    for x in batches:
+        out = sae(x)
+        err = (x - out.x_hat_BD).double()
+        sq_err += float(err.pow(2).sum())
+        xd = x.double()
+        dim_sum = xd.sum(0) if dim_sum is None else dim_sum + xd.sum(0)
+        dim_sq = xd.pow(2).sum(0) if dim_sq is None else dim_sq + xd.pow(2).sum(0)
+        cos_sum += float(F.cosine_similarity(x, out.x_hat_BD, dim=-1).double().sum())
+        centred = (xd - xd.mean(0)).pow(2).sum(-1).clamp_min(1e-12)
+        legacy_sum += float((1 - err.pow(2).sum(-1) / centred).sum())
+        active = out.code.top_acts_BK > 0
+        l0_sum += float(active.sum())
+        fired.index_add_(0, out.code.top_idx_BK[active].cpu(), torch.ones(int(active.sum()), dtype=torch.float64))
+        n += x.shape[0]
+    assert dim_sum is not None and dim_sq is not None
+    total_var = float((dim_sq - dim_sum.pow(2) / n).sum())  # sum over tokens of ||x - mean||^2
+    freq = (fired / n).numpy()
+    with np.errstate(divide="ignore"):
+        log_freq = np.log10(freq)
+    return {
+        "mse": sq_err / n,
+        "explained_variance": 1 - sq_err / total_var,
+        "explained_variance_legacy": legacy_sum / n,
+        "cosine_similarity": cos_sum / n,
+        "l0": l0_sum / n,
+        "dead_fraction": float((freq == 0).mean()),
+        "dense_fraction": float((freq > dense_threshold).mean()),
+        "n_tokens": n,
+        "log10_frequency": log_freq.tolist(),
+    }
+
+
+@torch.no_grad()
+def downstream_scores(
+    lm: LoadedModel, sae: TopKSAE, windows: TokenWindows, idx: np.ndarray, hookpoint: str, batch_size: int
+) -> dict[str, Any]:
+    """CE-loss and KL scores with the SAE spliced in, against clean and zero-ablation forwards."""
+    totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero_ablation": 0.0, "kl_sae": 0.0, "kl_zero_ablation": 0.0}
+    n = 0
+    for start in tqdm(range(0, len(idx), batch_size), desc="eval CE/KL", unit="batch", leave=False):
+        batch = idx[start : start + batch_size]
+        ids = torch.as_tensor(windows.tokens[batch], dtype=torch.long, device=lm.device)
+        keep = torch.as_tensor(windows.keep[batch], device=lm.device)
+        mask = keep[:, :-1]  # predictions made at spliced positions
+        targets = ids[:, 1:]
+
+        def splice(x: torch.Tensor, zero: bool, keep: torch.Tensor = keep) -> torch.Tensor:
+            new = x.clone()
+            new[keep] = 0.0 if zero else sae(x[keep].float()).x_hat_BD.to(x.dtype)
+            return new
+
+        logp_clean = _log_probs(lm, ids)
+        with replace_output(lm.model, hookpoint, lambda x: splice(x, zero=False)):
+            logp_sae = _log_probs(lm, ids)
+        with replace_output(lm.model, hookpoint, lambda x: splice(x, zero=True)):
+            logp_zero = _log_probs(lm, ids)
+        p_clean = logp_clean.exp()
+        for name, logp in (("clean", logp_clean), ("sae", logp_sae), ("zero_ablation", logp_zero)):
+            ce = -logp.gather(-1, targets[..., None]).squeeze(-1)
+            totals[f"ce_{name}"] += float(ce[mask].double().sum())
+            if name != "clean":
+                kl = (p_clean * (logp_clean - logp)).sum(-1)
+                totals[f"kl_{name}"] += float(kl[mask].double().sum())
+        n += int(mask.sum())
+    out: dict[str, Any] = {k: v / n for k, v in totals.items()}
+    out["ce_loss_score"] = (out["ce_zero_ablation"] - out["ce_sae"]) / (out["ce_zero_ablation"] - out["ce_clean"])
+    out["kl_score"] = (out["kl_zero_ablation"] - out["kl_sae"]) / out["kl_zero_ablation"]
+    out["n_ce_tokens"] = n
+    return out
+
+
+def _log_probs(lm: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
+    logits = lm.model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def evaluate(
+    lm: LoadedModel, sae: TopKSAE, windows: TokenWindows, hookpoint: str, cfg: EvalConfig
+) -> EvalResult:
+    """All core metrics on the held-out windows (see module docstring)."""
+    if sae.cfg.d_in != lm.d_model:
+        raise SAEError(
+            f"SAE d_in={sae.cfg.d_in} does not match the model's d_model={lm.d_model} at {hookpoint}; "
+            "evaluate it with the model and hookpoint it was trained on"
+        )
+    idx = windows.eval_idx[: cfg.n_windows]
+    batches = []
+    for batch, a_BTD in iter_window_batches(lm, windows, idx, hookpoint, cfg.batch_size, "eval recon"):
+        batches.append(a_BTD[torch.as_tensor(windows.keep[batch], device=a_BTD.device)])
+    recon = reconstruction_metrics(sae, batches, cfg.dense_threshold)
+    ce_idx = windows.eval_idx[: cfg.n_ce_windows]
+    down = downstream_scores(lm, sae, windows, ce_idx, hookpoint, cfg.batch_size)
+    excluded = "leading positions and special tokens (see data config: exclude_first, exclude_special)"
+    return EvalResult(**recon, **down, excluded=excluded)

@@ -1,0 +1,266 @@
+"""The stages over a run folder: each reads the previous stage's artifacts and writes its own.
+
+`saelab demo` runs them all in one process (the subject model is loaded once); `saelab <stage> --run-dir R` runs
+one on the artifacts already in R. Artifacts (relative to the run folder):
+
+    data/windows.npz            token windows, exclusion mask, split          (collect)
+    activations/acts.safetensors  training activations at the hookpoint       (collect)
+    sae/cfg.json, sae/sae.safetensors, sae/train_log.jsonl                      (train)
+    eval/metrics.json                                                          (eval)
+    latents/latents.safetensors, latents/stats.json                            (cache)
+    samples/samples.json                                                       (sample)
+    explain/explanations.jsonl                                                 (explain)
+    score/scores.jsonl, score/scores_summary.json                              (score)
+    report.md, report.html, plots/                                             (report)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from saelab import sae as sae_lib
+from saelab.activations import Activations, collect
+from saelab.config import RunConfig, from_dict, to_dict
+from saelab.data import TokenWindows, build_windows
+from saelab.evaluate import evaluate
+from saelab.latents import LatentCache, build_cache
+from saelab.models import LoadedModel, load_model, resolve_hookpoint
+from saelab.runs import Run
+from saelab.sampling import SampleSet, sample
+from saelab.train import train
+
+log = logging.getLogger(__name__)
+
+WINDOWS = "data/windows.npz"
+ACTS = "activations/acts.safetensors"
+SAE_DIR = "sae"
+METRICS = "eval/metrics.json"
+LATENTS = "latents"
+SAMPLES = "samples/samples.json"
+EXPLANATIONS = "explain/explanations.jsonl"
+SCORES = "score"
+
+
+@dataclass
+class Session:
+    """State shared by stages run in one process (the loaded subject model)."""
+
+    cfg: RunConfig
+    run: Run
+    _lm: LoadedModel | None = field(default=None, repr=False)
+
+    @property
+    def folder(self) -> Path:
+        return self.run.folder
+
+    def lm(self) -> LoadedModel:
+        if self._lm is None:
+            m = self.cfg.model
+            if m.threads:
+                torch.set_num_threads(m.threads)
+            self._lm = load_model(m.name, m.dtype, m.device)
+            self.run.set_hash("model", self._lm.weights_sha256)
+        return self._lm
+
+
+def open_session(cfg: RunConfig, *, new: bool) -> Session:
+    """A session on `cfg.run_dir`. A new run records `cfg`; otherwise the model and data config come from the
+    manifest (so a later stage always uses the model the activations came from), and `cfg`'s own sections for
+    the later stages are kept."""
+    if new:
+        return Session(cfg, Run.create(cfg.run_dir, to_dict(cfg), cfg.seed))
+    run = Run.open(cfg.run_dir)
+    recorded: RunConfig = from_dict(RunConfig, run.data["config"])
+    merged = RunConfig(
+        run_dir=cfg.run_dir,
+        seed=recorded.seed,
+        model=recorded.model,
+        data=recorded.data,
+        collect=recorded.collect,
+        train=cfg.train,
+        eval=cfg.eval,
+        cache=cfg.cache,
+        sample=cfg.sample,
+        llm=cfg.llm,
+        explain=cfg.explain,
+        score=cfg.score,
+    )
+    return Session(merged, run)
+
+
+def stage_collect(s: Session) -> None:
+    cfg = s.cfg
+    lm = s.lm()
+    hookpoint = resolve_hookpoint(lm.model, cfg.collect.hookpoint)
+    with s.run.stage("collect", {"data": to_dict(cfg.data), "collect": to_dict(cfg.collect)}) as rec:
+        windows = build_windows(cfg.data, lm.tokenizer, cfg.seed)
+        (s.folder / "data").mkdir(exist_ok=True)
+        windows.save(s.folder / WINDOWS)
+        dtype = getattr(torch, cfg.collect.store_dtype)
+        acts = collect(lm, windows, hookpoint, cfg.collect.n_train_tokens, cfg.collect.batch_size, dtype)
+        (s.folder / "activations").mkdir(exist_ok=True)
+        acts.save(s.folder / ACTS)
+        rec["outputs"] += [WINDOWS, ACTS]
+        rec.update(hookpoint=hookpoint, n_tokens=int(acts.acts_ND.shape[0]), n_windows=int(windows.tokens.shape[0]))
+    s.run.set_hash("data", windows.sha256())
+
+
+def _hookpoint(s: Session) -> str:
+    return str(s.run.require("collect", "collect")["hookpoint"])
+
+
+def stage_train(s: Session) -> None:
+    s.run.verify("collect", "collect")
+    acts = Activations.load(s.folder / ACTS)
+    with s.run.stage("train", to_dict(s.cfg.train)) as rec:
+        folder = s.folder / SAE_DIR
+        folder.mkdir(exist_ok=True)
+        result = train(
+            acts.acts_ND.float(), s.cfg.train, s.cfg.seed, _hookpoint(s), s.cfg.model.name, folder / "train_log.jsonl"
+        )
+        sae_lib.save(result.sae, folder)
+        rec["outputs"] += [f"{SAE_DIR}/cfg.json", f"{SAE_DIR}/sae.safetensors"]
+        rec.update(steps=result.steps, tokens=result.tokens, final_loss=result.final_loss, dead_fraction=result.dead_fraction)
+    s.run.set_hash("sae", sae_lib.file_sha256(folder))
+
+
+def _load_sae(s: Session) -> sae_lib.TopKSAE:
+    s.run.verify("train", "train")
+    return sae_lib.load(s.folder / SAE_DIR)
+
+
+def stage_eval(s: Session) -> None:
+    sae = _load_sae(s)
+    lm = s.lm()
+    windows = TokenWindows.load(s.folder / WINDOWS)
+    with s.run.stage("eval", to_dict(s.cfg.eval)) as rec:
+        result = evaluate(lm, sae.to(lm.device), windows, _hookpoint(s), s.cfg.eval)
+        (s.folder / "eval").mkdir(exist_ok=True)
+        result.save(s.folder / METRICS)
+        rec["outputs"].append(METRICS)
+        rec["summary"] = {k: v for k, v in result.to_json().items() if k != "log10_frequency"}
+
+
+def stage_cache(s: Session) -> None:
+    sae = _load_sae(s)
+    acts = Activations.load(s.folder / ACTS)
+    with s.run.stage("cache", to_dict(s.cfg.cache)) as rec:
+        cache = build_cache(sae, acts, s.cfg.cache.batch_size)
+        cache.save(s.folder / LATENTS)
+        rec["outputs"] += [f"{LATENTS}/latents.safetensors", f"{LATENTS}/stats.json"]
+        rec.update(nnz=int(len(cache.values)), n_tokens=cache.stats.n_tokens)
+
+
+def stage_sample(s: Session) -> None:
+    s.run.verify("cache", "cache")
+    cache = LatentCache.load(s.folder / LATENTS)
+    windows = TokenWindows.load(s.folder / WINDOWS)
+    tokenizer = _tokenizer(s)
+
+    @functools.lru_cache(maxsize=None)
+    def token_str(t: int) -> str:
+        return str(tokenizer.decode([t]))
+
+    with s.run.stage("sample", to_dict(s.cfg.sample)) as rec:
+        samples = sample(cache, windows.tokens, token_str, s.cfg.sample, s.cfg.seed)
+        (s.folder / "samples").mkdir(exist_ok=True)
+        samples.save(s.folder / SAMPLES)
+        rec["outputs"].append(SAMPLES)
+        rec.update(n_latents=len(samples.latents), n_skipped=len(samples.skipped))
+
+
+def _tokenizer(s: Session) -> Any:
+    if s._lm is not None:
+        return s._lm.tokenizer
+    from transformers import AutoTokenizer
+
+    from saelab.models import _bundled_cache
+
+    name = s.cfg.model.name
+    source = str(_bundled_cache(name)) if name.startswith("bundled:") else name
+    return AutoTokenizer.from_pretrained(source, local_files_only=True)
+
+
+def _client(s: Session) -> Any:
+    from saelab.llm import make_client
+
+    cfg = s.cfg.llm
+    shared = None
+    if not cfg.url and cfg.local_model == s.cfg.model.name:
+        shared = s.lm()  # the bundled chat model is the subject model: load it once
+    client = make_client(cfg, shared)
+    if hasattr(client, "check"):
+        asyncio.run(client.check())
+    return client
+
+
+def stage_explain(s: Session) -> None:
+    from saelab.explain import run_explain
+
+    s.run.verify("sample", "sample")
+    samples = SampleSet.load(s.folder / SAMPLES)
+    needs_llm = any(e != "token_stats" for e in s.cfg.explain.explainers)
+    client = _client(s) if needs_llm else None
+    with s.run.stage("explain", {"explain": to_dict(s.cfg.explain), "llm": to_dict(s.cfg.llm)}) as rec:
+        (s.folder / "explain").mkdir(exist_ok=True)
+        records = run_explain(samples, s.cfg.explain, client, s.folder / EXPLANATIONS)
+        rec["outputs"].append(EXPLANATIONS)
+        rec.update(
+            n_explanations=len(records),
+            n_failed=sum(not r.ok for r in records),
+            model=getattr(client, "model_name", "none"),
+        )
+
+
+def stage_score(s: Session) -> None:
+    from saelab.explain import load_explanations
+    from saelab.score import run_score
+
+    s.run.verify("sample", "sample")
+    s.run.verify("explain", "explain")
+    samples = SampleSet.load(s.folder / SAMPLES)
+    explanations = load_explanations(s.folder / EXPLANATIONS)
+    needs_llm = any(x in ("detection", "fuzzing") for x in s.cfg.score.scorers)
+    client = _client(s) if needs_llm else None
+    with s.run.stage("score", {"score": to_dict(s.cfg.score), "llm": to_dict(s.cfg.llm)}) as rec:
+        out = s.folder / SCORES
+        out.mkdir(exist_ok=True)
+        run_score(samples, explanations, s.cfg.score, client, out, s.cfg.seed)
+        rec["outputs"] += [f"{SCORES}/scores.jsonl", f"{SCORES}/scores_summary.json"]
+        rec["model"] = getattr(client, "model_name", "none")
+
+
+def stage_report(s: Session) -> Path:
+    from saelab.report import write_report
+
+    with s.run.stage("report", {}) as rec:
+        paths = write_report(s.run)
+        rec["outputs"] += [str(p.relative_to(s.folder)) for p in paths]
+    return s.folder / "report.md"
+
+
+STAGES = {
+    "collect": stage_collect,
+    "train": stage_train,
+    "eval": stage_eval,
+    "cache": stage_cache,
+    "sample": stage_sample,
+    "explain": stage_explain,
+    "score": stage_score,
+}
+
+
+def run_all(cfg: RunConfig) -> Path:
+    """Every stage in order, then the report; returns the report's path."""
+    s = open_session(cfg, new=True)
+    for name, fn in STAGES.items():
+        log.info("stage %s", name)
+        fn(s)
+    return stage_report(s)
