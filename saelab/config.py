@@ -62,7 +62,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(self.ctx_len >= 8, f"data.ctx_len must be >= 8, got {self.ctx_len}")
-        _check(0.0 < self.eval_fraction < 1.0, f"data.eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        _check(
+            0.0 < self.eval_fraction < 1.0, f"data.eval_fraction must be in (0, 1), got {self.eval_fraction}"
+        )
         _check(0 <= self.exclude_first < self.ctx_len, "data.exclude_first must be in [0, ctx_len)")
         _check(self.max_docs >= 0, f"data.max_docs must be >= 0, got {self.max_docs}")
 

@@ -42,14 +42,18 @@ def iter_documents(dataset: str, text_field: str = "text") -> Iterator[str]:
         return
     path = Path(dataset)
     if not path.exists():
-        raise DataError(f"dataset {dataset!r} not found: give an existing file or folder, or {BUNDLED_WIKIPEDIA}")
+        raise DataError(
+            f"dataset {dataset!r} not found: give an existing file or folder, or {BUNDLED_WIKIPEDIA}"
+        )
     if path.is_dir():
         yield from _iter_hf_dataset(path, text_field)
         return
     try:
         raw = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise DataError(f"{path} is not UTF-8 text (byte {err.start}); convert it with `iconv -t utf-8`") from err
+        raise DataError(
+            f"{path} is not UTF-8 text (byte {err.start}); convert it with `iconv -t utf-8`"
+        ) from err
     if path.suffix == ".jsonl":
         for n, line in enumerate(raw.splitlines(), 1):
             if line.strip():
@@ -67,7 +71,9 @@ def iter_documents(dataset: str, text_field: str = "text") -> Iterator[str]:
 
 def _field(record: Any, text_field: str, where: str) -> str:
     if not isinstance(record, dict) or text_field not in record:
-        raise DataError(f"{where}: no field {text_field!r}; set --data.text-field to the field holding the text")
+        raise DataError(
+            f"{where}: no field {text_field!r}; set --data.text-field to the field holding the text"
+        )
     return str(record[text_field])
 
 
@@ -80,7 +86,9 @@ def _iter_hf_dataset(path: Path, text_field: str) -> Iterator[str]:
     if isinstance(ds, datasets.DatasetDict):
         ds = ds["train"] if "train" in ds else next(iter(ds.values()))
     if text_field not in ds.column_names:
-        raise DataError(f"{path}: no column {text_field!r} (columns: {ds.column_names}); set --data.text-field")
+        raise DataError(
+            f"{path}: no column {text_field!r} (columns: {ds.column_names}); set --data.text-field"
+        )
     for text in ds[text_field]:
         if text and text.strip():
             yield text
@@ -123,12 +131,10 @@ def build_windows(cfg: DataConfig, tokenizer: Any, seed: int) -> TokenWindows:
     if eos is None:
         raise DataError("the tokenizer has no EOS token to separate documents")
     stream: list[int] = []
-    n_docs = 0
     docs = iter_documents(cfg.dataset, cfg.text_field)
-    for doc in tqdm(docs, desc="tokenize", unit="doc", leave=False):
+    for n_docs, doc in enumerate(tqdm(docs, desc="tokenize", unit="doc", leave=False), 1):
         stream.extend(tokenizer.encode(doc, add_special_tokens=False))
         stream.append(eos)
-        n_docs += 1
         if cfg.max_docs and n_docs >= cfg.max_docs:
             break
     n_windows = len(stream) // cfg.ctx_len

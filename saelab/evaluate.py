@@ -77,7 +77,7 @@ def reconstruction_metrics(
 ) -> dict[str, Any]:
     """Metrics over token batches (each [n, D], kept positions only); sums kept in float64."""
     F_ = sae.cfg.d_sae
-    sq_err = sum_x = sum_x2 = 0.0
+    sq_err = 0.0
     dim_sum: torch.Tensor | None = None
     dim_sq: torch.Tensor | None = None
     cos_sum = legacy_sum = l0_sum = 0.0
@@ -95,7 +95,9 @@ def reconstruction_metrics(
         legacy_sum += float((1 - err.pow(2).sum(-1) / centred).sum())
         active = out.code.top_acts_BK > 0
         l0_sum += float(active.sum())
-        fired.index_add_(0, out.code.top_idx_BK[active].cpu(), torch.ones(int(active.sum()), dtype=torch.float64))
+        fired.index_add_(
+            0, out.code.top_idx_BK[active].cpu(), torch.ones(int(active.sum()), dtype=torch.float64)
+        )
         n += x.shape[0]
     assert dim_sum is not None and dim_sq is not None
     total_var = float((dim_sq - dim_sum.pow(2) / n).sum())  # sum over tokens of ||x - mean||^2
@@ -148,7 +150,9 @@ def downstream_scores(
                 totals[f"kl_{name}"] += float(kl[mask].double().sum())
         n += int(mask.sum())
     out: dict[str, Any] = {k: v / n for k, v in totals.items()}
-    out["ce_loss_score"] = (out["ce_zero_ablation"] - out["ce_sae"]) / (out["ce_zero_ablation"] - out["ce_clean"])
+    out["ce_loss_score"] = (out["ce_zero_ablation"] - out["ce_sae"]) / (
+        out["ce_zero_ablation"] - out["ce_clean"]
+    )
     out["kl_score"] = (out["kl_zero_ablation"] - out["kl_sae"]) / out["kl_zero_ablation"]
     out["n_ce_tokens"] = n
     return out

@@ -39,7 +39,9 @@ class LatentStats:
     @classmethod
     def load(cls, path: Path) -> LatentStats:
         d = json.loads(path.read_text())
-        return cls(np.asarray(d["frequency"]), np.asarray(d["max_act"]), np.asarray(d["mean_act"]), d["n_tokens"])
+        return cls(
+            np.asarray(d["frequency"]), np.asarray(d["max_act"]), np.asarray(d["mean_act"]), d["n_tokens"]
+        )
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,14 @@ class LatentCache:
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing; run `saelab cache` first")
         t = load_file(str(path))
-        return cls(t["indptr"], t["token_idx"], t["values"], t["window"], t["pos"], LatentStats.load(folder / "stats.json"))
+        return cls(
+            t["indptr"],
+            t["token_idx"],
+            t["values"],
+            t["window"],
+            t["pos"],
+            LatentStats.load(folder / "stats.json"),
+        )
 
 
 @torch.no_grad()

@@ -14,10 +14,11 @@ import hashlib
 import importlib.metadata
 import logging
 import os
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,7 +64,8 @@ def package_file(dist: str, filename: str) -> Path:
 class LoadedModel:
     """A causal LM ready for hooking, with its tokenizer and provenance."""
 
-    model: nn.Module
+    model: Any
+    """A transformers PreTrainedModel (causal LM)."""
     tokenizer: Any
     name: str
     weights_sha256: str
@@ -97,18 +99,20 @@ def load_model(name: str, dtype: str = "float32", device: str = "auto") -> Loade
     torch_dtype = getattr(torch, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=True)
-    except OSError as err:
+        model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=True)
+    except Exception as err:  # a corrupt cache surfaces as OSError, ValueError or safetensors' own error
         if folder is not None:
             raise ModelError(
                 f"the model cache at {folder} is corrupt or incomplete ({err.__class__.__name__}); delete "
                 f"that folder and run again to rebuild it from the bundled GGUF"
             ) from err
+        if not isinstance(err, OSError):
+            raise
         raise ModelError(
             f"cannot load model {name!r}: not a local folder and not in the local Hugging Face cache "
             f"(saelab never downloads at run time). Pass a local folder, or use {BUNDLED_SMOLLM2}"
         ) from err
-    model.to(resolve_device(device)).eval()
+    model = model.to(resolve_device(device)).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model, tokenizer, name, _weights_hash(Path(source)) if Path(source).is_dir() else name)
@@ -197,8 +201,12 @@ def resolve_hookpoint(model: nn.Module, hookpoint: str) -> str:
     prefix = next(n for n, m in model.named_modules() if m is layers)
     hint = f"{prefix}.0 .. {prefix}.{len(layers) - 1}"
     if len(matches) > 1:
-        raise HookpointError(f"hookpoint {hookpoint!r} is ambiguous ({matches[:4]}...); give the full module name")
-    raise HookpointError(f"hookpoint {hookpoint!r} is not a module of this model; residual-stream hookpoints: {hint}")
+        raise HookpointError(
+            f"hookpoint {hookpoint!r} is ambiguous ({matches[:4]}...); give the full module name"
+        )
+    raise HookpointError(
+        f"hookpoint {hookpoint!r} is not a module of this model; residual-stream hookpoints: {hint}"
+    )
 
 
 def layer_index(model: nn.Module, hookpoint: str) -> int:
@@ -250,12 +258,12 @@ def capture(model: nn.Module, hookpoints: list[str]) -> Iterator[dict[str, torch
         remaining.update(hookpoints)
 
 
-def forward_until(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+def forward_until(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> None:
     """Run the model; a `capture` hook ends it early. The logits are never computed."""
-    try:
+    with suppress(_StopForward):
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    except _StopForward:
-        pass
 
 
 @contextmanager

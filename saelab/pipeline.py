@@ -108,7 +108,9 @@ def stage_collect(s: Session) -> None:
         (s.folder / "activations").mkdir(exist_ok=True)
         acts.save(s.folder / ACTS)
         rec["outputs"] += [WINDOWS, ACTS]
-        rec.update(hookpoint=hookpoint, n_tokens=int(acts.acts_ND.shape[0]), n_windows=int(windows.tokens.shape[0]))
+        rec.update(
+            hookpoint=hookpoint, n_tokens=int(acts.acts_ND.shape[0]), n_windows=int(windows.tokens.shape[0])
+        )
     s.run.set_hash("data", windows.sha256())
 
 
@@ -123,11 +125,21 @@ def stage_train(s: Session) -> None:
         folder = s.folder / SAE_DIR
         folder.mkdir(exist_ok=True)
         result = train(
-            acts.acts_ND.float(), s.cfg.train, s.cfg.seed, _hookpoint(s), s.cfg.model.name, folder / "train_log.jsonl"
+            acts.acts_ND.float(),
+            s.cfg.train,
+            s.cfg.seed,
+            _hookpoint(s),
+            s.cfg.model.name,
+            folder / "train_log.jsonl",
         )
         sae_lib.save(result.sae, folder)
         rec["outputs"] += [f"{SAE_DIR}/cfg.json", f"{SAE_DIR}/sae.safetensors"]
-        rec.update(steps=result.steps, tokens=result.tokens, final_loss=result.final_loss, dead_fraction=result.dead_fraction)
+        rec.update(
+            steps=result.steps,
+            tokens=result.tokens,
+            final_loss=result.final_loss,
+            dead_fraction=result.dead_fraction,
+        )
     s.run.set_hash("sae", sae_lib.file_sha256(folder))
 
 
@@ -155,7 +167,7 @@ def stage_cache(s: Session) -> None:
         cache = build_cache(sae, acts, s.cfg.cache.batch_size)
         cache.save(s.folder / LATENTS)
         rec["outputs"] += [f"{LATENTS}/latents.safetensors", f"{LATENTS}/stats.json"]
-        rec.update(nnz=int(len(cache.values)), n_tokens=cache.stats.n_tokens)
+        rec.update(nnz=len(cache.values), n_tokens=cache.stats.n_tokens)
 
 
 def stage_sample(s: Session) -> None:
@@ -164,7 +176,7 @@ def stage_sample(s: Session) -> None:
     windows = TokenWindows.load(s.folder / WINDOWS)
     tokenizer = _tokenizer(s)
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def token_str(t: int) -> str:
         return str(tokenizer.decode([t]))
 

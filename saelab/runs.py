@@ -44,7 +44,11 @@ def git_commit() -> str | None:
     root = Path(saelab.__file__).resolve().parent.parent
     try:
         out = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -95,7 +99,9 @@ class Run:
     def open(cls, folder: Path | str) -> Run:
         run = cls(folder)
         if not run.data:
-            raise RunError(f"{run.path} not found; start the run with `saelab collect --run-dir {folder}` (or demo)")
+            raise RunError(
+                f"{run.path} not found; start the run with `saelab collect --run-dir {folder}` (or demo)"
+            )
         return run
 
     def save(self) -> None:
@@ -109,7 +115,9 @@ class Run:
 
     def require(self, stage: str, hint: str) -> dict[str, Any]:
         if stage not in self.stages:
-            raise RunError(f"stage {stage!r} has not run in {self.folder}; run `saelab {hint} --run-dir {self.folder}`")
+            raise RunError(
+                f"stage {stage!r} has not run in {self.folder}; run `saelab {hint} --run-dir {self.folder}`"
+            )
         return self.stages[stage]
 
     def verify(self, stage: str, hint: str) -> None:

@@ -12,8 +12,8 @@ Latents with fewer than `min_examples` activating examples are skipped and count
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,12 +79,16 @@ class SampleSet:
 
     latents: list[LatentExamples]
     skipped: dict[int, str] = field(default_factory=dict)
+    """Chosen latents that could not be sampled, with the reason."""
+    n_ineligible: int = 0
+    """Latents never chosen because they fire on fewer than `min_examples` cached tokens (dead ones included)."""
     config: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
         data = {
             "config": self.config,
             "skipped": {str(k): v for k, v in self.skipped.items()},
+            "n_ineligible": self.n_ineligible,
             "latents": [asdict(le) for le in self.latents],
         }
         tmp = path.with_name(path.name + ".tmp")
@@ -99,7 +103,12 @@ class SampleSet:
 
         def ex(d: dict[str, Any]) -> Example:
             return Example(
-                tuple(d["tokens"]), tuple(d["token_strs"]), tuple(d["acts"]), d["window"], d["start"], d["quantile"]
+                tuple(d["tokens"]),
+                tuple(d["token_strs"]),
+                tuple(d["acts"]),
+                d["window"],
+                d["start"],
+                d["quantile"],
             )
 
         latents = [
@@ -113,7 +122,8 @@ class SampleSet:
             )
             for d in data["latents"]
         ]
-        return cls(latents, {int(k): v for k, v in data["skipped"].items()}, data["config"])
+        skipped = {int(k): v for k, v in data["skipped"].items()}
+        return cls(latents, skipped, data["n_ineligible"], data["config"])
 
 
 def choose_latents(freq_F: np.ndarray, n: int, min_freq: float) -> list[int]:
@@ -146,7 +156,9 @@ def sample(
     rng = np.random.default_rng(seed)
     n_tokens = len(cache.window_N)
     freq = cache.stats.frequency
-    chosen = choose_latents(freq, cfg.n_latents, cfg.min_examples / max(1, n_tokens))
+    min_freq = cfg.min_examples / max(1, n_tokens)
+    chosen = choose_latents(freq, cfg.n_latents, min_freq)
+    n_ineligible = int((freq < min_freq).sum())
     skipped: dict[int, str] = {}
     out: list[LatentExamples] = []
     windows_in_cache = np.unique(cache.window_N)
@@ -183,7 +195,7 @@ def sample(
                 tuple(make(w, s, -1) for w, s in neg),
             )
         )
-    return SampleSet(out, skipped, asdict(cfg))
+    return SampleSet(out, skipped, n_ineligible, asdict(cfg))
 
 
 def _quantile_draw(
@@ -218,6 +230,5 @@ def _non_activating(
 def _dense_acts(cache: LatentCache, latent: int) -> dict[tuple[int, int], float]:
     tok_idx, values = cache.latent(latent)
     return {
-        (int(w), int(p)): float(v)
-        for w, p, v in zip(cache.window_N[tok_idx], cache.pos_N[tok_idx], values)
+        (int(w), int(p)): float(v) for w, p, v in zip(cache.window_N[tok_idx], cache.pos_N[tok_idx], values)
     }

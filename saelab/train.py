@@ -57,7 +57,9 @@ def lr_factor(step: int, total: int) -> float:
     return 1.0
 
 
-def auxk_loss(sae: TopKSAE, pre_BF: torch.Tensor, resid_BD: torch.Tensor, dead_F: torch.Tensor, k_aux: int) -> torch.Tensor:
+def auxk_loss(
+    sae: TopKSAE, pre_BF: torch.Tensor, resid_BD: torch.Tensor, dead_F: torch.Tensor, k_aux: int
+) -> torch.Tensor:
     """AuxK loss (Gao et al. 2024, Appendix A.2), normalised by the residual's variance."""
     n_dead = int(dead_F.sum())
     if n_dead == 0:
@@ -132,14 +134,16 @@ def train(
                         "step": step,
                         "tokens": (step + 1) * cfg.batch_size,
                         "loss": loss_val,
-                        "mse": float(mse),
-                        "auxk": float(aux),
-                        "ev": float(1 - mse / var),
+                        "mse": mse.item(),
+                        "auxk": aux.item(),
+                        "ev": (1 - mse / var).item(),
                         "dead_fraction": float(dead_F.float().mean()),
                         "lr": opt.param_groups[0]["lr"],
                     }
                     log_file.write(json.dumps(rec) + "\n")
-                    bar.set_postfix(loss=f"{loss_val:.3g}", ev=f"{rec['ev']:.3f}", dead=f"{rec['dead_fraction']:.3f}")
+                    bar.set_postfix(
+                        loss=f"{loss_val:.3g}", ev=f"{rec['ev']:.3f}", dead=f"{rec['dead_fraction']:.3f}"
+                    )
                 step += 1
                 bar.update()
     finally:
@@ -148,6 +152,6 @@ def train(
             log_file.close()
 
     with torch.no_grad():  # fold the input scale: z_raw = z / scale, x_hat_raw = x_hat / scale
-        sae.b_dec_D /= scale
-        sae.b_enc_F /= scale
+        sae.b_dec_D.div_(scale)
+        sae.b_enc_F.div_(scale)
     return TrainResult(sae, step, step * cfg.batch_size, loss_val, float(dead_F.float().mean()))

@@ -1,0 +1,266 @@
+"""Reports: `report.md` and a self-contained `report.html` (plots embedded) for one run folder.
+
+Sections: provenance (models, hashes, seed, code version), SAE metrics, feature-density histogram, explainer and
+scorer models with the token-statistics baseline beside the LLM explainer, overall and per-latent scores, skipped
+and failed latents, time per stage. `print_summary` writes the short summary shown at the end of `saelab demo`.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from saelab.runs import Run
+
+CLASS_METRICS = ("balanced_accuracy", "f1", "precision", "recall", "specificity", "accuracy")
+WEAK_JUDGE_NOTE = (
+    "The explainer and judge here is a {model}. A small model explains and judges poorly: compare its scores "
+    "with the token-statistics baseline (no LLM) beside it before reading them as a property of the SAE."
+)
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
+    return str(v)
+
+
+class _Doc:
+    """Builds the Markdown and the HTML of a report side by side."""
+
+    def __init__(self, title: str) -> None:
+        self.md: list[str] = [f"# {title}", ""]
+        self.html: list[str] = [f"<h1>{html.escape(title)}</h1>"]
+
+    def heading(self, text: str) -> None:
+        self.md += [f"## {text}", ""]
+        self.html.append(f"<h2>{html.escape(text)}</h2>")
+
+    def para(self, text: str) -> None:
+        self.md += [text, ""]
+        self.html.append(f"<p>{html.escape(text)}</p>")
+
+    def table(self, header: list[str], rows: list[list[Any]]) -> None:
+        cells = [[_fmt(c) for c in r] for r in rows]
+        self.md.append("| " + " | ".join(header) + " |")
+        self.md.append("|" + "---|" * len(header))
+        self.md += [
+            "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in r) + " |" for r in cells
+        ]
+        self.md.append("")
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in cells)
+        self.html.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+
+    def image(self, path: Path, rel: str, alt: str) -> None:
+        self.md += [f"![{alt}]({rel})", ""]
+        data = base64.b64encode(path.read_bytes()).decode()
+        self.html.append(
+            f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></figure>'
+        )
+
+
+HTML_STYLE = """<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
+th{background:#f3f3f3}figure img{max-width:100%}</style>"""
+
+
+def write_report(run: Run) -> list[Path]:
+    """Write report.md, report.html and the plots of `run`; returns their paths."""
+    folder = run.folder
+    plots = folder / "plots"
+    plots.mkdir(exist_ok=True)
+    doc = _Doc(f"saelab report: {folder.name}")
+    written: list[Path] = []
+    _provenance(run, doc)
+    written += _sae_section(run, doc, plots)
+    written += _interp_section(run, doc, plots)
+    _timing(run, doc)
+    md_path, html_path = folder / "report.md", folder / "report.html"
+    md_path.write_text("\n".join(doc.md))
+    html_path.write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>saelab report</title>{HTML_STYLE}</head>"
+        f"<body>{''.join(doc.html)}</body></html>"
+    )
+    return [md_path, html_path, *written]
+
+
+def _provenance(run: Run, doc: _Doc) -> None:
+    d = run.data
+    cfg = d.get("config", {})
+    collect = run.stages.get("collect", {})
+    doc.heading("Provenance")
+    doc.table(
+        ["field", "value"],
+        [
+            ["subject model", cfg.get("model", {}).get("name")],
+            ["hookpoint", collect.get("hookpoint")],
+            ["dataset", cfg.get("data", {}).get("dataset")],
+            ["seed", d.get("seed")],
+            ["saelab version", d.get("saelab_version")],
+            ["git commit", d.get("git_commit")],
+            ["created", d.get("created")],
+            *[[f"sha256 {k}", v] for k, v in d.get("hashes", {}).items()],
+        ],
+    )
+
+
+def _sae_section(run: Run, doc: _Doc, plots: Path) -> list[Path]:
+    metrics = _read_json(run.folder / "eval" / "metrics.json")
+    doc.heading("SAE metrics (held-out tokens)")
+    if metrics is None:
+        doc.para("The eval stage has not run: `saelab eval --run-dir RUN`.")
+        return []
+    sae_cfg = _read_json(run.folder / "sae" / "cfg.json") or {}
+    doc.para(
+        f"{sae_cfg.get('architecture', '?')} SAE, d_in {sae_cfg.get('d_in')}, {sae_cfg.get('d_sae')} latents, "
+        f"k {sae_cfg.get('k')}. Reconstruction metrics over {metrics['n_tokens']} tokens, CE/KL over "
+        f"{metrics['n_ce_tokens']}; excluded: {metrics['excluded']}."
+    )
+    keys = [
+        "explained_variance", "explained_variance_legacy", "mse", "cosine_similarity", "l0", "dead_fraction",
+        "dense_fraction", "ce_loss_score", "ce_clean", "ce_sae", "ce_zero_ablation", "kl_score", "kl_sae",
+        "kl_zero_ablation",
+    ]  # fmt: skip
+    doc.table(["metric", "value"], [[k, metrics[k]] for k in keys])
+    freqs = np.array([v for v in metrics["log10_frequency"] if v is not None])
+    n_dead = sum(v is None for v in metrics["log10_frequency"])
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.hist(freqs, bins=40, color="#4477aa")
+    ax.set_xlabel("log10 firing frequency on held-out tokens")
+    ax.set_ylabel("latents")
+    ax.set_title(f"Feature density ({n_dead} dead latents not shown)")
+    fig.tight_layout()
+    path = plots / "feature_density.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    doc.image(path, "plots/feature_density.png", "feature density histogram")
+    return [path]
+
+
+def _interp_section(run: Run, doc: _Doc, plots: Path) -> list[Path]:
+    folder = run.folder
+    doc.heading("Explanations and scores")
+    samples = _read_json(folder / "samples" / "samples.json")
+    summary = _read_json(folder / "score" / "scores_summary.json")
+    if samples is None or summary is None:
+        doc.para("The sample / explain / score stages have not all run.")
+        return []
+    models = summary.get("models", {})
+    doc.table(["role", "model"], [[k, v] for k, v in models.items()])
+    llm_name = models.get("explainer_llm") or models.get("judge_llm") or "LLM"
+    doc.para(WEAK_JUDGE_NOTE.format(model=llm_name))
+    skipped = samples.get("skipped", {})
+    doc.para(
+        f"Latents studied: {len(samples['latents'])}; ineligible (fire on fewer tokens than min_examples, "
+        f"dead included): {samples.get('n_ineligible', 0)}; chosen but skipped: {len(skipped)}"
+        + (" (" + "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:10]) + ")" if skipped else "")
+        + f". Failed explanations (not scored, counted): {summary.get('failed_explanations', 0)}."
+    )
+    overall = summary.get("overall", [])
+    doc.table(
+        ["explainer", "scorer", *CLASS_METRICS, "auc", "n_pos", "n_neg"],
+        [
+            [
+                o["explainer"],
+                o["scorer"],
+                *[o.get(m) for m in CLASS_METRICS],
+                o.get("auc"),
+                o.get("n_pos"),
+                o.get("n_neg"),
+            ]
+            for o in overall
+        ],
+    )
+    written = [_score_plot(overall, plots / "scores.png")] if overall else []
+    if written:
+        doc.image(written[0], "plots/scores.png", "balanced accuracy per explainer and scorer")
+    _per_latent(folder, samples, doc)
+    return written
+
+
+def _score_plot(overall: list[dict[str, Any]], path: Path) -> Path:
+    scorers = sorted({o["scorer"] for o in overall})
+    explainers = sorted({o["explainer"] for o in overall})
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    width = 0.8 / max(1, len(explainers))
+    for i, e in enumerate(explainers):
+        vals = [
+            next(
+                (o["balanced_accuracy"] for o in overall if o["explainer"] == e and o["scorer"] == s), np.nan
+            )
+            for s in scorers
+        ]
+        ax.bar(np.arange(len(scorers)) + i * width, vals, width, label=e)
+    ax.axhline(0.5, color="gray", linestyle="--", linewidth=1, label="chance")
+    ax.set_xticks(np.arange(len(scorers)) + width * (len(explainers) - 1) / 2, scorers)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("balanced accuracy (pooled)")
+    ax.legend(fontsize=8)
+    ax.set_title("Scores per explainer: LLM vs token-statistics baseline")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _per_latent(folder: Path, samples: dict[str, Any], doc: _Doc) -> None:
+    expl = _read_jsonl(folder / "explain" / "explanations.jsonl")
+    rows = _read_jsonl(folder / "score" / "scores.jsonl")
+    freq = {le["latent"]: le["frequency"] for le in samples["latents"]}
+    by_key = {(r["latent"], r["explainer"], r["scorer"]): r for r in rows}
+    scorers = sorted({r["scorer"] for r in rows})
+    doc.heading("Per latent")
+    table = []
+    for e in sorted(expl, key=lambda r: (freq.get(r["latent"], 0), r["explainer"])):
+        text = e["explanation"] if e["ok"] else f"FAILED: {e.get('error')}"
+        scores = [by_key.get((e["latent"], e["explainer"], s), {}).get("balanced_accuracy") for s in scorers]
+        table.append([e["latent"], freq.get(e["latent"]), e["explainer"], text, *scores])
+    doc.table(["latent", "frequency", "explainer", "explanation", *[f"{s} bal.acc" for s in scorers]], table)
+
+
+def _timing(run: Run, doc: _Doc) -> None:
+    doc.heading("Time per stage")
+    rows = [[name, st.get("seconds"), st.get("peak_rss_mib")] for name, st in run.stages.items()]
+    doc.table(["stage", "seconds", "peak RSS (MiB)"], rows)
+
+
+def print_summary(folder: Path, seconds: float) -> None:
+    """The short summary printed at the end of a run."""
+    run = Run.open(folder)
+    lines = [f"saelab: run {folder} finished in {seconds:.0f}s"]
+    m = run.stages.get("eval", {}).get("summary")
+    if m:
+        lines.append(
+            f"  SAE: EV {m['explained_variance']:.3f}  L0 {m['l0']:.1f}  dead {m['dead_fraction']:.1%}  "
+            f"CE score {m['ce_loss_score']:.3f}  KL score {m['kl_score']:.3f}"
+        )
+    summary = _read_json(folder / "score" / "scores_summary.json")
+    for o in (summary or {}).get("overall", []):
+        lines.append(
+            f"  {o['explainer']:>12} / {o['scorer']:<10} balanced accuracy {o['balanced_accuracy']:.3f}  F1 {o['f1']:.3f}"
+        )
+    lines.append(f"  report: {folder / 'report.md'} (and report.html)")
+    sys.stdout.write("\n".join(lines) + "\n")

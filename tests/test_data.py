@@ -1,0 +1,73 @@
+"""Corpus readers, token windows, exclusion mask, split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from saelab.config import ConfigError, DataConfig
+from saelab.data import DataError, build_windows, iter_documents
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(str(tiny_model_dir))
+
+
+def test_windows_mask_and_split(tokenizer, corpus_file) -> None:
+    w = build_windows(DataConfig(dataset=str(corpus_file), ctx_len=16, exclude_first=2), tokenizer, seed=3)
+    assert w.tokens.shape[1] == 16
+    assert not w.keep[:, :2].any()
+    eos = tokenizer.eos_token_id
+    assert (w.tokens == eos).any()  # documents are separated by EOS ...
+    assert not w.keep[w.tokens == eos].any()  # ... which never enters training or metrics
+    assert set(w.eval_idx).isdisjoint(w.train_idx)
+    assert len(w.eval_idx) + len(w.train_idx) == len(w.tokens)
+    same = build_windows(DataConfig(dataset=str(corpus_file), ctx_len=16, exclude_first=2), tokenizer, seed=3)
+    assert w.sha256() == same.sha256()
+
+
+def test_save_load(tokenizer, corpus_file, tmp_path: Path) -> None:
+    w = build_windows(DataConfig(dataset=str(corpus_file), ctx_len=16), tokenizer, seed=0)
+    w.save(tmp_path / "w.npz")
+    from saelab.data import TokenWindows
+
+    assert TokenWindows.load(tmp_path / "w.npz").sha256() == w.sha256()
+
+
+def test_jsonl_and_json_sources(tmp_path: Path) -> None:
+    (tmp_path / "a.jsonl").write_text(
+        json.dumps({"text": "one two"}) + "\n\n" + json.dumps({"text": "three"}) + "\n"
+    )
+    assert list(iter_documents(str(tmp_path / "a.jsonl"))) == ["one two", "three"]
+    (tmp_path / "b.json").write_text(json.dumps([{"body": "x y"}]))
+    assert list(iter_documents(str(tmp_path / "b.json"), "body")) == ["x y"]
+    with pytest.raises(DataError, match="text-field"):
+        list(iter_documents(str(tmp_path / "b.json"), "text"))
+
+
+def test_bad_inputs(tokenizer, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not found"):
+        list(iter_documents(str(tmp_path / "nope.txt")))
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8"):
+        list(iter_documents(str(tmp_path / "latin1.txt")))
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(DataError, match="fewer than two windows"):
+        build_windows(DataConfig(dataset=str(tmp_path / "empty.txt")), tokenizer, seed=0)
+
+
+def test_bundled_wikipedia_is_read_by_path() -> None:
+    docs = iter_documents("bundled:wikipedia-en")
+    first = [next(docs) for _ in range(3)]
+    assert all(len(d) > 50 for d in first)
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ConfigError, match="eval_fraction"):
+        DataConfig(eval_fraction=1.5)
+    with pytest.raises(ConfigError, match="exclude_first"):
+        DataConfig(ctx_len=16, exclude_first=16)

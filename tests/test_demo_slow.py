@@ -1,0 +1,41 @@
+"""A reduced `saelab demo` end to end on the real bundled model and corpus (slow; runs in CI)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from saelab.cli import main
+
+pytestmark = pytest.mark.slow
+
+REDUCED = [
+    "--collect.n-train-tokens", "6000", "--train.epochs", "2", "--eval.n-windows", "8", "--eval.n-ce-windows", "2",
+    "--sample.n-latents", "3", "--sample.n-examples-train", "5", "--sample.n-examples-test", "4",
+    "--sample.min-examples", "9", "--sample.n-non-activating", "4", "--sample.n-quantiles", "2",
+]  # fmt: skip
+
+
+def test_reduced_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "demo"
+    assert main(["demo", "--run-dir", str(run), *REDUCED]) == 0
+    out = capsys.readouterr().out
+    assert "report:" in out and str(run / "report.md") in out
+    m = json.loads((run / "eval" / "metrics.json").read_text())
+    assert m["l0"] <= 48 and 0 < m["explained_variance"] <= 1 and 0 < m["cosine_similarity"] <= 1
+    assert 0 < m["ce_loss_score"] <= 1.05 and 0 < m["kl_score"] <= 1.05
+    assert m["ce_clean"] < m["ce_sae"] < m["ce_zero_ablation"]
+    rows = [json.loads(line) for line in (run / "explain" / "explanations.jsonl").read_text().splitlines()]
+    assert {r["explainer"] for r in rows} == {"default", "token_stats"}
+    assert all(r["explanation"] for r in rows if r["ok"])
+    assert all(r["explanation"] is None and r["error"] for r in rows if not r["ok"])
+    summary = json.loads((run / "score" / "scores_summary.json").read_text())
+    assert {(o["explainer"], o["scorer"]) for o in summary["overall"]} >= {
+        ("token_stats", "detection"), ("token_stats", "fuzzing"), ("token_stats", "embedding"),
+    }  # fmt: skip
+    md = (run / "report.md").read_text()
+    assert "token-statistics baseline" in md and "all-MiniLM-L6-v2" in md
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["stages"]["collect"]["hookpoint"] == "model.layers.15"

@@ -1,0 +1,94 @@
+"""Core metrics: definitions (SAEBench) and the silent-wrong-result pitfalls peers shipped."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from saelab.config import DataConfig, EvalConfig
+from saelab.data import build_windows
+from saelab.evaluate import downstream_scores, evaluate, reconstruction_metrics
+from saelab.models import load_model
+from saelab.sae import SAEConfig, SAEError, TopKSAE, build
+
+
+class MeanPredictor(TopKSAE):
+    """Predicts the per-dimension mean of the data whatever the input."""
+
+    def __init__(self, mean: torch.Tensor) -> None:
+        super().__init__(SAEConfig("topk", mean.shape[0], 4 * mean.shape[0], 1))
+        with torch.no_grad():
+            self.W_dec_FD.zero_()
+            self.b_dec_D.copy_(mean)
+
+
+def test_explained_variance_of_the_mean_predictor_is_exactly_zero() -> None:
+    """EV must be measured about the mean, not about zero (SAEBench's and SAELens's old bug)."""
+    x = torch.randn(500, 12, dtype=torch.float64).float() + 40.0
+    m = reconstruction_metrics(MeanPredictor(x.mean(0)), [x[:200], x[200:]], 0.1)
+    assert m["explained_variance"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_metrics_match_direct_formulas() -> None:
+    torch.manual_seed(0)
+    sae = build(SAEConfig("topk", 10, 40, 3))
+    x = torch.randn(300, 10) * 3 + 1
+    m = reconstruction_metrics(sae, [x[:100], x[100:]], 0.1)
+    xh = sae(x).x_hat_BD.detach()
+    err = (x - xh).pow(2).sum()
+    assert m["mse"] == pytest.approx(float(err / 300), rel=1e-5)
+    assert m["explained_variance"] == pytest.approx(float(1 - err / (x - x.mean(0)).pow(2).sum()), rel=1e-5)
+    cos = torch.nn.functional.cosine_similarity(x, xh, dim=-1).mean()
+    assert m["cosine_similarity"] == pytest.approx(float(cos), rel=1e-5)
+    z = sae.dense_latents(x).detach()
+    assert m["l0"] == pytest.approx(float((z > 0).sum(1).float().mean()))
+    freq = (z > 0).float().mean(0)
+    assert m["dead_fraction"] == pytest.approx(float((freq == 0).float().mean()))
+    assert m["dense_fraction"] == pytest.approx(float((freq > 0.1).float().mean()))
+
+
+def test_downstream_scores_bounds(tiny_model_dir, corpus_file) -> None:
+    """A perfect SAE scores 1, the zero-ablation itself scores 0 (by construction of the ratio)."""
+    lm = load_model(str(tiny_model_dir))
+    windows = build_windows(DataConfig(dataset=str(corpus_file), ctx_len=32), lm.tokenizer, seed=0)
+
+    class Identity(TopKSAE):
+        def forward(self, x):  # type: ignore[override]
+            out = super().forward(x)
+            return out._replace(x_hat_BD=x)
+
+    class Zero(TopKSAE):
+        def forward(self, x):  # type: ignore[override]
+            out = super().forward(x)
+            return out._replace(x_hat_BD=torch.zeros_like(x))
+
+    cfg = SAEConfig("topk", lm.d_model, 4 * lm.d_model, 4)
+    perfect = downstream_scores(lm, Identity(cfg), windows, windows.eval_idx[:4], "model.layers.2", 2)
+    assert perfect["ce_loss_score"] == pytest.approx(1.0, abs=1e-5)
+    assert perfect["kl_score"] == pytest.approx(1.0, abs=1e-5)
+    zero = downstream_scores(lm, Zero(cfg), windows, windows.eval_idx[:4], "model.layers.2", 2)
+    assert zero["ce_loss_score"] == pytest.approx(0.0, abs=1e-5)
+    assert zero["kl_score"] == pytest.approx(0.0, abs=1e-5)
+    assert perfect["n_ce_tokens"] == int(windows.keep[windows.eval_idx[:4], :-1].sum())
+
+
+def test_sae_of_another_width_is_refused(tiny_model_dir, corpus_file) -> None:
+    lm = load_model(str(tiny_model_dir))
+    windows = build_windows(DataConfig(dataset=str(corpus_file), ctx_len=32), lm.tokenizer, seed=0)
+    with pytest.raises(SAEError, match="does not match the model's d_model"):
+        evaluate(lm, build(SAEConfig("topk", 48, 96, 4)), windows, "model.layers.2", EvalConfig(n_windows=2))
+
+
+def test_excluded_positions_never_reach_metrics(tiny_model_dir, corpus_file) -> None:
+    lm = load_model(str(tiny_model_dir))
+    windows = build_windows(DataConfig(dataset=str(corpus_file), ctx_len=32), lm.tokenizer, seed=0)
+    result = evaluate(
+        lm,
+        build(SAEConfig("topk", 32, 64, 4)),
+        windows,
+        "model.layers.2",
+        EvalConfig(n_windows=4, n_ce_windows=2),
+    )
+    assert result.n_tokens == int(windows.keep[windows.eval_idx[:4]].sum())
+    assert np.isfinite(result.explained_variance)
