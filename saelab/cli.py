@@ -8,6 +8,7 @@ saelab <stage> --help               every flag with its documentation
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -135,6 +136,8 @@ def _stage_name(args: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # saelab never downloads at run time: a model or dataset that is not local is an error, not a fetch.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("httpx", "transformers", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -178,6 +178,6 @@ def evaluate(
         batches.append(a_BTD[torch.as_tensor(windows.keep[batch], device=a_BTD.device)])
     recon = reconstruction_metrics(sae, batches, cfg.dense_threshold)
     ce_idx = windows.eval_idx[: cfg.n_ce_windows]
-    down = downstream_scores(lm, sae, windows, ce_idx, hookpoint, cfg.batch_size)
+    down = downstream_scores(lm, sae, windows, ce_idx, hookpoint, cfg.ce_batch_size)
     excluded = "leading positions and special tokens (see data config: exclude_first, exclude_special)"
     return EvalResult(**recon, **down, excluded=excluded)

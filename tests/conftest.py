@@ -6,11 +6,14 @@ fast tests exercise the real loading, hooking and splicing code in seconds.
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
 import pytest
 import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 
 WORDS = [
     "the", "a", "cat", "dog", "sat", "on", "mat", "river", "city", "paris", "france", "king", "queen", "war",
