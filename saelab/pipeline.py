@@ -121,7 +121,7 @@ def _hookpoint(s: Session) -> str:
 def stage_train(s: Session) -> None:
     s.run.verify("collect", "collect")
     acts = Activations.load(s.folder / ACTS)
-    with s.run.stage("train", to_dict(s.cfg.train)) as rec:
+    with s.run.stage("train", {"train": to_dict(s.cfg.train)}) as rec:
         folder = s.folder / SAE_DIR
         folder.mkdir(exist_ok=True)
         result = train(
@@ -152,7 +152,7 @@ def stage_eval(s: Session) -> None:
     sae = _load_sae(s)
     lm = s.lm()
     windows = TokenWindows.load(s.folder / WINDOWS)
-    with s.run.stage("eval", to_dict(s.cfg.eval)) as rec:
+    with s.run.stage("eval", {"eval": to_dict(s.cfg.eval)}) as rec:
         result = evaluate(lm, sae.to(lm.device), windows, _hookpoint(s), s.cfg.eval)
         (s.folder / "eval").mkdir(exist_ok=True)
         result.save(s.folder / METRICS)
@@ -163,7 +163,7 @@ def stage_eval(s: Session) -> None:
 def stage_cache(s: Session) -> None:
     sae = _load_sae(s)
     acts = Activations.load(s.folder / ACTS)
-    with s.run.stage("cache", to_dict(s.cfg.cache)) as rec:
+    with s.run.stage("cache", {"cache": to_dict(s.cfg.cache)}) as rec:
         cache = build_cache(sae, acts, s.cfg.cache.batch_size)
         cache.save(s.folder / LATENTS)
         rec["outputs"] += [f"{LATENTS}/latents.safetensors", f"{LATENTS}/stats.json"]
@@ -180,7 +180,7 @@ def stage_sample(s: Session) -> None:
     def token_str(t: int) -> str:
         return str(tokenizer.decode([t]))
 
-    with s.run.stage("sample", to_dict(s.cfg.sample)) as rec:
+    with s.run.stage("sample", {"sample": to_dict(s.cfg.sample)}) as rec:
         samples = sample(cache, windows.tokens, token_str, s.cfg.sample, s.cfg.seed)
         (s.folder / "samples").mkdir(exist_ok=True)
         samples.save(s.folder / SAMPLES)

@@ -133,8 +133,11 @@ class Run:
                 )
 
     @contextmanager
-    def stage(self, name: str, config: Any) -> Iterator[dict[str, Any]]:
-        """Time a stage; the body fills `record['outputs']` (relative paths) and may add other keys."""
+    def stage(self, name: str, config: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Time a stage; the body fills `record['outputs']` (relative paths) and may add other keys.
+
+        `config` maps config sections to the values this stage ran with; they also replace those sections in
+        the manifest's `config`, which so always holds the configuration the artifacts were made with."""
         record: dict[str, Any] = {"config": config, "outputs": []}
         start = time.perf_counter()
         yield record
@@ -143,6 +146,7 @@ class Run:
         record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         record["outputs"] = {rel: sha256_file(self.folder / rel) for rel in record["outputs"]}
         self.stages[name] = record
+        self.data.setdefault("config", {}).update(config)
         self.save()
 
     def set_hash(self, key: str, value: str) -> None:

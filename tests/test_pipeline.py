@@ -25,6 +25,14 @@ SMALL = {
 }  # fmt: skip
 
 
+def error_line(stderr: str) -> str:
+    """The one error line saelab writes (progress bars of model loading may precede it)."""
+    lines = [line for line in stderr.splitlines() if "saelab:" in line]
+    assert len(lines) == 1, stderr
+    assert stderr.rstrip().endswith(lines[0].split("saelab:", 1)[1]), "the error is the last thing written"
+    return lines[0]
+
+
 def run_stages(run_dir: Path, model: Path, corpus: Path) -> None:
     for stage, extra in SMALL.items():
         args = [stage, "--run-dir", str(run_dir), *extra]
@@ -84,8 +92,7 @@ def test_altered_artifact_is_refused(
         f.seek(-4, 2)
         f.write(b"\x00\x01\x02\x03")
     assert main(["cache", "--run-dir", str(copy)]) == 1
-    err = capsys.readouterr().err.strip()
-    assert "sae/sae.safetensors was altered" in err and len(err.splitlines()) == 1
+    assert "sae/sae.safetensors was altered" in error_line(capsys.readouterr().err)
 
 
 def test_stage_without_its_input_names_the_missing_stage(
@@ -100,14 +107,15 @@ def test_bad_inputs_are_one_line_errors(
 ) -> None:
     base = ["collect", "--run-dir", str(tmp_path / "x"), "--model.name", str(tiny_model_dir)]
     assert main([*base, "--data.dataset", str(corpus_file), "--collect.hookpoint", "layers.99"]) == 1
-    err = capsys.readouterr().err.strip()
-    assert "hookpoint 'layers.99' is not a module" in err and len(err.splitlines()) == 1
+    assert "hookpoint 'layers.99' is not a module" in error_line(capsys.readouterr().err)
     (tmp_path / "empty.txt").write_text("")
     assert main([*base, "--data.dataset", str(tmp_path / "empty.txt")]) == 1
     assert "fewer than two windows" in capsys.readouterr().err
     assert main(["collect", "--run-dir", str(tmp_path / "y"), "--model.name", str(tmp_path / "nomodel")]) == 1
     assert "never downloads" in capsys.readouterr().err
-    assert main(["train", "--run-dir", str(tmp_path / "x"), "--train.lr", "-1"]) == 2
+    with pytest.raises(SystemExit) as exc:  # tyro reports the config error with the usage
+        main(["train", "--run-dir", str(tmp_path / "x"), "--train.lr", "-1"])
+    assert exc.value.code == 2
     assert "train.lr must be > 0" in capsys.readouterr().err
 
 
@@ -122,8 +130,8 @@ def test_unreachable_llm_url(run_dir: Path, tmp_path: Path, capsys: pytest.Captu
     url = f"http://127.0.0.1:{port}/v1"
     args = ["explain", "--run-dir", str(copy), "--llm.url", url, "--llm.max-retries", "0"]
     assert main([*args, "--explain.explainers", "default"]) == 1
-    err = capsys.readouterr().err.strip()
-    assert url in err and "--llm.url" in err and len(err.splitlines()) == 1
+    err = error_line(capsys.readouterr().err)
+    assert url in err and "--llm.url" in err
     assert (copy / "explain" / "explanations.jsonl").read_bytes() == (
         run_dir / "explain" / "explanations.jsonl"
     ).read_bytes()
