@@ -90,14 +90,17 @@ class CollectConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """TopK sparse autoencoder training (Gao et al. 2024) with AuxK for dead latents."""
+    """Sparse autoencoder training: TopK (Gao et al. 2024) with AuxK by default, or another architecture."""
 
-    architecture: Literal["topk"] = "topk"
-    """SAE architecture (see the registry in sae.py)."""
+    architecture: Literal["topk", "relu", "batchtopk", "jumprelu", "matryoshka"] = "topk"
+    """SAE architecture (registry in sae.py): `topk` (Gao et al. 2024), `relu` (L1 on f_i * ||W_dec_i||,
+    Anthropic April 2024), `batchtopk` (Bussmann et al. 2024), `jumprelu` (Rajamanoharan et al. 2024),
+    `matryoshka` (nested BatchTopK, Bussmann et al. 2025)."""
     expansion: int = 4
     """d_sae = expansion * d_in."""
     k: int = 48
-    """Active latents per token."""
+    """Active latents per token: exact for topk, the mean over a batch for batchtopk and matryoshka; unused by
+    relu and jumprelu (their sparsity comes from l1_coef / l0_coef)."""
     lr: float = 2e-3
     """Adam learning rate (decays linearly to 0 over the last 20% of steps)."""
     batch_size: int = 512
@@ -110,6 +113,23 @@ class TrainConfig:
     """Latents in the AuxK reconstruction; 0 = d_in // 2."""
     dead_tokens: int = 20_000
     """A latent that has not fired for this many training tokens counts as dead for AuxK."""
+    l1_coef: float = 5.0
+    """relu: weight of the L1 penalty sum_i f_i * ||W_dec_i|| (inputs scaled to E||x||^2 = d_in, as in
+    Anthropic's April 2024 update, which used 5)."""
+    l0_coef: float = 0.1
+    """jumprelu: weight of the L0 penalty (active latents per token, against the per-token summed squared error
+    of scaled inputs)."""
+    sparsity_warmup_fraction: float = 0.05
+    """relu and jumprelu: the L1 / L0 coefficient rises linearly from 0 over this fraction of the steps."""
+    jumprelu_bandwidth: float = 0.05
+    """jumprelu: width epsilon of the rectangle kernel in the straight-through threshold gradient (units of
+    scaled pre-activations, whose scale is about 1)."""
+    jumprelu_init_threshold: float = 1.0
+    """jumprelu: initial threshold of every latent (scaled units). Adam moves log(threshold) by about `lr` per
+    step, so a short run ends near its start: 1.0 gives L0 ~40 on the demo's activations (0.1 gave ~530)."""
+    matryoshka_prefix_fractions: tuple[float, ...] = (0.0625, 0.25, 1.0)
+    """matryoshka: nested dictionary prefixes as fractions of d_sae, increasing and ending at 1.0; each prefix
+    is trained to reconstruct the input on its own."""
 
     def __post_init__(self) -> None:
         _check(self.expansion >= 1, f"train.expansion must be >= 1, got {self.expansion}")
@@ -120,6 +140,26 @@ class TrainConfig:
         _check(self.auxk_coef >= 0, "train.auxk_coef must be >= 0")
         _check(self.auxk_k >= 0, "train.auxk_k must be >= 0")
         _check(self.dead_tokens > 0, "train.dead_tokens must be > 0")
+        _check(self.l1_coef >= 0, f"train.l1_coef must be >= 0, got {self.l1_coef}")
+        _check(self.l0_coef >= 0, f"train.l0_coef must be >= 0, got {self.l0_coef}")
+        _check(
+            0 <= self.sparsity_warmup_fraction < 1,
+            f"train.sparsity_warmup_fraction must be in [0, 1), got {self.sparsity_warmup_fraction}",
+        )
+        _check(
+            self.jumprelu_bandwidth > 0,
+            f"train.jumprelu_bandwidth must be > 0, got {self.jumprelu_bandwidth}",
+        )
+        _check(
+            self.jumprelu_init_threshold > 0,
+            f"train.jumprelu_init_threshold must be > 0, got {self.jumprelu_init_threshold}",
+        )
+        fr = self.matryoshka_prefix_fractions
+        increasing = list(fr) == sorted(set(fr))
+        _check(
+            len(fr) > 0 and fr[0] > 0 and fr[-1] == 1.0 and increasing,
+            f"train.matryoshka_prefix_fractions must be increasing fractions in (0, 1] ending at 1.0, got {fr}",
+        )
 
 
 @dataclass(frozen=True)
@@ -131,7 +171,9 @@ class EvalConfig:
     n_ce_windows: int = 16
     """Held-out windows for the CE-loss and KL scores (three full forwards each: clean, SAE, zero-ablation)."""
     batch_size: int = 16
-    """Windows per forward pass."""
+    """Windows per forward pass for the reconstruction metrics."""
+    ce_batch_size: int = 4
+    """Windows per forward pass for CE/KL (each keeps [batch, ctx_len, vocab] log-probabilities three times)."""
     dense_threshold: float = 0.1
     """A latent firing on more than this fraction of tokens counts as dense."""
 
@@ -139,6 +181,7 @@ class EvalConfig:
         _check(self.n_windows > 0, "eval.n_windows must be > 0")
         _check(self.n_ce_windows > 0, "eval.n_ce_windows must be > 0")
         _check(self.batch_size > 0, "eval.batch_size must be > 0")
+        _check(self.ce_batch_size > 0, "eval.ce_batch_size must be > 0")
         _check(0 < self.dense_threshold <= 1, "eval.dense_threshold must be in (0, 1]")
 
 

@@ -28,7 +28,7 @@ from saelab.activations import iter_window_batches
 from saelab.config import EvalConfig
 from saelab.data import TokenWindows
 from saelab.models import LoadedModel, replace_output
-from saelab.sae import SAEError, TopKSAE
+from saelab.sae import SAE, SAEError
 
 
 @dataclass(frozen=True)
@@ -72,9 +72,7 @@ class EvalResult:
 
 
 @torch.no_grad()
-def reconstruction_metrics(
-    sae: TopKSAE, batches: list[torch.Tensor], dense_threshold: float
-) -> dict[str, Any]:
+def reconstruction_metrics(sae: SAE, batches: list[torch.Tensor], dense_threshold: float) -> dict[str, Any]:
     """Metrics over token batches (each [n, D], kept positions only); sums kept in float64."""
     F_ = sae.cfg.d_sae
     sq_err = 0.0
@@ -119,7 +117,7 @@ def reconstruction_metrics(
 
 @torch.no_grad()
 def downstream_scores(
-    lm: LoadedModel, sae: TopKSAE, windows: TokenWindows, idx: np.ndarray, hookpoint: str, batch_size: int
+    lm: LoadedModel, sae: SAE, windows: TokenWindows, idx: np.ndarray, hookpoint: str, batch_size: int
 ) -> dict[str, Any]:
     """CE-loss and KL scores with the SAE spliced in, against clean and zero-ablation forwards."""
     totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero_ablation": 0.0, "kl_sae": 0.0, "kl_zero_ablation": 0.0}
@@ -163,9 +161,7 @@ def _log_probs(lm: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
-def evaluate(
-    lm: LoadedModel, sae: TopKSAE, windows: TokenWindows, hookpoint: str, cfg: EvalConfig
-) -> EvalResult:
+def evaluate(lm: LoadedModel, sae: SAE, windows: TokenWindows, hookpoint: str, cfg: EvalConfig) -> EvalResult:
     """All core metrics on the held-out windows (see module docstring)."""
     if sae.cfg.d_in != lm.d_model:
         raise SAEError(

@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
 from saelab.activations import Activations
-from saelab.sae import TopKSAE
+from saelab.sae import SAE
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ class LatentCache:
 
 
 @torch.no_grad()
-def build_cache(sae: TopKSAE, acts: Activations, batch_size: int) -> LatentCache:
+def build_cache(sae: SAE, acts: Activations, batch_size: int) -> LatentCache:
     """Encode every collected activation and store the nonzero latents per latent."""
     F = sae.cfg.d_sae
     N = acts.acts_ND.shape[0]

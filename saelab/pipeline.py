@@ -143,7 +143,7 @@ def stage_train(s: Session) -> None:
     s.run.set_hash("sae", sae_lib.file_sha256(folder))
 
 
-def _load_sae(s: Session) -> sae_lib.TopKSAE:
+def _load_sae(s: Session) -> sae_lib.SAE:
     s.run.verify("train", "train")
     return sae_lib.load(s.folder / SAE_DIR)
 

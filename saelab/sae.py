@@ -1,19 +1,41 @@
-"""Sparse autoencoders: architectures, a registry, and save/load (`cfg.json` + `sae.safetensors`).
+"""Sparse autoencoders: five architectures behind one interface, a registry, and save/load (`cfg.json` +
+`sae.safetensors`).
 
-TopK SAE (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"):
-    z = TopK(ReLU(W_enc (x - b_dec) + b_enc)),   x_hat = W_dec z + b_dec,
-with unit-norm decoder rows. Shapes carry suffixes: B batch, D d_in, F d_sae (latents), K active latents.
+Every architecture shares the affine encoder and decoder
+    pre = W_enc (x - b_dec) + b_enc,        x_hat = W_dec z + b_dec,
+and differs only in how the latents z are chosen from the pre-activations and in its training objective:
+
+- `topk`: z = TopK(ReLU(pre)) per token, unit-norm decoder rows, AuxK for dead latents (Gao et al. 2024,
+  "Scaling and evaluating sparse autoencoders").
+- `batchtopk`: training keeps the k*B largest ReLU(pre) of the whole batch, so rows get varying numbers of
+  latents; inference replaces the batch by one learned threshold, the running mean of the smallest kept
+  activation (Bussmann, Leask & Nanda 2024, "BatchTopK Sparse Autoencoders").
+- `matryoshka`: BatchTopK whose nested dictionary prefixes each reconstruct x on their own; ONE global BatchTopK
+  selection is shared by all prefixes (Bussmann et al. 2025, "Learning Multi-Level Features with Matryoshka
+  Sparse Autoencoders"; Nabeshima 2024).
+- `relu`: z = ReLU(pre) with an L1 penalty on z_i * ||W_dec_i|| and an unconstrained decoder (Anthropic,
+  "Towards Monosemanticity", April 2024 update).
+- `jumprelu`: z = pre * H(pre - theta_i), a learned per-latent threshold (fp32, log-parametrised), an L0 penalty,
+  and straight-through pseudo-derivatives with a rectangle kernel (Rajamanoharan et al. 2024, "Jumping Ahead").
+
+Interface (`SAE`): `encode(x) -> SparseCode`, `decode(code) -> x_hat`, `forward(x) -> ForwardOutput` (inference;
+`forward(x).x_hat_BD == decode(encode(x))`), and `training_loss(x, inputs) -> TrainLoss`, the objective `train.py`
+minimises. Shapes carry suffixes: B batch, D d_in, F d_sae (latents), K active-latent slots.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import itertools
 import json
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -24,31 +46,57 @@ class SAEError(ValueError):
 
 @dataclass(frozen=True)
 class SAEConfig:
-    """What is needed to rebuild an SAE; saved as `cfg.json`."""
+    """What is needed to rebuild an SAE; saved as `cfg.json` (with only the parameters its architecture takes)."""
 
     architecture: str
     d_in: int
     d_sae: int
-    k: int
+    k: int = 0
+    """Active latents per token (topk) or per token on average (batchtopk, matryoshka); unused (0) otherwise."""
     hookpoint: str = ""
     model: str = ""
+    matryoshka_prefix_fractions: tuple[float, ...] = ()
+    """matryoshka: nested prefix sizes as fractions of d_sae, increasing, the last 1.0."""
+    jumprelu_bandwidth: float = 0.0
+    """jumprelu: width epsilon of the rectangle kernel in the threshold's pseudo-derivative."""
+    jumprelu_init_threshold: float = 0.0
+    """jumprelu: threshold every latent starts from."""
 
     def __post_init__(self) -> None:
         if self.d_in <= 0 or self.d_sae <= 0:
             raise SAEError(f"d_in and d_sae must be > 0, got {self.d_in}, {self.d_sae}")
-        if not 0 < self.k < self.d_sae:
-            raise SAEError(f"k must be in (0, d_sae={self.d_sae}), got {self.k}; lower k or widen the SAE")
+        architecture_class(self.architecture).check_config(self)
+
+    def to_json(self) -> dict[str, Any]:
+        """The common fields plus the parameters of this architecture only."""
+        keep = {"architecture", "d_in", "d_sae", "hookpoint", "model", *REGISTRY[self.architecture].params}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k in keep}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SAEConfig:
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**fields)
+
+
+_ARCH_PARAMS = ("k", "matryoshka_prefix_fractions", "jumprelu_bandwidth", "jumprelu_init_threshold")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SAEConfig)}
 
 
 class SparseCode(NamedTuple):
-    """Active latents of a batch: `top_idx_BK` latent ids and `top_acts_BK` their (>= 0) values."""
+    """Active latents of a batch, padded to a rectangle.
+
+    Row b's active latents are `top_idx_BK[b, j]` with values `top_acts_BK[b, j] > 0`. K is k for TopK; where rows
+    have varying numbers of active latents (batchtopk and matryoshka at inference, relu, jumprelu), K is the
+    largest count in the batch and shorter rows are padded with zero values at inactive latents. So
+    `top_acts_BK > 0` marks real activity, and decoding the padding adds nothing.
+    """
 
     top_acts_BK: torch.Tensor
     top_idx_BK: torch.Tensor
 
 
 class ForwardOutput(NamedTuple):
-    """Result of `SAE.forward`."""
+    """Result of `SAE.forward` (inference)."""
 
     x_hat_BD: torch.Tensor
     """Reconstruction."""
@@ -58,30 +106,116 @@ class ForwardOutput(NamedTuple):
     """ReLU'd pre-activations of all latents (for AuxK)."""
 
 
-class TopKSAE(nn.Module):
-    """TopK sparse autoencoder with unit-norm decoder rows."""
+class LossInputs(NamedTuple):
+    """What the trainer knows at a step beyond the batch."""
 
-    architecture: ClassVar[str] = "topk"
+    dead_F: torch.Tensor
+    """Latents that have not fired for `dead_tokens` training tokens (AuxK revives them)."""
+    k_aux: int
+    """Latents in the AuxK reconstruction."""
+    auxk_coef: float
+    """AuxK weight (architectures without AuxK ignore it)."""
+    l1_coef: float = 0.0
+    """relu: weight of the decoder-norm-weighted L1 penalty, warm-up already applied."""
+    l0_coef: float = 0.0
+    """jumprelu: weight of the L0 penalty, warm-up already applied."""
+
+
+class TrainLoss(NamedTuple):
+    """One training step's objective and what the trainer logs."""
+
+    total: torch.Tensor
+    """The loss to minimise."""
+    mse: torch.Tensor
+    """Mean over tokens of ||x - x_hat||^2 with the whole dictionary."""
+    aux: torch.Tensor
+    """AuxK loss before its coefficient (0 without dead latents or AuxK)."""
+    sparsity: torch.Tensor
+    """Sparsity penalty after its coefficient (L1 or L0; 0 for the k-sparse architectures)."""
+    latents_BF: torch.Tensor
+    """The training latents (detached; >= 0, active where > 0)."""
+    fired_F: torch.Tensor
+    """Latents active on at least one token of the batch."""
+
+
+def sparse_code(z_BF: torch.Tensor) -> SparseCode:
+    """The padded `SparseCode` of dense non-negative latents (K = the largest row count, at least 1)."""
+    K = max(1, int((z_BF > 0).sum(dim=1).max())) if z_BF.shape[0] else 1
+    acts, idx = z_BF.topk(K, dim=-1, sorted=False)
+    return SparseCode(acts, idx)
+
+
+def sq_err(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of the squared reconstruction error."""
+    return (x_BD - x_hat_BD).pow(2).sum(dim=-1).mean()
+
+
+def auxk_loss(
+    sae: SAE, pre_BF: torch.Tensor, resid_BD: torch.Tensor, dead_F: torch.Tensor, k_aux: int
+) -> torch.Tensor:
+    """AuxK loss (Gao et al. 2024, Appendix A.2): the detached residual reconstructed from the top-`k_aux`
+    pre-activations of dead latents, normalised by the residual's variance. `pre_BF` may be raw or ReLU'd."""
+    n_dead = int(dead_F.sum())
+    if n_dead == 0:
+        return pre_BF.new_zeros(())
+    masked_BF = pre_BF.masked_fill(~dead_F, 0.0)
+    acts, idx = masked_BF.topk(min(k_aux, n_dead), dim=-1, sorted=False)
+    resid_hat_BD = sae.decode(SparseCode(acts.relu(), idx)) - sae.b_dec_D
+    var = (resid_BD - resid_BD.mean(dim=0)).pow(2).sum(dim=-1).mean().clamp_min(1e-8)
+    return (resid_hat_BD - resid_BD).pow(2).sum(dim=-1).mean() / var
+
+
+class SAE(nn.Module):
+    """Shared encoder/decoder and the inference and training templates; subclasses choose the latents."""
+
+    architecture: ClassVar[str] = ""
+    params: ClassVar[tuple[str, ...]] = ()
+    """`SAEConfig` fields this architecture takes (TrainConfig has fields of the same names)."""
+    uses_auxk: ClassVar[bool] = True
+    unit_norm_decoder: ClassVar[bool] = True
+    decoder_init_norm: ClassVar[float] = 1.0
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
+        if cfg.architecture != self.architecture:
+            raise SAEError(f"a {cfg.architecture} config cannot build a {self.architecture} SAE")
         self.cfg = cfg
         D, F = cfg.d_in, cfg.d_sae
         W_dec_FD = torch.randn(F, D)
-        W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
+        W_dec_FD = W_dec_FD / W_dec_FD.norm(dim=1, keepdim=True) * self.decoder_init_norm
         self.W_dec_FD = nn.Parameter(W_dec_FD)
         # Encoder starts as the decoder's transpose (Gao et al. 2024, sec. 2.4: tied init).
         self.W_enc_DF = nn.Parameter(W_dec_FD.T.clone())
         self.b_enc_F = nn.Parameter(torch.zeros(F))
         self.b_dec_D = nn.Parameter(torch.zeros(D))
 
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        """Refuse parameters of other architectures (a mislabelled cfg.json); subclasses check their own."""
+        for name in _ARCH_PARAMS:
+            if name not in cls.params and getattr(cfg, name) != _DEFAULTS[name]:
+                raise SAEError(
+                    f"{name}={getattr(cfg, name)!r} is not a parameter of a {cls.architecture} SAE; "
+                    "was this config written for another architecture?"
+                )
+
+    # --- inference -------------------------------------------------------------------------------------------
+    def select(self, pre_BF: torch.Tensor) -> SparseCode:
+        """Active latents at inference from ReLU'd pre-activations."""
+        raise NotImplementedError
+
     def pre_acts(self, x_BD: torch.Tensor) -> torch.Tensor:
-        self._check_input(x_BD)
-        return torch.relu((x_BD - self.b_dec_D) @ self.W_enc_DF + self.b_enc_F)
+        _check_finite(x_BD)
+        return torch.relu(self.linear(x_BD))
+
+    def linear(self, x_BD: torch.Tensor) -> torch.Tensor:
+        """Raw pre-activations W_enc (x - b_dec) + b_enc. Checks the width only: the trainer checks all its
+        activations for NaN/inf once, `pre_acts` (inference) checks every batch."""
+        self._check_width(x_BD)
+        return (x_BD - self.b_dec_D) @ self.W_enc_DF + self.b_enc_F
 
     def encode(self, x_BD: torch.Tensor) -> SparseCode:
-        acts, idx = self.pre_acts(x_BD).topk(self.cfg.k, dim=-1, sorted=False)
-        return SparseCode(acts, idx)
+        return self.select(self.pre_acts(x_BD))
 
     def decode(self, code: SparseCode) -> torch.Tensor:
         # Scatter into a dense code and multiply. Measured on 2 CPU cores (B=1024, F=2304, K=48), a training
@@ -93,32 +227,78 @@ class TopKSAE(nn.Module):
             dtype=code.top_acts_BK.dtype,
             device=code.top_acts_BK.device,
         ).scatter(1, code.top_idx_BK, code.top_acts_BK)
+        return self.decode_dense(z_BF)
+
+    def decode_dense(self, z_BF: torch.Tensor) -> torch.Tensor:
         return z_BF @ self.W_dec_FD + self.b_dec_D
 
     def forward(self, x_BD: torch.Tensor) -> ForwardOutput:
         pre_BF = self.pre_acts(x_BD)
-        acts, idx = pre_BF.topk(self.cfg.k, dim=-1, sorted=False)
-        code = SparseCode(acts, idx)
+        code = self.select(pre_BF)
         return ForwardOutput(self.decode(code), code, pre_BF)
 
     def dense_latents(self, x_BD: torch.Tensor) -> torch.Tensor:
         """[B, F] latent activations with zeros for the inactive ones."""
         code = self.encode(x_BD)
-        out = torch.zeros(x_BD.shape[0], self.cfg.d_sae, dtype=x_BD.dtype, device=x_BD.device)
+        out = torch.zeros(x_BD.shape[0], self.cfg.d_sae, dtype=code.top_acts_BK.dtype, device=x_BD.device)
         return out.scatter_(1, code.top_idx_BK, code.top_acts_BK)
+
+    # --- training ---------------------------------------------------------------------------------------------
+    def train_latents(self, raw_BF: torch.Tensor) -> torch.Tensor:
+        """Dense latents [B, F] the training objective sees, from raw pre-activations (differentiable)."""
+        raise NotImplementedError
+
+    def reconstruction_loss(
+        self, x_BD: torch.Tensor, z_BF: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reconstruction term of the loss, x_hat with the whole dictionary)."""
+        x_hat_BD = self.decode_dense(z_BF)
+        return sq_err(x_BD, x_hat_BD), x_hat_BD
+
+    def sparsity_penalty(self, raw_BF: torch.Tensor, z_BF: torch.Tensor, inputs: LossInputs) -> torch.Tensor:
+        """Weighted sparsity term; none for the k-sparse architectures."""
+        return z_BF.new_zeros(())
+
+    def training_loss(self, x_BD: torch.Tensor, inputs: LossInputs) -> TrainLoss:
+        raw_BF = self.linear(x_BD)
+        z_BF = self.train_latents(raw_BF)
+        recon, x_hat_BD = self.reconstruction_loss(x_BD, z_BF)
+        resid_BD = (x_BD - x_hat_BD).detach()
+        aux = z_BF.new_zeros(())
+        if self.uses_auxk and inputs.auxk_coef > 0:
+            aux = auxk_loss(self, raw_BF, resid_BD, inputs.dead_F, inputs.k_aux)
+        sparsity = self.sparsity_penalty(raw_BF, z_BF, inputs)
+        z_BF = z_BF.detach()
+        return TrainLoss(
+            total=recon + inputs.auxk_coef * aux + sparsity,
+            mse=resid_BD.pow(2).sum(dim=-1).mean(),
+            aux=aux.detach(),
+            sparsity=sparsity.detach(),
+            latents_BF=z_BF,
+            fired_F=z_BF.amax(dim=0) > 0,  # 10x cheaper than (z > 0).any(0) on CPU
+        )
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
-        self.W_dec_FD.div_(self.W_dec_FD.norm(dim=1, keepdim=True).clamp_min(1e-8))
+        """Renormalise decoder rows to unit norm (no-op for an unconstrained decoder)."""
+        if self.unit_norm_decoder:
+            self.W_dec_FD.div_(self.W_dec_FD.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
     @torch.no_grad()
     def project_decoder_grad(self) -> None:
         """Remove the gradient component parallel to each unit-norm decoder row (keeps the norm constraint)."""
         g = self.W_dec_FD.grad
-        if g is not None:
+        if self.unit_norm_decoder and g is not None:
             g -= (g * self.W_dec_FD).sum(dim=1, keepdim=True) * self.W_dec_FD
 
-    def _check_input(self, x_BD: torch.Tensor) -> None:
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        """Make an SAE trained on `x * scale` take raw x: pre-activations, latents and x_hat all shrink by `scale`,
+        so biases (and thresholds, in subclasses) are divided by it; weights stay."""
+        self.b_dec_D.div_(scale)
+        self.b_enc_F.div_(scale)
+
+    def _check_width(self, x_BD: torch.Tensor) -> None:
         if x_BD.shape[-1] != self.cfg.d_in:
             raise SAEError(
                 f"input has d_in={x_BD.shape[-1]} but the SAE expects {self.cfg.d_in} "
@@ -126,48 +306,297 @@ class TopKSAE(nn.Module):
             )
 
 
-REGISTRY: dict[str, type[TopKSAE]] = {"topk": TopKSAE}
+def _check_finite(x_BD: torch.Tensor) -> None:
+    if not bool(torch.isfinite(x_BD).all()):
+        raise SAEError(
+            "input contains NaN/inf activations; check the model dtype (try --model.dtype float32)"
+        )
 
 
-def build(cfg: SAEConfig) -> TopKSAE:
-    if cfg.architecture not in REGISTRY:
-        raise SAEError(f"unknown SAE architecture {cfg.architecture!r}; known: {sorted(REGISTRY)}")
-    return REGISTRY[cfg.architecture](cfg)
+def _check_k(cfg: SAEConfig) -> None:
+    if not 0 < cfg.k < cfg.d_sae:
+        raise SAEError(
+            f"k must be in (0, d_sae={cfg.d_sae}) for a {cfg.architecture} SAE, got {cfg.k}; "
+            "lower k or widen the SAE"
+        )
 
 
-def save(sae: TopKSAE, folder: Path) -> None:
-    """Write `cfg.json` and `sae.safetensors`; files are renamed into place, so a kill never leaves half a file."""
+class TopKSAE(SAE):
+    """TopK sparse autoencoder with unit-norm decoder rows."""
+
+    architecture = "topk"
+    params: ClassVar[tuple[str, ...]] = ("k",)
+
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        super().check_config(cfg)
+        _check_k(cfg)
+
+    def select(self, pre_BF: torch.Tensor) -> SparseCode:
+        acts, idx = pre_BF.topk(self.cfg.k, dim=-1, sorted=False)
+        return SparseCode(acts, idx)
+
+    def train_latents(self, raw_BF: torch.Tensor) -> torch.Tensor:
+        code = self.select(torch.relu(raw_BF))
+        return torch.zeros_like(raw_BF).scatter(1, code.top_idx_BK, code.top_acts_BK)
+
+
+class BatchTopKSAE(SAE):
+    """BatchTopK in training; a single learned threshold at inference (Bussmann et al. 2024)."""
+
+    architecture = "batchtopk"
+    params: ClassVar[tuple[str, ...]] = ("k",)
+    threshold_decay: ClassVar[float] = 0.9
+    """Exponential moving average of the smallest kept activation per training step."""
+    threshold: torch.Tensor
+    """Inference threshold (a buffer, saved with the weights)."""
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__(cfg)
+        # 0 until the first training step: every positive pre-activation is active.
+        self.register_buffer("threshold", torch.zeros(()))
+
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        super().check_config(cfg)
+        _check_k(cfg)
+
+    def select(self, pre_BF: torch.Tensor) -> SparseCode:
+        return sparse_code(pre_BF * (pre_BF > self.threshold))
+
+    def train_latents(self, raw_BF: torch.Tensor) -> torch.Tensor:
+        """Keep the k*B largest activations of the batch; updates the running inference threshold."""
+        pre_flat = torch.relu(raw_BF).flatten()
+        acts, idx = pre_flat.topk(self.cfg.k * raw_BF.shape[0], sorted=False)
+        self._update_threshold(acts.detach())
+        return torch.zeros_like(pre_flat).scatter(0, idx, acts).view_as(raw_BF)
+
+    @torch.no_grad()
+    def _update_threshold(self, kept: torch.Tensor) -> None:
+        smallest = kept.masked_fill(kept <= 0, math.inf).min()
+        t = self.threshold
+        ema = torch.where(t > 0, self.threshold_decay * t + (1 - self.threshold_decay) * smallest, smallest)
+        t.copy_(torch.where(torch.isfinite(smallest), ema, t))
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        super().fold_input_scale(scale)
+        self.threshold.div_(scale)
+
+
+class MatryoshkaSAE(BatchTopKSAE):
+    """Matryoshka BatchTopK: every nested prefix of the dictionary reconstructs x on its own."""
+
+    architecture = "matryoshka"
+    params: ClassVar[tuple[str, ...]] = ("k", "matryoshka_prefix_fractions")
+
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        super().check_config(cfg)
+        fr = cfg.matryoshka_prefix_fractions
+        sizes = prefix_sizes(fr, cfg.d_sae)
+        if not fr or fr[-1] != 1.0 or sizes[0] < 1 or any(a >= b for a, b in itertools.pairwise(sizes)):
+            raise SAEError(
+                f"matryoshka_prefix_fractions {fr} must be increasing fractions of d_sae={cfg.d_sae} ending "
+                f"at 1.0, giving distinct non-empty prefixes (got sizes {sizes})"
+            )
+
+    def reconstruction_loss(
+        self, x_BD: torch.Tensor, z_BF: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum over prefixes m of ||x - (z[:, :m] W_dec[:m] + b_dec)||^2, built up group by group so the whole
+        costs one decoder matmul; the last prefix is the whole dictionary."""
+        x_hat_BD = self.b_dec_D.expand_as(x_BD)
+        total, start = x_BD.new_zeros(()), 0
+        for end in prefix_sizes(self.cfg.matryoshka_prefix_fractions, self.cfg.d_sae):
+            x_hat_BD = x_hat_BD + z_BF[:, start:end] @ self.W_dec_FD[start:end]
+            total = total + sq_err(x_BD, x_hat_BD)
+            start = end
+        return total, x_hat_BD
+
+
+def prefix_sizes(fractions: tuple[float, ...], d_sae: int) -> list[int]:
+    """Matryoshka prefix lengths: round(fraction * d_sae)."""
+    return [round(f * d_sae) for f in fractions]
+
+
+class ReLUSAE(SAE):
+    """ReLU SAE with the decoder-norm-weighted L1 penalty and an unconstrained decoder (Anthropic, April 2024)."""
+
+    architecture = "relu"
+    uses_auxk = False
+    unit_norm_decoder = False
+    decoder_init_norm = 0.1  # Anthropic's April 2024 update: decoder rows start at norm 0.1
+
+    def select(self, pre_BF: torch.Tensor) -> SparseCode:
+        return sparse_code(pre_BF)
+
+    def train_latents(self, raw_BF: torch.Tensor) -> torch.Tensor:
+        return torch.relu(raw_BF)
+
+    def sparsity_penalty(self, raw_BF: torch.Tensor, z_BF: torch.Tensor, inputs: LossInputs) -> torch.Tensor:
+        """lambda * sum_i z_i ||W_dec_i||, averaged over tokens (the norm enters so shrinking z cannot pay)."""
+        return inputs.l1_coef * (z_BF * self.W_dec_FD.norm(dim=1)).sum(dim=-1).mean()
+
+
+def _rectangle(u: torch.Tensor) -> torch.Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """z = pre * H(pre - theta). d/dpre = H(pre - theta); d/dtheta = -(theta/eps) K((pre - theta)/eps), with K the
+    rectangle kernel (Rajamanoharan et al. 2024). No other path reaches theta, so it is counted once."""
+
+    @staticmethod
+    def forward(ctx: Any, pre_BF: torch.Tensor, theta_F: torch.Tensor, eps: float) -> torch.Tensor:
+        ctx.save_for_backward(pre_BF, theta_F)
+        ctx.eps = eps
+        return pre_BF * (pre_BF > theta_F)
+
+    @staticmethod
+    def backward(ctx: Any, grad_BF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        pre_BF, theta_F = ctx.saved_tensors
+        kernel_BF = _rectangle((pre_BF - theta_F) / ctx.eps)
+        grad_theta_F = -(theta_F / ctx.eps) * (kernel_BF * grad_BF).sum(dim=0)
+        return grad_BF * (pre_BF > theta_F), grad_theta_F.to(theta_F.dtype), None
+
+
+class _Step(torch.autograd.Function):
+    """H(pre - theta). d/dpre = 0; d/dtheta = -(1/eps) K((pre - theta)/eps) (Rajamanoharan et al. 2024)."""
+
+    @staticmethod
+    def forward(ctx: Any, pre_BF: torch.Tensor, theta_F: torch.Tensor, eps: float) -> torch.Tensor:
+        ctx.save_for_backward(pre_BF, theta_F)
+        ctx.eps = eps
+        return (pre_BF > theta_F).to(pre_BF.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_BF: torch.Tensor) -> tuple[None, torch.Tensor, None]:
+        pre_BF, theta_F = ctx.saved_tensors
+        kernel_BF = _rectangle((pre_BF - theta_F) / ctx.eps)
+        grad_theta_F = -(1.0 / ctx.eps) * (kernel_BF * grad_BF).sum(dim=0)
+        return None, grad_theta_F.to(theta_F.dtype), None
+
+
+class JumpReLUSAE(SAE):
+    """JumpReLU SAE with an L0 penalty and straight-through threshold gradients (Rajamanoharan et al. 2024)."""
+
+    architecture = "jumprelu"
+    params: ClassVar[tuple[str, ...]] = ("jumprelu_bandwidth", "jumprelu_init_threshold")
+    uses_auxk = False
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__(cfg)
+        # log-parametrised so the threshold stays positive; kept fp32 even if the module is cast (a bf16
+        # threshold silently stops learning: its updates fall below bf16's resolution).
+        self.log_threshold_F = nn.Parameter(torch.full((cfg.d_sae,), math.log(cfg.jumprelu_init_threshold)))
+
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        super().check_config(cfg)
+        if not (cfg.jumprelu_bandwidth > 0 and cfg.jumprelu_init_threshold > 0):
+            raise SAEError(
+                "a jumprelu SAE needs jumprelu_bandwidth > 0 and jumprelu_init_threshold > 0, got "
+                f"{cfg.jumprelu_bandwidth} and {cfg.jumprelu_init_threshold}"
+            )
+
+    @property
+    def threshold_F(self) -> torch.Tensor:
+        return self.log_threshold_F.exp()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> JumpReLUSAE:
+        """Casts and moves reach every tensor but the threshold, which only moves (its fp32 values kept exactly)."""
+        fp32 = self.log_threshold_F.data
+        super()._apply(fn, recurse)
+        self.log_threshold_F.data = fp32.to(self.log_threshold_F.device)
+        return self
+
+    def select(self, pre_BF: torch.Tensor) -> SparseCode:
+        return sparse_code(pre_BF * (pre_BF > self.threshold_F))
+
+    def train_latents(self, raw_BF: torch.Tensor) -> torch.Tensor:
+        # Raw pre-activations: a ReLU before would pile every negative one at 0, inside the kernel's window
+        # whenever theta < eps/2.
+        return _JumpReLU.apply(raw_BF, self.threshold_F, self.cfg.jumprelu_bandwidth)
+
+    def sparsity_penalty(self, raw_BF: torch.Tensor, z_BF: torch.Tensor, inputs: LossInputs) -> torch.Tensor:
+        l0_B = _Step.apply(raw_BF, self.threshold_F, self.cfg.jumprelu_bandwidth).sum(dim=-1)
+        return inputs.l0_coef * l0_B.mean()
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        super().fold_input_scale(scale)
+        self.log_threshold_F.sub_(math.log(scale))
+
+
+REGISTRY: dict[str, type[SAE]] = {
+    cls.architecture: cls for cls in (TopKSAE, BatchTopKSAE, MatryoshkaSAE, ReLUSAE, JumpReLUSAE)
+}
+
+
+def architecture_class(name: str) -> type[SAE]:
+    if name not in REGISTRY:
+        raise SAEError(f"unknown SAE architecture {name!r}; known: {sorted(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def build(cfg: SAEConfig) -> SAE:
+    return architecture_class(cfg.architecture)(cfg)
+
+
+def save(sae: SAE, folder: Path) -> None:
+    """Write `cfg.json` and `sae.safetensors` (whose metadata names the architecture too); files are renamed into
+    place, so a kill never leaves half a file."""
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
-    save_file(tensors, str(folder / "sae.safetensors.tmp"))
-    (folder / "cfg.json.tmp").write_text(json.dumps(asdict(sae.cfg), indent=2))
+    save_file(tensors, str(folder / "sae.safetensors.tmp"), metadata={"architecture": sae.architecture})
+    (folder / "cfg.json.tmp").write_text(json.dumps(sae.cfg.to_json(), indent=2))
     (folder / "sae.safetensors.tmp").rename(folder / "sae.safetensors")
     (folder / "cfg.json.tmp").rename(folder / "cfg.json")
 
 
-def load(folder: Path, device: str | torch.device = "cpu") -> TopKSAE:
-    """Load an SAE saved by `save`; a missing or corrupt checkpoint is an error, never untrained weights."""
+def load(folder: Path, device: str | torch.device = "cpu", architecture: str | None = None) -> SAE:
+    """Load an SAE saved by `save`; a missing or corrupt checkpoint, or one of another architecture than
+    `architecture` (when given), is an error, never untrained weights. Returned in eval mode."""
     cfg_path, weights_path = folder / "cfg.json", folder / "sae.safetensors"
     for p in (cfg_path, weights_path):
         if not p.exists():
             raise SAEError(f"{p} is missing; train the SAE first (`saelab train`) or point to its folder")
     try:
-        cfg = SAEConfig(**json.loads(cfg_path.read_text()))
+        cfg = SAEConfig.from_json(json.loads(cfg_path.read_text()))
         state = load_file(str(weights_path), device=str(device))
+        with safe_open(str(weights_path), framework="pt") as f:
+            saved_arch = (f.metadata() or {}).get("architecture", cfg.architecture)
     except (json.JSONDecodeError, TypeError, OSError) as err:
         raise SAEError(f"checkpoint in {folder} is corrupt ({err}); retrain with `saelab train`") from err
+    except SAEError:
+        raise
     except Exception as err:  # safetensors raises its own error type for truncated files
         raise SAEError(f"checkpoint in {folder} is corrupt ({err}); retrain with `saelab train`") from err
+    if saved_arch != cfg.architecture:
+        raise SAEError(
+            f"checkpoint in {folder}: cfg.json says {cfg.architecture} but its weights were saved by a "
+            f"{saved_arch} SAE; restore the original cfg.json or retrain"
+        )
+    if architecture is not None and architecture != cfg.architecture:
+        raise SAEError(
+            f"checkpoint in {folder} is a {cfg.architecture} SAE, not {architecture}; load it as "
+            f"{cfg.architecture} or train a {architecture} SAE"
+        )
     sae = build(cfg)
+    _check_state_shapes(sae, state, folder)
+    sae.load_state_dict(state)
+    return sae.to(device).eval()
+
+
+def _check_state_shapes(sae: SAE, state: dict[str, torch.Tensor], folder: Path) -> None:
     expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state.items()}
     if expected != found:
         raise SAEError(
-            f"checkpoint in {folder} does not match a {cfg.architecture} SAE of cfg.json's shape "
+            f"checkpoint in {folder} does not match a {sae.architecture} SAE of cfg.json's shape "
             f"(expected {expected}, found {found}); was it written by another architecture?"
         )
-    sae.load_state_dict(state)
-    return sae.to(device)
 
 
 def file_sha256(folder: Path) -> str:

@@ -1,17 +1,32 @@
-"""Trainer: learns a planted sparse dictionary, folds the input scale correctly, AuxK revives dead latents."""
+"""Trainer: every architecture learns a planted sparse dictionary, the input scale is folded correctly, AuxK revives
+dead latents, BatchTopK's threshold keeps the training sparsity, bad configs and inputs are clear errors."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
+import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
+from saelab import sae as sae_lib
 from saelab.activations import ActivationError
-from saelab.config import TrainConfig
+from saelab.config import ConfigError, TrainConfig
 from saelab.evaluate import reconstruction_metrics
-from saelab.train import auxk_loss, geometric_median, lr_factor, train
+from saelab.sae import SAEError
+from saelab.train import (
+    TrainError,
+    auxk_loss,
+    geometric_median,
+    lr_factor,
+    sae_config,
+    sparsity_factor,
+    train,
+)
 
 
 def planted(n: int = 6000, d: int = 24, n_feat: int = 48, active: int = 3, seed: int = 0) -> torch.Tensor:
@@ -36,29 +51,98 @@ def test_learns_planted_dictionary(tmp_path: Path) -> None:
     assert rows and rows[-1]["ev"] > rows[0]["ev"]
 
 
-def test_scale_is_folded_into_the_saved_sae() -> None:
-    """The folded SAE on raw inputs gives the same latents (up to the scale) and reconstructions as training saw."""
+# Planted data: 48 true directions, 3 active per token (L0 = 3), width 96. The L1 SAE needs longer training for
+# its sparsity to emerge; its penalty and JumpReLU's threshold are set for data of this scale.
+PLANTED_RUNS = {
+    # architecture: (extra config, min EV, L0 range)
+    "topk": ({}, 0.9, (3.9, 4.0)),
+    "batchtopk": ({}, 0.85, (3.4, 4.6)),
+    "matryoshka": ({"matryoshka_prefix_fractions": (0.25, 1.0)}, 0.82, (3.4, 4.6)),
+    "relu": ({"l1_coef": 1.0, "epochs": 16}, 0.85, (3.0, 20.0)),
+    "jumprelu": ({"l0_coef": 0.3, "jumprelu_init_threshold": 1.0}, 0.8, (2.5, 5.0)),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(PLANTED_RUNS))
+def test_every_architecture_learns_planted_data(arch: str) -> None:
+    extra, min_ev, (lo, hi) = PLANTED_RUNS[arch]
+    x = planted()
+    cfg = TrainConfig(**{"expansion": 4, "k": 4, "lr": 3e-3, "batch_size": 256, "epochs": 8, **extra})
+    result = train(x[:5000], dataclasses.replace(cfg, architecture=arch), seed=0)
+    assert result.sae.architecture == arch and not result.sae.training
+    m = reconstruction_metrics(result.sae, [x[5000:]], 0.1)  # held-out tokens, inference path
+    assert m["explained_variance"] > min_ev
+    assert lo <= m["l0"] <= hi
+    assert m["dead_fraction"] < 0.2
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_batchtopk_threshold_reproduces_training_sparsity_on_held_out_data(arch: str) -> None:
+    """Inference replaces the batch by the learned threshold: mean L0 on unseen tokens stays close to k."""
+    x = planted(n=7000, seed=1)
+    cfg = TrainConfig(architecture=arch, expansion=4, k=6, lr=3e-3, batch_size=256, epochs=6)
+    sae = train(x[:5000], cfg, seed=0).sae
+    l0 = float((sae.dense_latents(x[5000:]) > 0).sum(1).float().mean())
+    assert l0 == pytest.approx(6, rel=0.15)
+
+
+def train_capturing_fold(
+    x: torch.Tensor, cfg: TrainConfig, monkeypatch: pytest.MonkeyPatch
+) -> tuple[sae_lib.SAE, sae_lib.SAE, float]:
+    """(returned SAE, a copy of the SAE as trained just before the fold, the input scale)."""
+    cls = sae_lib.REGISTRY[cfg.architecture]
+    fold = cls.fold_input_scale
+    seen: dict[str, Any] = {}
+
+    def spy(self: sae_lib.SAE, scale: float) -> None:
+        seen["trained"], seen["scale"] = copy.deepcopy(self), scale
+        fold(self, scale)
+
+    monkeypatch.setattr(cls, "fold_input_scale", spy)
+    folded = train(x, cfg, seed=0).sae
+    return folded, seen["trained"], seen["scale"]
+
+
+@pytest.mark.parametrize("arch", sorted(PLANTED_RUNS))
+def test_scale_is_folded_into_the_returned_sae(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The folded SAE on raw inputs gives the latents (up to the scale) and reconstructions that the SAE as trained
+    gives on scaled inputs (biases, BatchTopK's threshold and JumpReLU's thresholds all fold)."""
     x = planted(n=2000)
-    result = train(x, TrainConfig(expansion=2, k=3, epochs=1, batch_size=256), seed=0)
-    s = result.sae
-    scale = (x.shape[1] / x.pow(2).sum(1).mean()).sqrt()
-    out_raw = s(x[:64])
-    # An unfolded copy (biases multiplied back) applied to scaled inputs must agree after unscaling.
-    with torch.no_grad():
-        s.b_dec_D *= scale
-        s.b_enc_F *= scale
-    out_scaled = s(x[:64] * scale)
-    torch.testing.assert_close(out_raw.x_hat_BD * scale, out_scaled.x_hat_BD, rtol=1e-4, atol=1e-3)
-    torch.testing.assert_close(
-        out_raw.code.top_acts_BK * scale, out_scaled.code.top_acts_BK, rtol=1e-4, atol=1e-3
+    cfg = TrainConfig(
+        architecture=arch,
+        expansion=2,
+        k=3,
+        epochs=1,
+        batch_size=256,
+        l1_coef=1.0,
+        jumprelu_init_threshold=1.0,
     )
+    s, trained, scale = train_capturing_fold(x, cfg, monkeypatch)
+    assert scale == pytest.approx(float((x.shape[1] / x.pow(2).sum(1).mean()).sqrt()), rel=1e-5)
+    raw, scaled = x[:256], x[:256] * scale
+    torch.testing.assert_close(s(raw).x_hat_BD * scale, trained(scaled).x_hat_BD, rtol=1e-4, atol=1e-3)
+    z_raw, z_scaled = s.dense_latents(raw), trained.dense_latents(scaled)
+    assert (z_raw > 0).sum(1).float().mean() >= 1  # latents fire, so the check has teeth
+    assert (
+        (z_raw > 0) == (z_scaled > 0)
+    ).float().mean() > 0.999  # same active latents (ties at a threshold aside)
+    torch.testing.assert_close(z_raw * scale, z_scaled, rtol=1e-4, atol=2e-3)
+
+
+def test_threshold_learns_and_stays_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = TrainConfig(
+        architecture="jumprelu", expansion=2, lr=3e-3, epochs=8, batch_size=256, jumprelu_init_threshold=1.0
+    )
+    s, trained, _ = train_capturing_fold(planted(n=2000), cfg, monkeypatch)
+    assert isinstance(s, sae_lib.JumpReLUSAE) and isinstance(trained, sae_lib.JumpReLUSAE)
+    assert s.log_threshold_F.dtype == torch.float32
+    moved = trained.log_threshold_F.detach() - math.log(1.0)
+    assert moved.abs().max() > 0.05 and moved.std() > 0.01  # thresholds learned, each its own way
 
 
 def test_auxk_loss_only_with_dead_latents_and_reaches_them() -> None:
     torch.manual_seed(0)
-    from saelab.sae import SAEConfig, build
-
-    s = build(SAEConfig("topk", 8, 32, 2))
+    s = sae_lib.build(sae_lib.SAEConfig("topk", 8, 32, 2))
     x = torch.randn(16, 8)
     out = s(x)
     resid = (x - out.x_hat_BD).detach()
@@ -71,6 +155,9 @@ def test_auxk_loss_only_with_dead_latents_and_reaches_them() -> None:
     assert loss.item() > 0
     assert s.W_enc_DF.grad is not None
     assert s.W_enc_DF.grad[:, :10].abs().sum() > 0  # the dead latents' encoders get a gradient
+    torch.testing.assert_close(
+        auxk_loss(s, s.linear(x), resid, dead, 4), loss
+    )  # raw pre-activations work too
 
 
 def test_no_dead_latents_on_planted_data() -> None:
@@ -87,11 +174,58 @@ def test_nan_activations_are_refused() -> None:
         train(x, TrainConfig(), seed=0)
 
 
+def test_too_few_activations_and_too_large_k_are_refused() -> None:
+    x = planted(n=600)
+    with pytest.raises(TrainError, match="fewer than one batch"):
+        train(x, TrainConfig(batch_size=1024), seed=0)
+    with pytest.raises(SAEError, match="k must be in"):
+        train(x, TrainConfig(expansion=2, k=48, batch_size=256), seed=0)  # d_sae = 48
+
+
+def test_sae_config_takes_the_architecture_parameters_from_the_train_config() -> None:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for arch, cls in sae_lib.REGISTRY.items():
+        assert set(cls.params) <= fields, arch
+    c = sae_config(TrainConfig(architecture="matryoshka", k=8, expansion=2), 16, "layers.3")
+    assert (c.d_sae, c.k, c.matryoshka_prefix_fractions, c.hookpoint) == (
+        32,
+        8,
+        (0.0625, 0.25, 1.0),
+        "layers.3",
+    )
+    assert sae_config(TrainConfig(architecture="relu"), 16).k == 0  # k is not a relu parameter
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("l1_coef", -1.0),
+        ("l0_coef", -0.1),
+        ("sparsity_warmup_fraction", 1.0),
+        ("jumprelu_bandwidth", 0.0),
+        ("jumprelu_init_threshold", -0.1),
+        ("matryoshka_prefix_fractions", (0.5, 0.25, 1.0)),
+        ("matryoshka_prefix_fractions", (0.25, 0.5)),
+        ("matryoshka_prefix_fractions", ()),
+    ],
+)
+def test_bad_train_config_names_the_field(field: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=f"train.{field}"):
+        TrainConfig(**{field: value})  # type: ignore[arg-type]
+
+
 def test_lr_schedule_warmup_and_decay() -> None:
     total = 100
     assert lr_factor(0, total) < lr_factor(4, total) == 1.0
     assert lr_factor(50, total) == 1.0
     assert lr_factor(99, total) < 0.1
+
+
+def test_sparsity_coefficient_warmup() -> None:
+    assert sparsity_factor(0, 100, 0.1) == pytest.approx(0.1)
+    assert sparsity_factor(4, 100, 0.1) == pytest.approx(0.5)
+    assert sparsity_factor(9, 100, 0.1) == sparsity_factor(50, 100, 0.1) == 1.0
+    assert sparsity_factor(0, 100, 0.0) == 1.0
 
 
 def test_geometric_median_resists_outliers() -> None:
