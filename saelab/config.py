@@ -112,7 +112,8 @@ class TrainConfig:
     auxk_k: int = 0
     """Latents in the AuxK reconstruction; 0 = d_in // 2."""
     dead_tokens: int = 20_000
-    """A latent that has not fired for this many training tokens counts as dead for AuxK."""
+    """A latent that has not fired for this many training tokens counts as dead (AuxK, `anthropic` resampling);
+    also the `consistency` resampler's long window."""
     l1_coef: float = 5.0
     """relu: weight of the L1 penalty sum_i f_i * ||W_dec_i|| (inputs scaled to E||x||^2 = d_in, as in
     Anthropic's April 2024 update, which used 5)."""
@@ -130,6 +131,37 @@ class TrainConfig:
     matryoshka_prefix_fractions: tuple[float, ...] = (0.0625, 0.25, 1.0)
     """matryoshka: nested dictionary prefixes as fractions of d_sae, increasing and ending at 1.0; each prefix
     is trained to reconstruct the input on its own."""
+    resample: Literal["none", "anthropic", "consistency"] = "none"
+    """Dead-latent resampling every `resample_every` steps (none in the learning-rate decay): `anthropic`
+    re-initialises latents dead for `dead_tokens` tokens from inputs drawn with probability proportional to their
+    squared loss (Towards Monosemanticity, 2023); `consistency` resamples latents whose EMA firing statistics say
+    dead, too weak, or unstable (see resample.py). Independent of AuxK (turn that off with auxk_coef 0)."""
+    resample_every: int = 250
+    """Steps between resampling checks."""
+    resample_tokens: int = 16_384
+    """Inputs scored to choose the new directions at each resampling (Anthropic used 819,200)."""
+    resample_encoder_scale: float = 0.0
+    """Norm of a re-initialised encoder column relative to the mean of the other latents'. 0 = auto: Anthropic's
+    0.2 for relu; 1.0 for the others, where a latent must win a top-k slot or clear a threshold to fire (at 0.2,
+    0 of 32 forced-dead TopK latents revived on planted data; at 1.0, all 32)."""
+    consistency_min_freq: float = 1e-5
+    """consistency: a latent whose long-window firing frequency (EMA over `dead_tokens` tokens) is below this
+    counts as dead."""
+    consistency_z: float = 5.0
+    """consistency: a latent is unstable when its short-window firing count (a tenth of the long window) is this
+    many Poisson standard deviations, and tenfold, away from what its long-window frequency predicts."""
+    checkpoint_every: int = 100
+    """Steps between checkpoints (SAE, optimizer, step, RNG and dead-latent state) in the train stage's
+    `checkpoints/` folder, only the last kept; 0 = none."""
+    resume: bool = False
+    """Continue from the last checkpoint (bit-for-bit the run that was stopped); without one, start afresh."""
+    log_every: int = 10
+    """Steps between log records (loss parts, L0, dead fraction, explained variance)."""
+    log_to: tuple[Literal["jsonl", "tensorboard", "wandb"], ...] = ("jsonl",)
+    """Where log records go: the stage's `train_log.jsonl`, TensorBoard (`tensorboard/` beside it; needs the
+    tensorboard package) and/or Weights & Biases (needs wandb; project from $WANDB_PROJECT, else saelab)."""
+    stream_buffer_rows: int = 262_144
+    """Training from an on-disk activation store: rows shuffled together in memory (bounds memory use)."""
 
     def __post_init__(self) -> None:
         _check(self.expansion >= 1, f"train.expansion must be >= 1, got {self.expansion}")
@@ -160,6 +192,23 @@ class TrainConfig:
             len(fr) > 0 and fr[0] > 0 and fr[-1] == 1.0 and increasing,
             f"train.matryoshka_prefix_fractions must be increasing fractions in (0, 1] ending at 1.0, got {fr}",
         )
+        _check(self.resample_every > 0, f"train.resample_every must be > 0, got {self.resample_every}")
+        _check(self.resample_tokens > 0, f"train.resample_tokens must be > 0, got {self.resample_tokens}")
+        _check(
+            self.resample_encoder_scale >= 0,
+            f"train.resample_encoder_scale must be >= 0, got {self.resample_encoder_scale}",
+        )
+        _check(
+            0 < self.consistency_min_freq < 1,
+            f"train.consistency_min_freq must be in (0, 1), got {self.consistency_min_freq}",
+        )
+        _check(self.consistency_z > 0, f"train.consistency_z must be > 0, got {self.consistency_z}")
+        _check(
+            self.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {self.checkpoint_every}"
+        )
+        _check(self.log_every > 0, f"train.log_every must be > 0, got {self.log_every}")
+        _check(len(set(self.log_to)) == len(self.log_to), f"train.log_to names a sink twice: {self.log_to}")
+        _check(self.stream_buffer_rows > 0, "train.stream_buffer_rows must be > 0")
 
 
 @dataclass(frozen=True)

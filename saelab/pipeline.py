@@ -131,6 +131,7 @@ def stage_train(s: Session) -> None:
             _hookpoint(s),
             s.cfg.model.name,
             folder / "train_log.jsonl",
+            checkpoint_dir=folder / "checkpoints",
         )
         sae_lib.save(result.sae, folder)
         rec["outputs"] += [f"{SAE_DIR}/cfg.json", f"{SAE_DIR}/sae.safetensors"]
@@ -139,6 +140,8 @@ def stage_train(s: Session) -> None:
             tokens=result.tokens,
             final_loss=result.final_loss,
             dead_fraction=result.dead_fraction,
+            resumed_from=result.resumed_from,
+            resample_events=[e._asdict() for e in result.resample_events],
         )
     s.run.set_hash("sae", sae_lib.file_sha256(folder))
 
@@ -222,7 +225,7 @@ def stage_explain(s: Session) -> None:
     client = _client(s) if needs_llm else None
     with s.run.stage("explain", {"explain": to_dict(s.cfg.explain), "llm": to_dict(s.cfg.llm)}) as rec:
         (s.folder / "explain").mkdir(exist_ok=True)
-        records = run_explain(samples, s.cfg.explain, client, s.folder / EXPLANATIONS)
+        records = run_explain(samples, s.cfg.explain, client, s.folder / EXPLANATIONS, s.cfg.llm.temperature)
         rec["outputs"].append(EXPLANATIONS)
         rec.update(
             n_explanations=len(records),

@@ -1,6 +1,7 @@
 """SAE training on collected activations, for every architecture in `sae.REGISTRY`.
 
-`train(acts_ND, TrainConfig(...), seed)` returns the trained SAE (taking raw activations) and a summary; the CLI's
+`train(data, TrainConfig(...), seed)` returns the trained SAE (taking raw activations) and a summary; `data` is an
+activation tensor in memory or an on-disk `ActivationStore` streamed through a bounded shuffle buffer. The CLI's
 `saelab train` calls it through the pipeline. The architecture supplies its objective (`SAE.training_loss`:
 reconstruction, AuxK, L1 / L0 penalty); this module holds what every architecture shares (Gao et al. 2024,
 "Scaling and evaluating sparse autoencoders", unless noted):
@@ -12,28 +13,67 @@ reconstruction, AuxK, L1 / L0 penalty); this module holds what every architectur
 - dead-latent tracking for AuxK (Appendix A.2): a latent that has not fired for `dead_tokens` tokens is dead;
 - Adam, 5% linear learning-rate warm-up, linear decay to 0 over the last 20% of steps; the L1 / L0 coefficient
   warms up linearly over `sparsity_warmup_fraction` of the steps (Anthropic, April 2024; Gemma Scope).
+Around that loop: optional dead-latent resampling (`resample.py`), log records every `log_every` steps
+(`train_log.py`), checkpoints every `checkpoint_every` steps that `resume=True` continues from bit-for-bit
+(`checkpoint.py`), and data-parallel training when a torch.distributed process group is initialised
+(`distributed.py`).
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from saelab.activations import check_finite
-from saelab.config import TrainConfig
+from saelab import distributed as ddp
+from saelab.activations import (
+    ActivationStore,
+    BatchSource,
+    StoreSource,
+    TensorSource,
+    check_finite,
+    sample_ids,
+)
+from saelab.checkpoint import (
+    CheckpointError,
+    clear_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from saelab.config import TrainConfig, to_dict
+from saelab.distributed import DistInfo
+from saelab.resample import ResampleEvent, Resampler, make_resampler
 from saelab.sae import REGISTRY, SAE, LossInputs, SAEConfig, TrainLoss, auxk_loss, build
+from saelab.train_log import TrainLog, check_sinks
 
-__all__ = ["TrainError", "TrainResult", "auxk_loss", "geometric_median", "lr_factor", "sae_config", "train"]
+__all__ = [
+    "ResampleEvent",
+    "StepHook",
+    "TrainError",
+    "TrainResult",
+    "auxk_loss",
+    "geometric_median",
+    "lr_factor",
+    "sae_config",
+    "train",
+]
+
+log = logging.getLogger(__name__)
+
+StepHook = Callable[[int, SAE, TrainLoss], None]
+"""Called after every step with (steps completed, the SAE as trained, the step's loss); for tests and monitoring."""
 
 
 class TrainError(ValueError):
-    """Training cannot go on (too little data, diverged); the message says what to change."""
+    """Training cannot go on (too little data, diverged, a checkpoint of another run); the message says what to
+    change."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +86,10 @@ class TrainResult:
     final_loss: float
     dead_fraction: float
     """Share of latents that did not fire in the last `dead_tokens` training tokens."""
+    resample_events: tuple[ResampleEvent, ...] = ()
+    """Each resampling: step, method, latents re-initialised, how many of them fired since."""
+    resumed_from: int = 0
+    """Steps restored from a checkpoint (0: started afresh); `steps - resumed_from` steps ran in this call."""
 
 
 def geometric_median(x_ND: torch.Tensor, iters: int = 30) -> torch.Tensor:
@@ -84,105 +128,307 @@ def input_scale(acts_ND: torch.Tensor) -> float:
     return math.sqrt(acts_ND.shape[1] / acts_ND[:65536].pow(2).sum(dim=1).mean().item())
 
 
+def as_source(data: torch.Tensor | ActivationStore | BatchSource, cfg: TrainConfig) -> BatchSource:
+    """The batch source for `data`: tensors are held in memory, stores streamed through `stream_buffer_rows`."""
+    if isinstance(data, torch.Tensor):
+        check_finite(data, "training activations")
+        return TensorSource(data)
+    if isinstance(data, ActivationStore):
+        return StoreSource(data, cfg.stream_buffer_rows)
+    return data
+
+
 def train(
-    acts_ND: torch.Tensor,
+    data: torch.Tensor | ActivationStore | BatchSource,
     cfg: TrainConfig,
     seed: int,
     hookpoint: str = "",
     model: str = "",
     log_path: Path | None = None,
-    log_every: int = 10,
+    checkpoint_dir: Path | None = None,
+    step_hook: StepHook | None = None,
 ) -> TrainResult:
-    """Train an SAE of `cfg.architecture` on `acts_ND` (rows = tokens); returned folded for raw inputs."""
-    check_finite(acts_ND, "training activations")
-    n_rows, D = acts_ND.shape
-    if n_rows < cfg.batch_size:
+    """Train an SAE of `cfg.architecture` on `data` (rows = tokens); returned folded for raw inputs.
+
+    With `checkpoint_dir`, a checkpoint is written there every `cfg.checkpoint_every` steps, and `cfg.resume`
+    continues from the last one (a fresh run clears the folder). In a torch.distributed process group every rank
+    calls `train` with the same data and seed; rank 0 writes the log and the checkpoints."""
+    check_sinks(cfg.log_to, log_path)
+    source = as_source(data, cfg)
+    dist = DistInfo.current()
+    _check_batches(source, cfg, dist)
+    trainer = _Trainer(source, cfg, seed, sae_config(cfg, source.d_in, hookpoint, model), dist)
+    if checkpoint_dir is not None:
+        trainer.start_from(checkpoint_dir)
+    run_cfg = {**to_dict(cfg), "seed": seed, "hookpoint": hookpoint, "model": model, "world": dist.world}
+    with TrainLog(cfg.log_to, log_path, trainer.step, run_cfg, enabled=dist.is_main) as sink:
+        trainer.fit(sink, checkpoint_dir, step_hook)
+    return trainer.result()
+
+
+def _check_batches(source: BatchSource, cfg: TrainConfig, dist: DistInfo) -> None:
+    if source.n_rows < cfg.batch_size:
         raise TrainError(
-            f"{n_rows} activations is fewer than one batch of {cfg.batch_size}; collect more tokens"
+            f"{source.n_rows} activations is fewer than one batch of {cfg.batch_size}; collect more tokens"
         )
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    sae = build(sae_config(cfg, D, hookpoint, model)).to(acts_ND.device).train()
-    scale = input_scale(acts_ND)
-    with torch.no_grad():
-        sample = acts_ND[torch.randperm(n_rows, generator=gen)[:8192]] * scale
-        sae.b_dec_D.copy_(geometric_median(sample))
-    log_file = log_path.open("w") if log_path else None
-    try:
-        steps, loss_val, dead_fraction = _fit(sae, acts_ND, scale, cfg, gen, log_file, log_every)
-    finally:
-        if log_file:
-            log_file.close()
-    sae.fold_input_scale(scale)
-    return TrainResult(sae.eval(), steps, steps * cfg.batch_size, loss_val, dead_fraction)
+    if cfg.batch_size % dist.world:
+        raise TrainError(
+            f"train.batch_size {cfg.batch_size} must divide evenly over {dist.world} data-parallel ranks"
+        )
 
 
-def _fit(
-    sae: SAE,
-    acts_ND: torch.Tensor,
-    scale: float,
-    cfg: TrainConfig,
-    gen: torch.Generator,
-    log_file: IO[str] | None,
-    log_every: int,
-) -> tuple[int, float, float]:
-    """The optimisation loop; returns (steps, last loss, dead fraction)."""
-    N = acts_ND.shape[0]
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
-    steps_per_epoch = N // cfg.batch_size
-    total = steps_per_epoch * cfg.epochs
-    k_aux = cfg.auxk_k or acts_ND.shape[1] // 2
-    since_fired_F = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=acts_ND.device)
-    step, loss_val = 0, float("nan")
-    bar = tqdm(total=total, desc=f"train {sae.architecture}", unit="step", leave=False)
-    try:
-        for _epoch in range(cfg.epochs):
-            order = torch.randperm(N, generator=gen).to(acts_ND.device)
-            for b in range(steps_per_epoch):
-                x_BD = acts_ND[order[b * cfg.batch_size : (b + 1) * cfg.batch_size]] * scale
-                for group in opt.param_groups:
-                    group["lr"] = cfg.lr * lr_factor(step, total)
-                warm = sparsity_factor(step, total, cfg.sparsity_warmup_fraction)
-                dead_F = since_fired_F >= cfg.dead_tokens
-                inputs = LossInputs(dead_F, k_aux, cfg.auxk_coef, cfg.l1_coef * warm, cfg.l0_coef * warm)
-                loss = sae.training_loss(x_BD, inputs)
-                opt.zero_grad(set_to_none=True)
-                loss.total.backward()
-                sae.project_decoder_grad()
-                opt.step()
-                sae.normalize_decoder()
-                since_fired_F = torch.where(loss.fired_F, 0, since_fired_F + x_BD.shape[0])
-                loss_val = _finite(loss.total.item(), step)
-                if log_file and step % log_every == 0:
-                    rec = _log_record(step, cfg, x_BD, loss, dead_F, opt.param_groups[0]["lr"])
-                    log_file.write(json.dumps(rec) + "\n")
-                    bar.set_postfix(loss=f"{loss_val:.3g}", ev=f"{rec['ev']:.3f}", l0=f"{rec['l0']:.1f}")
-                step += 1
-                bar.update()
-    finally:
-        bar.close()
-    return step, loss_val, float((since_fired_F >= cfg.dead_tokens).float().mean())
+# Fields that do not change what a run computes: a run may resume with other values of these.
+_RESUMABLE_CHANGES = frozenset({"resume", "checkpoint_every", "log_every", "log_to"})
+
+
+class _Trainer:
+    """The state of one training run and the pieces of its loop (one step, resampling, logging, checkpoints)."""
+
+    def __init__(
+        self, source: BatchSource, cfg: TrainConfig, seed: int, sae_cfg: SAEConfig, dist: DistInfo
+    ) -> None:
+        self.source, self.cfg, self.seed, self.dist = source, cfg, seed, dist
+        self.gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        head = source.head(65536)
+        self.device = head.device
+        self.sae = build(sae_cfg).to(self.device).train()
+        self.scale = input_scale(head)
+        with torch.no_grad():
+            sample = source.rows(sample_ids(source.n_rows, 8192, self.gen)) * self.scale
+            self.sae.b_dec_D.copy_(geometric_median(sample))
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+        self.steps_per_epoch = source.n_rows // cfg.batch_size
+        self.total = self.steps_per_epoch * cfg.epochs
+        self.k_aux = cfg.auxk_k or source.d_in // 2
+        self.since_fired_F = torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=self.device)
+        self.resampler: Resampler | None = make_resampler(cfg, sae_cfg.d_sae, self.device, seed)
+        self.step = 0
+        """Steps completed."""
+        self.resumed_from = 0
+        self.loss_val = float("nan")
+        self.epoch_gen_state = self.gen.get_state()
+        """The shuffling generator's state at the start of the current epoch (its order is drawn from it)."""
+
+    # --- the loop -------------------------------------------------------------------------------------------
+    def fit(self, sink: TrainLog, checkpoint_dir: Path | None, step_hook: StepHook | None) -> None:
+        first_epoch = max(0, self.step - 1) // self.steps_per_epoch
+        skip = (
+            self.step - first_epoch * self.steps_per_epoch
+        )  # may be a whole epoch: its order is still drawn
+        bar = tqdm(
+            total=self.total,
+            initial=self.step,
+            desc=f"train {self.sae.architecture}",
+            unit="step",
+            leave=False,
+            **({} if self.dist.is_main else {"disable": True}),  # TQDM_DISABLE=1 still applies on rank 0
+        )
+        try:
+            for epoch in range(first_epoch, self.cfg.epochs):
+                self.epoch_gen_state = self.gen.get_state()
+                start = skip if epoch == first_epoch else 0
+                for x_BD in self.source.epoch(self.gen, self.cfg.batch_size, start, self.dist.part):
+                    loss, dead_F = self._step(x_BD * self.scale)
+                    self._after_step(x_BD, loss, dead_F, sink, bar, checkpoint_dir)
+                    if step_hook is not None:
+                        step_hook(self.step, self.sae, loss)
+        finally:
+            bar.close()
+        if self.resampler is not None:
+            # after the last step (a resumed run writes it anew)
+            events = [e._asdict() for e in self.resampler.summary()]
+            sink.write(
+                {"step": self.step, "event": "resample_summary", **self._resample_totals(), "events": events}
+            )
+
+    def _step(self, x_BD: torch.Tensor) -> tuple[TrainLoss, torch.Tensor]:
+        """One optimisation step on (this rank's share of) a batch of scaled inputs."""
+        cfg, step = self.cfg, self.step
+        for group in self.opt.param_groups:
+            group["lr"] = cfg.lr * lr_factor(step, self.total)
+        warm = sparsity_factor(step, self.total, cfg.sparsity_warmup_fraction)
+        dead_F = self.since_fired_F >= cfg.dead_tokens
+        inputs = LossInputs(dead_F, self.k_aux, cfg.auxk_coef, cfg.l1_coef * warm, cfg.l0_coef * warm)
+        loss = self.sae.training_loss(x_BD, inputs)
+        self.opt.zero_grad(set_to_none=True)
+        loss.total.backward()
+        if self.dist.world > 1:
+            ddp.average_grads_(self.sae, self.dist.world)
+        self.sae.project_decoder_grad()
+        self.opt.step()
+        self.sae.normalize_decoder()
+        fired_F = loss.fired_F
+        if self.dist.world > 1:
+            ddp.average_buffers_(self.sae, self.dist.world)
+            fired_F = ddp.any_rank(fired_F)
+        self.since_fired_F = torch.where(fired_F, 0, self.since_fired_F + cfg.batch_size)
+        if self.resampler is not None:
+            self.resampler.observe(loss, fired_F, self._reduce)
+        return loss, dead_F
+
+    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return ddp.sum_ranks_(t) if self.dist.world > 1 else t
+
+    def _after_step(
+        self,
+        x_BD: torch.Tensor,
+        loss: TrainLoss,
+        dead_F: torch.Tensor,
+        sink: TrainLog,
+        bar: Any,
+        checkpoint_dir: Path | None,
+    ) -> None:
+        self.loss_val = _finite(loss.total.item(), self.step)
+        self.step += 1
+        bar.update()
+        if self.resampler is not None and self.resampler.due(self.step, self.total):
+            self._resample(sink)
+        if (self.step - 1) % self.cfg.log_every == 0:
+            rec = self._log_record(x_BD * self.scale, loss, dead_F)
+            sink.write(rec)
+            bar.set_postfix(
+                loss=f"{rec['loss']:.3g}",
+                ev=f"{rec['ev']:.3f}",
+                l0=f"{rec['l0']:.1f}",
+                dead=f"{rec['dead_fraction']:.2f}",
+            )
+        every = self.cfg.checkpoint_every
+        if checkpoint_dir is not None and every and self.step % every == 0 and self.dist.is_main:
+            save_checkpoint(checkpoint_dir, self.step, self.state_dict(), {"fingerprint": self.fingerprint()})
+
+    def _resample(self, sink: TrainLog) -> None:
+        assert self.resampler is not None
+        step = self.step - 1  # records carry the index of the step they follow
+        n = self.resampler.resample(step, self.sae, self.opt, self.source, self.scale, self.since_fired_F)
+        if n:
+            sink.write({"step": step, "event": "resample", "method": self.cfg.resample, "resampled": n})
+
+    def _log_record(self, x_BD: torch.Tensor, loss: TrainLoss, dead_F: torch.Tensor) -> dict[str, Any]:
+        """Loss parts, L0, explained variance (this batch), dead fraction, lr; averaged over ranks."""
+        var = (x_BD - x_BD.mean(dim=0)).pow(2).sum(dim=-1).mean()
+        l0 = (loss.latents_BF > 0).sum(dim=1).float().mean()
+        parts = torch.stack([loss.total.detach(), loss.mse, loss.aux, loss.sparsity, l0, var])
+        if self.dist.world > 1:
+            parts = ddp.sum_ranks_(parts) / self.dist.world
+        total, mse, aux, sparsity, l0_, var_ = parts.tolist()
+        rec: dict[str, Any] = {
+            "step": self.step - 1,
+            "tokens": self.step * self.cfg.batch_size,
+            "loss": total,
+            "mse": mse,
+            "auxk": aux,
+            "sparsity": sparsity,
+            "l0": l0_,
+            "ev": 1 - mse / var_,
+            "dead_fraction": float(dead_F.float().mean()),
+            "lr": self.opt.param_groups[0]["lr"],
+        }
+        if self.resampler is not None:
+            rec.update(self._resample_totals())
+        return rec
+
+    def _resample_totals(self) -> dict[str, Any]:
+        assert self.resampler is not None
+        events = self.resampler.summary()
+        return {
+            "resampled": sum(e.resampled for e in events),
+            "resampled_fired": sum(e.fired_after for e in events),
+            "resample_events": len(events),
+        }
+
+    # --- checkpoints ----------------------------------------------------------------------------------------
+    def fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint must share with the run resuming it."""
+        config = {k: v for k, v in to_dict(self.cfg).items() if k not in _RESUMABLE_CHANGES}
+        if isinstance(self.source, TensorSource):
+            config.pop("stream_buffer_rows")
+        return {
+            "config": config,
+            "seed": self.seed,
+            "n_rows": self.source.n_rows,
+            "d_in": self.source.d_in,
+            "world": self.dist.world,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "sae": self.sae.state_dict(),
+            "sae_config": self.sae.cfg.to_json(),
+            "optimizer": self.opt.state_dict(),
+            "since_fired_F": self.since_fired_F,
+            "epoch_gen_state": self.epoch_gen_state,
+            "torch_rng_state": torch.get_rng_state(),
+            "cuda_rng_states": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "scale": self.scale,
+            "loss": self.loss_val,
+            "resampler": self.resampler.state_dict() if self.resampler is not None else {},
+            "fingerprint": self.fingerprint(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], where: Path) -> None:
+        self._check_fingerprint(state["fingerprint"], where)
+        self.sae.load_state_dict(state["sae"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.since_fired_F.copy_(state["since_fired_F"])
+        self.gen.set_state(state["epoch_gen_state"].cpu())
+        torch.set_rng_state(state["torch_rng_state"].cpu())
+        if state["cuda_rng_states"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng_states"]])
+        self.scale, self.loss_val = state["scale"], state["loss"]
+        if self.resampler is not None:
+            self.resampler.load_state_dict(state["resampler"])
+        self.step = self.resumed_from = state["step"]
+
+    def _check_fingerprint(self, saved: dict[str, Any], where: Path) -> None:
+        now = self.fingerprint()
+        diff = [
+            f"{k}={saved['config'].get(k)!r} (now {v!r})"
+            for k, v in now["config"].items()
+            if saved["config"].get(k) != v
+        ]
+        diff += [
+            f"{k}={saved.get(k)!r} (now {v!r})" for k, v in now.items() if k != "config" and saved.get(k) != v
+        ]
+        if diff:
+            raise TrainError(
+                f"checkpoint {where} belongs to another run: {', '.join(diff)}; resume with the same settings and "
+                "data, or start afresh without --train.resume"
+            )
+
+    def start_from(self, checkpoint_dir: Path) -> None:
+        """Restore the last checkpoint (resume) or clear old ones (a fresh run)."""
+        last = latest_checkpoint(checkpoint_dir) if self.cfg.resume else None
+        if last is not None:
+            try:
+                self.load_state_dict(load_checkpoint(last, self.device), last)
+            except KeyError as err:
+                raise CheckpointError(
+                    f"checkpoint {last} lacks {err}; it was written by another version"
+                ) from err
+            log.info("resuming from %s (step %d of %d)", last, self.step, self.total)
+        elif self.cfg.resume:
+            log.warning("no checkpoint in %s: training from step 0", checkpoint_dir)
+        if last is None and self.dist.is_main:
+            clear_checkpoints(checkpoint_dir)
+
+    def result(self) -> TrainResult:
+        dead_fraction = float((self.since_fired_F >= self.cfg.dead_tokens).float().mean())
+        events = tuple(self.resampler.summary()) if self.resampler is not None else ()
+        self.sae.fold_input_scale(self.scale)
+        return TrainResult(
+            self.sae.eval(),
+            self.step,
+            self.step * self.cfg.batch_size,
+            self.loss_val,
+            dead_fraction,
+            events,
+            self.resumed_from,
+        )
 
 
 def _finite(loss: float, step: int) -> float:
     if not math.isfinite(loss):
         raise TrainError(f"training diverged at step {step} (loss {loss}); lower train.lr")
     return loss
-
-
-def _log_record(
-    step: int, cfg: TrainConfig, x_BD: torch.Tensor, loss: TrainLoss, dead_F: torch.Tensor, lr: float
-) -> dict[str, float]:
-    var = (x_BD - x_BD.mean(dim=0)).pow(2).sum(dim=-1).mean()
-    return {
-        "step": step,
-        "tokens": (step + 1) * cfg.batch_size,
-        "loss": loss.total.item(),
-        "mse": loss.mse.item(),
-        "auxk": loss.aux.item(),
-        "sparsity": loss.sparsity.item(),
-        "l0": (loss.latents_BF > 0).sum(dim=1).float().mean().item(),
-        "ev": (1 - loss.mse / var).item(),
-        "dead_fraction": float(dead_F.float().mean()),
-        "lr": lr,
-    }
