@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 
 class Confusion(NamedTuple):
@@ -27,7 +28,7 @@ class Confusion(NamedTuple):
     fn: int
 
 
-def confusion(y_true: Sequence[int], y_pred: Sequence[int]) -> Confusion:
+def confusion(y_true: ArrayLike, y_pred: ArrayLike) -> Confusion:
     """Counts of true/false positives/negatives; labels must be 0 or 1."""
     t = np.asarray(y_true, dtype=np.int64)
     p = np.asarray(y_pred, dtype=np.int64)
@@ -76,7 +77,7 @@ def balanced_accuracy(c: Confusion) -> float:
     return float(np.mean(per_class)) if per_class else 0.0
 
 
-def roc_auc(y_true: Sequence[int], scores: Sequence[float]) -> float | None:
+def roc_auc(y_true: ArrayLike, scores: ArrayLike) -> float | None:
     """Area under the ROC curve; ties count one half; None when y_true has a single class."""
     t = np.asarray(y_true, dtype=np.int64)
     s = np.asarray(scores, dtype=np.float64)
@@ -120,7 +121,7 @@ class BinaryMetrics:
 
 
 def binary_metrics(
-    y_true: Sequence[int], y_pred: Sequence[int], scores: Sequence[float] | None = None, n_failed: int = 0
+    y_true: ArrayLike, y_pred: ArrayLike, scores: ArrayLike | None = None, n_failed: int = 0
 ) -> BinaryMetrics:
     """All metrics of one classifier; `scores` (higher = more positive) give the AUC."""
     c = confusion(y_true, y_pred)
@@ -151,8 +152,8 @@ def macro_mean(per_group: Sequence[BinaryMetrics]) -> dict[str, float | None]:
 
 
 def bootstrap_ci(
-    y_true: Sequence[int],
-    y_pred: Sequence[int],
+    y_true: ArrayLike,
+    y_pred: ArrayLike,
     metric: Callable[[Confusion], float],
     n_boot: int = 1000,
     alpha: float = 0.05,

@@ -1,0 +1,424 @@
+"""Scorers: each explanation is used as a binary classifier of its latent's held-out examples.
+
+Labels: `test_pos` examples (the latent fires) are 1, `test_neg` examples (it never fires) are 0; explainer
+(`train`) examples are never scored.
+
+- `detection`: the judge LLM reads the explanation and one example and answers Yes or No to "does the text match
+  the description?".
+- `fuzzing` (Delphi): positives are activating examples with the tokens at >= `fuzz_threshold` x the example's max
+  marked `<<like this>>`; negatives are non-activating examples with as many random tokens marked (seeded). The
+  judge answers whether the marked tokens are what the description describes.
+- `embedding`: MiniLM cosine similarity of explanation and example text is the score. The Yes/No threshold must not
+  see the test labels: it is the midpoint between the mean similarity to the latent's own `train` examples and
+  the mean similarity to a calibration set of random non-activating text, namely the *other* latents' `test_neg`
+  examples (random windows; any that are scoring examples of this latent are dropped). With no other latent, the
+  calibration mean is taken as 0 (MiniLM's similarity to unrelated text is near 0).
+
+Judges are asked for one token with its top log-probabilities (one forward on the local backend, no generation):
+P(yes) = p(yes-like tokens) / (p(yes-like) + p(no-like)), predicted 1 when > 0.5, and the AUC is computed from it.
+A backend without log-probabilities is read from the answer's text (no AUC then). An answer that is neither yes
+nor no, or a failed request, is a failed judgement: excluded from the metrics and counted (`n_failed`). Prompts
+put the instructions, then the explanation, then the example, so the local backend runs the shared parts once.
+
+Outputs (`run_score`): `scores.jsonl`, one row per (latent, explainer, scorer) with the metrics and the per-example
+predictions, and `scores_summary.json` with micro (pooled over latents) and macro (mean over latents) metrics.
+Run it through `saelab score --run-dir RUN`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from saelab.config import ScoreConfig
+from saelab.explain import ExplanationRecord, quote_example, render_tokens
+from saelab.llm import LLMClient, LLMError, gather_with_progress, run_sync
+from saelab.metrics import BinaryMetrics, binary_metrics, macro_mean
+from saelab.sampling import Example, LatentExamples, SampleSet
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------- prompt templates
+
+JUDGE_SYSTEM = "Answer Yes or No."
+# The question comes first and the example last: every prompt of a scorer starts with the same tokens and the
+# prompts of one explanation share everything up to the example, so the local backend runs those parts once.
+DETECTION_USER = (
+    "Does the text match the description? The text is one quoted string. Answer Yes or No.\n"
+    "Description: {explanation}\n"
+    "Text: {quoted}"
+)
+FUZZING_USER = (
+    "In the text some tokens are marked <<like this>>. Are the marked tokens what the description describes? "
+    "The text is one quoted string. Answer Yes or No.\n"
+    "Description: {explanation}\n"
+    "Text: {quoted}"
+)
+TOP_LOGPROBS = 20
+"""Alternatives asked for the judge's first token (OpenAI's maximum)."""
+
+
+def judge_messages(template: str, explanation: str, text: str) -> list[dict[str, str]]:
+    return [
+        {"role": "system", "content": JUDGE_SYSTEM},
+        {"role": "user", "content": template.format(explanation=explanation, quoted=quote_example(text))},
+    ]
+
+
+def _word(token: str) -> str:
+    return token.strip().strip(".,!:;\"'*").lower()
+
+
+def yes_probability(top_logprobs: dict[str, float]) -> float | None:
+    """P(yes) / (P(yes) + P(no)) summed over case and space variants; None when neither is among the tokens."""
+    p_yes = sum(math.exp(lp) for tok, lp in top_logprobs.items() if _word(tok) == "yes")
+    p_no = sum(math.exp(lp) for tok, lp in top_logprobs.items() if _word(tok) == "no")
+    return p_yes / (p_yes + p_no) if p_yes + p_no > 0 else None
+
+
+def parse_yes_no(text: str) -> int | None:
+    """1 for an answer starting with yes, 0 for no, None otherwise."""
+    words = text.split()
+    first = _word(words[0]) if words else ""
+    return {"yes": 1, "no": 0}.get(first)
+
+
+# ------------------------------------------------------------------------------------------------- scorers
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One scored example."""
+
+    example_id: str
+    label: int
+    pred: int | None
+    """Predicted label; None for a failed judgement."""
+    score: float | None
+    """P(yes) (LLM judges) or cosine similarity (embedding); None when unavailable."""
+
+
+@dataclass(frozen=True)
+class ScorerOutput:
+    predictions: list[Prediction]
+    threshold: float | None = None
+    """Decision threshold on the score (embedding scorer)."""
+
+
+class Scorer(Protocol):
+    name: str
+
+    async def score(self, le: LatentExamples, explanation: str) -> ScorerOutput: ...
+
+
+def scoring_examples(le: LatentExamples) -> list[tuple[Example, int]]:
+    return [(ex, 1) for ex in le.test_pos] + [(ex, 0) for ex in le.test_neg]
+
+
+def plain_text(ex: Example) -> str:
+    return render_tokens(ex.token_strs, [False] * len(ex.token_strs))
+
+
+class JudgeScorer:
+    """Asks the judge LLM one Yes/No question per example (shared by detection and fuzzing)."""
+
+    name = "judge"
+    template = DETECTION_USER
+
+    def __init__(self, client: LLMClient) -> None:
+        self.client = client
+
+    def texts(self, le: LatentExamples) -> list[tuple[str, str, int]]:
+        """(example_id, text shown to the judge, label) per scoring example."""
+        return [(ex.example_id, plain_text(ex), label) for ex, label in scoring_examples(le)]
+
+    async def score(self, le: LatentExamples, explanation: str) -> ScorerOutput:
+        items = self.texts(le)
+        judged = await asyncio.gather(*(self.judge(explanation, text) for _, text, _ in items))
+        return ScorerOutput([Prediction(eid, label, p, s) for (eid, _, label), (p, s) in zip(items, judged)])
+
+    async def judge(self, explanation: str, text: str) -> tuple[int | None, float | None]:
+        """(prediction, P(yes)); (None, None) for a failed judgement."""
+        try:
+            resp = await self.client.chat(
+                judge_messages(self.template, explanation, text), max_tokens=1, logprobs=TOP_LOGPROBS
+            )
+        except LLMError as err:
+            log.debug("judgement failed: %s", err)
+            return None, None
+        if resp.top_logprobs is not None:
+            p = yes_probability(resp.top_logprobs)
+            return (None, None) if p is None else (int(p > 0.5), p)
+        return parse_yes_no(resp.text), None
+
+
+class DetectionScorer(JudgeScorer):
+    name = "detection"
+    template = DETECTION_USER
+
+
+class FuzzingScorer(JudgeScorer):
+    name = "fuzzing"
+    template = FUZZING_USER
+
+    def __init__(self, client: LLMClient, fuzz_threshold: float, seed: int) -> None:
+        super().__init__(client)
+        self.fuzz_threshold = fuzz_threshold
+        self.seed = seed
+
+    def texts(self, le: LatentExamples) -> list[tuple[str, str, int]]:
+        marked = fuzz_marks(le, self.fuzz_threshold, self.seed)
+        return [(ex.example_id, render_tokens(ex.token_strs, marks), label) for ex, marks, label in marked]
+
+
+def fuzz_marks(le: LatentExamples, threshold: float, seed: int) -> list[tuple[Example, list[bool], int]]:
+    """(example, marked positions, label): positives mark tokens at >= `threshold` x their max; negatives mark
+    as many random tokens as a positive does (cycling through the positives' counts), drawn with a generator
+    seeded by `seed` and the latent."""
+    out: list[tuple[Example, list[bool], int]] = []
+    counts: list[int] = []
+    for ex in le.test_pos:
+        marks = [a >= threshold * ex.max_act for a in ex.acts]
+        counts.append(sum(marks))
+        out.append((ex, marks, 1))
+    rng = np.random.default_rng([seed, le.latent])
+    for i, ex in enumerate(le.test_neg):
+        n = min(counts[i % len(counts)] if counts else 1, len(ex.acts))
+        chosen = set(rng.choice(len(ex.acts), size=n, replace=False).tolist())
+        out.append((ex, [j in chosen for j in range(len(ex.acts))], 0))
+    return out
+
+
+class EmbeddingScorer:
+    """Cosine similarity of explanation and example (see module docstring for the label-free threshold)."""
+
+    name = "embedding"
+
+    def __init__(self, embedder: Any, samples: SampleSet) -> None:
+        self.embedder = embedder
+        self.samples = samples
+        texts = {plain_text(ex) for le in samples.latents for ex in (*le.train, *le.test_pos, *le.test_neg)}
+        embedder.embed(sorted(texts))  # one batched pass; later calls hit the cache
+
+    def calibration(self, le: LatentExamples) -> list[Example]:
+        """Other latents' non-activating examples that are not among this latent's examples."""
+        own = {ex.example_id for ex in (*le.train, *le.test_pos, *le.test_neg)}
+        seen: set[str] = set()
+        out = []
+        for other in self.samples.latents:
+            if other.latent == le.latent:
+                continue
+            for ex in other.test_neg:
+                if ex.example_id not in own and ex.example_id not in seen:
+                    seen.add(ex.example_id)
+                    out.append(ex)
+        return out
+
+    def threshold(self, le: LatentExamples, explanation: str) -> float:
+        sim_train = self.embedder.similarity(explanation, [plain_text(ex) for ex in le.train])
+        calib = self.calibration(le)
+        sim_calib = (
+            self.embedder.similarity(explanation, [plain_text(ex) for ex in calib]) if calib else [0.0]
+        )
+        return float((np.mean(sim_train) + np.mean(sim_calib)) / 2)
+
+    async def score(self, le: LatentExamples, explanation: str) -> ScorerOutput:
+        items = scoring_examples(le)
+        sims = self.embedder.similarity(explanation, [plain_text(ex) for ex, _ in items])
+        thr = self.threshold(le, explanation)
+        preds = [
+            Prediction(ex.example_id, label, int(s > thr), float(s)) for (ex, label), s in zip(items, sims)
+        ]
+        return ScorerOutput(preds, thr)
+
+
+# ------------------------------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class ScoreRow:
+    """One (latent, explainer, scorer): metrics and per-example predictions (one line of scores.jsonl)."""
+
+    latent: int
+    explainer: str
+    scorer: str
+    explanation: str
+    metrics: BinaryMetrics
+    threshold: float | None
+    predictions: list[Prediction]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "latent": self.latent,
+            "explainer": self.explainer,
+            "scorer": self.scorer,
+            "explanation": self.explanation,
+            **self.metrics.to_dict(),
+            "threshold": self.threshold,
+            "predictions": [asdict(p) for p in self.predictions],
+        }
+
+
+@dataclass(frozen=True)
+class OverallScore:
+    """Metrics of one (explainer, scorer) over all latents."""
+
+    explainer: str
+    scorer: str
+    micro: BinaryMetrics
+    """All judged examples of all latents pooled."""
+    macro: dict[str, float | None]
+    """Mean of each latent's metric."""
+    n_latents: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "explainer": self.explainer,
+            "scorer": self.scorer,
+            **self.micro.to_dict(),
+            "n_latents": self.n_latents,
+            "macro": self.macro,
+        }
+
+
+@dataclass(frozen=True)
+class ScoreSummary:
+    rows: list[ScoreRow]
+    overall: list[OverallScore]
+    failed_explanations: int
+    """Explanations not scored because the explainer failed."""
+    models: dict[str, str | None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "models": self.models,
+            "overall": [o.to_dict() for o in self.overall],
+            "failed_explanations": self.failed_explanations,
+        }
+
+
+def row_metrics(preds: Sequence[Prediction]) -> BinaryMetrics:
+    judged = [p for p in preds if p.pred is not None]
+    scores = [p.score for p in judged]
+    has_scores = bool(judged) and all(s is not None for s in scores)
+    return binary_metrics(
+        [p.label for p in judged],
+        [p.pred for p in judged if p.pred is not None],
+        [float(s) for s in scores if s is not None] if has_scores else None,
+        n_failed=len(preds) - len(judged),
+    )
+
+
+def summarise(rows: Sequence[ScoreRow]) -> list[OverallScore]:
+    keys = list(dict.fromkeys((r.explainer, r.scorer) for r in rows))
+    out = []
+    for explainer, scorer in keys:
+        group = [r for r in rows if (r.explainer, r.scorer) == (explainer, scorer)]
+        pooled = [p for r in group for p in r.predictions]
+        out.append(
+            OverallScore(
+                explainer, scorer, row_metrics(pooled), macro_mean([r.metrics for r in group]), len(group)
+            )
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- running
+
+
+def make_scorers(cfg: ScoreConfig, client: LLMClient | None, samples: SampleSet, seed: int) -> list[Scorer]:
+    scorers: list[Scorer] = []
+    for name in cfg.scorers:
+        if name in ("detection", "fuzzing") and client is None:
+            raise LLMError(
+                f"the {name} scorer needs an LLM client; configure --llm or use the embedding scorer"
+            )
+        if name == "detection":
+            assert client is not None
+            scorers.append(DetectionScorer(client))
+        elif name == "fuzzing":
+            assert client is not None
+            scorers.append(FuzzingScorer(client, cfg.fuzz_threshold, seed))
+        elif name == "embedding":
+            from saelab.embed import Embedder
+
+            scorers.append(EmbeddingScorer(Embedder(), samples))
+    return scorers
+
+
+async def score_async(
+    samples: SampleSet, explanations: Sequence[ExplanationRecord], scorers: Sequence[Scorer]
+) -> list[ScoreRow]:
+    """Score every successful explanation with every scorer; rows ordered by explainer, scorer, latent."""
+    by_latent = {le.latent: le for le in samples.latents}
+    unknown = sorted({r.latent for r in explanations} - set(by_latent))
+    if unknown:
+        raise ValueError(
+            f"explanations of latents {unknown[:5]} that the sample set does not hold; re-run explain"
+        )
+    jobs = [
+        (rec.latent, rec.explainer, rec.explanation, scorer)
+        for rec in explanations
+        if rec.ok and rec.explanation
+        for scorer in scorers
+    ]
+    jobs.sort(key=lambda j: (j[1], j[3].name, j[0]))
+    outputs = await gather_with_progress((s.score(by_latent[lat], e) for lat, _, e, s in jobs), desc="score")
+    return [
+        ScoreRow(lat, explainer, s.name, e, row_metrics(o.predictions), o.threshold, o.predictions)
+        for (lat, explainer, e, s), o in zip(jobs, outputs)
+    ]
+
+
+def run_score(
+    samples: SampleSet,
+    explanations: list[ExplanationRecord],
+    cfg: ScoreConfig,
+    client: LLMClient | None,
+    out_dir: Path,
+    seed: int,
+) -> ScoreSummary:
+    """Score the explanations and write `scores.jsonl` and `scores_summary.json` under `out_dir`."""
+    scorers = make_scorers(cfg, client, samples, seed)
+    rows = run_sync(score_async(samples, explanations, scorers), client)
+    failed = sum(not r.ok for r in explanations)
+    llm_models = sorted({r.model for r in explanations if r.ok and r.model != "none"})
+    summary = ScoreSummary(
+        rows=rows,
+        overall=summarise(rows),
+        failed_explanations=failed,
+        models={
+            "explainer_llm": ", ".join(llm_models) or None,
+            "judge_llm": client.model_name
+            if client is not None and any(s.name != "embedding" for s in scorers)
+            else None,
+            "embedding": "all-MiniLM-L6-v2" if "embedding" in cfg.scorers else None,
+        },
+    )
+    n_failed = sum(r.metrics.n_failed for r in rows)
+    if n_failed:
+        log.warning(
+            "%d judgements failed (unparseable answer or request error); excluded and counted", n_failed
+        )
+    write_scores(summary, out_dir)
+    return summary
+
+
+def write_scores(summary: ScoreSummary, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out_dir / "scores.jsonl", "".join(json.dumps(r.to_dict()) + "\n" for r in summary.rows))
+    _atomic_write(out_dir / "scores_summary.json", json.dumps(summary.to_dict(), indent=2) + "\n")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
