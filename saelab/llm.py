@@ -353,7 +353,9 @@ class LocalChatClient:
         }
         self._max_len = int(getattr(loaded.model.config, "max_position_embeddings", 1 << 30))
         self.batches_run = 0
-        """Batches run so far (forwards and generations); tests read it to see that requests were batched."""
+        """Batches run so far; tests read it to see that requests were batched."""
+        self.tokens_run = 0
+        """Token positions run through the model so far, padding included (a machine-independent cost)."""
 
     @classmethod
     def from_config(cls, cfg: LLMConfig, loaded: LoadedModel | None = None) -> LocalChatClient:
@@ -497,6 +499,7 @@ class LocalChatClient:
         """Run `seqs[i]` after the tokens of state row i, left-padded (the padding sits between the cached and
         the new tokens, masked out). Extends `state`'s cache in place; returns the rows and last logits."""
         ids_BS, new_BS = _left_pad(seqs, self._pad_id, self.loaded.device)
+        self.tokens_run += ids_BS.numel()
         mask_BT = torch.cat([state.mask, new_BS], dim=1)
         out = self.loaded.model(
             input_ids=ids_BS,

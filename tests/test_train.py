@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest_train import planted
 
 from saelab import sae as sae_lib
 from saelab.activations import ActivationError
@@ -27,17 +28,6 @@ from saelab.train import (
     sparsity_factor,
     train,
 )
-
-
-def planted(n: int = 6000, d: int = 24, n_feat: int = 48, active: int = 3, seed: int = 0) -> torch.Tensor:
-    """Sparse combinations of random unit directions, plus a large mean and scale (like real activations)."""
-    g = torch.Generator().manual_seed(seed)
-    dirs = torch.randn(n_feat, d, generator=g)
-    dirs /= dirs.norm(dim=1, keepdim=True)
-    idx = torch.stack([torch.randperm(n_feat, generator=g)[:active] for _ in range(n)])
-    coef = torch.rand(n, active, generator=g) * 4 + 1
-    x = torch.einsum("nk,nkd->nd", coef, dirs[idx])
-    return 50 * x + 30 * torch.randn(d, generator=g)
 
 
 def test_learns_planted_dictionary(tmp_path: Path) -> None:
