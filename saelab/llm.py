@@ -42,10 +42,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Messages = list[dict[str, str]]
 
-LOCAL_BATCH = 48
-"""Minimum micro-batch of the local backend (LLMConfig.concurrency if larger). Decoding a token costs about the
-same for 1 or 32 rows on a CPU (it reads all weights once), so generation wants wide batches; forwards that share
-a prefix are batched per prefix anyway."""
+LOCAL_BATCH = 96
+"""Requests per micro-batch of the local backend (LLMConfig.concurrency if larger). A decoding step costs about
+the same for 1 or 32 rows on a CPU (it reads all the weights once) and shared prefixes run once per batch, so
+batches are wide; their prefill is cut into forwards of `PREFILL_TOKENS`."""
 MIN_SHARED_PREFIX = 8
 """A batch runs a shared prefix separately only when that saves at least this many tokens."""
 PREFILL_TOKENS = 2048
@@ -354,6 +354,7 @@ class LocalChatClient:
         self._max_len = int(getattr(loaded.model.config, "max_position_embeddings", 1 << 30))
         self.batches_run = 0
         """Batches run so far; tests read it to see that requests were batched."""
+        self._last_root: tuple[list[int], _Rows] | None = None
         self.tokens_run = 0
         """Token positions run through the model so far, padding included (a machine-independent cost)."""
 
@@ -459,7 +460,7 @@ class LocalChatClient:
         root = min(_common_prefix_all([g[0].ids for g in groups]), min(shared) - 1) if len(groups) > 1 else 0
         state = _Rows.empty(device)
         if root * (len(groups) - 1) >= MIN_SHARED_PREFIX:
-            state, _ = self._run(state, [groups[0][0].ids[:root]])
+            state = self._root(groups[0][0].ids[:root])
         else:
             root = 0
         group_row = torch.zeros(len(groups), dtype=torch.long, device=device)
@@ -473,17 +474,23 @@ class LocalChatClient:
         row_start = [starts[gi] for gi, g in enumerate(groups) for _ in g]
         return self._run_chunked(state, rows, [r.ids[n:] for r, n in zip(batch, row_start)], keep)
 
+    def _root(self, ids: list[int]) -> _Rows:
+        """The rows of a prefix common to a whole batch, kept for the next batch (a scorer's batches all start
+        with the same instructions). Callers only `select` from it, so the kept rows stay intact."""
+        if self._last_root is None or self._last_root[0] != ids:
+            state, _ = self._run(_Rows.empty(self.loaded.device), [ids])
+            self._last_root = (ids, state)
+        return self._last_root[1]
+
     def _run_chunked(
         self, state: _Rows, rows: torch.Tensor, seqs: list[list[int]], keep: bool
     ) -> tuple[_Rows | None, torch.Tensor]:
         """`_run` of `seqs[i]` after state row `rows[i]`, in forwards of at most `PREFILL_TOKENS` (padded)
         tokens, similar lengths together; `state` is left untouched. Results are in the order of `seqs`."""
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-        chunks: list[list[int]] = [[]]
-        for i in order:
-            if chunks[-1] and (len(chunks[-1]) + 1) * len(seqs[i]) > PREFILL_TOKENS:
-                chunks.append([])
-            chunks[-1].append(i)
+        n_chunks = math.ceil(len(seqs) * len(seqs[order[-1]]) / PREFILL_TOKENS)
+        size = math.ceil(len(seqs) / n_chunks)  # equal chunks: no small leftover forward
+        chunks = [order[i : i + size] for i in range(0, len(order), size)]
         parts, logits = [], []
         for chunk in chunks:
             part, lg = self._run(state.select(rows[chunk]), [seqs[i] for i in chunk])

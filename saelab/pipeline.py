@@ -16,7 +16,6 @@ one on the artifacts already in R. Artifacts (relative to the run folder):
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 from dataclasses import dataclass, field
@@ -204,7 +203,7 @@ def _tokenizer(s: Session) -> Any:
 
 
 def _client(s: Session) -> Any:
-    from saelab.llm import make_client
+    from saelab.llm import make_client, run_sync
 
     cfg = s.cfg.llm
     shared = None
@@ -212,7 +211,7 @@ def _client(s: Session) -> Any:
         shared = s.lm()  # the bundled chat model is the subject model: load it once
     client = make_client(cfg, shared)
     if hasattr(client, "check"):
-        asyncio.run(client.check())
+        run_sync(client.check(), client)  # before any work: an unreachable server is one clear error
     return client
 
 

@@ -15,6 +15,7 @@ import json
 import math
 import re
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -127,7 +128,7 @@ def synthetic_samples(n_latents: int = 3, n_train: int = 6, n_test: int = 4, see
 class ScriptedServer:
     """Answers POST/GET on 127.0.0.1 with canned (status, body) pairs in order (the last one repeats)."""
 
-    def __init__(self, responses: list[tuple[int, str]]) -> None:
+    def __init__(self, responses: list[tuple[int, str]], delay_s: float = 0.0) -> None:
         self.responses = responses
         self.requests: list[tuple[str, str, dict[str, Any] | None]] = []
         outer = self
@@ -138,6 +139,7 @@ class ScriptedServer:
                 body = json.loads(self.rfile.read(n)) if n else None
                 outer.requests.append((self.command, self.path, body))
                 status, text = outer.responses[min(len(outer.requests), len(outer.responses)) - 1]
+                time.sleep(delay_s)
                 data = text.encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")

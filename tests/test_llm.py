@@ -75,6 +75,14 @@ def test_malformed_json_raises_after_retries() -> None:
     assert len(srv.requests) == 3
 
 
+def test_timeout_is_retried_then_reported() -> None:
+    with ScriptedServer([(200, completion_body("late"))], delay_s=0.5) as srv:
+        client = OpenAIClient(srv.url, "m", timeout_s=0.1, max_retries=1, backoff_s=0.01)
+        with pytest.raises(LLMError, match=r"failed after 2 attempts: timed out after 0.1 s"):
+            run_sync(client.chat(MSG, max_tokens=3))
+    assert len(srv.requests) == 2
+
+
 def test_client_error_is_not_retried() -> None:
     with ScriptedServer([(400, '{"error": "bad model"}')]) as srv, pytest.raises(LLMError, match="HTTP 400"):
         run_sync(_client(srv.url).chat(MSG, max_tokens=3))
@@ -203,11 +211,14 @@ def test_local_three_level_prefix_equals_one_by_one(tiny: LoadedModel, prefill_t
     system = {"role": "system", "content": "yes or no " * 6}  # shared by all: run once for the batch
     prompts = [
         [system, {"role": "user", "content": f"{expl} {expl} the city {example}"}]
-        for expl in ("paris river", "guitar", "planet star light music")  # shared within a group
+        for expl in ("paris river", "guitar", "planet star light music", "song")  # shared within a group
         for example in ("a", "of the war", "king born in the year", "seven")
     ]
-    assert _check_against_reference(tiny, prompts, batch_size=12) == 1
-    assert _check_against_reference(tiny, prompts, batch_size=5) == 3  # groups are not split across batches
+    assert _check_against_reference(tiny, prompts, batch_size=16) == 1
+    assert (
+        _check_against_reference(tiny, prompts, batch_size=8) == 2
+    )  # the second batch reuses the first's root
+    assert _check_against_reference(tiny, prompts, batch_size=5) == 4  # groups are not split across batches
 
 
 def test_local_batched_generation_equals_generate(tiny: LoadedModel, prefill_tokens: int) -> None:
