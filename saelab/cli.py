@@ -34,11 +34,17 @@ from saelab.config import (
 
 
 @dataclass(frozen=True)
-class CollectArgs:
-    """Load the model, cut the corpus into windows, collect activations at the hookpoint (starts a run)."""
+class _RunArgs:
+    """What every stage takes: the run folder."""
 
     run_dir: str = "runs/demo"
     """Folder holding the run's manifest and artifacts."""
+
+
+@dataclass(frozen=True)
+class CollectArgs(_RunArgs):
+    """Load the model, cut the corpus into windows, collect activations at the hookpoint (starts a run)."""
+
     seed: int = 0
     """Seed for data splits, initialisation and sampling."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -47,67 +53,52 @@ class CollectArgs:
 
 
 @dataclass(frozen=True)
-class TrainArgs:
+class TrainArgs(_RunArgs):
     """Train the SAE on the run's collected activations."""
 
-    run_dir: str = "runs/demo"
-    """Folder holding the run's manifest and artifacts."""
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
 @dataclass(frozen=True)
-class EvalArgs:
+class EvalArgs(_RunArgs):
     """Evaluate the run's SAE on held-out windows (MSE, EV, cosine, L0, dead/dense, CE and KL scores)."""
 
-    run_dir: str = "runs/demo"
-    """Folder holding the run's manifest and artifacts."""
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 @dataclass(frozen=True)
-class CacheArgs:
+class CacheArgs(_RunArgs):
     """Cache the SAE's sparse latent activations and per-latent statistics."""
 
-    run_dir: str = "runs/demo"
-    """Folder holding the run's manifest and artifacts."""
     cache: CacheConfig = field(default_factory=CacheConfig)
 
 
 @dataclass(frozen=True)
-class SampleArgs:
+class SampleArgs(_RunArgs):
     """Build per-latent example sets for explaining and scoring."""
 
-    run_dir: str = "runs/demo"
-    """Folder holding the run's manifest and artifacts."""
     sample: SampleConfig = field(default_factory=SampleConfig)
 
 
 @dataclass(frozen=True)
-class ExplainArgs:
+class ExplainArgs(_RunArgs):
     """Explain the sampled latents with an LLM and the token-statistics baseline."""
 
-    run_dir: str = "runs/demo"
-    """Folder holding the run's manifest and artifacts."""
     llm: LLMConfig = field(default_factory=LLMConfig)
     explain: ExplainConfig = field(default_factory=ExplainConfig)
 
 
 @dataclass(frozen=True)
-class ScoreArgs:
+class ScoreArgs(_RunArgs):
     """Score the explanations as classifiers (detection, fuzzing, embedding)."""
 
-    run_dir: str = "runs/demo"
-    """Folder holding the run's manifest and artifacts."""
     llm: LLMConfig = field(default_factory=LLMConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
 
 
 @dataclass(frozen=True)
-class ReportArgs:
+class ReportArgs(_RunArgs):
     """Write report.md and report.html for the run."""
-
-    run_dir: str = "runs/demo"
-    """Folder holding the run's manifest and artifacts."""
 
 
 COMMANDS: dict[str, Any] = {

@@ -16,6 +16,7 @@ one on the artifacts already in R. Artifacts (relative to the run folder):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass, field
@@ -77,19 +78,8 @@ def open_session(cfg: RunConfig, *, new: bool) -> Session:
         return Session(cfg, Run.create(cfg.run_dir, to_dict(cfg), cfg.seed))
     run = Run.open(cfg.run_dir)
     recorded: RunConfig = from_dict(RunConfig, run.data["config"])
-    merged = RunConfig(
-        run_dir=cfg.run_dir,
-        seed=recorded.seed,
-        model=recorded.model,
-        data=recorded.data,
-        collect=recorded.collect,
-        train=cfg.train,
-        eval=cfg.eval,
-        cache=cfg.cache,
-        sample=cfg.sample,
-        llm=cfg.llm,
-        explain=cfg.explain,
-        score=cfg.score,
+    merged = dataclasses.replace(
+        cfg, seed=recorded.seed, model=recorded.model, data=recorded.data, collect=recorded.collect
     )
     return Session(merged, run)
 
