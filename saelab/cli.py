@@ -3,6 +3,7 @@
 saelab demo                         the whole loop on the bundled model and corpus
 saelab collect --run-dir R          then train | eval | cache | sample | explain | score | report, each alone
 saelab <stage> --help               every flag with its documentation
+saelab convert --src D --dst D --to FORMAT   an SAE checkpoint in SAELens, sparsify or dictionary_learning form
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Optional
 
 import tyro
 
@@ -101,6 +102,24 @@ class ReportArgs(_RunArgs):
     """Write report.md and report.html for the run."""
 
 
+CheckpointFormat = Literal["saelab", "saelens", "sparsify", "dictionary_learning"]
+"""saelab.formats.FORMATS, named here so that `--help` does not import torch."""
+
+
+@dataclass(frozen=True)
+class ConvertArgs:
+    """Convert an SAE checkpoint between saelab, SAELens, sparsify and dictionary_learning folders."""
+
+    src: str
+    """Folder holding the SAE."""
+    dst: str
+    """Folder to write (created; it must not hold another format's checkpoint)."""
+    to: CheckpointFormat
+    """Format to write."""
+    from_: Annotated[Optional[CheckpointFormat], tyro.conf.arg(name="from")] = None
+    """Format of --src; by default found from its files."""
+
+
 COMMANDS: dict[str, Any] = {
     "demo": RunConfig,
     "collect": CollectArgs,
@@ -112,6 +131,10 @@ COMMANDS: dict[str, Any] = {
     "score": ScoreArgs,
     "report": ReportArgs,
 }
+
+
+TOOLS: dict[str, Any] = {"convert": ConvertArgs}
+"""Commands outside the run pipeline (no run folder)."""
 
 
 def to_run_config(args: Any) -> RunConfig:
@@ -133,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "transformers", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        args = tyro.extras.subcommand_cli_from_dict(COMMANDS, args=argv, prog="saelab")
-        return _dispatch(args)
+        args = tyro.extras.subcommand_cli_from_dict({**COMMANDS, **TOOLS}, args=argv, prog="saelab")
+        return _convert(args) if isinstance(args, ConvertArgs) else _dispatch(args)
     except ConfigError as err:
         sys.stderr.write(f"saelab: config error: {err}\n")
         return 2
@@ -146,6 +169,14 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write(f"saelab: {type(err).__name__}: {err}\n")
             return 1
         raise
+
+
+def _convert(args: ConvertArgs) -> int:
+    from saelab.formats import convert
+
+    read_as = convert(Path(args.src), Path(args.dst), args.to, args.from_)
+    logging.getLogger("saelab").info("%s (%s) written to %s as %s", args.src, read_as, args.dst, args.to)
+    return 0
 
 
 def _dispatch(args: Any) -> int:
