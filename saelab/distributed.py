@@ -72,7 +72,8 @@ def average_grads_(module: nn.Module, world: int) -> None:
     offset = 0
     for p in params:
         n = p.numel()
-        p.grad = flat[offset : offset + n].view_as(p)
+        # in p's own memory layout: the fused optimizers assume a gradient strided like its parameter
+        p.grad = torch.empty_like(p).copy_(flat[offset : offset + n].view_as(p))
         offset += n
 
 

@@ -227,8 +227,7 @@ class ConsistencyResampler(Resampler):
         self, loss: TrainLoss, fired_F: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor]
     ) -> None:
         super().observe(loss, fired_F, reduce)
-        z_BF = loss.latents_BF
-        stats_2F = reduce(torch.stack([(z_BF > 0).sum(dim=0).float(), z_BF.sum(dim=0)])) / self.cfg.batch_size
+        stats_2F = reduce(torch.stack([loss.count_F, loss.act_sum_F])) / self.cfg.batch_size
         self.f_long_F.lerp_(stats_2F[0], self.a_long)
         self.f_short_F.lerp_(stats_2F[0], self.a_short)
         self.act_long_F.lerp_(stats_2F[1], self.a_long)

@@ -39,6 +39,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from saelab.sparse_ops import Entries, decode_entries, entry_preacts
+
 
 class SAEError(ValueError):
     """An SAE checkpoint or input is unusable; the message says why and what to do."""
@@ -132,10 +134,17 @@ class TrainLoss(NamedTuple):
     """AuxK loss before its coefficient (0 without dead latents or AuxK)."""
     sparsity: torch.Tensor
     """Sparsity penalty after its coefficient (L1 or L0; 0 for the k-sparse architectures)."""
-    latents_BF: torch.Tensor
-    """The training latents (detached; >= 0, active where > 0)."""
-    fired_F: torch.Tensor
-    """Latents active on at least one token of the batch."""
+    l0: torch.Tensor
+    """Mean number of active training latents per token (detached)."""
+    count_F: torch.Tensor
+    """Tokens of the batch each latent was active on (float)."""
+    act_sum_F: torch.Tensor
+    """Sum of each latent's training activations over the batch (detached)."""
+
+    @property
+    def fired_F(self) -> torch.Tensor:
+        """Latents active on at least one token of the batch."""
+        return self.count_F > 0
 
 
 def sparse_code(z_BF: torch.Tensor) -> SparseCode:
@@ -161,6 +170,11 @@ def auxk_loss(
     masked_BF = pre_BF.masked_fill(~dead_F, 0.0)
     acts, idx = masked_BF.topk(min(k_aux, n_dead), dim=-1, sorted=False)
     resid_hat_BD = sae.decode(SparseCode(acts.relu(), idx)) - sae.b_dec_D
+    return auxk_error(resid_hat_BD, resid_BD)
+
+
+def auxk_error(resid_hat_BD: torch.Tensor, resid_BD: torch.Tensor) -> torch.Tensor:
+    """Squared error of the residual's reconstruction over the residual's variance (Gao et al. 2024, A.2)."""
     var = (resid_BD - resid_BD.mean(dim=0)).pow(2).sum(dim=-1).mean().clamp_min(1e-8)
     return (resid_hat_BD - resid_BD).pow(2).sum(dim=-1).mean() / var
 
@@ -185,7 +199,7 @@ class SAE(nn.Module):
         W_dec_FD = W_dec_FD / W_dec_FD.norm(dim=1, keepdim=True) * self.decoder_init_norm
         self.W_dec_FD = nn.Parameter(W_dec_FD)
         # Encoder starts as the decoder's transpose (Gao et al. 2024, sec. 2.4: tied init).
-        self.W_enc_DF = nn.Parameter(W_dec_FD.T.clone())
+        self.W_enc_DF = nn.Parameter(W_dec_FD.T.contiguous())  # row-major, as a loaded checkpoint's
         self.b_enc_F = nn.Parameter(torch.zeros(F))
         self.b_dec_D = nn.Parameter(torch.zeros(D))
 
@@ -212,6 +226,8 @@ class SAE(nn.Module):
         """Raw pre-activations W_enc (x - b_dec) + b_enc. Checks the width only: the trainer checks all its
         activations for NaN/inf once, `pre_acts` (inference) checks every batch."""
         self._check_width(x_BD)
+        if x_BD.dim() == 2:
+            return torch.addmm(self.b_enc_F, x_BD - self.b_dec_D, self.W_enc_DF)  # fused bias: ~10% faster
         return (x_BD - self.b_dec_D) @ self.W_enc_DF + self.b_enc_F
 
     def encode(self, x_BD: torch.Tensor) -> SparseCode:
@@ -269,13 +285,15 @@ class SAE(nn.Module):
             aux = auxk_loss(self, raw_BF, resid_BD, inputs.dead_F, inputs.k_aux)
         sparsity = self.sparsity_penalty(raw_BF, z_BF, inputs)
         z_BF = z_BF.detach()
+        count_F = (z_BF > 0).sum(dim=0).to(z_BF.dtype)
         return TrainLoss(
             total=recon + inputs.auxk_coef * aux + sparsity,
             mse=resid_BD.pow(2).sum(dim=-1).mean(),
             aux=aux.detach(),
             sparsity=sparsity.detach(),
-            latents_BF=z_BF,
-            fired_F=z_BF.amax(dim=0) > 0,  # 10x cheaper than (z > 0).any(0) on CPU
+            l0=count_F.sum() / x_BD.shape[0],
+            count_F=count_F,
+            act_sum_F=z_BF.sum(dim=0),
         )
 
     @torch.no_grad()
@@ -321,31 +339,104 @@ def _check_k(cfg: SAEConfig) -> None:
         )
 
 
-class TopKSAE(SAE):
-    """TopK sparse autoencoder with unit-norm decoder rows."""
+class KSparseSAE(SAE):
+    """The training path shared by the k-sparse architectures (topk, batchtopk, matryoshka).
 
-    architecture = "topk"
+    The dense encoder matmul runs without autograd and only chooses the active entries (`train_entries`); the
+    loss is then built from those entries with the kernels of `sparse_ops`, whose backward passes touch the
+    B*k entries instead of all B*F latents. `sparse_training = False` takes the dense reference path
+    (`SAE.training_loss` on `train_latents`), which computes the same loss and gradients; tests compare the
+    two."""
+
     params: ClassVar[tuple[str, ...]] = ("k",)
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__(cfg)
+        self.sparse_training = True
 
     @classmethod
     def check_config(cls, cfg: SAEConfig) -> None:
         super().check_config(cfg)
         _check_k(cfg)
 
+    def train_entries(self, raw_BF: torch.Tensor) -> tuple[Entries, torch.Tensor]:
+        """The entries the training objective keeps, from raw pre-activations (no autograd), and their raw
+        values in CSR order. Entries whose value is <= 0 stay in the pattern and add nothing after the ReLU."""
+        raise NotImplementedError
+
+    def train_latents(self, raw_BF: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            entries, _ = self.train_entries(raw_BF)
+        rows, cols = entries.rows_N(), entries.col_N
+        return torch.zeros_like(raw_BF).index_put((rows, cols), raw_BF[rows, cols].relu())
+
+    def entry_reconstruction_loss(
+        self, x_BD: torch.Tensor, vals_N: torch.Tensor, entries: Entries
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`reconstruction_loss` from the active entries."""
+        x_hat_BD = decode_entries(vals_N, self.W_dec_FD, entries) + self.b_dec_D
+        return sq_err(x_BD, x_hat_BD), x_hat_BD
+
+    def training_loss(self, x_BD: torch.Tensor, inputs: LossInputs) -> TrainLoss:
+        if not self.sparse_training:
+            return super().training_loss(x_BD, inputs)
+        with torch.no_grad():
+            raw_BF = self.linear(x_BD)
+        entries, pre_N = self.train_entries(raw_BF)
+        vals_N = self._entry_acts(x_BD, pre_N, entries)
+        recon, x_hat_BD = self.entry_reconstruction_loss(x_BD, vals_N, entries)
+        resid_BD = (x_BD - x_hat_BD).detach()
+        aux = recon.new_zeros(())
+        if inputs.auxk_coef > 0 and bool(inputs.dead_F.any()):
+            aux = self._entry_auxk(x_BD, raw_BF, resid_BD, inputs)
+        vals_N = vals_N.detach()
+        zeros_F = vals_N.new_zeros(self.cfg.d_sae)
+        count_F = zeros_F.index_add(0, entries.col_N, (vals_N > 0).to(vals_N.dtype))
+        return TrainLoss(
+            total=recon + inputs.auxk_coef * aux,
+            mse=resid_BD.pow(2).sum(dim=-1).mean(),
+            aux=aux.detach(),
+            sparsity=recon.new_zeros(()),
+            l0=count_F.sum() / x_BD.shape[0],
+            count_F=count_F,
+            act_sum_F=zeros_F.index_add(0, entries.col_N, vals_N),
+        )
+
+    def _entry_acts(self, x_BD: torch.Tensor, pre_N: torch.Tensor, entries: Entries) -> torch.Tensor:
+        return entry_preacts(pre_N, x_BD, self.W_enc_DF, self.b_enc_F, self.b_dec_D, entries).relu()
+
+    def _entry_auxk(
+        self, x_BD: torch.Tensor, raw_BF: torch.Tensor, resid_BD: torch.Tensor, inputs: LossInputs
+    ) -> torch.Tensor:
+        """`auxk_loss` over the dead latents' columns only."""
+        dead_idx = inputs.dead_F.nonzero().flatten()
+        pre, j = raw_BF.index_select(1, dead_idx).topk(
+            min(inputs.k_aux, dead_idx.numel()), dim=-1, sorted=False
+        )
+        entries = Entries.rectangle(dead_idx[j], self.cfg.d_sae)
+        vals_N = self._entry_acts(x_BD, pre.reshape(-1), entries)
+        return auxk_error(decode_entries(vals_N, self.W_dec_FD, entries), resid_BD)
+
+
+class TopKSAE(KSparseSAE):
+    """TopK sparse autoencoder with unit-norm decoder rows."""
+
+    architecture = "topk"
+
     def select(self, pre_BF: torch.Tensor) -> SparseCode:
         acts, idx = pre_BF.topk(self.cfg.k, dim=-1, sorted=False)
         return SparseCode(acts, idx)
 
-    def train_latents(self, raw_BF: torch.Tensor) -> torch.Tensor:
-        code = self.select(torch.relu(raw_BF))
-        return torch.zeros_like(raw_BF).scatter(1, code.top_idx_BK, code.top_acts_BK)
+    def train_entries(self, raw_BF: torch.Tensor) -> tuple[Entries, torch.Tensor]:
+        # TopK of the raw values equals TopK after the ReLU wherever the kept values are positive.
+        vals, idx = raw_BF.topk(self.cfg.k, dim=-1, sorted=False)
+        return Entries.rectangle(idx, self.cfg.d_sae), vals.reshape(-1)
 
 
-class BatchTopKSAE(SAE):
+class BatchTopKSAE(KSparseSAE):
     """BatchTopK in training; a single learned threshold at inference (Bussmann et al. 2024)."""
 
     architecture = "batchtopk"
-    params: ClassVar[tuple[str, ...]] = ("k",)
     threshold_decay: ClassVar[float] = 0.9
     """Exponential moving average of the smallest kept activation per training step."""
     threshold: torch.Tensor
@@ -356,20 +447,15 @@ class BatchTopKSAE(SAE):
         # 0 until the first training step: every positive pre-activation is active.
         self.register_buffer("threshold", torch.zeros(()))
 
-    @classmethod
-    def check_config(cls, cfg: SAEConfig) -> None:
-        super().check_config(cfg)
-        _check_k(cfg)
-
     def select(self, pre_BF: torch.Tensor) -> SparseCode:
         return sparse_code(pre_BF * (pre_BF > self.threshold))
 
-    def train_latents(self, raw_BF: torch.Tensor) -> torch.Tensor:
-        """Keep the k*B largest activations of the batch; updates the running inference threshold."""
-        pre_flat = torch.relu(raw_BF).flatten()
-        acts, idx = pre_flat.topk(self.cfg.k * raw_BF.shape[0], sorted=False)
-        self._update_threshold(acts.detach())
-        return torch.zeros_like(pre_flat).scatter(0, idx, acts).view_as(raw_BF)
+    def train_entries(self, raw_BF: torch.Tensor) -> tuple[Entries, torch.Tensor]:
+        """The k*B largest pre-activations of the batch; updates the running inference threshold."""
+        vals, flat = raw_BF.flatten().topk(self.cfg.k * raw_BF.shape[0], sorted=False)
+        self._update_threshold(vals.relu())
+        entries, order = Entries.from_flat(flat, raw_BF.shape[0], self.cfg.d_sae)
+        return entries, vals[order]
 
     @torch.no_grad()
     def _update_threshold(self, kept: torch.Tensor) -> None:
@@ -410,6 +496,19 @@ class MatryoshkaSAE(BatchTopKSAE):
         total, start = x_BD.new_zeros(()), 0
         for end in prefix_sizes(self.cfg.matryoshka_prefix_fractions, self.cfg.d_sae):
             x_hat_BD = x_hat_BD + z_BF[:, start:end] @ self.W_dec_FD[start:end]
+            total = total + sq_err(x_BD, x_hat_BD)
+            start = end
+        return total, x_hat_BD
+
+    def entry_reconstruction_loss(
+        self, x_BD: torch.Tensor, vals_N: torch.Tensor, entries: Entries
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `reconstruction_loss`, each group decoding only its own entries."""
+        x_hat_BD = self.b_dec_D.expand_as(x_BD)
+        total, start = x_BD.new_zeros(()), 0
+        for end in prefix_sizes(self.cfg.matryoshka_prefix_fractions, self.cfg.d_sae):
+            group, pos = entries.select((entries.col_N >= start) & (entries.col_N < end))
+            x_hat_BD = x_hat_BD + decode_entries(vals_N[pos], self.W_dec_FD, group)
             total = total + sq_err(x_BD, x_hat_BD)
             start = end
         return total, x_hat_BD

@@ -157,7 +157,8 @@ def test_latent_dimension_from_the_shape_suffix() -> None:
 
 def fake_loss(z_BF: torch.Tensor) -> TrainLoss:
     zero = torch.zeros(())
-    return TrainLoss(zero, zero, zero, zero, z_BF, z_BF.amax(dim=0) > 0)
+    count_F = (z_BF > 0).sum(dim=0).float()
+    return TrainLoss(zero, zero, zero, zero, count_F.sum() / z_BF.shape[0], count_F, z_BF.sum(dim=0))
 
 
 def test_consistency_score_flags_dead_weak_and_collapsing_latents() -> None:
