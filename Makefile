@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint typecheck clean-venv
+.PHONY: demo test test-fast lint typecheck clean-venv peers
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,11 +26,36 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP) lint typecheck
-	$(BIN)/pytest -q
+# The peer environments are part of the suite: the format parity tests fail, not skip, without them.
+test: $(STAMP) lint typecheck peers
+	SAELAB_REQUIRE_PEERS=1 $(BIN)/pytest -q
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow"
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-peers
+
+# Peer libraries (SAELens, sparsify, dictionary_learning) for the format round-trip tests and the trainer
+# benchmark. They cannot share one environment with each other or with saelab, so each gets its own, next to the
+# local CPU torch (peers/constraints.txt). saelab itself is installed into each (--no-deps) so a test can run one
+# script against both libraries.
+PEERS := saelens sparsify dictlearn
+PEER_STAMPS := $(PEERS:%=.venv-peers/%/.installed)
+
+peers: $(PEER_STAMPS)
+
+.venv-peers/dictlearn/.installed: peers/dictlearn-deps.txt
+
+.venv-peers/%/.installed: peers/%.txt peers/constraints.txt
+	@test -x .venv-peers/$*/bin/python || $(PY) -m venv .venv-peers/$*
+	.venv-peers/$*/bin/pip install -q --upgrade pip
+	.venv-peers/$*/bin/pip install -q -c peers/constraints.txt "torch==2.13.0"
+	@if [ "$*" = dictlearn ]; then \
+	  .venv-peers/$*/bin/pip install -q --no-deps -r peers/dictlearn.txt && \
+	  .venv-peers/$*/bin/pip install -q -c peers/constraints.txt -r peers/dictlearn-deps.txt; \
+	else \
+	  .venv-peers/$*/bin/pip install -q -c peers/constraints.txt -r peers/$*.txt; \
+	fi
+	.venv-peers/$*/bin/pip install -q --no-deps -e .
+	@touch $@
