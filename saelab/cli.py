@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
+import torch
 import tyro
 
 from saelab.config import (
@@ -32,6 +33,7 @@ from saelab.config import (
     ScoreConfig,
     TrainConfig,
 )
+from saelab.distributed import init_from_env
 
 
 @dataclass(frozen=True)
@@ -197,12 +199,31 @@ def _dispatch(args: Any) -> int:
 
         pipeline.stage_report(session)
         print_summary(Path(cfg.run_dir), time.perf_counter() - start)
+        return 0
+    is_main = True
+    if name == "train":
+        is_main = _train_distributed(session)
     else:
         pipeline.STAGES[name](session)
+    if is_main:
         logging.getLogger("saelab").info(
             "%s done in %.1fs; artifacts in %s", name, time.perf_counter() - start, cfg.run_dir
         )
     return 0
+
+
+def _train_distributed(session: Any) -> bool:
+    """`saelab train`, data-parallel over the processes torchrun starts (one process without torchrun); True on
+    the rank that writes (rank 0)."""
+    from saelab import pipeline
+
+    info = init_from_env()
+    try:
+        pipeline.stage_train(session)
+    finally:
+        if info.world > 1:
+            torch.distributed.destroy_process_group()
+    return info.is_main
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Every field has a docstring under it; `saelab <stage> --help` is generated from 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -81,11 +82,18 @@ class CollectConfig:
     batch_size: int = 16
     """Windows per forward pass."""
     store_dtype: Literal["float32", "float16"] = "float32"
-    """On-disk dtype of the activation file."""
+    """On-disk dtype of the activations."""
+    format: Literal["file", "store"] = "file"
+    """`file`: one safetensors file, loaded whole for training. `store`: sharded safetensors written shard by
+    shard (memory holds one shard) and streamed to the trainer through a shuffle buffer of
+    `train.stream_buffer_rows` rows; for more tokens than fit in memory."""
+    shard_rows: int = 65_536
+    """store: rows per shard."""
 
     def __post_init__(self) -> None:
         _check(self.n_train_tokens > 0, "collect.n_train_tokens must be > 0")
         _check(self.batch_size > 0, "collect.batch_size must be > 0")
+        _check(self.shard_rows > 0, "collect.shard_rows must be > 0")
 
 
 @dataclass(frozen=True)
@@ -162,6 +170,13 @@ class TrainConfig:
     tensorboard package) and/or Weights & Biases (needs wandb; project from $WANDB_PROJECT, else saelab)."""
     stream_buffer_rows: int = 262_144
     """Training from an on-disk activation store: rows shuffled together in memory (bounds memory use)."""
+    threshold_lr: float = 0.0
+    """jumprelu: learning rate of the thresholds (0 = train.lr). Thresholds move by at most ~lr per Adam step,
+    so short runs with thresholds far from their init may want a larger one."""
+    variants: tuple[str, ...] = ()
+    """Further SAEs trained on the same batches (one pass over the activations for all), each given as
+    space-separated overrides of these settings, e.g. `"architecture=batchtopk k=64"` `"k=16 lr=1e-3"`;
+    tuples take commas (`matryoshka_prefix_fractions=0.25,0.5,1`). Saved under `train/variants/`."""
     kernels: Literal["auto", "sparse", "dense"] = "auto"
     """topk, batchtopk, matryoshka: backward passes over the active entries only (`sparse`, sparse_ops.py) or
     dense matmuls over all latents (`dense`). Both compute the same gradients. `auto`: sparse on CPU, where it
@@ -213,6 +228,49 @@ class TrainConfig:
         _check(self.log_every > 0, f"train.log_every must be > 0, got {self.log_every}")
         _check(len(set(self.log_to)) == len(self.log_to), f"train.log_to names a sink twice: {self.log_to}")
         _check(self.stream_buffer_rows > 0, "train.stream_buffer_rows must be > 0")
+        _check(self.threshold_lr >= 0, f"train.threshold_lr must be >= 0, got {self.threshold_lr}")
+        self.variant_configs()  # parses and validates every variant
+
+    def variant_configs(self) -> list[TrainConfig]:
+        """The configs of `variants`: these settings with each variant's overrides."""
+        return [dataclasses.replace(self, variants=(), **_parse_overrides(v)) for v in self.variants]
+
+
+# Settings every SAE of one stream shares (train_many), so a variant cannot override them.
+_SHARED_STREAM = frozenset({"batch_size", "epochs", "stream_buffer_rows", "resume", "variants"})
+
+
+def _parse_overrides(text: str) -> dict[str, Any]:
+    """`"k=64 architecture=relu"` -> {"k": 64, "architecture": "relu"}, typed by TrainConfig's fields."""
+    types = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    out: dict[str, Any] = {}
+    for item in text.split():
+        name, sep, value = item.partition("=")
+        _check(
+            bool(sep) and name in types and name not in _SHARED_STREAM,
+            f"train.variants: {item!r} in {text!r} is not NAME=VALUE of a TrainConfig field that a variant may "
+            f"change (all SAEs share {', '.join(sorted(_SHARED_STREAM - {'variants'}))})",
+        )
+        out[name] = _typed(name, value, types[name])
+    _check(bool(out), f"train.variants: {text!r} changes nothing; give NAME=VALUE overrides")
+    return out
+
+
+def _typed(name: str, value: str, default: Any) -> Any:
+    choices = typing.get_args(typing.get_type_hints(TrainConfig)[name])
+    if choices and all(isinstance(c, str) for c in choices):
+        _check(value in choices, f"train.variants: {name} must be one of {', '.join(choices)}, got {value!r}")
+        return value
+    try:
+        if isinstance(default, bool):
+            _check(value in ("true", "false"), f"train.variants: {name} takes true or false, got {value!r}")
+            return value == "true"
+        if isinstance(default, tuple):
+            kind = type(default[0]) if default else str
+            return tuple(kind(v) for v in value.split(",") if v)
+        return type(default)(value)
+    except ValueError as err:
+        raise ConfigError(f"train.variants: {name}={value!r} is not a {type(default).__name__}") from err
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,10 @@
 one on the artifacts already in R. Artifacts (relative to the run folder):
 
     data/windows.npz            token windows, exclusion mask, split          (collect)
-    activations/acts.safetensors  training activations at the hookpoint       (collect)
+    activations/acts.safetensors  training activations at the hookpoint       (collect, format=file)
+    activations/store/            the same as sharded safetensors              (collect, format=store)
     sae/cfg.json, sae/sae.safetensors, sae/train_log.jsonl                      (train)
+    sae-variants/<i>-<overrides>/   the SAEs of train.variants, same files    (train)
     eval/metrics.json                                                          (eval)
     latents/latents.safetensors, latents/stats.json                            (cache)
     samples/samples.json                                                       (sample)
@@ -19,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,21 +30,24 @@ from typing import Any
 import torch
 
 from saelab import sae as sae_lib
-from saelab.activations import Activations, collect
+from saelab.activations import Activations, ActivationStore, collect, collect_to_store
 from saelab.config import RunConfig, from_dict, to_dict
 from saelab.data import TokenWindows, build_windows
+from saelab.distributed import DistInfo
 from saelab.evaluate import evaluate
 from saelab.latents import LatentCache, build_cache
 from saelab.models import LoadedModel, load_model, resolve_hookpoint
 from saelab.runs import Run
 from saelab.sampling import SampleSet, sample
-from saelab.train import train
+from saelab.train import TrainResult, train_many
 
 log = logging.getLogger(__name__)
 
 WINDOWS = "data/windows.npz"
 ACTS = "activations/acts.safetensors"
+STORE = "activations/store"
 SAE_DIR = "sae"
+VARIANTS_DIR = "sae-variants"
 METRICS = "eval/metrics.json"
 LATENTS = "latents"
 SAMPLES = "samples/samples.json"
@@ -93,12 +100,25 @@ def stage_collect(s: Session) -> None:
         (s.folder / "data").mkdir(exist_ok=True)
         windows.save(s.folder / WINDOWS)
         dtype = getattr(torch, cfg.collect.store_dtype)
-        acts = collect(lm, windows, hookpoint, cfg.collect.n_train_tokens, cfg.collect.batch_size, dtype)
+        c = cfg.collect
         (s.folder / "activations").mkdir(exist_ok=True)
-        acts.save(s.folder / ACTS)
-        rec["outputs"] += [WINDOWS, ACTS]
+        rec["outputs"].append(WINDOWS)
+        if c.format == "store":
+            folder = s.folder / STORE
+            if folder.exists():
+                shutil.rmtree(folder)
+            store = collect_to_store(
+                lm, windows, hookpoint, c.n_train_tokens, c.batch_size, folder, c.shard_rows, dtype
+            )
+            rec["outputs"] += sorted(str(p.relative_to(s.folder)) for p in folder.iterdir())
+            n_tokens = store.n_rows
+        else:
+            acts = collect(lm, windows, hookpoint, c.n_train_tokens, c.batch_size, dtype)
+            acts.save(s.folder / ACTS)
+            rec["outputs"].append(ACTS)
+            n_tokens = int(acts.acts_ND.shape[0])
         rec.update(
-            hookpoint=hookpoint, n_tokens=int(acts.acts_ND.shape[0]), n_windows=int(windows.tokens.shape[0])
+            hookpoint=hookpoint, format=c.format, n_tokens=n_tokens, n_windows=int(windows.tokens.shape[0])
         )
     s.run.set_hash("data", windows.sha256())
 
@@ -107,32 +127,73 @@ def _hookpoint(s: Session) -> str:
     return str(s.run.require("collect", "collect")["hookpoint"])
 
 
-def stage_train(s: Session) -> None:
+def _activations(s: Session) -> Activations:
+    """The collected activations in memory, whichever format collect wrote."""
     s.run.verify("collect", "collect")
-    acts = Activations.load(s.folder / ACTS)
-    with s.run.stage("train", {"train": to_dict(s.cfg.train)}) as rec:
-        folder = s.folder / SAE_DIR
-        folder.mkdir(exist_ok=True)
-        result = train(
-            acts.acts_ND.float(),
-            s.cfg.train,
+    if s.run.require("collect", "collect").get("format") == "store":
+        return ActivationStore(s.folder / STORE).load()
+    return Activations.load(s.folder / ACTS)
+
+
+def variant_dir(i: int, text: str) -> str:
+    """Folder (relative to the run) of `train.variants[i]`."""
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")[:60]
+    return f"{VARIANTS_DIR}/{i + 1}-{slug}"
+
+
+def stage_train(s: Session) -> None:
+    """Train the SAE of `train` and those of `train.variants` together, one pass over the activations."""
+    s.run.verify("collect", "collect")
+    data: torch.Tensor | ActivationStore
+    if s.run.require("collect", "collect").get("format") == "store":
+        data = ActivationStore(s.folder / STORE)
+    else:
+        data = Activations.load(s.folder / ACTS).acts_ND.float()
+    cfgs = [s.cfg.train, *s.cfg.train.variant_configs()]
+    folders = [s.folder / SAE_DIR] + [
+        s.folder / variant_dir(i, v) for i, v in enumerate(s.cfg.train.variants)
+    ]
+
+    def fit() -> list[TrainResult]:
+        return train_many(
+            data,
+            cfgs,
             s.cfg.seed,
             _hookpoint(s),
             s.cfg.model.name,
-            folder / "train_log.jsonl",
-            checkpoint_dir=folder / "checkpoints",
+            [f / "train_log.jsonl" for f in folders],
+            [f / "checkpoints" for f in folders],
         )
-        sae_lib.save(result.sae, folder)
-        rec["outputs"] += [f"{SAE_DIR}/cfg.json", f"{SAE_DIR}/sae.safetensors"]
-        rec.update(
-            steps=result.steps,
-            tokens=result.tokens,
-            final_loss=result.final_loss,
-            dead_fraction=result.dead_fraction,
-            resumed_from=result.resumed_from,
-            resample_events=[e._asdict() for e in result.resample_events],
-        )
-    s.run.set_hash("sae", sae_lib.file_sha256(folder))
+
+    if (
+        not DistInfo.current().is_main
+    ):  # under torchrun, rank 0 alone writes logs, checkpoints, SAEs, manifest
+        fit()
+        return
+    with s.run.stage("train", {"train": to_dict(s.cfg.train)}) as rec:
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+        results = fit()
+        summaries = []
+        for folder, result in zip(folders, results, strict=True):
+            sae_lib.save(result.sae, folder)
+            rel = folder.relative_to(s.folder)
+            rec["outputs"] += [f"{rel}/cfg.json", f"{rel}/sae.safetensors"]
+            summaries.append(
+                {
+                    "folder": str(rel),
+                    "steps": result.steps,
+                    "tokens": result.tokens,
+                    "final_loss": result.final_loss,
+                    "dead_fraction": result.dead_fraction,
+                    "resumed_from": result.resumed_from,
+                    "resample_events": [e._asdict() for e in result.resample_events],
+                }
+            )
+        rec.update({k: v for k, v in summaries[0].items() if k != "folder"})
+        if len(summaries) > 1:
+            rec["variants"] = summaries[1:]
+    s.run.set_hash("sae", sae_lib.file_sha256(s.folder / SAE_DIR))
 
 
 def _load_sae(s: Session) -> sae_lib.SAE:
@@ -154,7 +215,7 @@ def stage_eval(s: Session) -> None:
 
 def stage_cache(s: Session) -> None:
     sae = _load_sae(s)
-    acts = Activations.load(s.folder / ACTS)
+    acts = _activations(s)
     with s.run.stage("cache", {"cache": to_dict(s.cfg.cache)}) as rec:
         cache = build_cache(sae, acts, s.cfg.cache.batch_size)
         cache.save(s.folder / LATENTS)

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ __all__ = [
     "lr_factor",
     "sae_config",
     "train",
+    "train_many",
 ]
 
 log = logging.getLogger(__name__)
@@ -153,17 +155,119 @@ def train(
     With `checkpoint_dir`, a checkpoint is written there every `cfg.checkpoint_every` steps, and `cfg.resume`
     continues from the last one (a fresh run clears the folder). In a torch.distributed process group every rank
     calls `train` with the same data and seed; rank 0 writes the log and the checkpoints."""
-    check_sinks(cfg.log_to, log_path)
-    source = as_source(data, cfg)
+    return train_many(data, [cfg], seed, hookpoint, model, [log_path], [checkpoint_dir], step_hook)[0]
+
+
+def train_many(
+    data: torch.Tensor | ActivationStore | BatchSource,
+    cfgs: Sequence[TrainConfig],
+    seed: int,
+    hookpoint: str = "",
+    model: str = "",
+    log_paths: Sequence[Path | None] | None = None,
+    checkpoint_dirs: Sequence[Path | None] | None = None,
+    step_hook: StepHook | None = None,
+) -> list[TrainResult]:
+    """Train one SAE per config on the SAME stream of batches: each batch is read (or, streaming from a store,
+    loaded and shuffled) once and every SAE takes a step on it. So a sweep over architectures, widths, k or lr
+    costs one pass over the activations; SAEs trained together equal the same SAEs trained alone.
+
+    The configs must agree on what shapes the stream (batch_size, epochs, stream_buffer_rows). `log_paths` and
+    `checkpoint_dirs` give each SAE its own log and checkpoints (as `train`)."""
+    if not cfgs:
+        raise TrainError("no SAE to train: give at least one TrainConfig")
+    stream = {(c.batch_size, c.epochs, c.stream_buffer_rows) for c in cfgs}
+    if len(stream) > 1:
+        raise TrainError(
+            "SAEs trained together share their batches, so they need the same train.batch_size, train.epochs "
+            f"and train.stream_buffer_rows; got (batch_size, epochs, stream_buffer_rows) in {sorted(stream)}"
+        )
+    log_paths = list(log_paths) if log_paths is not None else [None] * len(cfgs)
+    checkpoint_dirs = list(checkpoint_dirs) if checkpoint_dirs is not None else [None] * len(cfgs)
+    if not len(log_paths) == len(checkpoint_dirs) == len(cfgs):
+        raise TrainError(f"{len(cfgs)} configs need as many log paths and checkpoint folders")
+    for cfg, log_path in zip(cfgs, log_paths, strict=True):
+        check_sinks(cfg.log_to, log_path)
+    source = as_source(data, cfgs[0])
     dist = DistInfo.current()
-    _check_batches(source, cfg, dist)
-    trainer = _Trainer(source, cfg, seed, sae_config(cfg, source.d_in, hookpoint, model), dist)
-    if checkpoint_dir is not None:
-        trainer.start_from(checkpoint_dir)
-    run_cfg = {**to_dict(cfg), "seed": seed, "hookpoint": hookpoint, "model": model, "world": dist.world}
-    with TrainLog(cfg.log_to, log_path, trainer.step, run_cfg, enabled=dist.is_main) as sink:
-        trainer.fit(sink, checkpoint_dir, step_hook)
-    return trainer.result()
+    _check_batches(source, cfgs[0], dist)
+    trainers = [_Trainer(source, c, seed, sae_config(c, source.d_in, hookpoint, model), dist) for c in cfgs]
+    for trainer, folder in zip(trainers, checkpoint_dirs, strict=True):
+        if folder is not None:
+            trainer.start_from(folder)
+    if len({t.step for t in trainers}) > 1:
+        steps = ", ".join(f"{t.sae.architecture}: {t.step}" for t in trainers)
+        raise TrainError(
+            f"the SAEs' checkpoints stopped at different steps ({steps}); resume them one by one or afresh"
+        )
+    with ExitStack() as stack:
+        sinks = []
+        for cfg, trainer, log_path in zip(cfgs, trainers, log_paths, strict=True):
+            run_cfg = {
+                **to_dict(cfg),
+                "seed": seed,
+                "hookpoint": hookpoint,
+                "model": model,
+                "world": dist.world,
+            }
+            sinks.append(
+                stack.enter_context(
+                    TrainLog(cfg.log_to, log_path, trainer.step, run_cfg, enabled=dist.is_main)
+                )
+            )
+        _fit(trainers, sinks, checkpoint_dirs, step_hook)
+    return [t.result() for t in trainers]
+
+
+def _fit(
+    trainers: list[_Trainer],
+    sinks: list[TrainLog],
+    checkpoint_dirs: list[Path | None],
+    step_hook: StepHook | None,
+) -> None:
+    """The shared loop: the first trainer's generator orders the batches (every trainer's generator is in the
+    same state, drawn alike since the same seed), each batch steps every trainer."""
+    lead = trainers[0]
+    first_epoch = max(0, lead.step - 1) // lead.steps_per_epoch
+    skip = lead.step - first_epoch * lead.steps_per_epoch  # may be a whole epoch: its order is still drawn
+    name = lead.sae.architecture if len(trainers) == 1 else f"{len(trainers)} SAEs"
+    bar = tqdm(
+        total=lead.total,
+        initial=lead.step,
+        desc=f"train {name}",
+        unit="step",
+        leave=False,
+        **({} if lead.dist.is_main else {"disable": True}),  # TQDM_DISABLE=1 still applies on rank 0
+    )
+    try:
+        for epoch in range(first_epoch, lead.cfg.epochs):
+            state = lead.gen.get_state()
+            for t in trainers:
+                t.epoch_gen_state = state
+            start = skip if epoch == first_epoch else 0
+            for x_BD in lead.source.epoch(lead.gen, lead.cfg.batch_size, start, lead.dist.part):
+                for t, sink, folder in zip(trainers, sinks, checkpoint_dirs, strict=True):
+                    loss, dead_F = t._step(x_BD * t.scale)
+                    rec = t._after_step(x_BD, loss, dead_F, sink, folder)
+                    if rec is not None and t is lead:
+                        bar.set_postfix(
+                            loss=f"{rec['loss']:.3g}",
+                            ev=f"{rec['ev']:.3f}",
+                            l0=f"{rec['l0']:.1f}",
+                            dead=f"{rec['dead_fraction']:.2f}",
+                        )
+                    if step_hook is not None:
+                        step_hook(t.step, t.sae, loss)
+                bar.update()
+    finally:
+        bar.close()
+    for t, sink in zip(trainers, sinks, strict=True):
+        if t.resampler is not None:
+            # after the last step (a resumed run writes it anew)
+            events = [e._asdict() for e in t.resampler.summary()]
+            sink.write(
+                {"step": t.step, "event": "resample_summary", **t._resample_totals(), "events": events}
+            )
 
 
 def _check_batches(source: BatchSource, cfg: TrainConfig, dist: DistInfo) -> None:
@@ -203,7 +307,12 @@ class _Trainer:
             self.sae.b_dec_D.copy_(geometric_median(sample))
         # The fused implementation does the whole update in one pass per tensor (~40% less optimizer time on CPU).
         fused = self.device.type in ("cpu", "cuda")
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=fused)
+        named = dict(self.sae.named_parameters())
+        thresholds = [named.pop("log_threshold_F")] if "log_threshold_F" in named else []
+        groups = [{"params": list(named.values()), "base_lr": cfg.lr}]
+        if thresholds:
+            groups.append({"params": thresholds, "base_lr": cfg.threshold_lr or cfg.lr})
+        self.opt = torch.optim.Adam(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=fused)
         self.steps_per_epoch = source.n_rows // cfg.batch_size
         self.total = self.steps_per_epoch * cfg.epochs
         self.k_aux = cfg.auxk_k or source.d_in // 2
@@ -216,43 +325,12 @@ class _Trainer:
         self.epoch_gen_state = self.gen.get_state()
         """The shuffling generator's state at the start of the current epoch (its order is drawn from it)."""
 
-    # --- the loop -------------------------------------------------------------------------------------------
-    def fit(self, sink: TrainLog, checkpoint_dir: Path | None, step_hook: StepHook | None) -> None:
-        first_epoch = max(0, self.step - 1) // self.steps_per_epoch
-        skip = (
-            self.step - first_epoch * self.steps_per_epoch
-        )  # may be a whole epoch: its order is still drawn
-        bar = tqdm(
-            total=self.total,
-            initial=self.step,
-            desc=f"train {self.sae.architecture}",
-            unit="step",
-            leave=False,
-            **({} if self.dist.is_main else {"disable": True}),  # TQDM_DISABLE=1 still applies on rank 0
-        )
-        try:
-            for epoch in range(first_epoch, self.cfg.epochs):
-                self.epoch_gen_state = self.gen.get_state()
-                start = skip if epoch == first_epoch else 0
-                for x_BD in self.source.epoch(self.gen, self.cfg.batch_size, start, self.dist.part):
-                    loss, dead_F = self._step(x_BD * self.scale)
-                    self._after_step(x_BD, loss, dead_F, sink, bar, checkpoint_dir)
-                    if step_hook is not None:
-                        step_hook(self.step, self.sae, loss)
-        finally:
-            bar.close()
-        if self.resampler is not None:
-            # after the last step (a resumed run writes it anew)
-            events = [e._asdict() for e in self.resampler.summary()]
-            sink.write(
-                {"step": self.step, "event": "resample_summary", **self._resample_totals(), "events": events}
-            )
-
+    # --- one step ------------------------------------------------------------------------------------------
     def _step(self, x_BD: torch.Tensor) -> tuple[TrainLoss, torch.Tensor]:
         """One optimisation step on (this rank's share of) a batch of scaled inputs."""
         cfg, step = self.cfg, self.step
         for group in self.opt.param_groups:
-            group["lr"] = cfg.lr * lr_factor(step, self.total)
+            group["lr"] = group["base_lr"] * lr_factor(step, self.total)
         warm = sparsity_factor(step, self.total, cfg.sparsity_warmup_fraction)
         dead_F = self.since_fired_F >= cfg.dead_tokens
         inputs = LossInputs(dead_F, self.k_aux, cfg.auxk_coef, cfg.l1_coef * warm, cfg.l0_coef * warm)
@@ -282,26 +360,21 @@ class _Trainer:
         loss: TrainLoss,
         dead_F: torch.Tensor,
         sink: TrainLog,
-        bar: Any,
         checkpoint_dir: Path | None,
-    ) -> None:
+    ) -> dict[str, Any] | None:
+        """Count the step, resample, log and checkpoint when due; returns the log record if one was written."""
         self.loss_val = _finite(loss.total.item(), self.step)
         self.step += 1
-        bar.update()
         if self.resampler is not None and self.resampler.due(self.step, self.total):
             self._resample(sink)
+        rec = None
         if (self.step - 1) % self.cfg.log_every == 0:
             rec = self._log_record(x_BD * self.scale, loss, dead_F)
             sink.write(rec)
-            bar.set_postfix(
-                loss=f"{rec['loss']:.3g}",
-                ev=f"{rec['ev']:.3f}",
-                l0=f"{rec['l0']:.1f}",
-                dead=f"{rec['dead_fraction']:.2f}",
-            )
         every = self.cfg.checkpoint_every
         if checkpoint_dir is not None and every and self.step % every == 0 and self.dist.is_main:
             save_checkpoint(checkpoint_dir, self.step, self.state_dict(), {"fingerprint": self.fingerprint()})
+        return rec
 
     def _resample(self, sink: TrainLog) -> None:
         assert self.resampler is not None

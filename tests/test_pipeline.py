@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 
 import pytest
+import torch
 
 from saelab.cli import COMMANDS, main
 
@@ -146,3 +148,87 @@ def test_help_is_generated_from_the_config(command: str, capsys: pytest.CaptureF
     assert "--run-dir" in out
     if command == "train":
         assert "Active latents per token" in out  # the field's docstring in config.py
+
+
+def test_sharded_store_and_variants_trained_in_one_pass(
+    tmp_path: Path, tiny_model_dir: Path, corpus_file: Path
+) -> None:
+    """collect --collect.format store writes shards that train streams; train.variants trains further SAEs on
+    the same batches (each equal to training it alone) into sae-variants/; cache reads the store."""
+    from saelab import sae as sae_lib
+    from saelab.activations import ActivationStore
+    from saelab.config import TrainConfig
+    from saelab.train import train
+
+    run = tmp_path / "r"
+    collect = ["collect", "--run-dir", str(run), *SMALL["collect"], "--model.name", str(tiny_model_dir)]
+    collect += [
+        "--data.dataset",
+        str(corpus_file),
+        "--collect.format",
+        "store",
+        "--collect.shard-rows",
+        "500",
+    ]
+    assert main(collect) == 0
+    store = ActivationStore(run / "activations" / "store")
+    assert store.n_rows >= 1500 and len(list(store.folder.glob("*.safetensors"))) >= 3
+    assert not (run / "activations" / "acts.safetensors").exists()
+    variants = ["architecture=batchtopk k=6", "architecture=relu l1_coef=0.5"]
+    assert main(["train", "--run-dir", str(run), *SMALL["train"], "--train.variants", *variants]) == 0
+    manifest = json.loads((run / "manifest.json").read_text())
+    folders = [v["folder"] for v in manifest["stages"]["train"]["variants"]]
+    assert folders == [
+        "sae-variants/1-architecture-batchtopk-k-6",
+        "sae-variants/2-architecture-relu-l1-coef-0.5",
+    ]
+    assert [sae_lib.load(run / f).architecture for f in folders] == ["batchtopk", "relu"]
+    assert all(f"{f}/sae.safetensors" in manifest["stages"]["train"]["outputs"] for f in folders)
+    # the batchtopk variant is the SAE `train` makes from the same store alone
+    cfg = TrainConfig(expansion=4, k=6, batch_size=128, epochs=4, architecture="batchtopk")
+    alone = train(store, cfg, seed=0).sae.state_dict()
+    got = sae_lib.load(run / folders[0]).state_dict()
+    assert all(torch.equal(got[n], v) for n, v in alone.items())
+    assert main(["cache", "--run-dir", str(run)]) == 0
+
+
+def test_train_under_torchrun(tmp_path: Path, tiny_model_dir: Path, corpus_file: Path) -> None:
+    """`torchrun --nproc-per-node 2 -m saelab.cli train`: two data-parallel ranks (gloo), one log, one manifest
+    record, one SAE, and the SAE the one-process run makes from the same activations."""
+    import subprocess
+    import sys
+
+    from saelab import sae as sae_lib
+    from saelab.activations import Activations
+    from saelab.config import TrainConfig
+    from saelab.distributed import free_port
+    from saelab.train import train
+
+    run = tmp_path / "r"
+    collect = ["collect", "--run-dir", str(run), *SMALL["collect"], "--model.name", str(tiny_model_dir)]
+    assert main([*collect, "--data.dataset", str(corpus_file)]) == 0
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+    ]
+    cmd += ["-m", "saelab.cli", "train", "--run-dir", str(run), *SMALL["train"], "--train.log-every", "5"]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("train done in") == 1  # rank 0 alone reports
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["stages"]["train"]["steps"] > 0
+    log = [json.loads(line) for line in (run / "sae" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == sorted({r["step"] for r in log})  # one writer
+    acts = Activations.load(run / "activations" / "acts.safetensors").acts_ND.float()
+    torch.set_num_threads(1)
+    single = train(acts, TrainConfig(expansion=4, k=4, batch_size=128, epochs=4), seed=0).sae.state_dict()
+    got = sae_lib.load(run / "sae").state_dict()
+    for name, value in single.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-4, msg=name)

@@ -23,10 +23,12 @@ from saelab.train import (
     TrainError,
     auxk_loss,
     geometric_median,
+    input_scale,
     lr_factor,
     sae_config,
     sparsity_factor,
     train,
+    train_many,
 )
 
 
@@ -222,3 +224,51 @@ def test_geometric_median_resists_outliers() -> None:
     x = torch.zeros(101, 3)
     x[:5] = 1000.0
     assert geometric_median(x).norm() < 1.0
+
+
+def test_train_many_equals_training_each_alone(tmp_path: Path) -> None:
+    """One shared stream of batches: each SAE ends exactly as it would trained alone, with its own log."""
+    x = planted(n=2048, d=16)
+    base = TrainConfig(expansion=4, k=3, lr=3e-3, batch_size=128, epochs=2, dead_tokens=512, log_every=4)
+    cfgs = [
+        base,
+        dataclasses.replace(base, architecture="batchtopk", k=5, lr=1e-3),
+        dataclasses.replace(base, architecture="relu", expansion=2, l1_coef=1.0),
+        dataclasses.replace(base, architecture="jumprelu"),
+        dataclasses.replace(base, architecture="matryoshka", resample="anthropic", resample_every=8),
+    ]
+    logs = [tmp_path / f"{i}.jsonl" for i in range(len(cfgs))]
+    together = train_many(x, cfgs, seed=0, log_paths=logs)
+    for cfg, got, log in zip(cfgs, together, logs, strict=True):
+        alone = train(x, cfg, seed=0, log_path=tmp_path / "alone.jsonl")
+        assert got.steps == alone.steps == 32
+        for name, value in alone.sae.state_dict().items():
+            assert torch.equal(got.sae.state_dict()[name], value), (cfg.architecture, name)
+        assert log.read_text() == (tmp_path / "alone.jsonl").read_text()
+    assert len({log.read_text() for log in logs}) == len(cfgs)
+
+
+def test_train_many_refuses_configs_that_cannot_share_batches() -> None:
+    base = TrainConfig(expansion=2, k=2, batch_size=128)
+    with pytest.raises(TrainError, match=r"same train\.batch_size"):
+        train_many(planted(n=600, d=8), [base, dataclasses.replace(base, batch_size=64)], seed=0)
+    with pytest.raises(TrainError, match="at least one"):
+        train_many(planted(n=600, d=8), [], seed=0)
+
+
+def test_threshold_lr_moves_jumprelu_thresholds_at_their_own_rate() -> None:
+    """Adam moves a parameter by about lr per step: with threshold_lr = 10 x lr the thresholds travel ~10x as far
+    while the other weights stay on train.lr."""
+    x = planted(n=1024, d=16)
+    base = TrainConfig(architecture="jumprelu", expansion=2, lr=1e-3, batch_size=128, epochs=1)
+    init = sae_lib.build(sae_config(base, 16)).threshold_F.detach().clone()
+    unfold = math.log(
+        input_scale(x)
+    )  # the returned SAE takes raw inputs: its thresholds were divided by this
+
+    def travel(cfg: TrainConfig) -> float:
+        sae = train(x, cfg, seed=0).sae
+        return float((sae.threshold_F.log() + unfold - init.log()).abs().mean())
+
+    slow, fast = travel(base), travel(dataclasses.replace(base, threshold_lr=1e-2))
+    assert fast > 5 * slow > 0
