@@ -287,6 +287,10 @@ class EvalConfig:
     """Windows per forward pass for CE/KL (each keeps [batch, ctx_len, vocab] log-probabilities three times)."""
     dense_threshold: float = 0.1
     """A latent firing on more than this fraction of tokens counts as dense."""
+    compare: tuple[str, ...] = ()
+    """Further SAE folders (saelab, SAELens, sparsify or dictionary_learning format) evaluated on the same tokens
+    as this run's SAE and its `train.variants`, for the matched-sparsity comparison (`eval/compare.json` and
+    Pareto plots of EV and CE-loss score against L0)."""
 
     def __post_init__(self) -> None:
         _check(self.n_windows > 0, "eval.n_windows must be > 0")

@@ -5,7 +5,9 @@ tokens excluded, as recorded in the result):
 - MSE = sum (x - x_hat)^2 / n_tokens;
 - explained variance, conventional: 1 - sum (x - x_hat)^2 / sum (x - mean_tokens(x))^2 (mean per dimension) — the
   headline; legacy (SAEBench paper): per-token 1 - ||x - x_hat||^2 / ||x - batch_mean||^2, averaged;
-- cosine similarity of x and x_hat, averaged over tokens; L0 = mean number of active latents per token;
+- cosine similarity of x and x_hat, averaged over tokens; L0 = mean number of active latents per token; L1 = mean
+  sum of latent activations per token;
+- shrinkage: L2 ratio = E||x_hat|| / E||x||, relative reconstruction bias = E||x_hat||^2 / E[x . x_hat];
 - dead latents: never fire on the evaluation tokens; dense: fire on more than `dense_threshold` of them.
 Downstream scores splice the SAE into the forward at the hookpoint (excluded positions keep their activation):
 - CE-loss score = (CE_zero_ablation - CE_sae) / (CE_zero_ablation - CE_clean);
@@ -14,6 +16,7 @@ Downstream scores splice the SAE into the forward at the hookpoint (excluded pos
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +45,12 @@ class EvalResult:
     """SAEBench paper's per-token EV, for comparison with published numbers."""
     cosine_similarity: float
     l0: float
+    l1: float
+    """Mean over tokens of the sum of latent activations."""
+    l2_ratio: float
+    """E||x_hat|| / E||x|| (SAEBench): below 1 means the SAE shrinks its reconstructions."""
+    relative_reconstruction_bias: float
+    """E||x_hat||^2 / E[x . x_hat] (SAEBench; Wright & Sharkey 2024): 1 is unbiased, below 1 is shrinkage."""
     dead_fraction: float
     dense_fraction: float
     ce_clean: float
@@ -78,7 +87,8 @@ def reconstruction_metrics(sae: SAE, batches: list[torch.Tensor], dense_threshol
     sq_err = 0.0
     dim_sum: torch.Tensor | None = None
     dim_sq: torch.Tensor | None = None
-    cos_sum = legacy_sum = l0_sum = 0.0
+    cos_sum = legacy_sum = l0_sum = l1_sum = 0.0
+    x_norm_sum = xhat_norm_sum = xhat_sq_sum = dot_sum = 0.0
     n = 0
     fired = torch.zeros(F_, dtype=torch.float64)
     for x in batches:
@@ -91,8 +101,14 @@ def reconstruction_metrics(sae: SAE, batches: list[torch.Tensor], dense_threshol
         cos_sum += float(F.cosine_similarity(x, out.x_hat_BD, dim=-1).double().sum())
         centred = (xd - xd.mean(0)).pow(2).sum(-1).clamp_min(1e-12)
         legacy_sum += float((1 - err.pow(2).sum(-1) / centred).sum())
+        xh = out.x_hat_BD.double()
+        x_norm_sum += float(xd.norm(dim=-1).sum())
+        xhat_norm_sum += float(xh.norm(dim=-1).sum())
+        xhat_sq_sum += float(xh.pow(2).sum())
+        dot_sum += float((xd * xh).sum())
         active = out.code.top_acts_BK > 0
         l0_sum += float(active.sum())
+        l1_sum += float(out.code.top_acts_BK.double().sum())
         fired.index_add_(
             0, out.code.top_idx_BK[active].cpu(), torch.ones(int(active.sum()), dtype=torch.float64)
         )
@@ -108,6 +124,9 @@ def reconstruction_metrics(sae: SAE, batches: list[torch.Tensor], dense_threshol
         "explained_variance_legacy": legacy_sum / n,
         "cosine_similarity": cos_sum / n,
         "l0": l0_sum / n,
+        "l1": l1_sum / n,
+        "l2_ratio": xhat_norm_sum / x_norm_sum,
+        "relative_reconstruction_bias": xhat_sq_sum / dot_sum,
         "dead_fraction": float((freq == 0).mean()),
         "dense_fraction": float((freq > dense_threshold).mean()),
         "n_tokens": n,
@@ -117,10 +136,17 @@ def reconstruction_metrics(sae: SAE, batches: list[torch.Tensor], dense_threshol
 
 @torch.no_grad()
 def downstream_scores(
-    lm: LoadedModel, sae: SAE, windows: TokenWindows, idx: np.ndarray, hookpoint: str, batch_size: int
-) -> dict[str, Any]:
-    """CE-loss and KL scores with the SAE spliced in, against clean and zero-ablation forwards."""
-    totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero_ablation": 0.0, "kl_sae": 0.0, "kl_zero_ablation": 0.0}
+    lm: LoadedModel,
+    saes: list[SAE],
+    windows: TokenWindows,
+    idx: np.ndarray,
+    hookpoint: str,
+    batch_size: int,
+) -> list[dict[str, Any]]:
+    """CE-loss and KL scores with each SAE spliced in, against clean and zero-ablation forwards (computed once for
+    all SAEs)."""
+    shared = {"ce_clean": 0.0, "ce_zero_ablation": 0.0, "kl_zero_ablation": 0.0}
+    per_sae = [{"ce_sae": 0.0, "kl_sae": 0.0} for _ in saes]
     n = 0
     for start in tqdm(range(0, len(idx), batch_size), desc="eval CE/KL", unit="batch", leave=False):
         batch = idx[start : start + batch_size]
@@ -128,32 +154,45 @@ def downstream_scores(
         keep = torch.as_tensor(windows.keep[batch], device=lm.device)
         mask = keep[:, :-1]  # predictions made at spliced positions
         targets = ids[:, 1:]
-
-        def splice(x: torch.Tensor, zero: bool, keep: torch.Tensor = keep) -> torch.Tensor:
-            new = x.clone()
-            new[keep] = 0.0 if zero else sae(x[keep].float()).x_hat_BD.to(x.dtype)
-            return new
-
         logp_clean = _log_probs(lm, ids)
-        with replace_output(lm.model, hookpoint, lambda x: splice(x, zero=False)):
-            logp_sae = _log_probs(lm, ids)
-        with replace_output(lm.model, hookpoint, lambda x: splice(x, zero=True)):
-            logp_zero = _log_probs(lm, ids)
-        p_clean = logp_clean.exp()
-        for name, logp in (("clean", logp_clean), ("sae", logp_sae), ("zero_ablation", logp_zero)):
-            ce = -logp.gather(-1, targets[..., None]).squeeze(-1)
-            totals[f"ce_{name}"] += float(ce[mask].double().sum())
-            if name != "clean":
-                kl = (p_clean * (logp_clean - logp)).sum(-1)
-                totals[f"kl_{name}"] += float(kl[mask].double().sum())
+        ce_kl = functools.partial(_ce_kl, logp_clean=logp_clean, targets=targets, mask=mask)
+        shared["ce_clean"] += ce_kl(logp_clean)[0]
+        with replace_output(lm.model, hookpoint, lambda x, keep=keep: _splice(x, keep, None)):
+            ce, kl = ce_kl(_log_probs(lm, ids))
+        shared["ce_zero_ablation"] += ce
+        shared["kl_zero_ablation"] += kl
+        for sae, totals in zip(saes, per_sae, strict=True):
+            with replace_output(lm.model, hookpoint, lambda x, keep=keep, sae=sae: _splice(x, keep, sae)):
+                ce, kl = ce_kl(_log_probs(lm, ids))
+            totals["ce_sae"] += ce
+            totals["kl_sae"] += kl
         n += int(mask.sum())
-    out: dict[str, Any] = {k: v / n for k, v in totals.items()}
-    out["ce_loss_score"] = (out["ce_zero_ablation"] - out["ce_sae"]) / (
-        out["ce_zero_ablation"] - out["ce_clean"]
-    )
-    out["kl_score"] = (out["kl_zero_ablation"] - out["kl_sae"]) / out["kl_zero_ablation"]
-    out["n_ce_tokens"] = n
-    return out
+    results = []
+    for totals in per_sae:
+        out: dict[str, Any] = {k: v / n for k, v in {**shared, **totals}.items()}
+        out["ce_loss_score"] = (out["ce_zero_ablation"] - out["ce_sae"]) / (
+            out["ce_zero_ablation"] - out["ce_clean"]
+        )
+        out["kl_score"] = (out["kl_zero_ablation"] - out["kl_sae"]) / out["kl_zero_ablation"]
+        out["n_ce_tokens"] = n
+        results.append(out)
+    return results
+
+
+def _ce_kl(
+    logp: torch.Tensor, logp_clean: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
+) -> tuple[float, float]:
+    """Summed cross-entropy of the targets and KL(clean || new) over the masked positions."""
+    ce = -logp.gather(-1, targets[..., None]).squeeze(-1)
+    kl = (logp_clean.exp() * (logp_clean - logp)).sum(-1)
+    return float(ce[mask].double().sum()), float(kl[mask].double().sum())
+
+
+def _splice(x: torch.Tensor, keep: torch.Tensor, sae: SAE | None) -> torch.Tensor:
+    """The hookpoint's output with kept positions replaced by the SAE's reconstruction (zeros for None)."""
+    new = x.clone()
+    new[keep] = 0.0 if sae is None else sae(x[keep].float()).x_hat_BD.to(x.dtype)
+    return new
 
 
 def _log_probs(lm: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
@@ -163,17 +202,27 @@ def _log_probs(lm: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
 
 def evaluate(lm: LoadedModel, sae: SAE, windows: TokenWindows, hookpoint: str, cfg: EvalConfig) -> EvalResult:
     """All core metrics on the held-out windows (see module docstring)."""
-    if sae.cfg.d_in != lm.d_model:
-        raise SAEError(
-            f"SAE d_in={sae.cfg.d_in} does not match the model's d_model={lm.d_model} at {hookpoint}; "
-            "evaluate it with the model and hookpoint it was trained on"
-        )
+    return evaluate_many(lm, [sae], windows, hookpoint, cfg)[0]
+
+
+@torch.no_grad()
+def evaluate_many(
+    lm: LoadedModel, saes: list[SAE], windows: TokenWindows, hookpoint: str, cfg: EvalConfig
+) -> list[EvalResult]:
+    """`evaluate` for several SAEs on the same tokens: the activations are collected once, and the clean and
+    zero-ablation forwards of the CE/KL scores run once for all SAEs."""
+    for sae in saes:
+        if sae.cfg.d_in != lm.d_model:
+            raise SAEError(
+                f"SAE d_in={sae.cfg.d_in} does not match the model's d_model={lm.d_model} at {hookpoint}; "
+                "evaluate it with the model and hookpoint it was trained on"
+            )
     idx = windows.eval_idx[: cfg.n_windows]
     batches = []
     for batch, a_BTD in iter_window_batches(lm, windows, idx, hookpoint, cfg.batch_size, "eval recon"):
         batches.append(a_BTD[torch.as_tensor(windows.keep[batch], device=a_BTD.device)])
-    recon = reconstruction_metrics(sae, batches, cfg.dense_threshold)
+    recon = [reconstruction_metrics(sae, batches, cfg.dense_threshold) for sae in saes]
     ce_idx = windows.eval_idx[: cfg.n_ce_windows]
-    down = downstream_scores(lm, sae, windows, ce_idx, hookpoint, cfg.ce_batch_size)
+    down = downstream_scores(lm, saes, windows, ce_idx, hookpoint, cfg.ce_batch_size)
     excluded = "leading positions and special tokens (see data config: exclude_first, exclude_special)"
-    return EvalResult(**recon, **down, excluded=excluded)
+    return [EvalResult(**r, **d, excluded=excluded) for r, d in zip(recon, down, strict=True)]

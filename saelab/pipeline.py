@@ -8,7 +8,7 @@ one on the artifacts already in R. Artifacts (relative to the run folder):
     activations/store/            the same as sharded safetensors              (collect, format=store)
     sae/cfg.json, sae/sae.safetensors, sae/train_log.jsonl                      (train)
     sae-variants/<i>-<overrides>/   the SAEs of train.variants, same files    (train)
-    eval/metrics.json                                                          (eval)
+    eval/metrics.json, eval/compare.json (several SAEs on the same tokens)     (eval)
     latents/latents.safetensors, latents/stats.json                            (cache)
     samples/samples.json                                                       (sample)
     explain/explanations.jsonl                                                 (explain)
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import re
 import shutil
@@ -34,7 +35,8 @@ from saelab.activations import Activations, ActivationStore, collect, collect_to
 from saelab.config import RunConfig, from_dict, to_dict
 from saelab.data import TokenWindows, build_windows
 from saelab.distributed import DistInfo
-from saelab.evaluate import evaluate
+from saelab.evaluate import EvalResult, evaluate_many
+from saelab.formats import import_sae
 from saelab.latents import LatentCache, build_cache
 from saelab.models import LoadedModel, load_model, resolve_hookpoint
 from saelab.runs import Run
@@ -49,6 +51,7 @@ STORE = "activations/store"
 SAE_DIR = "sae"
 VARIANTS_DIR = "sae-variants"
 METRICS = "eval/metrics.json"
+COMPARE = "eval/compare.json"
 LATENTS = "latents"
 SAMPLES = "samples/samples.json"
 EXPLANATIONS = "explain/explanations.jsonl"
@@ -202,15 +205,55 @@ def _load_sae(s: Session) -> sae_lib.SAE:
 
 
 def stage_eval(s: Session) -> None:
-    sae = _load_sae(s)
+    """Core metrics of the run's SAE; with train.variants or eval.compare, of every SAE on the same tokens."""
+    named = [("sae", _load_sae(s))]
+    for v in s.run.require("train", "train").get("variants", []):
+        named.append((v["folder"], sae_lib.load(s.folder / v["folder"])))
+    for folder in s.cfg.eval.compare:
+        named.append((folder, import_sae(Path(folder))))
     lm = s.lm()
     windows = TokenWindows.load(s.folder / WINDOWS)
     with s.run.stage("eval", {"eval": to_dict(s.cfg.eval)}) as rec:
-        result = evaluate(lm, sae.to(lm.device), windows, _hookpoint(s), s.cfg.eval)
+        saes = [sae.to(lm.device) for _, sae in named]
+        results = evaluate_many(lm, saes, windows, _hookpoint(s), s.cfg.eval)
         (s.folder / "eval").mkdir(exist_ok=True)
-        result.save(s.folder / METRICS)
+        results[0].save(s.folder / METRICS)
         rec["outputs"].append(METRICS)
-        rec["summary"] = {k: v for k, v in result.to_json().items() if k != "log10_frequency"}
+        rec["summary"] = _summary(results[0])
+        if len(named) > 1:
+            entries = [
+                {"name": name, "architecture": sae.architecture, "d_sae": sae.cfg.d_sae, **_summary(r)}
+                for (name, sae), r in zip(named, results, strict=True)
+            ]
+            write_json(s.folder / COMPARE, {"saes": mark_dominated(entries)})
+            rec["outputs"].append(COMPARE)
+
+
+def _summary(result: EvalResult) -> dict[str, Any]:
+    return {k: v for k, v in result.to_json().items() if k != "log10_frequency"}
+
+
+def mark_dominated(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add `dominated_ev` / `dominated_ce`: another SAE has L0 no higher and the metric no lower, one strictly."""
+    out = []
+    for e in entries:
+        flags = {}
+        for metric, key in (("explained_variance", "dominated_ev"), ("ce_loss_score", "dominated_ce")):
+            flags[key] = any(
+                o is not e
+                and o["l0"] <= e["l0"]
+                and o[metric] >= e[metric]
+                and (o["l0"] < e["l0"] or o[metric] > e[metric])
+                for o in entries
+            )
+        out.append({**e, **flags})
+    return out
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.rename(path)
 
 
 def stage_cache(s: Session) -> None:

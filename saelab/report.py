@@ -19,6 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib import ticker
 
 from saelab.runs import Run
 
@@ -96,6 +97,7 @@ def write_report(run: Run) -> list[Path]:
     written: list[Path] = []
     _provenance(run, doc)
     written += _sae_section(run, doc, plots)
+    written += _compare_section(run, doc, plots)
     written += _interp_section(run, doc, plots)
     _timing(run, doc)
     md_path, html_path = folder / "report.md", folder / "report.html"
@@ -140,8 +142,8 @@ def _sae_section(run: Run, doc: _Doc, plots: Path) -> list[Path]:
         f"{metrics['n_ce_tokens']}; excluded: {metrics['excluded']}."
     )
     keys = [
-        "explained_variance", "explained_variance_legacy", "mse", "cosine_similarity", "l0", "dead_fraction",
-        "dense_fraction", "ce_loss_score", "ce_clean", "ce_sae", "ce_zero_ablation", "kl_score", "kl_sae",
+        "explained_variance", "explained_variance_legacy", "mse", "cosine_similarity", "l0", "l1", "l2_ratio",
+        "relative_reconstruction_bias", "dead_fraction", "dense_fraction", "ce_loss_score", "ce_clean", "ce_sae", "ce_zero_ablation", "kl_score", "kl_sae",
         "kl_zero_ablation",
     ]  # fmt: skip
     doc.table(["metric", "value"], [[k, metrics[k]] for k in keys])
@@ -158,6 +160,66 @@ def _sae_section(run: Run, doc: _Doc, plots: Path) -> list[Path]:
     plt.close(fig)
     doc.image(path, "plots/feature_density.png", "feature density histogram")
     return [path]
+
+
+def _compare_section(run: Run, doc: _Doc, plots: Path) -> list[Path]:
+    data = _read_json(run.folder / "eval" / "compare.json")
+    if data is None:
+        return []
+    saes = data["saes"]
+    doc.heading("SAEs compared on the same tokens")
+    doc.para(
+        "Every SAE below was evaluated on the same held-out tokens. An SAE is dominated when another has an L0 no "
+        "higher and a score no lower (one of them strictly); dominated SAEs are drawn hollow."
+    )
+    doc.table(
+        ["SAE", "architecture", "latents", "L0", "EV", "CE-loss score", "KL score", "dead", "dominated (EV / CE)"],
+        [
+            [
+                e["name"], e["architecture"], e["d_sae"], e["l0"], e["explained_variance"], e["ce_loss_score"],
+                e["kl_score"], e["dead_fraction"],
+                f"{'yes' if e['dominated_ev'] else 'no'} / {'yes' if e['dominated_ce'] else 'no'}",
+            ]
+            for e in sorted(saes, key=lambda e: e["l0"])
+        ],
+    )  # fmt: skip
+    written = []
+    for metric, flag, label in (
+        ("explained_variance", "dominated_ev", "explained variance"),
+        ("ce_loss_score", "dominated_ce", "CE-loss score"),
+    ):
+        path = plots / f"pareto_{metric}.png"
+        pareto_plot(saes, metric, flag, label, path)
+        doc.image(path, f"plots/{path.name}", f"{label} against L0")
+        written.append(path)
+    return written
+
+
+def pareto_plot(saes: list[dict[str, Any]], metric: str, flag: str, label: str, path: Path) -> None:
+    """`metric` against L0 (log scale), one colour per architecture, dominated SAEs hollow, the frontier drawn."""
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    archs = sorted({e["architecture"] for e in saes})
+    colours = {a: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(archs)}
+    for e in saes:
+        c = colours[e["architecture"]]
+        ax.scatter(e["l0"], e[metric], s=46, edgecolors=c, facecolors="none" if e[flag] else c, zorder=3)
+        name = Path(e["name"]).name
+        name = name if len(name) <= 24 else name[:23] + "…"
+        ax.annotate(name, (e["l0"], e[metric]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    front = sorted((e for e in saes if not e[flag]), key=lambda e: e["l0"])
+    ax.plot([e["l0"] for e in front], [e[metric] for e in front], color="#999", lw=1, zorder=2)
+    for a in archs:
+        ax.scatter([], [], color=colours[a], label=a)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.set_xlabel("L0 (active latents per token)")
+    ax.set_ylabel(label)
+    ax.legend(fontsize=8, loc="best", framealpha=0.7)
+    ax.set_title(f"{label} against L0 (hollow: dominated)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _interp_section(run: Run, doc: _Doc, plots: Path) -> list[Path]:

@@ -42,10 +42,24 @@ def test_metrics_match_direct_formulas() -> None:
     cos = torch.nn.functional.cosine_similarity(x, xh, dim=-1).mean()
     assert m["cosine_similarity"] == pytest.approx(float(cos), rel=1e-5)
     z = sae.dense_latents(x).detach()
-    assert m["l0"] == pytest.approx(float((z > 0).sum(1).float().mean()))
-    freq = (z > 0).float().mean(0)
-    assert m["dead_fraction"] == pytest.approx(float((freq == 0).float().mean()))
-    assert m["dense_fraction"] == pytest.approx(float((freq > 0.1).float().mean()))
+    assert m["l1"] == pytest.approx(float(z.sum(1).mean()), rel=1e-5)
+    assert m["l2_ratio"] == pytest.approx(float(xh.norm(dim=1).mean() / x.norm(dim=1).mean()), rel=1e-5)
+    assert m["relative_reconstruction_bias"] == pytest.approx(
+        float(xh.pow(2).sum() / (x * xh).sum()), rel=1e-5
+    )
+
+
+def test_shrinkage_metrics_of_a_halved_reconstruction() -> None:
+    """x_hat = x / 2: the L2 ratio is 1/2, and the relative reconstruction bias E||x_hat||^2 / E[x . x_hat] too."""
+
+    class Half(TopKSAE):
+        def forward(self, x):  # type: ignore[override]
+            return super().forward(x)._replace(x_hat_BD=x / 2)
+
+    x = torch.randn(300, 10) * 3 + 1
+    m = reconstruction_metrics(Half(SAEConfig("topk", 10, 40, 3)), [x[:100], x[100:]], 0.1)
+    assert m["l2_ratio"] == pytest.approx(0.5, rel=1e-6)
+    assert m["relative_reconstruction_bias"] == pytest.approx(0.5, rel=1e-6)
 
 
 def test_downstream_scores_bounds(tiny_model_dir, corpus_file) -> None:
@@ -64,10 +78,12 @@ def test_downstream_scores_bounds(tiny_model_dir, corpus_file) -> None:
             return out._replace(x_hat_BD=torch.zeros_like(x))
 
     cfg = SAEConfig("topk", lm.d_model, 4 * lm.d_model, 4)
-    perfect = downstream_scores(lm, Identity(cfg), windows, windows.eval_idx[:4], "model.layers.2", 2)
+    both = downstream_scores(
+        lm, [Identity(cfg), Zero(cfg)], windows, windows.eval_idx[:4], "model.layers.2", 2
+    )
+    perfect, zero = both
     assert perfect["ce_loss_score"] == pytest.approx(1.0, abs=1e-5)
     assert perfect["kl_score"] == pytest.approx(1.0, abs=1e-5)
-    zero = downstream_scores(lm, Zero(cfg), windows, windows.eval_idx[:4], "model.layers.2", 2)
     assert zero["ce_loss_score"] == pytest.approx(0.0, abs=1e-5)
     assert zero["kl_score"] == pytest.approx(0.0, abs=1e-5)
     assert perfect["n_ce_tokens"] == int(windows.keep[windows.eval_idx[:4], :-1].sum())
@@ -92,3 +108,16 @@ def test_excluded_positions_never_reach_metrics(tiny_model_dir, corpus_file) -> 
     )
     assert result.n_tokens == int(windows.keep[windows.eval_idx[:4]].sum())
     assert np.isfinite(result.explained_variance)
+
+
+def test_mark_dominated_flags_sae_beaten_at_no_higher_l0() -> None:
+    from saelab.pipeline import mark_dominated
+
+    saes = [
+        {"l0": 10, "explained_variance": 0.8, "ce_loss_score": 0.90},
+        {"l0": 20, "explained_variance": 0.7, "ce_loss_score": 0.95},  # EV beaten by the first at lower L0
+        {"l0": 30, "explained_variance": 0.9, "ce_loss_score": 0.90},  # CE beaten by the second at lower L0
+        {"l0": 10, "explained_variance": 0.8, "ce_loss_score": 0.90},  # a tie dominates nothing
+    ]
+    flags = [(e["dominated_ev"], e["dominated_ce"]) for e in mark_dominated(saes)]
+    assert flags == [(False, False), (True, False), (False, True), (False, False)]

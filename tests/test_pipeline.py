@@ -190,6 +190,20 @@ def test_sharded_store_and_variants_trained_in_one_pass(
     got = sae_lib.load(run / folders[0]).state_dict()
     assert all(torch.equal(got[n], v) for n, v in alone.items())
     assert main(["cache", "--run-dir", str(run)]) == 0
+    # eval compares the SAE, its variants and an outside folder (the same SAE in SAELens's format) on the same tokens
+    from saelab.formats import export_sae
+
+    export_sae(sae_lib.load(run / "sae"), tmp_path / "as-saelens", "saelens")
+    evals = ["eval", "--run-dir", str(run), *SMALL["eval"], "--eval.compare", str(tmp_path / "as-saelens")]
+    assert main(evals) == 0
+    compared = json.loads((run / "eval" / "compare.json").read_text())["saes"]
+    assert [e["name"] for e in compared] == ["sae", *folders, str(tmp_path / "as-saelens")]
+    main_sae, exported = compared[0], compared[-1]
+    for key in ("explained_variance", "l0", "ce_loss_score", "kl_score"):
+        assert exported[key] == pytest.approx(main_sae[key], rel=1e-5, abs=1e-6), key
+    assert main(["report", "--run-dir", str(run)]) == 0
+    assert (run / "plots" / "pareto_explained_variance.png").stat().st_size > 10_000
+    assert "SAEs compared on the same tokens" in (run / "report.md").read_text()
 
 
 def test_train_under_torchrun(tmp_path: Path, tiny_model_dir: Path, corpus_file: Path) -> None:
