@@ -433,21 +433,27 @@ class TopKSAE(KSparseSAE):
         return Entries.rectangle(idx, self.cfg.d_sae), vals.reshape(-1)
 
 
-def batch_topk(x_BF: torch.Tensor, n: int, per_row: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The n largest values of x and their flat indices, like `x.flatten().topk(n)`, found among each row's
-    `per_row` largest: exact unless a row had all its candidates chosen (then the full flat top-n runs). Measured
-    on 2 busy CPU cores (4096 x 4608, n = 32 per row, 128 candidates): 330 ms against 550 ms for the flat top-n."""
-    B, F = x_BF.shape
-    if per_row >= F:
-        return x_BF.flatten().topk(n, sorted=False)
-    cand_vals, cand_idx = x_BF.topk(per_row, dim=-1, sorted=False)
-    vals, pos = cand_vals.flatten().topk(n, sorted=False)
-    rows = torch.div(pos, per_row, rounding_mode="floor")
-    # A row with a candidate left out has every other value below the cut; a row with none left out may not.
-    chosen = torch.zeros(B, dtype=torch.long, device=x_BF.device).index_add_(0, rows, torch.ones_like(rows))
-    if int(chosen.max()) >= per_row:
-        return x_BF.flatten().topk(n, sorted=False)
-    return vals, rows * F + cand_idx.flatten()[pos]
+def batch_topk(x_BF: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n largest values of x and their flat indices, like `x.flatten().topk(n)`, without a top-n over all
+    B*F values: a threshold below the n-th value is estimated from an evenly spread sample, the values above it
+    are gathered in one pass, and the exact top-n runs on those. Exact: when fewer than n values clear the
+    threshold (a misjudged sample, ties), the full flat top-n runs instead. Measured on 2 busy CPU cores (4096 x
+    4608, n = 32 per row): ~4x faster than the flat top-n."""
+    flat = x_BF.flatten()
+    N = flat.numel()
+    if n * 20 > N:  # a large share of the values: nothing to gain
+        return flat.topk(n, sorted=False)
+    stride = max(1, N // 65536)
+    while math.gcd(stride, x_BF.shape[-1]) != 1:  # a stride sharing a factor with F would sample few columns
+        stride += 1
+    sample = flat[::stride]
+    keep = min(1.0, 1.5 * n / N + 64 / sample.numel())  # a margin above the expected share
+    threshold = sample.kthvalue(max(1, sample.numel() - math.ceil(keep * sample.numel()))).values
+    cand = (flat > threshold).nonzero().squeeze(1)
+    if cand.numel() < n:
+        return flat.topk(n, sorted=False)
+    vals, pos = flat[cand].topk(n, sorted=False)
+    return vals, cand[pos]
 
 
 class BatchTopKSAE(KSparseSAE):
@@ -469,7 +475,7 @@ class BatchTopKSAE(KSparseSAE):
 
     def train_entries(self, raw_BF: torch.Tensor) -> tuple[Entries, torch.Tensor]:
         """The k*B largest pre-activations of the batch; updates the running inference threshold."""
-        vals, flat = batch_topk(raw_BF, self.cfg.k * raw_BF.shape[0], per_row=4 * self.cfg.k)
+        vals, flat = batch_topk(raw_BF, self.cfg.k * raw_BF.shape[0])
         self._update_threshold(vals.relu())
         entries, order = Entries.from_flat(flat, raw_BF.shape[0], self.cfg.d_sae)
         return entries, vals[order]
