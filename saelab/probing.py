@@ -13,7 +13,7 @@ tasks, macro-F1 otherwise):
 - `lasso`: L1 logistic regression, C chosen by 3-fold cross-validation on the train split (one-vs-rest when
   multiclass); `n_features` counts the features it kept;
 - `random_forest`: 100 trees.
-Features are standardised inside every probe (train statistics); the top-k choice uses the raw features, as
+The logistic probes standardise their features (train statistics); the top-k choice uses the raw features, as
 SAEBench does. Unlike SAEBench's full-width probe, no probe looks at the test split to pick an epoch or a C.
 
 Tasks (`TASKS`), every text read by path from an installed package, nothing downloaded:
@@ -25,7 +25,9 @@ Tasks (`TASKS`), every text read by path from an installed package, nothing down
   vs docstrings (those without `>>>` examples), at most one of each per file.
 Texts shorter than `MIN_CHARS` characters are left out of every pool.
 
-Use: `run_probing(lm, sae, hookpoint, ProbingConfig(), seed).save(path)`.
+Use: `run_probing(lm, sae, hookpoint, ProbingConfig(), seed).save(path)`; `benchmarks/probing.py` runs it on the
+bundled model. scikit-learn (1.8 s to import) is imported where a probe is fitted, so importing this module for
+`ProbingConfig` stays cheap.
 """
 
 from __future__ import annotations
@@ -113,7 +115,8 @@ class ProbingConfig:
         _require(self.ctx_len > self.exclude_first >= 0, "probing.exclude_first must be in [0, ctx_len)")
         _require(self.batch_size > 0, f"probing.batch_size must be > 0, got {self.batch_size}")
         _require(
-            len(self.ks) > 0 and all(k > 0 for k in self.ks), f"probing.ks must be positive, got {self.ks}"
+            len(self.ks) > 0 and all(k > 0 for k in self.ks) and len(set(self.ks)) == len(self.ks),
+            f"probing.ks must be distinct positive sizes, got {self.ks}",
         )
 
     @property
