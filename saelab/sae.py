@@ -30,6 +30,7 @@ import hashlib
 import itertools
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -121,6 +122,9 @@ class LossInputs(NamedTuple):
     """relu: weight of the decoder-norm-weighted L1 penalty, warm-up already applied."""
     l0_coef: float = 0.0
     """jumprelu: weight of the L0 penalty, warm-up already applied."""
+    sum_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """Data-parallel training: sums a tensor over the ranks, so statistics of the batch (AuxK's residual
+    variance) are those of the whole batch rather than of this rank's share."""
 
 
 class TrainLoss(NamedTuple):
@@ -160,7 +164,12 @@ def sq_err(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> torch.Tensor:
 
 
 def auxk_loss(
-    sae: SAE, pre_BF: torch.Tensor, resid_BD: torch.Tensor, dead_F: torch.Tensor, k_aux: int
+    sae: SAE,
+    pre_BF: torch.Tensor,
+    resid_BD: torch.Tensor,
+    dead_F: torch.Tensor,
+    k_aux: int,
+    sum_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """AuxK loss (Gao et al. 2024, Appendix A.2): the detached residual reconstructed from the top-`k_aux`
     pre-activations of dead latents, normalised by the residual's variance. `pre_BF` may be raw or ReLU'd."""
@@ -170,12 +179,23 @@ def auxk_loss(
     masked_BF = pre_BF.masked_fill(~dead_F, 0.0)
     acts, idx = masked_BF.topk(min(k_aux, n_dead), dim=-1, sorted=False)
     resid_hat_BD = sae.decode(SparseCode(acts.relu(), idx)) - sae.b_dec_D
-    return auxk_error(resid_hat_BD, resid_BD)
+    return auxk_error(resid_hat_BD, resid_BD, sum_ranks)
 
 
-def auxk_error(resid_hat_BD: torch.Tensor, resid_BD: torch.Tensor) -> torch.Tensor:
-    """Squared error of the residual's reconstruction over the residual's variance (Gao et al. 2024, A.2)."""
-    var = (resid_BD - resid_BD.mean(dim=0)).pow(2).sum(dim=-1).mean().clamp_min(1e-8)
+def auxk_error(
+    resid_hat_BD: torch.Tensor,
+    resid_BD: torch.Tensor,
+    sum_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Squared error of the residual's reconstruction over the residual's variance (Gao et al. 2024, A.2); the
+    variance is the whole batch's when `sum_ranks` sums over data-parallel ranks."""
+    stats = torch.cat(
+        [resid_BD.sum(dim=0), resid_BD.pow(2).sum().view(1), resid_BD.new_full((1,), len(resid_BD))]
+    )
+    if sum_ranks is not None:
+        stats = sum_ranks(stats.detach().clone())
+    total, sq, n = stats[:-2], stats[-2], stats[-1]
+    var = ((sq - total.pow(2).sum() / n) / n).clamp_min(1e-8)
     return (resid_hat_BD - resid_BD).pow(2).sum(dim=-1).mean() / var
 
 
@@ -282,7 +302,7 @@ class SAE(nn.Module):
         resid_BD = (x_BD - x_hat_BD).detach()
         aux = z_BF.new_zeros(())
         if self.uses_auxk and inputs.auxk_coef > 0:
-            aux = auxk_loss(self, raw_BF, resid_BD, inputs.dead_F, inputs.k_aux)
+            aux = auxk_loss(self, raw_BF, resid_BD, inputs.dead_F, inputs.k_aux, inputs.sum_ranks)
         sparsity = self.sparsity_penalty(raw_BF, z_BF, inputs)
         z_BF = z_BF.detach()
         count_F = (z_BF > 0).sum(dim=0).to(z_BF.dtype)
@@ -415,7 +435,7 @@ class KSparseSAE(SAE):
         )
         entries = Entries.rectangle(dead_idx[j], self.cfg.d_sae)
         vals_N = self._entry_acts(x_BD, pre.reshape(-1), entries)
-        return auxk_error(decode_entries(vals_N, self.W_dec_FD, entries), resid_BD)
+        return auxk_error(decode_entries(vals_N, self.W_dec_FD, entries), resid_BD, inputs.sum_ranks)
 
 
 class TopKSAE(KSparseSAE):

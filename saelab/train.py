@@ -333,7 +333,14 @@ class _Trainer:
             group["lr"] = group["base_lr"] * lr_factor(step, self.total)
         warm = sparsity_factor(step, self.total, cfg.sparsity_warmup_fraction)
         dead_F = self.since_fired_F >= cfg.dead_tokens
-        inputs = LossInputs(dead_F, self.k_aux, cfg.auxk_coef, cfg.l1_coef * warm, cfg.l0_coef * warm)
+        inputs = LossInputs(
+            dead_F,
+            self.k_aux,
+            cfg.auxk_coef,
+            cfg.l1_coef * warm,
+            cfg.l0_coef * warm,
+            ddp.sum_ranks_ if self.dist.world > 1 else None,
+        )
         loss = self.sae.training_loss(x_BD, inputs)
         self.opt.zero_grad(set_to_none=True)
         loss.total.backward()

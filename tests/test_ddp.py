@@ -72,3 +72,19 @@ def test_rank_parts_tile_each_batch() -> None:
     for b, batch in enumerate(whole):
         assert torch.equal(torch.cat([p[b] for p in parts]), batch)
     assert dataclasses.astuple(DistInfo()) == (0, 1)
+
+
+def test_auxk_with_dead_latents_matches_one_process(tmp_path: Path) -> None:
+    """With latents dead from the first steps (dead_tokens = one batch), AuxK's residual variance is the whole
+    batch's on every rank, so two ranks still end with one process's weights."""
+    x = planted(n=1024, d=16)
+    cfg = TrainConfig(
+        expansion=8, k=2, lr=3e-3, batch_size=128, epochs=2, dead_tokens=128, auxk_coef=1.0, log_every=1
+    )
+    (ranks,) = run_ddp(tmp_path, x, [cfg])
+    torch.set_num_threads(1)
+    result = train(x, cfg, seed=0, log_path=tmp_path / "single.jsonl")
+    records = [json.loads(line) for line in (tmp_path / "single.jsonl").read_text().splitlines()]
+    assert max(r["auxk"] for r in records) > 0  # AuxK was active
+    for name, value in result.sae.state_dict().items():
+        torch.testing.assert_close(ranks[0][name], value, rtol=1e-4, atol=1e-5, msg=name)
