@@ -287,6 +287,24 @@ class EvalConfig:
     """Windows per forward pass for CE/KL (each keeps [batch, ctx_len, vocab] log-probabilities three times)."""
     dense_threshold: float = 0.1
     """A latent firing on more than this fraction of tokens counts as dense."""
+    probing: tuple[
+        Literal[
+            "wiki_vs_bible",
+            "wiki_people_vs_places",
+            "wiki_biology_vs_physics",
+            "wiki_topics5",
+            "code_vs_prose",
+        ],
+        ...,
+    ] = ()
+    """Sparse-probing tasks to run on the run's SAE (SAEBench definitions, probing.py); none by default. Each
+    takes about 2-3 minutes on 2 CPU cores at the default size: LM-activation probes against probes on the top-k
+    SAE latents, with LASSO and random-forest baselines."""
+    probing_n_per_class: int = 128
+    """Sparse probing: texts per class (train and test together)."""
+    absorption: bool = False
+    """First-letter feature absorption (SAEBench definitions, absorption.py) of every SAE evaluated; a few
+    minutes per SAE on 2 CPU cores."""
     compare: tuple[str, ...] = ()
     """Further SAE folders (saelab, SAELens, sparsify or dictionary_learning format) evaluated on the same tokens
     as this run's SAE and its `train.variants`, for the matched-sparsity comparison (`eval/compare.json` and
@@ -298,6 +316,12 @@ class EvalConfig:
         _check(self.batch_size > 0, "eval.batch_size must be > 0")
         _check(self.ce_batch_size > 0, "eval.ce_batch_size must be > 0")
         _check(0 < self.dense_threshold <= 1, "eval.dense_threshold must be in (0, 1]")
+        _check(
+            len(set(self.probing)) == len(self.probing), f"eval.probing names a task twice: {self.probing}"
+        )
+        _check(
+            self.probing_n_per_class >= 12, "eval.probing_n_per_class must be >= 12 (8 train + 4 test texts)"
+        )
 
 
 @dataclass(frozen=True)

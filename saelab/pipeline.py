@@ -8,7 +8,8 @@ one on the artifacts already in R. Artifacts (relative to the run folder):
     activations/store/            the same as sharded safetensors              (collect, format=store)
     sae/cfg.json, sae/sae.safetensors, sae/train_log.jsonl                      (train)
     sae-variants/<i>-<overrides>/   the SAEs of train.variants, same files    (train)
-    eval/metrics.json, eval/compare.json (several SAEs on the same tokens)     (eval)
+    eval/metrics.json, eval/compare.json (several SAEs on the same tokens),
+    eval/probing.json, eval/absorption.json (when asked for)                  (eval)
     latents/latents.safetensors, latents/stats.json                            (cache)
     samples/samples.json                                                       (sample)
     explain/explanations.jsonl                                                 (explain)
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 
 from saelab import sae as sae_lib
+from saelab.absorption import AbsorptionConfig, AbsorptionResult, run_absorption
 from saelab.activations import Activations, ActivationStore, collect, collect_to_store
 from saelab.config import RunConfig, from_dict, to_dict
 from saelab.data import TokenWindows, build_windows
@@ -39,6 +41,7 @@ from saelab.evaluate import EvalResult, evaluate_many
 from saelab.formats import import_sae
 from saelab.latents import LatentCache, build_cache
 from saelab.models import LoadedModel, load_model, resolve_hookpoint
+from saelab.probing import ProbingConfig, ProbingResult, run_probing
 from saelab.runs import Run
 from saelab.sampling import SampleSet, sample
 from saelab.train import TrainResult, train_many
@@ -52,6 +55,8 @@ SAE_DIR = "sae"
 VARIANTS_DIR = "sae-variants"
 METRICS = "eval/metrics.json"
 COMPARE = "eval/compare.json"
+PROBING = "eval/probing.json"
+ABSORPTION = "eval/absorption.json"
 LATENTS = "latents"
 SAMPLES = "samples/samples.json"
 EXPLANATIONS = "explain/explanations.jsonl"
@@ -220,13 +225,44 @@ def stage_eval(s: Session) -> None:
         results[0].save(s.folder / METRICS)
         rec["outputs"].append(METRICS)
         rec["summary"] = _summary(results[0])
+        absorption = [_absorption(s, lm, sae) for sae in saes] if s.cfg.eval.absorption else []
+        if absorption:
+            absorption[0].save(s.folder / ABSORPTION)
+            rec["outputs"].append(ABSORPTION)
+            rec["summary"]["mean_absorption_fraction_score"] = absorption[0].mean_absorption_fraction_score
+        if s.cfg.eval.probing:
+            _probing(s, lm, saes[0]).save(s.folder / PROBING)
+            rec["outputs"].append(PROBING)
         if len(named) > 1:
             entries = [
                 {"name": name, "architecture": sae.architecture, "d_sae": sae.cfg.d_sae, **_summary(r)}
                 for (name, sae), r in zip(named, results, strict=True)
             ]
+            for entry, a in zip(entries, absorption, strict=False):
+                entry["mean_absorption_fraction_score"] = a.mean_absorption_fraction_score
             write_json(s.folder / COMPARE, {"saes": mark_dominated(entries)})
             rec["outputs"].append(COMPARE)
+
+
+def _probing(s: Session, lm: LoadedModel, sae: sae_lib.SAE) -> ProbingResult:
+    d = s.cfg.data
+    width = min(sae.cfg.d_in, sae.cfg.d_sae)  # a top-k probe needs k features on both sides
+    ks = tuple(k for k in ProbingConfig().ks if k <= width)
+    if len(ks) < len(ProbingConfig().ks):
+        log.warning("probing: top-k probes with k <= %d only (the features are %d wide)", width, width)
+    cfg = ProbingConfig(
+        tasks=s.cfg.eval.probing,
+        n_per_class=s.cfg.eval.probing_n_per_class,
+        ctx_len=d.ctx_len,
+        ks=ks,
+        exclude_first=d.exclude_first,
+        exclude_special=d.exclude_special,
+    )
+    return run_probing(lm, sae, _hookpoint(s), cfg, s.cfg.seed)
+
+
+def _absorption(s: Session, lm: LoadedModel, sae: sae_lib.SAE) -> AbsorptionResult:
+    return run_absorption(lm, sae, _hookpoint(s), AbsorptionConfig(), s.cfg.seed)
 
 
 def _summary(result: EvalResult) -> dict[str, Any]:
@@ -234,20 +270,31 @@ def _summary(result: EvalResult) -> dict[str, Any]:
 
 
 def mark_dominated(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Add `dominated_ev` / `dominated_ce`: another SAE has L0 no higher and the metric no lower, one strictly."""
+    """Add `dominated_ev` / `dominated_ce` (and `dominated_absorption` where absorption was measured): another SAE
+    has an L0 no higher and a score no worse, one of them strictly. Absorption is better lower."""
     out = []
     for e in entries:
         flags = {}
-        for metric, key in (("explained_variance", "dominated_ev"), ("ce_loss_score", "dominated_ce")):
+        for metric, key, sign in DOMINANCE:
+            if metric not in e:
+                continue
             flags[key] = any(
                 o is not e
                 and o["l0"] <= e["l0"]
-                and o[metric] >= e[metric]
-                and (o["l0"] < e["l0"] or o[metric] > e[metric])
+                and sign * o[metric] >= sign * e[metric]
+                and (o["l0"] < e["l0"] or sign * o[metric] > sign * e[metric])
                 for o in entries
             )
         out.append({**e, **flags})
     return out
+
+
+DOMINANCE = (
+    ("explained_variance", "dominated_ev", 1),
+    ("ce_loss_score", "dominated_ce", 1),
+    ("mean_absorption_fraction_score", "dominated_absorption", -1),
+)
+"""(metric, flag, +1 if higher is better else -1) for the matched-sparsity comparison."""
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -98,6 +98,8 @@ def write_report(run: Run) -> list[Path]:
     _provenance(run, doc)
     written += _sae_section(run, doc, plots)
     written += _compare_section(run, doc, plots)
+    _probing_section(run, doc)
+    written += _absorption_section(run, doc, plots)
     written += _interp_section(run, doc, plots)
     _timing(run, doc)
     md_path, html_path = folder / "report.md", folder / "report.html"
@@ -184,10 +186,18 @@ def _compare_section(run: Run, doc: _Doc, plots: Path) -> list[Path]:
         ],
     )  # fmt: skip
     written = []
-    for metric, flag, label in (
+    panels = [
         ("explained_variance", "dominated_ev", "explained variance"),
         ("ce_loss_score", "dominated_ce", "CE-loss score"),
-    ):
+        (
+            "mean_absorption_fraction_score",
+            "dominated_absorption",
+            "mean absorption fraction (lower is better)",
+        ),
+    ]
+    for metric, flag, label in panels:
+        if metric not in saes[0]:
+            continue
         path = plots / f"pareto_{metric}.png"
         pareto_plot(saes, metric, flag, label, path)
         doc.image(path, f"plots/{path.name}", f"{label} against L0")
@@ -220,6 +230,53 @@ def pareto_plot(saes: list[dict[str, Any]], metric: str, flag: str, label: str, 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _probing_section(run: Run, doc: _Doc) -> None:
+    data = _read_json(run.folder / "eval" / "probing.json")
+    if data is None:
+        return
+    doc.heading("Sparse probing (test-split accuracy)")
+    doc.para(
+        "Logistic probes on mean-pooled LM activations (all features: the ceiling) against probes on the top-k SAE "
+        "latents chosen by class-mean difference on the train split, with LASSO and random-forest baselines on "
+        "the SAE latents (SAEBench definitions)."
+    )
+    columns = [("lm", "logreg", None), *[("sae", "logreg", k) for k in data["config"]["ks"]]]
+    columns += [("sae", "lasso", None), ("sae", "random_forest", None)]
+    header = ["task", "LM", *[f"SAE top-{k}" for k in data["config"]["ks"]], "SAE LASSO", "SAE forest"]
+    rows = []
+    for task in data["tasks"]:
+        by_key = {(sc["features"], sc["probe"], sc["k"]): sc["accuracy"] for sc in task["scores"]}
+        rows.append([task["name"], *[by_key.get(c) for c in columns]])
+    mean = {(m["features"], m["probe"], m["k"]): m["accuracy"] for m in data["mean"]}
+    rows.append(["mean", *[mean.get(c) for c in columns]])
+    doc.table(header, rows)
+
+
+def _absorption_section(run: Run, doc: _Doc, plots: Path) -> list[Path]:
+    data = _read_json(run.folder / "eval" / "absorption.json")
+    if data is None:
+        return []
+    doc.heading("Feature absorption (first-letter task)")
+    doc.para(
+        f"Mean absorption fraction {data['mean_absorption_fraction_score']:.3f}, full-absorption rate "
+        f"{data['mean_full_absorption_score']:.3f}, {data['mean_num_split_features']:.2f} split features per "
+        f"letter, over {data['n_letters_evaluated']} letters ({data['n_test_words']} test words; SAEBench "
+        "definitions). Higher absorption means the letter's main latents fail to fire on words a probe on the "
+        "LM activations gets right, while other latents take their place."
+    )
+    letters = [x for x in data["letters"] if x["evaluated"]]
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.bar([x["letter"] for x in letters], [x["mean_absorption_fraction"] for x in letters], color="#cc6677")
+    ax.set_ylabel("absorption fraction")
+    ax.set_title("Absorption per first letter")
+    fig.tight_layout()
+    path = plots / "absorption_letters.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    doc.image(path, "plots/absorption_letters.png", "absorption per letter")
+    return [path]
 
 
 def _interp_section(run: Run, doc: _Doc, plots: Path) -> list[Path]:

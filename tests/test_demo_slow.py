@@ -39,3 +39,20 @@ def test_reduced_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "token-statistics baseline" in md and "all-MiniLM-L6-v2" in md
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["stages"]["collect"]["hookpoint"] == "model.layers.15"
+    # first-letter absorption of the demo's SAE, through the CLI, into the report
+    evals = [
+        "eval",
+        "--run-dir",
+        str(run),
+        "--eval.n-windows",
+        "4",
+        "--eval.n-ce-windows",
+        "1",
+        "--eval.absorption",
+    ]
+    assert main(evals) == 0
+    absorption = json.loads((run / "eval" / "absorption.json").read_text())
+    assert absorption["n_letters_evaluated"] >= 20
+    assert 0 <= absorption["mean_absorption_fraction_score"] <= 1
+    assert main(["report", "--run-dir", str(run)]) == 0
+    assert "Feature absorption" in (run / "report.md").read_text()

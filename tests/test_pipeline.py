@@ -246,3 +246,22 @@ def test_train_under_torchrun(tmp_path: Path, tiny_model_dir: Path, corpus_file:
     got = sae_lib.load(run / "sae").state_dict()
     for name, value in single.items():
         torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_eval_with_probing(run_dir: Path, tmp_path: Path) -> None:
+    """--eval.probing writes probing.json beside the core metrics, recorded in the manifest and shown in the
+    report. (Absorption needs a real vocabulary: tests/test_demo_slow.py runs it on the bundled model.)"""
+    import shutil
+
+    run = tmp_path / "r"
+    shutil.copytree(run_dir, run)
+    args = ["eval", "--run-dir", str(run), *SMALL["eval"], "--eval.probing", "wiki_vs_bible"]
+    assert main([*args, "--eval.probing-n-per-class", "16"]) == 0
+    probing = json.loads((run / "eval" / "probing.json").read_text())
+    assert [t["name"] for t in probing["tasks"]] == ["wiki_vs_bible"]
+    assert probing["config"]["n_per_class"] == 16
+    assert all(0 <= sc["accuracy"] <= 1 for sc in probing["tasks"][0]["scores"])
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert "eval/probing.json" in manifest["stages"]["eval"]["outputs"]
+    assert main(["report", "--run-dir", str(run)]) == 0
+    assert "Sparse probing" in (run / "report.md").read_text()
