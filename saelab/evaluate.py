@@ -7,10 +7,13 @@ tokens excluded, as recorded in the result):
   headline; legacy (SAEBench paper): per-token 1 - ||x - x_hat||^2 / ||x - batch_mean||^2, averaged;
 - cosine similarity of x and x_hat, averaged over tokens; L0 = mean number of active latents per token; L1 = mean
   sum of latent activations per token;
-- shrinkage: L2 ratio = E||x_hat|| / E||x||, relative reconstruction bias = E||x_hat||^2 / E[x . x_hat];
+- shrinkage: L2 ratio = mean over tokens of ||x_hat|| / ||x|| (SAEBench and SAELens average the per-token ratio),
+  relative reconstruction bias = E||x_hat||^2 / E[x . x_hat] pooled over all tokens (SAEBench averages one ratio
+  per batch, which makes it depend on the batch size);
 - dead latents: never fire on the evaluation tokens; dense: fire on more than `dense_threshold` of them.
 Downstream scores splice the SAE into the forward at the hookpoint (excluded positions keep their activation):
-- CE-loss score = (CE_zero_ablation - CE_sae) / (CE_zero_ablation - CE_clean);
+- CE-loss score = (CE_zero_ablation - CE_sae) / (CE_zero_ablation - CE_clean); zero ablation zeroes the hookpoint at
+  every position, BOS included, as SAEBench and SAELens do (the SAE replaces the kept positions only);
 - KL score = (KL_zero_ablation - KL_sae) / KL_zero_ablation, KL = sum p_clean (log p_clean - log p_new) per token.
 """
 
@@ -48,7 +51,8 @@ class EvalResult:
     l1: float
     """Mean over tokens of the sum of latent activations."""
     l2_ratio: float
-    """E||x_hat|| / E||x|| (SAEBench): below 1 means the SAE shrinks its reconstructions."""
+    """Mean over tokens of ||x_hat|| / ||x|| (SAEBench, SAELens): below 1 means the SAE shrinks its
+    reconstructions."""
     relative_reconstruction_bias: float
     """E||x_hat||^2 / E[x . x_hat] (SAEBench; Wright & Sharkey 2024): 1 is unbiased, below 1 is shrinkage."""
     dead_fraction: float
@@ -88,7 +92,7 @@ def reconstruction_metrics(sae: SAE, batches: list[torch.Tensor], dense_threshol
     dim_sum: torch.Tensor | None = None
     dim_sq: torch.Tensor | None = None
     cos_sum = legacy_sum = l0_sum = l1_sum = 0.0
-    x_norm_sum = xhat_norm_sum = xhat_sq_sum = dot_sum = 0.0
+    ratio_sum = xhat_sq_sum = dot_sum = 0.0
     n = 0
     fired = torch.zeros(F_, dtype=torch.float64)
     for x in batches:
@@ -102,8 +106,7 @@ def reconstruction_metrics(sae: SAE, batches: list[torch.Tensor], dense_threshol
         centred = (xd - xd.mean(0)).pow(2).sum(-1).clamp_min(1e-12)
         legacy_sum += float((1 - err.pow(2).sum(-1) / centred).sum())
         xh = out.x_hat_BD.double()
-        x_norm_sum += float(xd.norm(dim=-1).sum())
-        xhat_norm_sum += float(xh.norm(dim=-1).sum())
+        ratio_sum += float((xh.norm(dim=-1) / xd.norm(dim=-1).clamp_min(1e-12)).sum())
         xhat_sq_sum += float(xh.pow(2).sum())
         dot_sum += float((xd * xh).sum())
         active = out.code.top_acts_BK > 0
@@ -125,7 +128,7 @@ def reconstruction_metrics(sae: SAE, batches: list[torch.Tensor], dense_threshol
         "cosine_similarity": cos_sum / n,
         "l0": l0_sum / n,
         "l1": l1_sum / n,
-        "l2_ratio": xhat_norm_sum / x_norm_sum,
+        "l2_ratio": ratio_sum / n,
         "relative_reconstruction_bias": xhat_sq_sum / dot_sum,
         "dead_fraction": float((freq == 0).mean()),
         "dense_fraction": float((freq > dense_threshold).mean()),
@@ -157,7 +160,7 @@ def downstream_scores(
         logp_clean = _log_probs(lm, ids)
         ce_kl = functools.partial(_ce_kl, logp_clean=logp_clean, targets=targets, mask=mask)
         shared["ce_clean"] += ce_kl(logp_clean)[0]
-        with replace_output(lm.model, hookpoint, lambda x, keep=keep: _splice(x, keep, None)):
+        with replace_output(lm.model, hookpoint, torch.zeros_like):  # every position, BOS included (SAEBench)
             ce, kl = ce_kl(_log_probs(lm, ids))
         shared["ce_zero_ablation"] += ce
         shared["kl_zero_ablation"] += kl
@@ -188,10 +191,10 @@ def _ce_kl(
     return float(ce[mask].double().sum()), float(kl[mask].double().sum())
 
 
-def _splice(x: torch.Tensor, keep: torch.Tensor, sae: SAE | None) -> torch.Tensor:
-    """The hookpoint's output with kept positions replaced by the SAE's reconstruction (zeros for None)."""
+def _splice(x: torch.Tensor, keep: torch.Tensor, sae: SAE) -> torch.Tensor:
+    """The hookpoint's output with kept positions replaced by the SAE's reconstruction."""
     new = x.clone()
-    new[keep] = 0.0 if sae is None else sae(x[keep].float()).x_hat_BD.to(x.dtype)
+    new[keep] = sae(x[keep].float()).x_hat_BD.to(x.dtype)
     return new
 
 

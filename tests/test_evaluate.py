@@ -43,7 +43,7 @@ def test_metrics_match_direct_formulas() -> None:
     assert m["cosine_similarity"] == pytest.approx(float(cos), rel=1e-5)
     z = sae.dense_latents(x).detach()
     assert m["l1"] == pytest.approx(float(z.sum(1).mean()), rel=1e-5)
-    assert m["l2_ratio"] == pytest.approx(float(xh.norm(dim=1).mean() / x.norm(dim=1).mean()), rel=1e-5)
+    assert m["l2_ratio"] == pytest.approx(float((xh.norm(dim=1) / x.norm(dim=1)).mean()), rel=1e-5)
     assert m["relative_reconstruction_bias"] == pytest.approx(
         float(xh.pow(2).sum() / (x * xh).sum()), rel=1e-5
     )
@@ -63,9 +63,12 @@ def test_shrinkage_metrics_of_a_halved_reconstruction() -> None:
 
 
 def test_downstream_scores_bounds(tiny_model_dir, corpus_file) -> None:
-    """A perfect SAE scores 1, the zero-ablation itself scores 0 (by construction of the ratio)."""
+    """A perfect SAE scores 1; an SAE that outputs zeros scores 0 when it replaces every position, since zero
+    ablation zeroes every position, BOS included (SAEBench)."""
     lm = load_model(str(tiny_model_dir))
-    windows = build_windows(DataConfig(dataset=str(corpus_file), ctx_len=32), lm.tokenizer, seed=0)
+    data = DataConfig(dataset=str(corpus_file), ctx_len=32, exclude_first=0, exclude_special=False)
+    windows = build_windows(data, lm.tokenizer, seed=0)
+    assert windows.keep[windows.eval_idx[:4]].all()
 
     class Identity(TopKSAE):
         def forward(self, x):  # type: ignore[override]
