@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import numpy as np
 import torch
+from machine import machine_facts
 
 from saelab import sae as sae_lib
 from saelab.config import DataConfig, EvalConfig
@@ -80,14 +80,7 @@ def main() -> None:
     out = {
         "command": f"python benchmarks/eval_speed.py --tokens {args.tokens}"
         + (f" --sae {args.sae}" if args.sae else ""),
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "threads": args.threads,
-            "torch": torch.__version__,
-            "loadavg_before": load_before,
-            "loadavg_after": os.getloadavg(),
-        },
+        "machine": machine_facts(args.threads, load_before),
         "sae": {
             "architecture": sae.architecture,
             "d_sae": sae.cfg.d_sae,

@@ -16,7 +16,6 @@ import dataclasses
 import itertools
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -24,6 +23,8 @@ from pathlib import Path
 import torch
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: it reads the variable then
+
+from machine import machine_facts
 
 from saelab.config import TrainConfig
 from saelab.sae import SAE, TrainLoss
@@ -78,14 +79,7 @@ def main() -> None:
         )
     result = {
         "command": "python benchmarks/kernels.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "threads": args.threads,
-            "torch": torch.__version__,
-            "loadavg_before": load_before,
-            "loadavg_after": os.getloadavg(),
-        },
+        "machine": machine_facts(args.threads, load_before),
         "shape": {"d_in": 576, "d_sae": 4608, "k": 32, "batch": batch},
         "rows": rows,
     }
