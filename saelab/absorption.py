@@ -1,10 +1,13 @@
 """Feature absorption on the first-letter task (Chanin et al. 2024, "A is for Absorption: Studying Feature Splitting
 and Absorption in Sparse Autoencoders"), with SAEBench's procedure and thresholds (`sae_bench/evals/absorption`).
 
-`run_absorption(lm, sae, hookpoint, AbsorptionConfig(), seed) -> AbsorptionResult`:
+`run_absorption(lm, sae, hookpoint, AbsorptionConfig(), seed) -> AbsorptionResult` runs it all; to score several
+SAEs of one hookpoint, `collect_letter_probes(lm, hookpoint, cfg, seed)` does steps 1-3 once and
+`score_absorption(probes, sae, cfg, seed)` steps 4-5 per SAE.
 1. Vocabulary: every token of the subject tokenizer that renders as ASCII letters, optionally after one leading
    space (so `cat` and ` cat` are two words), special tokens left out; `vocab_size` of them sampled (seeded). The
-   words are split train / test (`test_fraction`).
+   words are split train / test (`test_fraction`). Letters scored: those named in `letters`, else every letter
+   with `min_words_per_letter` words in each split.
 2. Prompts: BOS (when the tokenizer has one, as TransformerLens prepends it), a newline, `icl_examples` examples
    `"{example} has the first letter: {LETTER}"` drawn from the same split, one per line, then the query
    `"{word} has the first letter:"`. The activation is read at the query word's token at `hookpoint`; the model is
@@ -87,8 +90,10 @@ class AbsorptionConfig:
     vocab_size: int = 4000
     """Words sampled (seeded) from the tokenizer's alphabetic tokens; 0 = all of them (SAEBench uses all;
     SmolLM2 has ~47k, one forward of ~85 tokens each)."""
-    letters: str = LETTERS
-    """Letters scored (probes, split features, absorption); words of every letter stay in the vocabulary."""
+    letters: str = ""
+    """Letters scored (probes, split features, absorption), e.g. `abc`; a named letter with fewer than
+    `min_words_per_letter` words in a split raises AbsorptionError. Empty: every letter that has them (SAEBench
+    scores all 26 on the whole vocabulary). Words of every letter stay in the vocabulary either way."""
     icl_examples: int = 10
     """In-context examples before the query word, drawn from the query's own split."""
     prompt_template: str = "{word} has the first letter:"
@@ -113,7 +118,8 @@ class AbsorptionConfig:
     min_probe_f1: float = 0.6
     """A letter enters the means only if its ground-truth probe's test F1 exceeds this."""
     min_letters: int = 20
-    """Fewest letters with such a probe for a score; fewer raise AbsorptionError. At most len(letters)."""
+    """Fewest letters with such a probe for a score (SAEBench 20); fewer raise AbsorptionError. At most the
+    number of letters named."""
     absorber_cos_threshold: float = 0.1
     """Absorption fraction: least cos(W_dec_i, probe) of a candidate absorbing latent."""
     full_absorption_cos_threshold: float = 0.025
@@ -132,10 +138,8 @@ class AbsorptionConfig:
 
         check(self.vocab_size >= 0, f"vocab_size must be >= 0, got {self.vocab_size}")
         check(
-            len(self.letters) > 0
-            and set(self.letters) <= set(LETTERS)
-            and len(set(self.letters)) == len(self.letters),
-            f"letters must be distinct lowercase a-z, got {self.letters!r}",
+            set(self.letters) <= set(LETTERS) and len(set(self.letters)) == len(self.letters),
+            f"letters must be distinct lowercase a-z (or empty for all), got {self.letters!r}",
         )
         check(self.icl_examples >= 0, f"icl_examples must be >= 0, got {self.icl_examples}")
         check(
@@ -149,9 +153,10 @@ class AbsorptionConfig:
         check(self.max_k >= 1, f"max_k must be >= 1, got {self.max_k}")
         check(self.f1_jump_threshold >= 0, "f1_jump_threshold must be >= 0")
         check(0.0 <= self.min_probe_f1 < 1.0, "min_probe_f1 must be in [0, 1)")
+        most = len(self.letters or LETTERS)
         check(
-            2 <= self.min_letters <= len(self.letters),
-            f"min_letters must be in [2, len(letters)={len(self.letters)}] (std devs need two), got {self.min_letters}",
+            2 <= self.min_letters <= most,
+            f"min_letters must be in [2, {most}] (the letters scored; std devs need two), got {self.min_letters}",
         )
         check(self.projection_threshold > 0, "projection_threshold must be > 0")
         check(self.max_absorbers >= 1, "max_absorbers must be >= 1")
@@ -204,6 +209,8 @@ class AbsorptionResult:
     std_dev_num_split_features: float
     n_letters_evaluated: int
     letters: tuple[LetterAbsorption, ...]
+    skipped_letters: str
+    """Letters not scored for too few words (when the config named none)."""
     n_train_words: int
     n_test_words: int
     n_dropped_words: int
@@ -560,80 +567,148 @@ def word_absorption(
 # ----------------------------------------------------------------------------------------------- the eval
 
 
-def check_letter_counts(y_train_N: torch.Tensor, y_test_N: torch.Tensor, cfg: AbsorptionConfig) -> None:
-    """Raise AbsorptionError naming every scored letter with fewer than `min_words_per_letter` words in a split."""
-    short = []
-    for letter in cfg.letters:
-        c = LETTERS.index(letter)
-        n_train, n_test = int((y_train_N == c).sum()), int((y_test_N == c).sum())
-        if min(n_train, n_test) < cfg.min_words_per_letter:
-            short.append(f"{letter!r} ({n_train} train, {n_test} test)")
-    if short:
+def scored_letters(y_train_N: torch.Tensor, y_test_N: torch.Tensor, cfg: AbsorptionConfig) -> tuple[str, str]:
+    """(letters scored, letters skipped). Named letters (`cfg.letters`) must each hold `min_words_per_letter` words
+    in both splits, else AbsorptionError names every short one; with `cfg.letters` empty, the letters that do are
+    scored and the rest skipped. Fewer than `min_letters` scored letters is an AbsorptionError too."""
+    counts = {c: (int((y_train_N == i).sum()), int((y_test_N == i).sum())) for i, c in enumerate(LETTERS)}
+    enough = {c for c, n in counts.items() if min(n) >= cfg.min_words_per_letter}
+    if cfg.letters:
+        short = [f"{c!r} ({counts[c][0]} train, {counts[c][1]} test)" for c in cfg.letters if c not in enough]
+        if short:
+            raise AbsorptionError(
+                f"too few words for letter(s) {', '.join(short)}; each needs {cfg.min_words_per_letter} per "
+                "split. Raise absorption.vocab_size (0 = the whole vocabulary) or drop them from absorption.letters"
+            )
+        return cfg.letters, ""
+    scored = "".join(c for c in LETTERS if c in enough)
+    if len(scored) < cfg.min_letters:
         raise AbsorptionError(
-            f"too few words for letter(s) {', '.join(short)}; each needs {cfg.min_words_per_letter} per split. "
-            "Raise absorption.vocab_size (0 = the whole vocabulary) or drop them from absorption.letters"
+            f"only {len(scored)} letters have {cfg.min_words_per_letter} words in each split ({scored!r}); "
+            f"{cfg.min_letters} are needed (absorption.min_letters). Raise absorption.vocab_size"
         )
+    return scored, "".join(c for c in LETTERS if c not in enough)
 
 
-def absorption_from_activations(
-    x_train_ND: torch.Tensor,
-    y_train_N: torch.Tensor,
-    x_test_ND: torch.Tensor,
-    y_test_N: torch.Tensor,
-    sae: SAE,
-    cfg: AbsorptionConfig,
-    seed: int,
-    hookpoint: str = "",
-    n_dropped_words: int = 0,
-    example_prompt: str = "",
-) -> AbsorptionResult:
-    """Steps 3-5 on word activations already collected; y holds letter indices into LETTERS."""
-    if x_train_ND.shape[1] != sae.cfg.d_in or x_test_ND.shape[1] != sae.cfg.d_in:
-        raise SAEError(
-            f"activations have width {x_train_ND.shape[1]} but the SAE takes d_in={sae.cfg.d_in}; "
-            "use the hookpoint the SAE was trained on"
+@dataclass(frozen=True)
+class LetterProbes:
+    """Everything that does not depend on the SAE: the words' activations at the hookpoint and the ground-truth
+    letter probes (steps 1-3). Build it once, then score any number of SAEs of that hookpoint with
+    `score_absorption`."""
+
+    x_train_ND: torch.Tensor
+    y_train_N: torch.Tensor
+    """Letter of each train word, as an index into LETTERS."""
+    x_test_ND: torch.Tensor
+    y_test_N: torch.Tensor
+    letters: str
+    """Letters scored."""
+    skipped_letters: str
+    """Letters left out for too few words (only when `cfg.letters` is empty)."""
+    W_CD: torch.Tensor
+    """One probe per scored letter: weights [C, D] and biases [C] (logit > 0 = the letter)."""
+    b_C: torch.Tensor
+    hookpoint: str = ""
+    n_dropped_words: int = 0
+    example_prompt: str = ""
+
+    @classmethod
+    def fit(
+        cls,
+        x_train_ND: torch.Tensor,
+        y_train_N: torch.Tensor,
+        x_test_ND: torch.Tensor,
+        y_test_N: torch.Tensor,
+        cfg: AbsorptionConfig,
+        seed: int,
+        **provenance: Any,
+    ) -> LetterProbes:
+        """Train the letter probes on activations already collected (step 3); `provenance` fills hookpoint,
+        n_dropped_words and example_prompt."""
+        letters, skipped = scored_letters(y_train_N, y_test_N, cfg)
+        idx_C = torch.tensor([LETTERS.index(c) for c in letters])
+        x_train_ND = x_train_ND.float()
+        W_CD, b_C = fit_ovr_probe(
+            lambda rows: x_train_ND[rows],
+            (y_train_N[:, None] == idx_C[None]).float(),
+            x_train_ND.shape[1],
+            epochs=cfg.probe_epochs,
+            lr=PROBE_LR,
+            end_lr=PROBE_END_LR,
+            batch_size=PROBE_BATCH,
+            weight_decay=PROBE_WEIGHT_DECAY,
+            l1=0.0,
+            gen=torch.Generator().manual_seed(seed),
+            desc="absorption: letter probes",
         )
-    check_letter_counts(y_train_N, y_test_N, cfg)
-    device = sae.W_dec_FD.device
-    gen = torch.Generator().manual_seed(seed)
-    idx_C = torch.tensor([LETTERS.index(c) for c in cfg.letters])
-    Y_train_NC = (y_train_N[:, None] == idx_C[None]).float().to(device)
-    Y_test_NC = (y_test_N[:, None] == idx_C[None]).to(device)
-    x_train_ND, x_test_ND = x_train_ND.float().to(device), x_test_ND.float().to(device)
-    W_CD, b_C = fit_ovr_probe(
-        lambda rows: x_train_ND[rows.to(device)],
-        Y_train_NC,
-        x_train_ND.shape[1],
-        epochs=cfg.probe_epochs,
-        lr=PROBE_LR,
-        end_lr=PROBE_END_LR,
-        batch_size=PROBE_BATCH,
-        weight_decay=PROBE_WEIGHT_DECAY,
-        l1=0.0,
-        gen=gen,
-        desc="absorption: letter probe",
+        return cls(
+            x_train_ND, y_train_N, x_test_ND.float(), y_test_N, letters, skipped, W_CD, b_C, **provenance
+        )
+
+    def labels(self, split: str) -> torch.Tensor:
+        """[N, C] bool: word n's letter is scored letter c."""
+        y_N = self.y_train_N if split == "train" else self.y_test_N
+        return y_N[:, None] == torch.tensor([LETTERS.index(c) for c in self.letters])[None]
+
+
+def collect_letter_probes(lm: LoadedModel, hookpoint: str, cfg: AbsorptionConfig, seed: int) -> LetterProbes:
+    """Steps 1-3: vocabulary, prompts, activations at `hookpoint` (batched forwards) and the letter probes."""
+    hookpoint = resolve_hookpoint(lm.model, hookpoint)
+    rng = np.random.default_rng(seed)
+    train_words, test_words = split_vocab(build_vocab(lm.tokenizer), cfg, rng)
+    train = build_prompts(lm.tokenizer, train_words, cfg, rng)
+    test = build_prompts(lm.tokenizer, test_words, cfg, rng)
+    y_train, y_test = _labels(train.words), _labels(test.words)
+    scored_letters(y_train, y_test, cfg)  # fail before the forwards
+    x_train = word_activations(lm, hookpoint, train.ids, cfg.batch_size, "absorption: train prompts")
+    x_test = word_activations(lm, hookpoint, test.ids, cfg.batch_size, "absorption: test prompts")
+    return LetterProbes.fit(
+        x_train,
+        y_train,
+        x_test,
+        y_test,
+        cfg,
+        seed,
+        hookpoint=hookpoint,
+        n_dropped_words=train.n_dropped + test.n_dropped,
+        example_prompt=test.example,
     )
+
+
+def score_absorption(probes: LetterProbes, sae: SAE, cfg: AbsorptionConfig, seed: int) -> AbsorptionResult:
+    """Steps 3 (probe quality) to 5 for one SAE."""
+    if probes.x_train_ND.shape[1] != sae.cfg.d_in:
+        raise SAEError(
+            f"SAE d_in={sae.cfg.d_in} does not match the width {probes.x_train_ND.shape[1]} of "
+            f"{probes.hookpoint or 'the activations'}; evaluate it with the model and hookpoint it was trained on"
+        )
+    device = sae.W_dec_FD.device
+    W_CD, b_C = probes.W_CD.to(device), probes.b_C.to(device)
+    x_test_ND = probes.x_test_ND.to(device)
+    Y_train_NC, Y_test_NC = probes.labels("train").to(device), probes.labels("test").to(device)
     logits_NC = x_test_ND @ W_CD.T + b_C
     probe = [
-        confusion(Y_test_NC[:, c].cpu().numpy(), (logits_NC[:, c] > 0).cpu().numpy())
-        for c in range(len(idx_C))
+        confusion(Y_test_NC[:, c].cpu().numpy(), (logits_NC[:, c] > 0).cpu().numpy()) for c in range(len(b_C))
     ]
     passed = [f1(cm) > cfg.min_probe_f1 for cm in probe]
     if sum(passed) < cfg.min_letters:
-        scores = ", ".join(f"{c}: {f1(cm):.2f}" for c, cm in zip(cfg.letters, probe))
+        scores = ", ".join(f"{c}: {f1(cm):.2f}" for c, cm in zip(probes.letters, probe))
         raise AbsorptionError(
             f"only {sum(passed)} of {len(passed)} letters have a first-letter probe with test F1 > "
             f"{cfg.min_probe_f1} ({scores}); {cfg.min_letters} are needed (absorption.min_letters). The model may "
             "not represent first letters linearly at this hookpoint (SAEBench advises models of >= 2B parameters)"
         )
-    lat_train, lat_test = SparseLatents.encode(sae, x_train_ND), SparseLatents.encode(sae, x_test_ND)
-    mains = main_latents(lat_train, Y_train_NC, lat_test, Y_test_NC.float(), cfg, gen)
+    lat_train, lat_test = SparseLatents.encode(sae, probes.x_train_ND), SparseLatents.encode(sae, x_test_ND)
+    mains = main_latents(
+        lat_train, Y_train_NC.float(), lat_test, Y_test_NC.float(), cfg, torch.Generator().manual_seed(seed)
+    )
     with torch.no_grad():
         p_CD = W_CD / W_CD.norm(dim=1, keepdim=True).clamp_min(1e-12)
         dec_proj_CF = p_CD @ sae.W_dec_FD.T
         cos_CF = dec_proj_CF / sae.W_dec_FD.norm(dim=1).clamp_min(1e-12)
+        b_dec_proj_C = p_CD @ sae.b_dec_D
     letters = []
-    for c, letter in enumerate(cfg.letters):
+    for c, letter in enumerate(probes.letters):
         tp = (Y_test_NC[:, c] & (logits_NC[:, c] > 0)).nonzero().squeeze(1)
         with torch.no_grad():
             probe_proj_N = x_test_ND[tp] @ p_CD[c]
@@ -658,9 +733,13 @@ def absorption_from_activations(
                 full_absorption_rate=float(full_N.sum()) / n_tp if n_tp else 0.0,
                 n_full_absorption=int(full_N.sum()),
                 mean_probe_projection=float(probe_proj_N.mean()) if n_tp else 0.0,
-                b_dec_projection=float(sae.b_dec_D.detach() @ p_CD[c]),
+                b_dec_projection=float(b_dec_proj_C[c]),
             )
         )
+    return _summarise(letters, probes)
+
+
+def _summarise(letters: list[LetterAbsorption], probes: LetterProbes) -> AbsorptionResult:
     scored = [r for r in letters if r.evaluated]
     fractions = [r.mean_absorption_fraction for r in scored]
     fulls = [r.full_absorption_rate for r in scored]
@@ -674,11 +753,12 @@ def absorption_from_activations(
         std_dev_num_split_features=statistics.stdev(splits),
         n_letters_evaluated=len(scored),
         letters=tuple(letters),
-        n_train_words=len(y_train_N),
-        n_test_words=len(y_test_N),
-        n_dropped_words=n_dropped_words,
-        hookpoint=hookpoint,
-        example_prompt=example_prompt,
+        skipped_letters=probes.skipped_letters,
+        n_train_words=len(probes.y_train_N),
+        n_test_words=len(probes.y_test_N),
+        n_dropped_words=probes.n_dropped_words,
+        hookpoint=probes.hookpoint,
+        example_prompt=probes.example_prompt,
     )
 
 
@@ -708,7 +788,8 @@ def _labels(words: Sequence[Word]) -> torch.Tensor:
 def run_absorption(
     lm: LoadedModel, sae: SAE, hookpoint: str, cfg: AbsorptionConfig, seed: int
 ) -> AbsorptionResult:
-    """First-letter feature absorption of `sae` at `hookpoint` of `lm` (see the module docstring)."""
+    """First-letter feature absorption of `sae` at `hookpoint` of `lm` (see the module docstring). To score several
+    SAEs of one hookpoint, call `collect_letter_probes` once and `score_absorption` per SAE."""
     hookpoint = resolve_hookpoint(lm.model, hookpoint)
     width = hookpoint_width(lm, hookpoint)
     if width != sae.cfg.d_in:
@@ -716,23 +797,4 @@ def run_absorption(
             f"SAE d_in={sae.cfg.d_in} does not match the width {width} of {hookpoint}; "
             "evaluate it with the model and hookpoint it was trained on"
         )
-    rng = np.random.default_rng(seed)
-    train_words, test_words = split_vocab(build_vocab(lm.tokenizer), cfg, rng)
-    train = build_prompts(lm.tokenizer, train_words, cfg, rng)
-    test = build_prompts(lm.tokenizer, test_words, cfg, rng)
-    y_train, y_test = _labels(train.words), _labels(test.words)
-    check_letter_counts(y_train, y_test, cfg)  # before the forwards
-    x_train = word_activations(lm, hookpoint, train.ids, cfg.batch_size, "absorption: train prompts")
-    x_test = word_activations(lm, hookpoint, test.ids, cfg.batch_size, "absorption: test prompts")
-    return absorption_from_activations(
-        x_train,
-        y_train,
-        x_test,
-        y_test,
-        sae,
-        cfg,
-        seed,
-        hookpoint,
-        train.n_dropped + test.n_dropped,
-        test.example,
-    )
+    return score_absorption(collect_letter_probes(lm, hookpoint, cfg, seed), sae, cfg, seed)

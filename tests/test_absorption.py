@@ -21,14 +21,15 @@ from saelab.absorption import (
     LETTERS,
     AbsorptionConfig,
     AbsorptionError,
+    LetterProbes,
     SparseLatents,
-    absorption_from_activations,
     build_prompts,
     build_vocab,
-    check_letter_counts,
     first_letter_prompt,
     fit_nested_logistic,
     run_absorption,
+    score_absorption,
+    scored_letters,
     split_features,
     word_absorption,
     word_activations,
@@ -128,7 +129,8 @@ CFG = AbsorptionConfig(letters="abcd", min_letters=4)
 
 
 def run_planted(p: Planted, cfg: AbsorptionConfig = CFG) -> Any:
-    return absorption_from_activations(p.x_train, p.y_train, p.x_test, p.y_test, p.sae, cfg, seed=0)
+    probes = LetterProbes.fit(p.x_train, p.y_train, p.x_test, p.y_test, cfg, seed=0)
+    return score_absorption(probes, p.sae, cfg, seed=0)
 
 
 @pytest.mark.parametrize(("absorbed_train", "sparse_batch"), [(0, 4096), (10, 4096), (10, 32)])
@@ -156,7 +158,9 @@ def test_planted_absorption_and_splitting_are_recovered(absorbed_train: int, spa
 
 
 def test_no_absorption_control_scores_zero() -> None:
-    r = run_planted(planted(absorbed_train=0, absorbed_test=0))
+    r = run_planted(planted(absorbed_train=0, absorbed_test=0), dataclasses.replace(CFG, letters=""))
+    assert "".join(row.letter for row in r.letters) == "abcd"  # no letters named: those with enough words
+    assert r.skipped_letters == LETTERS[4:]
     assert r.mean_absorption_fraction_score == 0.0 and r.mean_full_absorption_score == 0.0
     assert all(row.mean_absorption_fraction == 0.0 and row.full_absorption_rate == 0.0 for row in r.letters)
     assert [row.num_split_features for row in r.letters] == [1, 2, 1, 1]
@@ -350,10 +354,10 @@ def test_config_is_validated() -> None:
     for bad in (
         {"letters": "aB"},
         {"letters": "aa"},
-        {"letters": ""},
         {"prompt_template": "no word here"},
         {"prompt_template": "{word} {other}"},
         {"letters": "abc", "min_letters": 4},
+        {"min_letters": 27},
         {"min_letters": 1},
         {"test_fraction": 1.0},
         {"max_k": 0},
@@ -363,10 +367,13 @@ def test_config_is_validated() -> None:
 
 
 def test_too_few_words_for_a_letter_is_a_clear_error() -> None:
-    y_train = torch.tensor([0] * 10 + [1] * 3)
-    y_test = torch.tensor([0] * 5 + [1] * 5)
+    y_train = torch.tensor([0] * 10 + [1] * 3 + [2] * 9)
+    y_test = torch.tensor([0] * 5 + [1] * 5 + [2] * 5)
     with pytest.raises(AbsorptionError, match=r"'b' \(3 train, 5 test\).*vocab_size"):
-        check_letter_counts(y_train, y_test, AbsorptionConfig(letters="ab", min_letters=2))
+        scored_letters(y_train, y_test, AbsorptionConfig(letters="ab", min_letters=2))
+    assert scored_letters(y_train, y_test, AbsorptionConfig(min_letters=2)) == ("ac", "b" + LETTERS[3:])
+    with pytest.raises(AbsorptionError, match=r"only 2 letters have 5 words in each split \('ac'\)"):
+        scored_letters(y_train, y_test, AbsorptionConfig(min_letters=3))
     p = planted(absorbed_train=0, absorbed_test=0, n_test=3)
     with pytest.raises(AbsorptionError, match="too few words"):
         run_planted(p)
@@ -376,7 +383,9 @@ def test_too_few_letters_with_a_usable_probe_is_a_clear_error() -> None:
     p = planted(absorbed_train=0, absorbed_test=0)
     shuffled = p.y_train[torch.randperm(len(p.y_train), generator=torch.Generator().manual_seed(0))]
     with pytest.raises(AbsorptionError, match="letters have a first-letter probe"):
-        absorption_from_activations(p.x_train, shuffled, p.x_test, p.y_test, p.sae, CFG, seed=0)
+        score_absorption(
+            LetterProbes.fit(p.x_train, shuffled, p.x_test, p.y_test, CFG, seed=0), p.sae, CFG, seed=0
+        )
 
 
 def test_sae_width_mismatch_is_a_clear_error(tiny_model_dir: Path) -> None:
@@ -385,14 +394,19 @@ def test_sae_width_mismatch_is_a_clear_error(tiny_model_dir: Path) -> None:
     with pytest.raises(SAEError, match=r"d_in=16 does not match the width 32 of model\.layers\.2"):
         run_absorption(lm, wrong, "layers.2", AbsorptionConfig(), seed=0)
     p = planted(absorbed_train=0, absorbed_test=0)
-    with pytest.raises(SAEError, match="width 64"):
-        absorption_from_activations(p.x_train, p.y_train, p.x_test, p.y_test, wrong, CFG, seed=0)
+    probes = LetterProbes.fit(p.x_train, p.y_train, p.x_test, p.y_test, CFG, seed=0)
+    with pytest.raises(SAEError, match="d_in=16 does not match the width 64 of the activations"):
+        score_absorption(probes, wrong, CFG, seed=0)
 
 
 def test_run_absorption_on_a_vocabulary_too_small_for_the_letters(tiny_model_dir: Path) -> None:
     lm = load_model(str(tiny_model_dir), device="cpu")
     sae = build(SAEConfig("topk", 32, 64, k=4))
     with pytest.raises(AbsorptionError, match="too few words for letter"):
+        run_absorption(
+            lm, sae, "layers.2", AbsorptionConfig(icl_examples=2, letters="cs", min_letters=2), seed=0
+        )
+    with pytest.raises(AbsorptionError, match="letters have 5 words in each split"):
         run_absorption(lm, sae, "layers.2", AbsorptionConfig(icl_examples=2), seed=0)
 
 
