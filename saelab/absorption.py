@@ -57,7 +57,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -621,10 +621,12 @@ class LetterProbes:
         y_test_N: torch.Tensor,
         cfg: AbsorptionConfig,
         seed: int,
-        **provenance: Any,
+        hookpoint: str = "",
+        n_dropped_words: int = 0,
+        example_prompt: str = "",
     ) -> LetterProbes:
-        """Train the letter probes on activations already collected (step 3); `provenance` fills hookpoint,
-        n_dropped_words and example_prompt."""
+        """Train the letter probes on activations already collected (step 3); the last three arguments are
+        provenance copied into the result."""
         letters, skipped = scored_letters(y_train_N, y_test_N, cfg)
         idx_C = torch.tensor([LETTERS.index(c) for c in letters])
         x_train_ND = x_train_ND.float()
@@ -641,11 +643,22 @@ class LetterProbes:
             gen=torch.Generator().manual_seed(seed),
             desc="absorption: letter probes",
         )
+        x_test_ND = x_test_ND.float()
         return cls(
-            x_train_ND, y_train_N, x_test_ND.float(), y_test_N, letters, skipped, W_CD, b_C, **provenance
+            x_train_ND,
+            y_train_N,
+            x_test_ND,
+            y_test_N,
+            letters,
+            skipped,
+            W_CD,
+            b_C,
+            hookpoint,
+            n_dropped_words,
+            example_prompt,
         )
 
-    def labels(self, split: str) -> torch.Tensor:
+    def labels(self, split: Literal["train", "test"]) -> torch.Tensor:
         """[N, C] bool: word n's letter is scored letter c."""
         y_N = self.y_train_N if split == "train" else self.y_test_N
         return y_N[:, None] == torch.tensor([LETTERS.index(c) for c in self.letters])[None]
