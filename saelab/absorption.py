@@ -46,6 +46,10 @@ SmolLM2-135M layer 15 the activations' mean projects to about -10 on the letter 
 a true positive is about +16, so A is small and S / A clears the 0.4 threshold easily; each letter's result
 records the mean A and b_dec . p so that this can be seen. A small SAE without first-letter latents gives main
 latents that rarely fire and a high absorption fraction, which then means "no letter latents", not absorption.
+Measured there with the defaults (21 of 23 letters with probe F1 > 0.6, mean 0.79): a 4,608-latent TopK SAE
+trained on 24k tokens scored fraction 0.70, full 0.44, 1.05 split latents, while its k = 1 sparse probes had
+test F1 0.02; an untrained SAE of the same shape scored fraction 0.18 and full 0.52. Check `sparse_probe_f1`
+before reading absorption into the scores.
 """
 
 from __future__ import annotations
@@ -89,7 +93,7 @@ class AbsorptionConfig:
 
     vocab_size: int = 4000
     """Words sampled (seeded) from the tokenizer's alphabetic tokens; 0 = all of them (SAEBench uses all;
-    SmolLM2 has ~47k, one forward of ~85 tokens each)."""
+    SmolLM2 has 47k). One prompt per word, ~83 tokens with 10 examples: 4,000 words took 9 min on 2 CPU cores."""
     letters: str = ""
     """Letters scored (probes, split features, absorption), e.g. `abc`; a named letter with fewer than
     `min_words_per_letter` words in a split raises AbsorptionError. Empty: every letter that has them (SAEBench
