@@ -170,6 +170,11 @@ class TrainConfig:
     tensorboard package) and/or Weights & Biases (needs wandb; project from $WANDB_PROJECT, else saelab)."""
     stream_buffer_rows: int = 262_144
     """Training from an on-disk activation store: rows shuffled together in memory (bounds memory use)."""
+    encoder_init_scale: float = 1.0
+    """The encoder starts as the decoder's transpose times this (Gao et al. 2024 tie them at 1). Smaller starts
+    let Adam's steps move the encoder further: a TopK SAE on the bundled model (width 4608, k 32, lr 4e-4, 70
+    steps) reached held-out EV 0.598 from 0.577 against 0.547 from 1, but on the planted test data the same start
+    left 32% of latents dead, so 1 stays the default."""
     threshold_lr: float = 0.0
     """jumprelu: learning rate of the thresholds (0 = train.lr). Thresholds move by at most ~lr per Adam step,
     so short runs with thresholds far from their init may want a larger one."""
@@ -229,6 +234,10 @@ class TrainConfig:
         _check(len(set(self.log_to)) == len(self.log_to), f"train.log_to names a sink twice: {self.log_to}")
         _check(self.stream_buffer_rows > 0, "train.stream_buffer_rows must be > 0")
         _check(self.threshold_lr >= 0, f"train.threshold_lr must be >= 0, got {self.threshold_lr}")
+        _check(
+            self.encoder_init_scale > 0,
+            f"train.encoder_init_scale must be > 0, got {self.encoder_init_scale}",
+        )
         self.variant_configs()  # parses and validates every variant
 
     def variant_configs(self) -> list[TrainConfig]:

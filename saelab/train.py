@@ -297,6 +297,8 @@ class _Trainer:
         head = source.head(65536)
         self.device = head.device
         self.sae = build(sae_cfg).to(self.device).train()
+        with torch.no_grad():
+            self.sae.W_enc_DF.mul_(cfg.encoder_init_scale)
         if isinstance(self.sae, KSparseSAE):
             self.sae.sparse_training = cfg.kernels == "sparse" or (
                 cfg.kernels == "auto" and self.device.type == "cpu"

@@ -272,3 +272,11 @@ def test_threshold_lr_moves_jumprelu_thresholds_at_their_own_rate() -> None:
 
     slow, fast = travel(base), travel(dataclasses.replace(base, threshold_lr=1e-2))
     assert fast > 5 * slow > 0
+
+
+def test_encoder_init_scale_scales_the_starting_encoder() -> None:
+    """The SAE after one step at lr ~0 (the warm-up's first step) still holds the scaled start."""
+    x = planted(n=512, d=16)
+    base = TrainConfig(expansion=2, k=2, batch_size=512, epochs=1, lr=1e-12)
+    one, half = (train(x, dataclasses.replace(base, encoder_init_scale=s), seed=0).sae for s in (1.0, 0.5))
+    torch.testing.assert_close(half.W_enc_DF, one.W_enc_DF * 0.5, rtol=1e-4, atol=1e-6)
