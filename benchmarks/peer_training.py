@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -214,6 +215,24 @@ def reconstruction_stats(
     }
 
 
+def self_test_metrics(x_ND: torch.Tensor) -> None:
+    """Anchors of `reconstruction_stats`: the per-dimension mean scores EV 0 (variance about the mean, not about
+    zero), a perfect reconstruction EV 1, and L0 / dead count what the forward reports."""
+    mean_D, n_dead = x_ND.mean(dim=0), 5
+
+    def predict_mean(x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx_BK = torch.arange(n_dead, 10).expand(x_BD.shape[0], -1)
+        return mean_D.expand_as(x_BD), torch.ones(idx_BK.shape), idx_BK
+
+    def identity(x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return x_BD, *predict_mean(x_BD)[1:]
+
+    at_mean = reconstruction_stats(x_ND, predict_mean, 10)
+    assert abs(at_mean["explained_variance"]) < 1e-6, at_mean
+    assert at_mean["l0"] == 10 - n_dead and at_mean["dead_fraction"] == n_dead / 10, at_mean
+    assert reconstruction_stats(x_ND, identity, 10)["explained_variance"] == 1.0
+
+
 def check_own_forward(sae: PlainSAE, x_ND: torch.Tensor, x_hat_own_ND: torch.Tensor, name: str) -> float:
     """The shared forward must reproduce the library's own reconstruction of the check rows."""
     x_hat_ND = plain_forward(sae)(x_ND)[0]
@@ -259,8 +278,9 @@ def trainers(batchtopk: bool) -> list[Trainer]:
     return out
 
 
-def run_trainer(t: Trainer, acts: Acts, tokens: int, out: Path) -> dict[str, Any]:
-    """Run one trainer script in its environment; its result.json plus metrics from the shared function."""
+def run_trainer(t: Trainer, acts: Acts, tokens: int, out: Path, saelab_src: Path) -> dict[str, Any]:
+    """Run one trainer script in its environment (saelab imported from `saelab_src`); its result.json plus metrics
+    from the shared function."""
     if not t.python.exists():
         raise SystemExit(f"{t.python} is missing: run `make peers` first")
     env = {
@@ -271,6 +291,7 @@ def run_trainer(t: Trainer, acts: Acts, tokens: int, out: Path) -> dict[str, Any
         "SPARSIFY_DISABLE_TRITON": "1",
         "WANDB_MODE": "disabled",
         "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(saelab_src),
     }
     cmd = [str(t.python), str(PEERS / t.script), "--acts", str(acts.path), "--tokens", str(tokens)]
     cmd += ["--out", str(out), *t.args]
@@ -279,6 +300,9 @@ def run_trainer(t: Trainer, acts: Acts, tokens: int, out: Path) -> dict[str, Any
     if proc.returncode:
         raise SystemExit(f"{t.name} failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
     result = json.loads((out / "result.json").read_text())
+    imported = result["recipe"].get("imported_from")
+    if imported is not None and not imported.startswith(str(saelab_src)):
+        raise SystemExit(f"{t.name} imported saelab from {imported}, not the snapshot {saelab_src}")
     sae, check_x, check_x_hat = PlainSAE.load(out / "sae.safetensors")
     result["check_max_rel_diff"] = check_own_forward(sae, check_x, check_x_hat, t.name)
     result.update(reconstruction_stats(acts.eval_ND, plain_forward(sae), sae.d_sae))
@@ -310,16 +334,27 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch_saelab_env": torch.__version__,
         "saelab_git": git,
-        "saelab_sources_sha256": saelab_sources_hash(),
     }
 
 
-def saelab_sources_hash() -> str:
-    """Hash of saelab/*.py as they are now: ties a result to the trainer code it ran (the tree may be dirty)."""
+def snapshot_saelab() -> tuple[Path, str]:
+    """Copy the saelab package as it is now to `CACHE/saelab-src/<hash>/saelab` and return (that parent folder, the
+    hash). Trainers import saelab from it (PYTHONPATH), so one invocation trains with one version of the code even
+    while the working tree changes, and the hash names that version."""
+    src = CACHE / "saelab-src"
+    tmp = src / f"tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(ROOT / "saelab", tmp / "saelab", ignore=shutil.ignore_patterns("__pycache__"))
     h = hashlib.sha256()
-    for path in sorted((ROOT / "saelab").glob("*.py")):
-        h.update(path.name.encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()[:16]
+    for path in sorted((tmp / "saelab").rglob("*")):
+        if path.is_file():
+            h.update(str(path.relative_to(tmp)).encode() + b"\0" + path.read_bytes())
+    digest = h.hexdigest()[:16]
+    if (src / digest).exists():
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(src / digest)
+    return src / digest, digest
 
 
 def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
@@ -369,14 +404,16 @@ def main() -> None:
     torch.set_num_threads(2)
     spec = ActsSpec(n_train=args.tokens)
     acts = load_or_collect(spec)
+    self_test_metrics(acts.eval_ND)
     todo = [t for t in trainers(args.batchtopk) if not args.only or t.name.startswith(tuple(args.only))]
     facts = machine()
+    saelab_src, facts["saelab_sources_sha256"] = snapshot_saelab()
     load_before = os.getloadavg()
     runs: dict[str, list[dict[str, Any]]] = {t.name: [] for t in todo}
     for rep in range(args.repeats):
         for t in todo:
             out = CACHE / "runs" / f"{t.name.replace(' ', '_').replace(',', '')}-{rep}"
-            r = run_trainer(t, acts, args.tokens, out)
+            r = run_trainer(t, acts, args.tokens, out, saelab_src)
             runs[t.name].append(r)
             print(
                 f"[{rep}] {t.name}: {r['tokens_per_second']:,.0f} tok/s, EV {r['explained_variance']:.3f}, "

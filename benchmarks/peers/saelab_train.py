@@ -14,6 +14,7 @@ from importlib.metadata import version
 import common
 import torch
 
+import saelab
 from saelab.config import TrainConfig
 from saelab.train import train
 
@@ -47,6 +48,7 @@ def main() -> None:
         "b_dec_init": "geometric median of 8,192 rows",
         "input_scaling": "E||x||^2 = d_in, folded back on return",
         "grad_clip": "none",
+        "imported_from": saelab.__file__,
     }
     common.write_result(args, weights, check_ND, check_x_hat, timing, "saelab", version("saelab"), recipe)
 
