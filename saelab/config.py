@@ -312,8 +312,9 @@ class EvalConfig:
     probing_n_per_class: int = 128
     """Sparse probing: texts per class (train and test together)."""
     absorption: bool = False
-    """First-letter feature absorption (SAEBench definitions, absorption.py) of every SAE evaluated; a few
-    minutes per SAE on 2 CPU cores."""
+    """First-letter feature absorption (SAEBench definitions, absorption.py) of every SAE evaluated. The model
+    forwards and letter probes, about 9 minutes at the defaults on 2 CPU cores, are shared by all SAEs; each
+    SAE then takes seconds."""
     compare: tuple[str, ...] = ()
     """Further SAE folders (saelab, SAELens, sparsify or dictionary_learning format) evaluated on the same tokens
     as this run's SAE and its `train.variants`, for the matched-sparsity comparison (`eval/compare.json` and

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from saelab import sae as sae_lib
-from saelab.absorption import AbsorptionConfig, AbsorptionResult, run_absorption
+from saelab.absorption import AbsorptionConfig, AbsorptionResult, collect_letter_probes, score_absorption
 from saelab.activations import Activations, ActivationStore, collect, collect_to_store
 from saelab.config import RunConfig, from_dict, to_dict
 from saelab.data import TokenWindows, build_windows
@@ -225,7 +225,7 @@ def stage_eval(s: Session) -> None:
         results[0].save(s.folder / METRICS)
         rec["outputs"].append(METRICS)
         rec["summary"] = _summary(results[0])
-        absorption = [_absorption(s, lm, sae) for sae in saes] if s.cfg.eval.absorption else []
+        absorption = _absorption(s, lm, saes) if s.cfg.eval.absorption else []
         if absorption:
             absorption[0].save(s.folder / ABSORPTION)
             rec["outputs"].append(ABSORPTION)
@@ -261,8 +261,11 @@ def _probing(s: Session, lm: LoadedModel, sae: sae_lib.SAE) -> ProbingResult:
     return run_probing(lm, sae, _hookpoint(s), cfg, s.cfg.seed)
 
 
-def _absorption(s: Session, lm: LoadedModel, sae: sae_lib.SAE) -> AbsorptionResult:
-    return run_absorption(lm, sae, _hookpoint(s), AbsorptionConfig(), s.cfg.seed)
+def _absorption(s: Session, lm: LoadedModel, saes: list[sae_lib.SAE]) -> list[AbsorptionResult]:
+    """First-letter absorption of every SAE; the forwards and letter probes are shared (one hookpoint)."""
+    cfg = AbsorptionConfig()
+    probes = collect_letter_probes(lm, _hookpoint(s), cfg, s.cfg.seed)
+    return [score_absorption(probes, sae, cfg, s.cfg.seed) for sae in saes]
 
 
 def _summary(result: EvalResult) -> dict[str, Any]:
