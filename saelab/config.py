@@ -315,6 +315,8 @@ class EvalConfig:
     """First-letter feature absorption (SAEBench definitions, absorption.py) of every SAE evaluated. The model
     forwards and letter probes, about 9 minutes at the defaults on 2 CPU cores, are shared by all SAEs; each
     SAE then takes seconds."""
+    absorption_vocab_size: int = 4000
+    """Absorption: words sampled from the tokenizer's vocabulary (0 = all); the forwards scale with it."""
     compare: tuple[str, ...] = ()
     """Further SAE folders (saelab, SAELens, sparsify or dictionary_learning format) evaluated on the same tokens
     as this run's SAE and its `train.variants`, for the matched-sparsity comparison (`eval/compare.json` and
@@ -326,11 +328,13 @@ class EvalConfig:
         _check(self.batch_size > 0, "eval.batch_size must be > 0")
         _check(self.ce_batch_size > 0, "eval.ce_batch_size must be > 0")
         _check(0 < self.dense_threshold <= 1, "eval.dense_threshold must be in (0, 1]")
+        _check(self.absorption_vocab_size >= 0, "eval.absorption_vocab_size must be >= 0")
         _check(
             len(set(self.probing)) == len(self.probing), f"eval.probing names a task twice: {self.probing}"
         )
         _check(
-            self.probing_n_per_class >= 12, "eval.probing_n_per_class must be >= 12 (8 train + 4 test texts)"
+            self.probing_n_per_class >= 16,
+            "eval.probing_n_per_class must be >= 16 (the probes need 4 test texts)",
         )
 
 

@@ -263,7 +263,7 @@ def _probing(s: Session, lm: LoadedModel, sae: sae_lib.SAE) -> ProbingResult:
 
 def _absorption(s: Session, lm: LoadedModel, saes: list[sae_lib.SAE]) -> list[AbsorptionResult]:
     """First-letter absorption of every SAE; the forwards and letter probes are shared (one hookpoint)."""
-    cfg = AbsorptionConfig()
+    cfg = AbsorptionConfig(vocab_size=s.cfg.eval.absorption_vocab_size)
     probes = collect_letter_probes(lm, _hookpoint(s), cfg, s.cfg.seed)
     return [score_absorption(probes, sae, cfg, s.cfg.seed) for sae in saes]
 
