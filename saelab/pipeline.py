@@ -19,12 +19,14 @@ one on the artifacts already in R. Artifacts (relative to the run folder):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,13 @@ from typing import Any
 import torch
 
 from saelab import sae as sae_lib
-from saelab.absorption import AbsorptionConfig, AbsorptionResult, collect_letter_probes, score_absorption
+from saelab.absorption import (
+    AbsorptionConfig,
+    AbsorptionError,
+    AbsorptionResult,
+    collect_letter_probes,
+    score_absorption,
+)
 from saelab.activations import Activations, ActivationStore, collect, collect_to_store
 from saelab.config import RunConfig, from_dict, to_dict
 from saelab.data import TokenWindows, build_windows
@@ -41,7 +49,7 @@ from saelab.evaluate import EvalResult, evaluate_many
 from saelab.formats import import_sae
 from saelab.latents import LatentCache, build_cache
 from saelab.models import LoadedModel, load_model, resolve_hookpoint
-from saelab.probing import ProbingConfig, ProbingResult, run_probing
+from saelab.probing import ProbingConfig, ProbingError, ProbingResult, run_probing
 from saelab.runs import Run
 from saelab.sampling import SampleSet, sample
 from saelab.train import TrainResult, train_many
@@ -225,13 +233,15 @@ def stage_eval(s: Session) -> None:
         results[0].save(s.folder / METRICS)
         rec["outputs"].append(METRICS)
         rec["summary"] = _summary(results[0])
-        absorption = _absorption(s, lm, saes) if s.cfg.eval.absorption else []
+        with _cli_names():
+            absorption = _absorption(s, lm, saes) if s.cfg.eval.absorption else []
+            probing = _probing(s, lm, saes[0]) if s.cfg.eval.probing else None
         if absorption:
             absorption[0].save(s.folder / ABSORPTION)
             rec["outputs"].append(ABSORPTION)
             rec["summary"]["mean_absorption_fraction_score"] = absorption[0].mean_absorption_fraction_score
-        if s.cfg.eval.probing:
-            _probing(s, lm, saes[0]).save(s.folder / PROBING)
+        if probing is not None:
+            probing.save(s.folder / PROBING)
             rec["outputs"].append(PROBING)
         if len(named) > 1:
             entries = [
@@ -242,6 +252,26 @@ def stage_eval(s: Session) -> None:
                 entry["mean_absorption_fraction_score"] = a.mean_absorption_fraction_score
             write_json(s.folder / COMPARE, {"saes": mark_dominated(entries)})
             rec["outputs"].append(COMPARE)
+
+
+_CLI_NAMES = {
+    "probing.n_per_class": "--eval.probing-n-per-class",
+    "absorption.vocab_size": "--eval.absorption-vocab-size",
+}
+"""Settings the library's probing/absorption errors name, as the eval stage's flags spell them."""
+
+
+@contextlib.contextmanager
+def _cli_names() -> Iterator[None]:
+    """Re-raise probing/absorption errors with the settings they name spelt as the eval stage's flags, so the fix
+    they advise can be typed as it reads. The config settings only the library exposes keep their names."""
+    try:
+        yield
+    except (ProbingError, AbsorptionError) as err:
+        message = str(err)
+        for name, flag in _CLI_NAMES.items():
+            message = message.replace(name, flag)
+        raise type(err)(message) from err
 
 
 def _probing(s: Session, lm: LoadedModel, sae: sae_lib.SAE) -> ProbingResult:

@@ -265,3 +265,27 @@ def test_eval_with_probing(run_dir: Path, tmp_path: Path) -> None:
     assert "eval/probing.json" in manifest["stages"]["eval"]["outputs"]
     assert main(["report", "--run-dir", str(run)]) == 0
     assert "Sparse probing" in (run / "report.md").read_text()
+
+
+def test_absorption_error_names_the_eval_flag(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A vocabulary too small for the absorption prompts is refused naming the flag that fixes it, spelt as typed,
+    and writes no absorption record."""
+    import shutil
+
+    run = tmp_path / "r"
+    shutil.copytree(run_dir, run)
+    args = [
+        "eval",
+        "--run-dir",
+        str(run),
+        *SMALL["eval"],
+        "--eval.absorption",
+        "--eval.absorption-vocab-size",
+        "3",
+    ]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "raise --eval.absorption-vocab-size" in err and "absorption.vocab_size" not in err
+    assert not (run / "eval" / "absorption.json").exists()
