@@ -11,6 +11,12 @@ from saelab.sae import SAE, TrainLoss
 from saelab.train import StepHook, TrainResult, train
 
 
+def planted_directions(d: int = 24, n_feat: int = 48, seed: int = 0) -> torch.Tensor:
+    """The unit directions `planted` with the same arguments draws its tokens from [n_feat, d]."""
+    dirs = torch.randn(n_feat, d, generator=torch.Generator().manual_seed(seed))
+    return dirs / dirs.norm(dim=1, keepdim=True)
+
+
 def planted(n: int = 6000, d: int = 24, n_feat: int = 48, active: int = 3, seed: int = 0) -> torch.Tensor:
     """Sparse combinations of random unit directions, plus a large mean and scale (like real activations)."""
     g = torch.Generator().manual_seed(seed)

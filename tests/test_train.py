@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest_train import planted
+from conftest_train import planted, planted_directions
 
 from saelab import sae as sae_lib
 from saelab.activations import ActivationError
@@ -65,7 +65,12 @@ def test_every_architecture_learns_planted_data(arch: str) -> None:
     m = reconstruction_metrics(result.sae, [x[5000:]], 0.1)  # held-out tokens, inference path
     assert m["explained_variance"] > min_ev
     assert lo <= m["l0"] <= hi
-    assert m["dead_fraction"] < 0.2
+    # The dictionary is learnt: every planted direction has a decoder row along it. Up to the surplus half of the
+    # 96 latents may idle (48 directions).
+    rows_FD = result.sae.W_dec_FD.detach()
+    best_cos = (planted_directions() @ (rows_FD / rows_FD.norm(dim=1, keepdim=True)).T).max(dim=1).values
+    assert best_cos.min() > 0.8 and best_cos.mean() > 0.93
+    assert m["dead_fraction"] <= 0.5
 
 
 @pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
