@@ -1,129 +1,243 @@
-"""Sparse latent cache: the SAE's latent activations over the collected tokens, stored per latent.
+"""Sparse latent cache: an SAE's latent activations over the tokens of one split, stored by latent.
 
-Layout (`latents.safetensors`): compressed sparse columns. `indptr` [F+1] int64 splits `token_idx` [nnz] int32 and
-`values` [nnz] float32 by latent (8 bytes per nonzero), so one latent reads as a slice; `window` and `pos` [N] say
-where each cached token came from. Per-latent statistics (`stats.json`): firing frequency, max and mean activation.
+Layout of the cache folder (`latents/` in a run):
+
+    cache.json               format, provenance (sha256 of the SAE and of the data), split, token count, shards
+    shard-00000.safetensors  latents [start, end): `indptr` [end-start+1] int64 splits `token_idx` [nnz] int32 and
+                             `values` [nnz] float32 by latent (8 bytes per nonzero); each latent's tokens ascending
+    tokens.safetensors       `window` [N] int32 and `pos` [N] int32: where cached token i came from
+    stats.safetensors        per-latent count, frequency, mean and max activation, activation quantiles
+
+`LatentCache.open` reads cache.json and the statistics only; `latent(f)` reads latent f's slice of one shard with
+safetensors' `get_slice`, never the rest of the cache. `open` refuses a cache built from another SAE (or other
+data) when given the hash it expects. The cache is built in bounded memory by `latent_build.build_cache`.
+
+Run alone: `python -m saelab.latents runs/r1/latents` prints the cache's summary.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
-from dataclasses import asdict, dataclass
+import logging
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
-from tqdm.auto import tqdm
 
-from saelab.activations import Activations
-from saelab.sae import SAE
+log = logging.getLogger(__name__)
+
+FORMAT = "saelab-latent-cache/2"
+MANIFEST = "cache.json"
+TOKENS = "tokens.safetensors"
+STATS = "stats.safetensors"
+
+
+class CacheError(ValueError):
+    """The latent cache is missing, unreadable, or cannot be built as asked; the message says the fix."""
+
+
+class CacheMismatchError(CacheError):
+    """The cache was built from another SAE or other data than the ones it is read with."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard file: the latents [start, end) and their nonzeros."""
+
+    file: str
+    start: int
+    end: int
+    nnz: int
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """The cache's manifest (`cache.json`)."""
+
+    d_sae: int
+    """Latents (columns)."""
+    n_tokens: int
+    """Cached tokens (rows)."""
+    nnz: int
+    """Nonzero activations stored."""
+    dataset_split: str
+    """`train` or `eval`: the windows the tokens come from."""
+    sae_sha256: str
+    """sha256 of the SAE weights file the latents were computed with."""
+    data_sha256: str
+    """sha256 of the token windows (tokens, exclusion mask, split); empty when unknown."""
+    shards: tuple[ShardInfo, ...]
+    bytes_per_nonzero: float
+    """Size of the shard files (headers and indptr included) per stored nonzero."""
+    format: str = FORMAT
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> CacheInfo:
+        d = json.loads(path.read_text())
+        if d.get("format") != FORMAT:
+            raise CacheError(f"{path} is not a {FORMAT} manifest; rebuild the cache with `saelab cache`")
+        d["shards"] = tuple(ShardInfo(**s) for s in d["shards"])
+        return cls(**d)
 
 
 @dataclass(frozen=True)
 class LatentStats:
     """Per-latent statistics over the cached tokens."""
 
+    count: np.ndarray
+    """[F] int64 tokens on which the latent fires."""
     frequency: np.ndarray
     """[F] fraction of tokens on which the latent fires."""
     max_act: np.ndarray
-    """[F] largest activation."""
+    """[F] largest activation (0 for latents that never fire)."""
     mean_act: np.ndarray
     """[F] mean activation over the tokens where it fires (0 for latents that never fire)."""
+    quantiles_FQ: np.ndarray
+    """[F, Q] activation quantiles over the tokens where the latent fires (nearest rank; 0 where it never
+    fires)."""
+    quantiles_exact: np.ndarray
+    """[F] bool: False where the latent fired on more than `buffer_nnz` tokens and its quantiles come from an
+    evenly strided subsample of its activations (memory stays bounded)."""
+    levels: tuple[float, ...]
+    """Quantile levels (the columns of `quantiles_FQ`)."""
     n_tokens: int
 
     def save(self, path: Path) -> None:
-        data = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in asdict(self).items()}
-        path.write_text(json.dumps(data))
+        arrays = {
+            "count": self.count,
+            "frequency": self.frequency,
+            "max_act": self.max_act,
+            "mean_act": self.mean_act,
+            "quantiles": self.quantiles_FQ,
+            "quantiles_exact": self.quantiles_exact.astype(np.uint8),
+        }
+        meta = {"levels": json.dumps(list(self.levels)), "n_tokens": str(self.n_tokens)}
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path), metadata=meta)
 
     @classmethod
     def load(cls, path: Path) -> LatentStats:
-        d = json.loads(path.read_text())
+        t = load_file(str(path))
+        with safe_open(str(path), framework="np") as f:
+            meta = f.metadata()
         return cls(
-            np.asarray(d["frequency"]), np.asarray(d["max_act"]), np.asarray(d["mean_act"]), d["n_tokens"]
+            t["count"],
+            t["frequency"],
+            t["max_act"],
+            t["mean_act"],
+            t["quantiles"],
+            t["quantiles_exact"].astype(bool),
+            tuple(json.loads(meta["levels"])),
+            int(meta["n_tokens"]),
         )
 
 
-@dataclass(frozen=True)
+@dataclass
 class LatentCache:
-    """Sparse latent activations, readable one latent at a time."""
+    """A latent cache on disk, read one latent at a time (see module docstring)."""
 
-    indptr: np.ndarray
-    token_idx: np.ndarray
-    values: np.ndarray
-    window_N: np.ndarray
-    pos_N: np.ndarray
+    folder: Path
+    info: CacheInfo
     stats: LatentStats
+    _handles: dict[int, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, folder: Path, sae_sha256: str | None = None, data_sha256: str | None = None) -> LatentCache:
+        """Open the cache in `folder`; with `sae_sha256` / `data_sha256`, refuse one built from anything else."""
+        folder = Path(folder)
+        path = folder / MANIFEST
+        if not path.exists():
+            old = (folder / "latents.safetensors").exists()
+            why = "was written by an older saelab" if old else "is missing"
+            raise CacheError(f"{path} {why}; run `saelab cache --run-dir {folder.parent}`")
+        info = CacheInfo.load(path)
+        for what, want, got in (
+            ("SAE", sae_sha256, info.sae_sha256),
+            ("data", data_sha256, info.data_sha256),
+        ):
+            if want is not None and got and want != got:
+                raise CacheMismatchError(
+                    f"the latent cache in {folder} was built from another {what} (sha256 {got[:12]}…, this "
+                    f"{what} is {want[:12]}…); re-run `saelab cache --run-dir {folder.parent}` to rebuild it"
+                )
+        return cls(folder, info, LatentStats.load(folder / STATS))
 
     @property
     def d_sae(self) -> int:
-        return len(self.indptr) - 1
+        return self.info.d_sae
+
+    @property
+    def n_tokens(self) -> int:
+        return self.info.n_tokens
+
+    @property
+    def nnz(self) -> int:
+        return self.info.nnz
+
+    def _shard(self, f: int) -> tuple[Any, int]:
+        """(open shard holding latent f, f's row in it)."""
+        if not 0 <= f < self.d_sae:
+            raise IndexError(f"latent {f} out of range [0, {self.d_sae})")
+        i = bisect.bisect_right([s.start for s in self.info.shards], f) - 1
+        if i not in self._handles:
+            self._handles[i] = safe_open(str(self.folder / self.info.shards[i].file), framework="np")
+        return self._handles[i], f - self.info.shards[i].start
 
     def latent(self, f: int) -> tuple[np.ndarray, np.ndarray]:
-        """(token indices, activations) of latent `f`, in token order."""
-        a, b = int(self.indptr[f]), int(self.indptr[f + 1])
-        return self.token_idx[a:b], self.values[a:b]
+        """(token indices [n] int32, activations [n] float32) of latent `f`, in token order; reads only its slice."""
+        handle, row = self._shard(f)
+        a, b = (int(x) for x in handle.get_slice("indptr")[row : row + 2])
+        if a == b:
+            return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.float32)
+        return handle.get_slice("token_idx")[a:b], handle.get_slice("values")[a:b]
 
-    def save(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.stats.save(folder / "stats.json")
-        tensors = {
-            "indptr": self.indptr,
-            "token_idx": self.token_idx,
-            "values": self.values,
-            "window": self.window_N,
-            "pos": self.pos_N,
+    @cached_property
+    def _token_map(self) -> dict[str, np.ndarray]:
+        return load_file(str(self.folder / TOKENS))
+
+    @property
+    def window_N(self) -> np.ndarray:
+        """[N] window index of each cached token."""
+        return self._token_map["window"]
+
+    @property
+    def pos_N(self) -> np.ndarray:
+        """[N] position inside its window of each cached token."""
+        return self._token_map["pos"]
+
+    def dense(self) -> np.ndarray:
+        """[N, F] float32 dense latents (for tests and small caches: this loads everything)."""
+        out = np.zeros((self.n_tokens, self.d_sae), dtype=np.float32)
+        for s in self.info.shards:
+            t = load_file(str(self.folder / s.file))
+            lat = np.repeat(np.arange(s.start, s.end), np.diff(t["indptr"]))
+            out[t["token_idx"], lat] = t["values"]
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        alive = self.stats.count > 0
+        return {
+            "d_sae": self.d_sae,
+            "n_tokens": self.n_tokens,
+            "nnz": self.nnz,
+            "l0": self.nnz / max(1, self.n_tokens),
+            "dead_latents": int((~alive).sum()),
+            "dataset_split": self.info.dataset_split,
+            "shards": len(self.info.shards),
+            "bytes_per_nonzero": self.info.bytes_per_nonzero,
+            "sae_sha256": self.info.sae_sha256,
         }
-        tmp = folder / "latents.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        tmp.rename(folder / "latents.safetensors")
-
-    @classmethod
-    def load(cls, folder: Path) -> LatentCache:
-        path = folder / "latents.safetensors"
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing; run `saelab cache` first")
-        t = load_file(str(path))
-        return cls(
-            t["indptr"],
-            t["token_idx"],
-            t["values"],
-            t["window"],
-            t["pos"],
-            LatentStats.load(folder / "stats.json"),
-        )
 
 
-@torch.no_grad()
-def build_cache(sae: SAE, acts: Activations, batch_size: int) -> LatentCache:
-    """Encode every collected activation and store the nonzero latents per latent."""
-    F = sae.cfg.d_sae
-    N = acts.acts_ND.shape[0]
-    rows, cols, vals = [], [], []
-    device = next(sae.parameters()).device
-    for start in tqdm(range(0, N, batch_size), desc="cache latents", unit="batch", leave=False):
-        x = acts.acts_ND[start : start + batch_size].to(device=device, dtype=torch.float32)
-        code = sae.encode(x)
-        nz = code.top_acts_BK > 0
-        r = torch.arange(start, start + x.shape[0], device=device)[:, None].expand_as(nz)
-        rows.append(r[nz].cpu())
-        cols.append(code.top_idx_BK[nz].cpu())
-        vals.append(code.top_acts_BK[nz].float().cpu())
-    row, col, val = torch.cat(rows).numpy(), torch.cat(cols).numpy(), torch.cat(vals).numpy()
-    order = np.lexsort((row, col))  # by latent, then by token
-    row, col, val = row[order], col[order], val[order]
-    counts = np.bincount(col, minlength=F)
-    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    max_act = np.zeros(F, dtype=np.float32)
-    np.maximum.at(max_act, col, val)
-    sums = np.bincount(col, weights=val, minlength=F)
-    mean_act = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0).astype(np.float32)
-    stats = LatentStats(counts / N, max_act, mean_act, N)
-    return LatentCache(
-        indptr,
-        row.astype(np.int32),
-        val.astype(np.float32),
-        acts.window_N.numpy().astype(np.int32),
-        acts.pos_N.numpy().astype(np.int32),
-        stats,
-    )
+if __name__ == "__main__":
+    import sys
+
+    logging.basicConfig(level=logging.INFO)
+    log.info("%s", json.dumps(LatentCache.open(Path(sys.argv[1])).summary(), indent=2))

@@ -10,7 +10,8 @@ one on the artifacts already in R. Artifacts (relative to the run folder):
     sae-variants/<i>-<overrides>/   the SAEs of train.variants, same files    (train)
     eval/metrics.json, eval/compare.json (several SAEs on the same tokens),
     eval/probing.json, eval/absorption.json (when asked for)                  (eval)
-    latents/latents.safetensors, latents/stats.json                            (cache)
+    latents/cache.json, latents/shard-*.safetensors, latents/tokens.safetensors,
+    latents/stats.safetensors                                                   (cache)
     samples/samples.json                                                       (sample)
     explain/explanations.jsonl                                                 (explain)
     score/scores.jsonl, score/scores_summary.json                              (score)
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from saelab import sae as sae_lib
@@ -41,13 +43,14 @@ from saelab.absorption import (
     collect_letter_probes,
     score_absorption,
 )
-from saelab.activations import Activations, ActivationStore, collect, collect_to_store
+from saelab.activations import Activations, ActivationStore, collect, collect_to_store, iter_window_batches
 from saelab.config import RunConfig, from_dict, to_dict
 from saelab.data import TokenWindows, build_windows
 from saelab.distributed import DistInfo
 from saelab.evaluate import EvalResult, evaluate_many
 from saelab.formats import import_sae
-from saelab.latents import LatentCache, build_cache
+from saelab.latent_build import Chunk, build_cache, check_n_tokens, chunks_from_file, chunks_from_store
+from saelab.latents import MANIFEST, STATS, TOKENS, LatentCache
 from saelab.models import LoadedModel, load_model, resolve_hookpoint
 from saelab.probing import ProbingConfig, ProbingError, ProbingResult, run_probing
 from saelab.runs import Run
@@ -337,31 +340,74 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def stage_cache(s: Session) -> None:
+    """Cache the SAE's latents over `cache.n_tokens` tokens of `cache.dataset_split`, in bounded memory."""
     sae = _load_sae(s)
-    acts = _activations(s)
-    with s.run.stage("cache", {"cache": to_dict(s.cfg.cache)}) as rec:
-        cache = build_cache(sae, acts, s.cfg.cache.batch_size)
-        cache.save(s.folder / LATENTS)
-        rec["outputs"] += [f"{LATENTS}/latents.safetensors", f"{LATENTS}/stats.json"]
-        rec.update(nnz=len(cache.values), n_tokens=cache.stats.n_tokens)
+    s.run.verify("collect", "collect")
+    c = s.cfg.cache
+    windows = TokenWindows.load(s.folder / WINDOWS)
+    with s.run.stage("cache", {"cache": to_dict(c)}) as rec:
+        cache = build_cache(
+            sae, _cache_chunks(s, windows), s.folder / LATENTS, c, _sae_sha256(s), windows.sha256()
+        )
+        rec["outputs"] += [f"{LATENTS}/{name}" for name in (MANIFEST, STATS, TOKENS)]
+        rec["outputs"] += [f"{LATENTS}/{shard.file}" for shard in cache.info.shards]
+        rec.update(cache.summary())
+
+
+def _sae_sha256(s: Session) -> str:
+    """sha256 of the run's SAE file as it is now (a retrained SAE has a new one)."""
+    return sae_lib.file_sha256(s.folder / SAE_DIR)
+
+
+def _cache_chunks(s: Session, windows: TokenWindows) -> Iterator[Chunk]:
+    """The cached split's activations in chunks: collect's artifacts for `train`, the model for `eval`."""
+    c = s.cfg.cache
+    if c.dataset_split == "train":
+        if s.run.require("collect", "collect").get("format") == "store":
+            return chunks_from_store(ActivationStore(s.folder / STORE), c.batch_size, c.n_tokens)
+        return chunks_from_file(s.folder / ACTS, c.batch_size, c.n_tokens)
+    available = int(windows.keep[windows.eval_idx].sum())
+    n = check_n_tokens(c.n_tokens, available, "eval", "raise --data.eval-fraction or use a larger corpus")
+    return _eval_chunks(s.lm(), windows, _hookpoint(s), n, s.cfg.collect.batch_size)
+
+
+def _eval_chunks(
+    lm: LoadedModel, windows: TokenWindows, hookpoint: str, n: int, batch: int
+) -> Iterator[Chunk]:
+    """Kept positions of the held-out windows, in order, until `n` tokens."""
+    done = 0
+    for idx, a_BTD in iter_window_batches(lm, windows, windows.eval_idx, hookpoint, batch, "cache (eval)"):
+        keep = windows.keep[idx]
+        w, p = keep.nonzero()
+        take = min(len(w), n - done)
+        acts = a_BTD[torch.as_tensor(keep, device=a_BTD.device)]
+        yield acts[:take], idx[w[:take]].astype(np.int32), p[:take].astype(np.int32)
+        done += take
+        if done >= n:
+            return
 
 
 def stage_sample(s: Session) -> None:
     s.run.verify("cache", "cache")
-    cache = LatentCache.load(s.folder / LATENTS)
     windows = TokenWindows.load(s.folder / WINDOWS)
+    cache = LatentCache.open(s.folder / LATENTS, _sae_sha256(s), windows.sha256())
     tokenizer = _tokenizer(s)
 
     @functools.cache
     def token_str(t: int) -> str:
         return str(tokenizer.decode([t]))
 
+    embed = None
+    if s.cfg.sample.non_activating_source == "similar":
+        from saelab.embed import Embedder
+
+        embed = Embedder().embed
     with s.run.stage("sample", {"sample": to_dict(s.cfg.sample)}) as rec:
-        samples = sample(cache, windows.tokens, token_str, s.cfg.sample, s.cfg.seed)
+        samples = sample(cache, windows.tokens, token_str, s.cfg.sample, s.cfg.seed, embed)
         (s.folder / "samples").mkdir(exist_ok=True)
         samples.save(s.folder / SAMPLES)
         rec["outputs"].append(SAMPLES)
-        rec.update(n_latents=len(samples.latents), n_skipped=len(samples.skipped))
+        rec.update(samples.summary())
 
 
 def _tokenizer(s: Session) -> Any:

@@ -5,8 +5,15 @@ latent fires on any of its tokens; its activation is the max over tokens. For ea
 - `train`: the `n_examples_train` highest-activating examples (shown to the explainer);
 - `test_pos`: `n_examples_test` activating examples from the *remaining* ones, spread evenly over `n_quantiles`
   activation quantiles (so explanation and scoring examples are disjoint, unlike Delphi's shared pool);
-- `test_neg`: `n_non_activating` random examples where the latent never fires.
-Latents with fewer than `min_examples` activating examples are skipped and counted, never dropped silently.
+- `test_neg`: `n_non_activating` examples where the latent fires on no token: drawn at random
+  (`non_activating_source random`), or the hard negatives among a shared random pool of `n_candidates` examples
+  whose MiniLM embeddings lie nearest the mean embedding of the latent's activating examples (`similar`).
+Latents firing on fewer than `min_examples` cached tokens are never chosen and counted (`n_ineligible`, dead ones
+also in `n_dead`); chosen latents with fewer than `min_examples` activating examples, or too few non-activating
+ones, are skipped with the reason. Nothing is dropped silently. Every latent records the class balance of its
+scoring set (`class_balance`: activating vs non-activating counts), and `SampleSet.class_balance` totals them.
+
+Run through `saelab sample --run-dir RUN` (after `saelab cache`).
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -72,6 +79,22 @@ class LatentExamples:
     test_neg: tuple[Example, ...]
     """Non-activating scoring examples."""
 
+    @property
+    def class_balance(self) -> ClassBalance:
+        """Activating vs non-activating counts of the scoring set."""
+        return ClassBalance(len(self.test_pos), len(self.test_neg))
+
+
+class ClassBalance(NamedTuple):
+    """Class counts of a scoring set."""
+
+    n_activating: int
+    n_non_activating: int
+
+    @property
+    def activating_fraction(self) -> float:
+        return self.n_activating / max(1, self.n_activating + self.n_non_activating)
+
 
 @dataclass
 class SampleSet:
@@ -83,13 +106,37 @@ class SampleSet:
     n_ineligible: int = 0
     """Latents never chosen because they fire on fewer than `min_examples` cached tokens (dead ones included)."""
     config: dict[str, Any] = field(default_factory=dict)
+    n_dead: int = 0
+    """Latents that never fire on the cached tokens (counted in `n_ineligible` too)."""
+    cache: dict[str, Any] = field(default_factory=dict)
+    """The latent cache sampled from: split, tokens, SAE sha256."""
+
+    @property
+    def class_balance(self) -> ClassBalance:
+        """Activating vs non-activating scoring examples over all latents."""
+        return ClassBalance(
+            sum(le.class_balance.n_activating for le in self.latents),
+            sum(le.class_balance.n_non_activating for le in self.latents),
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """Counts for the run manifest and the report."""
+        balance = self.class_balance
+        return {
+            "n_latents": len(self.latents),
+            "n_skipped": len(self.skipped),
+            "n_ineligible": self.n_ineligible,
+            "n_dead": self.n_dead,
+            "class_balance": {**balance._asdict(), "activating_fraction": balance.activating_fraction},
+        }
 
     def save(self, path: Path) -> None:
         data = {
             "config": self.config,
+            "cache": self.cache,
+            **self.summary(),
             "skipped": {str(k): v for k, v in self.skipped.items()},
-            "n_ineligible": self.n_ineligible,
-            "latents": [asdict(le) for le in self.latents],
+            "latents": [{**asdict(le), "class_balance": le.class_balance._asdict()} for le in self.latents],
         }
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(data))
@@ -123,7 +170,22 @@ class SampleSet:
             for d in data["latents"]
         ]
         skipped = {int(k): v for k, v in data["skipped"].items()}
-        return cls(latents, skipped, data["n_ineligible"], data["config"])
+        return cls(
+            latents,
+            skipped,
+            data["n_ineligible"],
+            data["config"],
+            data.get("n_dead", 0),
+            data.get("cache", {}),
+        )
+
+
+Embed = Callable[[list[str]], np.ndarray]
+"""Texts -> [n, dim] unit vectors (`saelab.embed.Embedder.embed`)."""
+
+
+class SampleError(ValueError):
+    """The sample cannot be drawn as configured; the message says the fix."""
 
 
 def choose_latents(freq_F: np.ndarray, n: int, min_freq: float) -> list[int]:
@@ -136,66 +198,149 @@ def choose_latents(freq_F: np.ndarray, n: int, min_freq: float) -> list[int]:
     return [int(order[i]) for i in picks]
 
 
-def _examples_of(cache: LatentCache, latent: int, ctx: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(window, start, max activation) of every example on which `latent` fires."""
+class _Examples:
+    """The example grid of the cached windows (every window cut into `ctx`-token examples) and its texts."""
+
+    def __init__(self, cache: LatentCache, tokens: np.ndarray, token_str: Callable[[int], str], ctx: int):
+        if tokens.shape[1] < ctx:
+            raise SampleError(
+                f"sample.example_ctx_len {ctx} is longer than the {tokens.shape[1]}-token windows"
+            )
+        self.cache, self.tokens, self.token_str, self.ctx = cache, tokens, token_str, ctx
+        self.windows = np.unique(cache.window_N).astype(np.int64)
+        self.starts = np.arange(0, tokens.shape[1] - ctx + 1, ctx, dtype=np.int64)
+
+    def key(self, window: np.ndarray, start: np.ndarray) -> np.ndarray:
+        """A unique int64 per (window, start)."""
+        return window.astype(np.int64) * len(self.starts) + start // self.ctx
+
+    def unkey(self, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return key // len(self.starts), (key % len(self.starts)) * self.ctx
+
+    def random_keys(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """`n` distinct random examples (all of them, shuffled, when there are fewer)."""
+        total = len(self.windows) * len(self.starts)
+        idx = rng.choice(total, size=min(n, total), replace=False)
+        return self.key(self.windows[idx // len(self.starts)], self.starts[idx % len(self.starts)])
+
+    def where(self, key: int) -> tuple[int, int]:
+        """(window, start) of an example."""
+        w, s = self.unkey(np.asarray([key]))
+        return int(w[0]), int(s[0])
+
+    def text(self, key: int) -> str:
+        w, s = self.where(key)
+        return "".join(self.token_str(int(t)) for t in self.tokens[w, s : s + self.ctx])
+
+    def make(self, key: int, quantile: int, acts: dict[tuple[int, int], float]) -> Example:
+        w, s = self.where(key)
+        ids = self.tokens[w, s : s + self.ctx]
+        values = tuple(float(acts.get((w, s + i), 0.0)) for i in range(self.ctx))
+        strs = tuple(self.token_str(int(t)) for t in ids)
+        return Example(tuple(int(t) for t in ids), strs, values, w, s, quantile)
+
+
+class _Negatives:
+    """Non-activating examples per latent: random ones, or the nearest to the activating ones in a shared pool."""
+
+    def __init__(self, grid: _Examples, cfg: SampleConfig, rng: np.random.Generator, embed: Embed | None):
+        self.grid, self.cfg, self.rng, self.embed = grid, cfg, rng, embed
+        self.pool = np.zeros(0, dtype=np.int64)
+        self.pool_vecs = np.zeros((0, 1), dtype=np.float32)
+        if cfg.non_activating_source == "similar":
+            if embed is None:
+                raise SampleError("non_activating_source 'similar' needs an embedder (saelab.embed.Embedder)")
+            self.pool = grid.random_keys(cfg.n_candidates, rng)  # one pool embedded once for every latent
+            self.pool_vecs = embed([grid.text(int(k)) for k in self.pool])
+
+    def pick(self, active: np.ndarray, activating_texts: list[str]) -> np.ndarray:
+        """Keys of up to `n_non_activating` examples outside `active` (sorted keys of activating examples)."""
+        n = self.cfg.n_non_activating
+        if self.cfg.non_activating_source == "random":
+            # len(active) + n distinct examples hold n non-activating ones whenever that many exist
+            keys = self.grid.random_keys(len(active) + n, self.rng)
+            return keys[~np.isin(keys, active)][:n]
+        assert self.embed is not None
+        ok = ~np.isin(self.pool, active)
+        centre = self.embed(activating_texts).mean(0)
+        sims = self.pool_vecs[ok] @ (centre / max(float(np.linalg.norm(centre)), 1e-12))
+        return self.pool[ok][np.argsort(-sims, kind="stable")[:n]]
+
+
+def _examples_of(cache: LatentCache, latent: int, grid: _Examples) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted keys, max activation) of every example on which `latent` fires."""
     tok_idx, values = cache.latent(latent)
-    window = cache.window_N[tok_idx]
-    start = (cache.pos_N[tok_idx] // ctx) * ctx
-    key = window.astype(np.int64) * 1_000_000 + start
-    uniq, inv = np.unique(key, return_inverse=True)
+    keys = grid.key(cache.window_N[tok_idx], (cache.pos_N[tok_idx] // grid.ctx) * grid.ctx)
+    uniq, inv = np.unique(keys, return_inverse=True)
     maxes = np.zeros(len(uniq), dtype=np.float32)
     np.maximum.at(maxes, inv, values)
-    return (uniq // 1_000_000).astype(np.int64), (uniq % 1_000_000).astype(np.int64), maxes
+    return uniq, maxes
 
 
 def sample(
-    cache: LatentCache, tokens: np.ndarray, token_str: Callable[[int], str], cfg: SampleConfig, seed: int
+    cache: LatentCache,
+    tokens: np.ndarray,
+    token_str: Callable[[int], str],
+    cfg: SampleConfig,
+    seed: int,
+    embed: Embed | None = None,
 ) -> SampleSet:
-    """Build the example sets (see module docstring). `token_str(id)` is token `id` decoded alone."""
-    ctx = cfg.example_ctx_len
+    """Build the example sets (see module docstring). `token_str(id)` is token `id` decoded alone; `embed` is
+    needed with `non_activating_source='similar'`."""
     rng = np.random.default_rng(seed)
-    n_tokens = len(cache.window_N)
-    freq = cache.stats.frequency
-    min_freq = cfg.min_examples / max(1, n_tokens)
-    chosen = choose_latents(freq, cfg.n_latents, min_freq)
-    n_ineligible = int((freq < min_freq).sum())
+    count = cache.stats.count
+    bad = [f for f in cfg.latents if not 0 <= f < cache.d_sae]
+    if bad:
+        raise SampleError(f"sample.latents {bad} out of range: the SAE has {cache.d_sae} latents")
+    chosen = list(cfg.latents) or choose_latents(count.astype(np.float64), cfg.n_latents, cfg.min_examples)
+    grid = _Examples(cache, tokens, token_str, cfg.example_ctx_len)
+    negatives = _Negatives(grid, cfg, rng, embed)
     skipped: dict[int, str] = {}
     out: list[LatentExamples] = []
-    windows_in_cache = np.unique(cache.window_N)
-    ctx_len = tokens.shape[1]
-    all_starts = np.arange(0, ctx_len - ctx + 1, ctx)
     for latent in chosen:
-        win, start, maxes = _examples_of(cache, latent, ctx)
-        if len(maxes) < cfg.min_examples:
-            skipped[latent] = f"{len(maxes)} activating examples < min_examples {cfg.min_examples}"
-            continue
-        order = np.argsort(-maxes, kind="stable")
-        train_ids = order[: cfg.n_examples_train]
-        rest = order[cfg.n_examples_train :]
-        test_ids = _quantile_draw(rest, maxes, cfg.n_examples_test, cfg.n_quantiles, rng)
-        active = set(zip(win.tolist(), start.tolist()))
-        neg = _non_activating(windows_in_cache, all_starts, active, cfg.n_non_activating, rng)
-        if len(neg) < cfg.n_non_activating:
-            skipped[latent] = f"only {len(neg)} non-activating examples (need {cfg.n_non_activating})"
-            continue
-        vals = _dense_acts(cache, latent)
+        got = _sample_latent(cache, latent, grid, negatives, cfg, rng)
+        if isinstance(got, str):
+            skipped[latent] = got
+        else:
+            out.append(got)
+    provenance = {
+        k: v for k, v in cache.summary().items() if k in ("dataset_split", "n_tokens", "sae_sha256")
+    }
+    n_inel, n_dead = int((count < cfg.min_examples).sum()), int((count == 0).sum())
+    return SampleSet(out, skipped, n_inel, asdict(cfg), n_dead, provenance)
 
-        def make(w: int, s: int, q: int, vals: dict[tuple[int, int], float] = vals) -> Example:
-            ids = tokens[w, s : s + ctx]
-            acts = tuple(float(vals.get((w, s + i), 0.0)) for i in range(ctx))
-            return Example(tuple(int(t) for t in ids), tuple(token_str(int(t)) for t in ids), acts, w, s, q)
 
-        out.append(
-            LatentExamples(
-                latent,
-                float(freq[latent]),
-                float(cache.stats.max_act[latent]),
-                tuple(make(int(win[i]), int(start[i]), -1) for i in train_ids),
-                tuple(make(int(win[i]), int(start[i]), q) for i, q in test_ids),
-                tuple(make(w, s, -1) for w, s in neg),
-            )
-        )
-    return SampleSet(out, skipped, n_ineligible, asdict(cfg))
+def _sample_latent(
+    cache: LatentCache,
+    latent: int,
+    grid: _Examples,
+    negatives: _Negatives,
+    cfg: SampleConfig,
+    rng: np.random.Generator,
+) -> LatentExamples | str:
+    """One latent's example sets, or the reason it is skipped."""
+    if cache.stats.count[latent] == 0:
+        return f"never fires on the {cache.n_tokens} cached tokens ({cache.info.dataset_split} split)"
+    keys, maxes = _examples_of(cache, latent, grid)
+    if len(maxes) < cfg.min_examples:
+        return f"{len(maxes)} activating examples < min_examples {cfg.min_examples}"
+    order = np.argsort(-maxes, kind="stable")
+    train_ids = order[: cfg.n_examples_train]
+    test_ids = _quantile_draw(order[cfg.n_examples_train :], maxes, cfg.n_examples_test, cfg.n_quantiles, rng)
+    texts = [grid.text(int(keys[i])) for i in [*train_ids, *(i for i, _ in test_ids)]]
+    neg = negatives.pick(keys, texts)
+    if len(neg) < cfg.n_non_activating:
+        where = "" if cfg.non_activating_source == "random" else f" among the {cfg.n_candidates} candidates"
+        return f"only {len(neg)} non-activating examples{where} (need {cfg.n_non_activating})"
+    acts = _dense_acts(cache, latent)
+    return LatentExamples(
+        latent,
+        float(cache.stats.frequency[latent]),
+        float(cache.stats.max_act[latent]),
+        tuple(grid.make(int(keys[i]), -1, acts) for i in train_ids),
+        tuple(grid.make(int(keys[i]), q, acts) for i, q in test_ids),
+        tuple(grid.make(int(k), -1, acts) for k in neg),
+    )
 
 
 def _quantile_draw(
@@ -209,21 +354,6 @@ def _quantile_draw(
     for q, (b, want) in enumerate(zip(bins, per_bin)):
         k = min(len(want), len(b))
         picks += [(int(i), q) for i in rng.choice(b, size=k, replace=False)]
-    return picks
-
-
-def _non_activating(
-    windows: np.ndarray, starts: np.ndarray, active: set[tuple[int, int]], n: int, rng: np.random.Generator
-) -> list[tuple[int, int]]:
-    picks: list[tuple[int, int]] = []
-    seen: set[tuple[int, int]] = set()
-    for _ in range(n * 20):
-        if len(picks) == n:
-            break
-        key = (int(rng.choice(windows)), int(rng.choice(starts)))
-        if key not in active and key not in seen:
-            seen.add(key)
-            picks.append(key)
     return picks
 
 
