@@ -80,7 +80,9 @@ def test_one_latent_reads_only_its_shard(tmp_path: Path) -> None:
     want = [cache.latent(f) for f in range(cache.d_sae)]
     last = cache.info.shards[-1]
     for shard in cache.info.shards[:-1]:
-        (cache.folder / shard.file).unlink()  # the rest of the cache is gone; the last shard's latents still read
+        (
+            cache.folder / shard.file
+        ).unlink()  # the rest of the cache is gone; the last shard's latents still read
     (cache.folder / "tokens.safetensors").unlink()
     again = LatentCache.open(cache.folder)
     for f in range(last.start, last.end):
@@ -99,7 +101,9 @@ def test_bytes_per_nonzero_on_disk(tmp_path: Path) -> None:
         payload += size
     assert cache.nnz > 90_000
     assert payload / cache.nnz == pytest.approx(cache.info.bytes_per_nonzero)
-    assert cache.info.bytes_per_nonzero < 8.02  # indptr and headers are per latent / per shard, not per nonzero
+    assert (
+        cache.info.bytes_per_nonzero < 8.02
+    )  # indptr and headers are per latent / per shard, not per nonzero
 
 
 def random_chunks(n_tokens: int, d: int, batch: int) -> Iterator[Chunk]:
@@ -245,7 +249,9 @@ def mean_similarity(s: SampleSet, embed, which: str) -> float:
 
 def test_similar_negatives_are_nearer_than_random(tmp_path: Path) -> None:
     cache, tokens = fixture_cache(tmp_path / "c", n_windows=120)
-    cfg = SampleConfig(**{**SAMPLE.__dict__, "n_candidates": 1000})  # the whole grid: the same latents qualify
+    cfg = SampleConfig(
+        **{**SAMPLE.__dict__, "n_candidates": 1000}
+    )  # the whole grid: the same latents qualify
     rand = sample(cache, tokens, lambda t: f"{t} ", cfg, seed=0, embed=bag_of_tokens)
     cfg_sim = SampleConfig(**{**cfg.__dict__, "non_activating_source": "similar"})
     sim = sample(cache, tokens, lambda t: f"{t} ", cfg_sim, seed=0, embed=bag_of_tokens)
@@ -257,3 +263,53 @@ def test_similar_negatives_are_nearer_than_random(tmp_path: Path) -> None:
 def test_min_examples_must_cover_disjoint_sets() -> None:
     with pytest.raises(ConfigError, match="disjoint"):
         SampleConfig(min_examples=5, n_examples_train=4, n_examples_test=4)
+
+
+TOPICS = [
+    "football match goal team player stadium coach league scored referee",
+    "recipe oven flour sugar butter bake kitchen dough salt pepper",
+    "bank loan interest market stock investor profit tax budget credit",
+    "planet star orbit telescope galaxy comet moon solar nebula astronaut",
+]
+WORDS = " ".join(TOPICS).split()
+
+
+@pytest.mark.slow
+def test_similar_negatives_are_nearer_on_real_minilm(tmp_path: Path) -> None:
+    """Latent 0 fires on "goal" only, which occurs in football windows: MiniLM's nearest non-activating examples
+    are football text without "goal" (hard negatives), nearer to the activating ones than random negatives."""
+    from saelab.embed import Embedder
+
+    rng = np.random.default_rng(0)
+    n_windows, ctx = 160, 32
+    topic_W = np.arange(n_windows) % 4
+    tokens = np.stack([rng.integers(0, 10, ctx) + 10 * t for t in topic_W]).astype(np.int32)
+    goal = WORDS.index("goal")
+    flat = tokens.reshape(-1)
+    x = np.zeros((len(flat), 8), dtype=np.float32)
+    x[np.arange(len(flat)), np.where(flat == goal, 0, 1 + flat % 7)] = np.where(flat == goal, 2.0, 1.0)
+    sae = build(SAEConfig("topk", 8, 8, 1))
+    with torch.no_grad():
+        sae.W_enc_DF.copy_(torch.eye(8))
+        sae.b_enc_F.zero_()
+        sae.b_dec_D.zero_()
+    idx = torch.arange(len(flat))
+    acts = Activations(torch.from_numpy(x), (idx // ctx).int(), (idx % ctx).int())
+    cache = make_cache(tmp_path / "c", sae, acts, CacheConfig())
+    cfg = SampleConfig(latents=(0,), example_ctx_len=8, min_examples=20, n_examples_train=10, n_examples_test=10,
+                       n_quantiles=2, n_non_activating=20, n_candidates=400)  # fmt: skip
+    embedder = Embedder()
+    words = lambda t: WORDS[t] + " "  # noqa: E731
+    rand = sample(cache, tokens, words, cfg, seed=0, embed=embedder.embed)
+    sim_cfg = SampleConfig(**{**cfg.__dict__, "non_activating_source": "similar"})
+    sim = sample(cache, tokens, words, sim_cfg, seed=0, embed=embedder.embed)
+    (le_sim,), (le_rand,) = sim.latents, rand.latents
+    assert all("goal" in e.text for e in le_sim.train + le_sim.test_pos)
+    assert not any("goal" in e.text or e.activating for e in le_sim.test_neg)
+    football = [topic_W[e.window] == 0 for e in le_sim.test_neg]
+    assert np.mean(football) >= 0.8, football  # hard negatives: the same topic without the latent's token
+    assert np.mean([topic_W[e.window] == 0 for e in le_rand.test_neg]) < 0.5
+    assert (
+        mean_similarity(sim, embedder.embed, "test_neg")
+        > mean_similarity(rand, embedder.embed, "test_neg") + 0.1
+    )

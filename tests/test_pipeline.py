@@ -289,3 +289,41 @@ def test_absorption_error_names_the_eval_flag(
     err = capsys.readouterr().err
     assert "raise --eval.absorption-vocab-size" in err and "absorption.vocab_size" not in err
     assert not (run / "eval" / "absorption.json").exists()
+
+
+def test_cache_eval_split_and_stale_cache_refused(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """cache reads the held-out windows through the model; more tokens than the split holds is one clear error;
+    a cache built from an SAE that was since retrained is refused by sample, naming the fix."""
+    import shutil
+
+    from saelab.latents import LatentCache
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert manifest["stages"]["cache"]["nnz"] > 0 and manifest["stages"]["cache"]["dataset_split"] == "train"
+    samples = json.loads((copy / "samples" / "samples.json").read_text())
+    assert samples["class_balance"]["n_activating"] == 4 * len(samples["latents"])
+    assert main(["cache", "--run-dir", str(copy), "--cache.dataset-split", "eval"]) == 0
+    cache = LatentCache.open(copy / "latents")
+    assert cache.info.dataset_split == "eval" and cache.n_tokens > 0
+    import numpy as np
+
+    from saelab.data import TokenWindows
+
+    windows = TokenWindows.load(copy / "data" / "windows.npz")
+    assert set(np.unique(cache.window_N).tolist()) <= set(windows.eval_idx.tolist())
+    too_many = str(cache.n_tokens + 1)
+    assert (
+        main(["cache", "--run-dir", str(copy), "--cache.dataset-split", "eval", "--cache.n-tokens", too_many])
+        == 1
+    )
+    assert f"more than the {cache.n_tokens} tokens the eval split holds" in error_line(
+        capsys.readouterr().err
+    )
+    assert main(["train", "--run-dir", str(copy), *SMALL["train"], "--train.k", "3"]) == 0  # a new SAE
+    assert main(["sample", "--run-dir", str(copy), *SMALL["sample"]]) == 1
+    err = error_line(capsys.readouterr().err)
+    assert "built from another SAE" in err and "saelab cache --run-dir" in err
