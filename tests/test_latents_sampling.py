@@ -68,11 +68,11 @@ def test_per_latent_read_equals_dense_encode(tmp_path: Path) -> None:
     np.testing.assert_allclose(st.max_act, dense.max(0), rtol=1e-6)
     fired = [dense[dense[:, f] > 0, f] for f in range(cache.d_sae)]
     np.testing.assert_allclose(st.mean_act, [v.mean() for v in fired], rtol=1e-5)
-    for f in np.flatnonzero(st.quantiles_exact):
-        want = np.quantile(fired[f], st.levels, method="nearest")
-        np.testing.assert_allclose(st.quantiles_FQ[f], want, rtol=1e-6, err_msg=str(f))
-    for f in np.flatnonzero(~st.quantiles_exact):  # subsampled: within the range, ordered
-        assert np.all(np.diff(st.quantiles_FQ[f]) >= 0) and st.quantiles_FQ[f, -1] <= st.max_act[f]
+    for g in np.flatnonzero(st.quantiles_exact):
+        want = np.quantile(fired[g], st.levels, method="nearest")
+        np.testing.assert_allclose(st.quantiles_FQ[g], want, rtol=1e-6, err_msg=str(g))
+    for g in np.flatnonzero(~st.quantiles_exact):  # subsampled: within the range, ordered
+        assert np.all(np.diff(st.quantiles_FQ[g]) >= 0) and st.quantiles_FQ[g, -1] <= st.max_act[g]
 
 
 def test_one_latent_reads_only_its_shard(tmp_path: Path) -> None:
