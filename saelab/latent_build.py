@@ -112,7 +112,7 @@ class _Accumulator:
         nz_BK = code.top_acts_BK > 0
         rows_BK = torch.arange(acts_BD.shape[0], device=self.device)[:, None].expand_as(nz_BK)
         tok = (rows_BK[nz_BK].cpu().numpy() + self.n_tokens).astype(np.int32)
-        lat = code.top_idx_BK[nz_BK].cpu().numpy().astype(np.int64)
+        lat = code.top_idx_BK[nz_BK].cpu().numpy().astype(np.int32)
         val = code.top_acts_BK[nz_BK].float().cpu().numpy()
         self.count_F += np.bincount(lat, minlength=len(self.count_F))
         self.sum_F += np.bincount(lat, weights=val, minlength=len(self.count_F))
@@ -130,10 +130,11 @@ class _Accumulator:
             self.flush()
 
     def flush(self) -> None:
-        if self.buf:
-            tok, lat, val = (np.concatenate(parts) for parts in zip(*self.buf))
+        parts, self.buf, self.n_buf = self.buf, [], 0
+        if parts:
+            tok, lat, val = (np.concatenate(column) for column in zip(*parts))
+            del parts  # the chunks' arrays go before the sort allocates its own
             self.runs.spill(tok, lat, val)
-        self.buf, self.n_buf = [], 0
 
     def close(self) -> None:
         self.flush()
@@ -166,19 +167,25 @@ def _write_block(
 ) -> np.ndarray:
     """Gather latents [a, b) from every run, write them from nonzero `at` on; returns their quantiles [b-a, Q]."""
     toks, vals, lats = [], [], []
+    counts = np.zeros(b - a, dtype=np.int64)
     for indptr, tok, val in runs:
         s, e = int(indptr[a]), int(indptr[b])
-        toks.append(np.asarray(tok[s:e]))
-        vals.append(np.asarray(val[s:e]))
-        lats.append(np.repeat(np.arange(a, b), np.diff(np.asarray(indptr[a : b + 1]))))
-    tok_, val_, lat_ = np.concatenate(toks), np.concatenate(vals), np.concatenate(lats)
+        toks.append(tok[s:e])
+        vals.append(val[s:e])
+        n_run = np.diff(np.asarray(indptr[a : b + 1]))
+        lats.append(np.repeat(np.arange(a, b, dtype=np.int32), n_run))
+        counts += n_run
     # runs come in token order, so a stable sort keeps each latent's tokens ascending
-    order = np.argsort(lat_, kind="stable")
-    w.write_at("token_idx", at, tok_[order])
-    w.write_at("values", at, val_[order])
-    by_value = np.lexsort((val_, lat_))
-    sorted_vals, bounds = val_[by_value], np.searchsorted(lat_[by_value], np.arange(a, b + 1))
-    return np.stack([_quantiles(sorted_vals[bounds[i] : bounds[i + 1]], levels) for i in range(b - a)])
+    order = np.argsort(np.concatenate(lats), kind="stable")
+    del lats
+    w.write_at("token_idx", at, np.concatenate(toks)[order])
+    sorted_val = np.concatenate(vals)[order]
+    del order
+    w.write_at("values", at, sorted_val)
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    return np.stack(
+        [_quantiles(np.sort(sorted_val[bounds[i] : bounds[i + 1]]), levels) for i in range(b - a)]
+    )
 
 
 def _write_big_latent(
