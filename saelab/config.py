@@ -353,8 +353,8 @@ class CacheConfig:
     batch_size: int = 4096
     """Tokens encoded per step."""
     buffer_nnz: int = 1 << 22
-    """Nonzeros held in memory before a sorted run is spilled to disk (12 bytes each); bounds the build's memory
-    whatever `n_tokens` is."""
+    """Nonzeros held in memory before a sorted run is spilled to disk, and per merge block; the build's memory
+    is about 30 bytes per buffered nonzero at its peak (sorting included), whatever `n_tokens` is."""
     shard_nnz: int = 1 << 24
     """Target nonzeros per latent-range shard file (a latent never spans two shards)."""
     quantiles: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)

@@ -11,6 +11,7 @@ number of tokens.
 
 Chunk sources: `chunks_from_activations` (in memory), `chunks_from_file` (collect's single file, read by slices),
 `chunks_from_store` (the sharded store); the eval split comes from the model (`pipeline.stage_cache`).
+Run through `saelab cache --run-dir RUN` (see `CacheConfig`); `benchmarks/latent_cache.py` measures it.
 """
 
 from __future__ import annotations

@@ -146,14 +146,6 @@ def _hookpoint(s: Session) -> str:
     return str(s.run.require("collect", "collect")["hookpoint"])
 
 
-def _activations(s: Session) -> Activations:
-    """The collected activations in memory, whichever format collect wrote."""
-    s.run.verify("collect", "collect")
-    if s.run.require("collect", "collect").get("format") == "store":
-        return ActivationStore(s.folder / STORE).load()
-    return Activations.load(s.folder / ACTS)
-
-
 def variant_dir(i: int, text: str) -> str:
     """Folder (relative to the run) of `train.variants[i]`."""
     slug = re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")[:60]
