@@ -406,6 +406,9 @@ class LLMConfig:
     """Retries on connection errors, timeouts, HTTP 429 and 5xx (exponential backoff)."""
     temperature: float = 0.0
     """Sampling temperature for explanations."""
+    cache: bool = True
+    """Keep every answer in the run's `llm/cache.sqlite`, keyed by (model, prompt, parameters): a killed explain
+    or score run resumes without asking anything it already has."""
 
     def __post_init__(self) -> None:
         _check(self.concurrency > 0, "llm.concurrency must be > 0")
