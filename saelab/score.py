@@ -104,6 +104,8 @@ class Prediction:
     """Predicted label; None for a failed judgement."""
     score: float | None
     """P(yes) (LLM judges) or cosine similarity (embedding); None when unavailable."""
+    quantile: int = -1
+    """Activation quantile of a positive example (0 = lowest, see `Example.quantile`); -1 for negatives."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,11 @@ class Scorer(Protocol):
 
 def scoring_examples(le: LatentExamples) -> list[tuple[Example, int]]:
     return [(ex, 1) for ex in le.test_pos] + [(ex, 0) for ex in le.test_neg]
+
+
+def quantiles_of(le: LatentExamples) -> dict[str, int]:
+    """Activation quantile by example id of the latent's positive scoring examples."""
+    return {ex.example_id: ex.quantile for ex in le.test_pos}
 
 
 def plain_text(ex: Example) -> str:
@@ -143,7 +150,10 @@ class JudgeScorer:
     async def score(self, le: LatentExamples, explanation: str) -> ScorerOutput:
         items = self.texts(le)
         judged = await asyncio.gather(*(self.judge(explanation, text) for _, text, _ in items))
-        return ScorerOutput([Prediction(eid, label, p, s) for (eid, _, label), (p, s) in zip(items, judged)])
+        q = quantiles_of(le)
+        return ScorerOutput(
+            [Prediction(eid, label, p, s, q.get(eid, -1)) for (eid, _, label), (p, s) in zip(items, judged)]
+        )
 
     async def judge(self, explanation: str, text: str) -> tuple[int | None, float | None]:
         """(prediction, P(yes)); (None, None) for a failed judgement."""
@@ -235,7 +245,8 @@ class EmbeddingScorer:
         sims = self.embedder.similarity(explanation, [plain_text(ex) for ex, _ in items])
         thr = self.threshold(le, explanation)
         preds = [
-            Prediction(ex.example_id, label, int(s > thr), float(s)) for (ex, label), s in zip(items, sims)
+            Prediction(ex.example_id, label, int(s > thr), float(s), ex.quantile if label else -1)
+            for (ex, label), s in zip(items, sims)
         ]
         return ScorerOutput(preds, thr)
 
@@ -278,6 +289,10 @@ class OverallScore:
     macro: dict[str, float | None]
     """Mean of each latent's metric."""
     n_latents: int
+    frequency_weighted_f1: float | None
+    """Each latent's F1 weighted by its firing frequency (None when no latent fires)."""
+    quantile_recall: dict[int, float]
+    """Recall of the positive examples of each activation quantile (0 = lowest), pooled over latents."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -286,6 +301,8 @@ class OverallScore:
             **self.micro.to_dict(),
             "n_latents": self.n_latents,
             "macro": self.macro,
+            "frequency_weighted_f1": self.frequency_weighted_f1,
+            "quantile_recall": {str(q): r for q, r in self.quantile_recall.items()},
         }
 
 
@@ -317,7 +334,27 @@ def row_metrics(preds: Sequence[Prediction]) -> BinaryMetrics:
     )
 
 
-def summarise(rows: Sequence[ScoreRow]) -> list[OverallScore]:
+def frequency_weighted_f1(rows: Sequence[ScoreRow], frequency: dict[int, float]) -> float | None:
+    """sum_l freq_l F1_l / sum_l freq_l over the rows' latents (METRICS.md: frequency-weighted F1)."""
+    w = np.array([frequency[r.latent] for r in rows], dtype=np.float64)
+    if w.sum() <= 0:
+        return None
+    return float(np.dot(w, [r.metrics.f1 for r in rows]) / w.sum())
+
+
+def quantile_recall(preds: Sequence[Prediction]) -> dict[int, float]:
+    """Recall per activation quantile of the judged positive examples (a quantile with none judged is left out)."""
+    out: dict[int, float] = {}
+    for q in sorted({p.quantile for p in preds if p.label == 1 and p.quantile >= 0}):
+        judged = [p.pred for p in preds if p.label == 1 and p.quantile == q and p.pred is not None]
+        if judged:
+            out[q] = float(np.mean(judged))
+    return out
+
+
+def summarise(rows: Sequence[ScoreRow], frequency: dict[int, float]) -> list[OverallScore]:
+    """Micro, macro and frequency-weighted metrics and per-quantile recall of each (explainer, scorer);
+    `frequency` is each latent's firing frequency."""
     keys = list(dict.fromkeys((r.explainer, r.scorer) for r in rows))
     out = []
     for explainer, scorer in keys:
@@ -325,7 +362,13 @@ def summarise(rows: Sequence[ScoreRow]) -> list[OverallScore]:
         pooled = [p for r in group for p in r.predictions]
         out.append(
             OverallScore(
-                explainer, scorer, row_metrics(pooled), macro_mean([r.metrics for r in group]), len(group)
+                explainer,
+                scorer,
+                row_metrics(pooled),
+                macro_mean([r.metrics for r in group]),
+                len(group),
+                frequency_weighted_f1(group, frequency),
+                quantile_recall(pooled),
             )
         )
     return out
@@ -393,7 +436,7 @@ def run_score(
     llm_models = sorted({r.model for r in explanations if r.ok and r.model != "none"})
     summary = ScoreSummary(
         rows=rows,
-        overall=summarise(rows),
+        overall=summarise(rows, {le.latent: le.frequency for le in samples.latents}),
         failed_explanations=failed,
         models={
             "explainer_llm": ", ".join(llm_models) or None,

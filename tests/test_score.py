@@ -191,7 +191,7 @@ def test_run_score_files_and_summary(tmp_path: Path) -> None:
         assert key in first
     for key in ("f1", "balanced_accuracy", "auc", "n_pos", "n_neg", "n_failed", "predictions"):
         assert key in first
-    assert set(first["predictions"][0]) == {"example_id", "label", "pred", "score"}
+    assert set(first["predictions"][0]) == {"example_id", "label", "pred", "score", "quantile"}
     data = json.loads((tmp_path / "scores_summary.json").read_text())
     assert data["models"] == {"explainer_llm": "rule-client", "judge_llm": "rule-client", "embedding": None}
     assert data["failed_explanations"] == 1
@@ -214,6 +214,31 @@ def test_micro_and_macro_differ_when_latents_differ(tmp_path: Path) -> None:
         0.5
     )  # latent 1 has precision 0 (no positive predictions)
     assert overall.micro.precision == pytest.approx(1.0)
+
+
+def test_frequency_weighted_f1_and_quantile_recall(tmp_path: Path) -> None:
+    """Frequency-weighted F1 = sum freq_l F1_l / sum freq_l (scikit-learn's F1 per latent); per-quantile recall
+    pools the positives of each activation quantile over latents."""
+    from sklearn.metrics import f1_score
+
+    samples = synthetic_samples(n_latents=3)
+    for le, freq in zip(samples.latents, (0.01, 0.2, 0.05)):
+        object.__setattr__(le, "frequency", freq)
+    recs = explanations(3)
+    recs[1] = replace(recs[1], explanation="the token nothing")  # the frequent latent is explained badly
+    summary = run_score(samples, recs, ScoreConfig(scorers=("detection",)), RuleClient(), tmp_path, seed=0)
+    (overall,) = summary.overall
+    f1s = [f1_score([p.label for p in r.predictions], [p.pred for p in r.predictions]) for r in summary.rows]
+    expected = np.average(f1s, weights=[0.01, 0.2, 0.05])
+    assert overall.frequency_weighted_f1 == pytest.approx(expected) and expected < overall.macro["f1"]
+    pos = [p for r in summary.rows for p in r.predictions if p.label == 1]
+    assert {p.quantile for p in pos} == {
+        q for le in samples.latents for q in (ex.quantile for ex in le.test_pos)
+    }
+    for q, rec in overall.quantile_recall.items():
+        assert rec == pytest.approx(np.mean([p.pred for p in pos if p.quantile == q]))
+    data = json.loads((tmp_path / "scores_summary.json").read_text())["overall"][0]
+    assert data["frequency_weighted_f1"] == pytest.approx(expected) and set(data["quantile_recall"])
 
 
 def test_llm_scorer_without_client_is_an_error(tmp_path: Path) -> None:
