@@ -436,9 +436,15 @@ class ExplainConfig:
 class ScoreConfig:
     """Scorers: each explanation is used as a classifier of held-out examples."""
 
-    scorers: tuple[Literal["detection", "fuzzing", "embedding"], ...] = ("detection", "fuzzing", "embedding")
+    scorers: tuple[Literal["detection", "fuzzing", "embedding", "simulation"], ...] = (
+        "detection",
+        "fuzzing",
+        "embedding",
+    )
     """`detection`: does the example match the explanation? `fuzzing`: are the marked tokens the ones the
-    explanation describes? `embedding`: MiniLM similarity of explanation and example."""
+    explanation describes? `embedding`: MiniLM similarity of explanation and example. `simulation`: the LLM
+    predicts each token's activation from the explanation; correlation with the true ones (Bills et al. 2023;
+    one generation per example, so slower than the yes/no judges)."""
     fuzz_threshold: float = 0.3
     """Fuzzing marks tokens with activation >= this fraction of the example's max."""
 

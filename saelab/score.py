@@ -32,7 +32,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -42,26 +42,15 @@ from saelab.config import ScoreConfig
 from saelab.explain import ExplanationRecord, quote_example, render_tokens
 from saelab.llm import LLMClient, LLMError, gather_with_progress, run_sync
 from saelab.metrics import BinaryMetrics, binary_metrics, macro_mean
+from saelab.prompts import DETECTION_USER, FUZZING_USER, JUDGE_SYSTEM
 from saelab.sampling import Example, LatentExamples, SampleSet
 
 log = logging.getLogger(__name__)
 
-# ---------------------------------------------------------------------------------------- prompt templates
+# ---------------------------------------------------------------------------------------- settings
 
-JUDGE_SYSTEM = "Answer Yes or No."
-# The question comes first and the example last: every prompt of a scorer starts with the same tokens and the
-# prompts of one explanation share everything up to the example, so the local backend runs those parts once.
-DETECTION_USER = (
-    "Does the text match the description? The text is one quoted string. Answer Yes or No.\n"
-    "Description: {explanation}\n"
-    "Text: {quoted}"
-)
-FUZZING_USER = (
-    "In the text some tokens are marked <<like this>>. Are the marked tokens what the description describes? "
-    "The text is one quoted string. Answer Yes or No.\n"
-    "Description: {explanation}\n"
-    "Text: {quoted}"
-)
+LLM_SCORERS = ("detection", "fuzzing", "simulation")
+"""Scorers that need the judge LLM."""
 TOP_LOGPROBS = 20
 """Alternatives asked for the judge's first token (OpenAI's maximum)."""
 
@@ -113,6 +102,8 @@ class ScorerOutput:
     predictions: list[Prediction]
     threshold: float | None = None
     """Decision threshold on the score (embedding scorer)."""
+    extra: dict[str, float | None] = field(default_factory=dict)
+    """Scorer-specific per-latent scores (simulation: `correlation`)."""
 
 
 class Scorer(Protocol):
@@ -265,6 +256,8 @@ class ScoreRow:
     metrics: BinaryMetrics
     threshold: float | None
     predictions: list[Prediction]
+    extra: dict[str, float | None] = field(default_factory=dict)
+    """Scorer-specific scores (see `ScorerOutput.extra`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -273,6 +266,7 @@ class ScoreRow:
             "scorer": self.scorer,
             "explanation": self.explanation,
             **self.metrics.to_dict(),
+            **self.extra,
             "threshold": self.threshold,
             "predictions": [asdict(p) for p in self.predictions],
         }
@@ -352,6 +346,15 @@ def quantile_recall(preds: Sequence[Prediction]) -> dict[int, float]:
     return out
 
 
+def _macro_extra(rows: Sequence[ScoreRow]) -> dict[str, float | None]:
+    """Mean over latents of each scorer-specific score (latents where it is undefined left out)."""
+    out: dict[str, float | None] = {}
+    for key in dict.fromkeys(k for r in rows for k in r.extra):
+        values = [v for r in rows if (v := r.extra.get(key)) is not None]
+        out[key] = float(np.mean(values)) if values else None
+    return out
+
+
 def summarise(rows: Sequence[ScoreRow], frequency: dict[int, float]) -> list[OverallScore]:
     """Micro, macro and frequency-weighted metrics and per-quantile recall of each (explainer, scorer);
     `frequency` is each latent's firing frequency."""
@@ -365,7 +368,7 @@ def summarise(rows: Sequence[ScoreRow], frequency: dict[int, float]) -> list[Ove
                 explainer,
                 scorer,
                 row_metrics(pooled),
-                macro_mean([r.metrics for r in group]),
+                macro_mean([r.metrics for r in group]) | _macro_extra(group),
                 len(group),
                 frequency_weighted_f1(group, frequency),
                 quantile_recall(pooled),
@@ -380,7 +383,7 @@ def summarise(rows: Sequence[ScoreRow], frequency: dict[int, float]) -> list[Ove
 def make_scorers(cfg: ScoreConfig, client: LLMClient | None, samples: SampleSet, seed: int) -> list[Scorer]:
     scorers: list[Scorer] = []
     for name in cfg.scorers:
-        if name in ("detection", "fuzzing") and client is None:
+        if name in LLM_SCORERS and client is None:
             raise LLMError(
                 f"the {name} scorer needs an LLM client; configure --llm or use the embedding scorer"
             )
@@ -390,6 +393,11 @@ def make_scorers(cfg: ScoreConfig, client: LLMClient | None, samples: SampleSet,
         elif name == "fuzzing":
             assert client is not None
             scorers.append(FuzzingScorer(client, cfg.fuzz_threshold, seed))
+        elif name == "simulation":
+            from saelab.simulation import SimulationScorer
+
+            assert client is not None
+            scorers.append(SimulationScorer(client))
         elif name == "embedding":
             from saelab.embed import Embedder
 
@@ -416,7 +424,7 @@ async def score_async(
     jobs.sort(key=lambda j: (j[1], j[3].name, j[0]))
     outputs = await gather_with_progress((s.score(by_latent[lat], e) for lat, _, e, s in jobs), desc="score")
     return [
-        ScoreRow(lat, explainer, s.name, e, row_metrics(o.predictions), o.threshold, o.predictions)
+        ScoreRow(lat, explainer, s.name, e, row_metrics(o.predictions), o.threshold, o.predictions, o.extra)
         for (lat, explainer, e, s), o in zip(jobs, outputs)
     ]
 
