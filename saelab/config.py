@@ -447,6 +447,10 @@ class ScoreConfig:
     one generation per example, so slower than the yes/no judges)."""
     fuzz_threshold: float = 0.3
     """Fuzzing marks tokens with activation >= this fraction of the example's max."""
+    shuffled_control: bool = True
+    """Also score each latent with another latent's explanation from the first explainer (a seeded
+    derangement; explainer `shuffled`): what an explanation scores by chance. The summary compares every explainer
+    with it and with the others per latent, with paired bootstrap intervals."""
 
     def __post_init__(self) -> None:
         _check(len(self.scorers) > 0, "score.scorers must name at least one scorer")

@@ -41,7 +41,7 @@ import numpy as np
 from saelab.config import ScoreConfig
 from saelab.explain import ExplanationRecord, quote_example, render_tokens
 from saelab.llm import LLMClient, LLMError, gather_with_progress, run_sync
-from saelab.metrics import BinaryMetrics, binary_metrics, macro_mean
+from saelab.metrics import BinaryMetrics, binary_metrics, macro_mean, paired_bootstrap
 from saelab.prompts import DETECTION_USER, FUZZING_USER, JUDGE_SYSTEM
 from saelab.sampling import Example, LatentExamples, SampleSet
 
@@ -307,12 +307,15 @@ class ScoreSummary:
     failed_explanations: int
     """Explanations not scored because the explainer failed."""
     models: dict[str, str | None]
+    comparisons: list[dict[str, Any]] = field(default_factory=list)
+    """Explainers compared per latent (see `compare_explainers`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "models": self.models,
             "overall": [o.to_dict() for o in self.overall],
             "failed_explanations": self.failed_explanations,
+            "comparisons": self.comparisons,
         }
 
 
@@ -377,6 +380,63 @@ def summarise(rows: Sequence[ScoreRow], frequency: dict[int, float]) -> list[Ove
     return out
 
 
+# ------------------------------------------------------------------------------------- controls, comparisons
+
+SHUFFLED = "shuffled"
+COMPARED_METRICS = ("f1", "balanced_accuracy", "auc", "correlation")
+
+
+def shuffled_explanations(explanations: Sequence[ExplanationRecord], seed: int) -> list[ExplanationRecord]:
+    """The first explainer's successful explanations moved to other latents by a seeded derangement (no latent
+    keeps its own), as explainer `shuffled`; empty when fewer than two latents have one."""
+    ok = [r for r in explanations if r.ok and r.explanation]
+    if not ok:
+        return []
+    first = [r for r in ok if r.explainer == ok[0].explainer]
+    if len(first) < 2:
+        log.warning("shuffled control skipped: it needs explanations of at least two latents")
+        return []
+    order = np.random.default_rng([seed, 7]).permutation(len(first))
+    donor = {
+        int(order[i]): int(order[(i + 1) % len(order)]) for i in range(len(order))
+    }  # a cycle: no fixed point
+    return [
+        ExplanationRecord(
+            r.latent, SHUFFLED, first[donor[i]].model, first[donor[i]].explanation,
+            f"explanation of latent {first[donor[i]].latent} ({r.explainer})", True, None,
+        )
+        for i, r in enumerate(first)
+    ]  # fmt: skip
+
+
+def _metric(row: ScoreRow, name: str) -> float | None:
+    value = row.extra.get(name) if name in row.extra else getattr(row.metrics, name, None)
+    return None if value is None else float(value)
+
+
+def compare_explainers(rows: Sequence[ScoreRow], seed: int) -> list[dict[str, Any]]:
+    """For each scorer, metric and pair of explainers (in the order they appear): the mean per-latent difference
+    over the latents both scored, with a paired bootstrap 95% interval (`metrics.paired_bootstrap`)."""
+    out: list[dict[str, Any]] = []
+    by_key = {(r.scorer, r.explainer, r.latent): r for r in rows}
+    for scorer in dict.fromkeys(r.scorer for r in rows):
+        explainers = list(dict.fromkeys(r.explainer for r in rows if r.scorer == scorer))
+        for i, a in enumerate(explainers):
+            for b in explainers[i + 1 :]:
+                for name in COMPARED_METRICS:
+                    pairs = [
+                        (va, vb)
+                        for (sc, ex, lat), row in by_key.items()
+                        if sc == scorer and ex == a and (other := by_key.get((scorer, b, lat))) is not None
+                        if (va := _metric(row, name)) is not None and (vb := _metric(other, name)) is not None
+                    ]
+                    if not pairs:
+                        continue
+                    d = paired_bootstrap([p[0] for p in pairs], [p[1] for p in pairs], seed=seed)
+                    out.append({"scorer": scorer, "metric": name, "a": a, "b": b, **d._asdict()})
+    return out
+
+
 # ------------------------------------------------------------------------------------------------- running
 
 
@@ -408,7 +468,8 @@ def make_scorers(cfg: ScoreConfig, client: LLMClient | None, samples: SampleSet,
 async def score_async(
     samples: SampleSet, explanations: Sequence[ExplanationRecord], scorers: Sequence[Scorer]
 ) -> list[ScoreRow]:
-    """Score every successful explanation with every scorer; rows ordered by explainer, scorer, latent."""
+    """Score every successful explanation with every scorer; rows ordered by explainer (as they first appear),
+    scorer, latent."""
     by_latent = {le.latent: le for le in samples.latents}
     unknown = sorted({r.latent for r in explanations} - set(by_latent))
     if unknown:
@@ -421,7 +482,8 @@ async def score_async(
         if rec.ok and rec.explanation
         for scorer in scorers
     ]
-    jobs.sort(key=lambda j: (j[1], j[3].name, j[0]))
+    rank = {name: i for i, name in enumerate(dict.fromkeys(rec.explainer for rec in explanations))}
+    jobs.sort(key=lambda j: (rank[j[1]], j[3].name, j[0]))
     outputs = await gather_with_progress((s.score(by_latent[lat], e) for lat, _, e, s in jobs), desc="score")
     return [
         ScoreRow(lat, explainer, s.name, e, row_metrics(o.predictions), o.threshold, o.predictions, o.extra)
@@ -439,7 +501,8 @@ def run_score(
 ) -> ScoreSummary:
     """Score the explanations and write `scores.jsonl` and `scores_summary.json` under `out_dir`."""
     scorers = make_scorers(cfg, client, samples, seed)
-    rows = run_sync(score_async(samples, explanations, scorers), client)
+    control = shuffled_explanations(explanations, seed) if cfg.shuffled_control else []
+    rows = run_sync(score_async(samples, [*explanations, *control], scorers), client)
     failed = sum(not r.ok for r in explanations)
     llm_models = sorted({r.model for r in explanations if r.ok and r.model != "none"})
     summary = ScoreSummary(
@@ -453,6 +516,7 @@ def run_score(
             else None,
             "embedding": "all-MiniLM-L6-v2" if "embedding" in cfg.scorers else None,
         },
+        comparisons=compare_explainers(rows, seed),
     )
     n_failed = sum(r.metrics.n_failed for r in rows)
     if n_failed:

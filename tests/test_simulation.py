@@ -72,7 +72,12 @@ def test_unreadable_answers_are_failed_judgements() -> None:
 def test_run_score_records_correlation(tmp_path: Path) -> None:
     samples = synthetic_samples(3)
     summary = run_score(
-        samples, explanations(3), ScoreConfig(scorers=("simulation",)), RuleClient(), tmp_path, 0
+        samples,
+        explanations(3),
+        ScoreConfig(scorers=("simulation",), shuffled_control=False),
+        RuleClient(),
+        tmp_path,
+        0,
     )
     rows = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
     assert [r["scorer"] for r in rows] == ["simulation"] * 3 and all(r["correlation"] > 0.8 for r in rows)
