@@ -6,7 +6,7 @@ whatever a run had been answered when it was killed is on disk. Failed requests 
 them again. A cached answer comes back with `cached=True` and the token counts and latency of the call that
 produced it, so usage reports count each real call once.
 
-The explain and score stages use `RUN/llm/cache.sqlite` unless `--llm.cache false`; `hits` and `calls` (real
+The explain and score stages use `RUN/llm/cache.sqlite` unless `--llm.no-cache`; `hits` and `calls` (real
 requests) are written into their manifest records.
 """
 
