@@ -29,6 +29,7 @@ async def _ask(client: CachedClient, prompts: list[int], logprobs: int = 0) -> l
     return [(await client.chat(_msg(i), max_tokens=4, logprobs=logprobs)).text for i in prompts]
 
 
+@pytest.mark.resume
 def test_resumed_client_asks_only_what_it_lacks(tmp_path: Path) -> None:
     path = tmp_path / "cache.sqlite"
     with ScriptedServer([(200, completion_body("first"))]) as srv:
@@ -65,6 +66,7 @@ def test_key_covers_every_parameter() -> None:
     assert base == request_key("m", _msg(0), 4, 0.0, 0) and base not in others and len(set(others)) == 5
 
 
+@pytest.mark.fault
 def test_failures_are_not_cached(tmp_path: Path) -> None:
     cache = ResponseCache(tmp_path / "c.sqlite")
     with ScriptedServer([(500, "down")]) as srv:
@@ -78,6 +80,7 @@ def test_failures_are_not_cached(tmp_path: Path) -> None:
     assert len(cache) == 1
 
 
+@pytest.mark.bad_input
 def test_corrupt_cache_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "cache.sqlite"
     path.write_bytes(b"this is not a database" * 100)
@@ -85,6 +88,7 @@ def test_corrupt_cache_is_a_clear_error(tmp_path: Path) -> None:
         ResponseCache(path)
 
 
+@pytest.mark.resume
 def test_explain_stage_rerun_asks_nothing(tmp_path: Path, tiny_model_dir: Path, corpus_file: Path) -> None:
     """A second `saelab explain` on the same run is answered from `llm/cache.sqlite`: the server gets no chat request
     and the manifest records 0 calls and one hit per explanation."""

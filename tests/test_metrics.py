@@ -66,6 +66,7 @@ def test_binary_metrics_and_macro_mean() -> None:
     assert macro["auc"] == pytest.approx(1.0)  # mean over latents where AUC is defined
 
 
+@pytest.mark.bad_input
 def test_confusion_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="differ in length"):
         M.confusion([1, 0], [1])

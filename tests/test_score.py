@@ -103,6 +103,7 @@ def test_wrong_explanation_scores_at_chance_or_below() -> None:
     assert all(r.metrics.recall == 0.0 for r in rows)
 
 
+@pytest.mark.fault
 def test_unparseable_judgements_are_counted_not_guessed() -> None:
     samples = synthetic_samples(n_latents=1)
     rows = asyncio.run(
@@ -122,6 +123,7 @@ def test_text_answers_without_logprobs_are_parsed() -> None:
     assert (m.n_pos, m.n_neg, m.n_failed, m.recall, m.specificity, m.auc) == (4, 4, 0, 1.0, 0.0, None)
 
 
+@pytest.mark.fault
 def test_request_errors_are_failed_judgements() -> None:
     samples = synthetic_samples(n_latents=1)
     rows = asyncio.run(score_async(samples, explanations(1), [DetectionScorer(RuleClient(fail_with="down"))]))
@@ -278,6 +280,7 @@ def test_shuffled_control_and_paired_comparisons(tmp_path: Path) -> None:
     assert saved == json.loads(json.dumps(summary.comparisons))
 
 
+@pytest.mark.bad_input
 def test_llm_scorer_without_client_is_an_error(tmp_path: Path) -> None:
     from saelab.llm import LLMError
 

@@ -63,6 +63,7 @@ def test_right_explanation_correlates_and_wrong_one_does_not() -> None:
     assert {p.quantile for p in right.predictions if p.label} == {ex.quantile for ex in le.test_pos}
 
 
+@pytest.mark.fault
 def test_unreadable_answers_are_failed_judgements() -> None:
     le = synthetic_samples(1).latents[0]
     out = run_sync(SimulationScorer(RuleClient(judge_text="I cannot tell")).score(le, "the token Paris"))
