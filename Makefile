@@ -30,7 +30,7 @@ typecheck: $(STAMP)
 test: $(STAMP) lint typecheck
 	@# the three peer environments build side by side (mostly downloads)
 	$(MAKE) -j3 peers
-	SAELAB_REQUIRE_PEERS=1 $(BIN)/pytest -q
+	SAELAB_REQUIRE_PEERS=1 SAELAB_RELIABILITY_README=1 $(BIN)/pytest -q
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow"

@@ -437,6 +437,9 @@ class LLMConfig:
     """Retries on connection errors, timeouts, HTTP 429 and 5xx (exponential backoff)."""
     temperature: float = 0.0
     """Sampling temperature for explanations."""
+    cache: bool = True
+    """Keep every answer in the run's `llm/cache.sqlite`, keyed by (model, prompt, parameters): a killed explain
+    or score run resumes without asking anything it already has."""
 
     def __post_init__(self) -> None:
         _check(self.concurrency > 0, "llm.concurrency must be > 0")
@@ -464,11 +467,21 @@ class ExplainConfig:
 class ScoreConfig:
     """Scorers: each explanation is used as a classifier of held-out examples."""
 
-    scorers: tuple[Literal["detection", "fuzzing", "embedding"], ...] = ("detection", "fuzzing", "embedding")
+    scorers: tuple[Literal["detection", "fuzzing", "embedding", "simulation"], ...] = (
+        "detection",
+        "fuzzing",
+        "embedding",
+    )
     """`detection`: does the example match the explanation? `fuzzing`: are the marked tokens the ones the
-    explanation describes? `embedding`: MiniLM similarity of explanation and example."""
+    explanation describes? `embedding`: MiniLM similarity of explanation and example. `simulation`: the LLM
+    predicts each token's activation from the explanation; correlation with the true ones (Bills et al. 2023;
+    one generation per example, so slower than the yes/no judges)."""
     fuzz_threshold: float = 0.3
     """Fuzzing marks tokens with activation >= this fraction of the example's max."""
+    shuffled_control: bool = True
+    """Also score each latent with another latent's explanation from the first explainer (a seeded
+    derangement; explainer `shuffled`): what an explanation scores by chance. The summary compares every explainer
+    with it and with the others per latent, with paired bootstrap intervals."""
 
     def __post_init__(self) -> None:
         _check(len(self.scorers) > 0, "score.scorers must name at least one scorer")

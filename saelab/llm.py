@@ -75,6 +75,9 @@ class ChatResponse:
     with `logprobs > 0` and the backend provides them; else None."""
     model: str
     """Name of the model that answered."""
+    cached: bool = False
+    """Read from a run's answer cache (`saelab.llm_cache`) instead of asked again; the token counts and latency
+    are those of the call that produced it."""
 
 
 class LLMClient(Protocol):
@@ -635,7 +638,8 @@ def run_sync(coro: Coroutine[Any, Any, T], client: object | None = None) -> T:
         try:
             return await coro
         finally:
-            if isinstance(client, OpenAIClient):
-                await client.aclose()
+            close = getattr(client, "aclose", None)
+            if close is not None:
+                await close()
 
     return asyncio.run(main())

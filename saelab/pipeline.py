@@ -15,6 +15,7 @@ one on the artifacts already in R. Artifacts (relative to the run folder):
     samples/samples.json                                                       (sample)
     explain/explanations.jsonl                                                 (explain)
     score/scores.jsonl, score/scores_summary.json                              (score)
+    llm/cache.sqlite            every LLM answer, so a rerun asks nothing twice   (explain, score)
     report.md, report.html, plots/                                             (report)
 """
 
@@ -51,6 +52,7 @@ from saelab.evaluate import EvalResult, evaluate_many
 from saelab.formats import import_sae
 from saelab.latent_build import Chunk, build_cache, check_n_tokens, chunks_from_file, chunks_from_store
 from saelab.latents import MANIFEST, STATS, TOKENS, LatentCache
+from saelab.llm_cache import CachedClient, ResponseCache
 from saelab.models import LoadedModel, load_model, resolve_hookpoint
 from saelab.probing import ProbingConfig, ProbingError, ProbingResult, run_probing
 from saelab.runs import Run
@@ -72,6 +74,7 @@ LATENTS = "latents"
 SAMPLES = "samples/samples.json"
 EXPLANATIONS = "explain/explanations.jsonl"
 SCORES = "score"
+LLM_CACHE = "llm/cache.sqlite"
 
 
 @dataclass
@@ -421,10 +424,19 @@ def _client(s: Session) -> Any:
     shared = None
     if not cfg.url and cfg.local_model == s.cfg.model.name:
         shared = s.lm()  # the bundled chat model is the subject model: load it once
-    client = make_client(cfg, shared)
+    client: Any = make_client(cfg, shared)
+    if cfg.cache:
+        client = CachedClient(client, ResponseCache(s.folder / LLM_CACHE))
     if hasattr(client, "check"):
         run_sync(client.check(), client)  # before any work: an unreachable server is one clear error
     return client
+
+
+def _llm_counts(client: Any) -> dict[str, int]:
+    """Real LLM requests and cache hits of a stage, for its manifest record."""
+    if isinstance(client, CachedClient):
+        return {"llm_calls": client.calls, "llm_cache_hits": client.hits}
+    return {}
 
 
 def stage_explain(s: Session) -> None:
@@ -442,18 +454,19 @@ def stage_explain(s: Session) -> None:
             n_explanations=len(records),
             n_failed=sum(not r.ok for r in records),
             model=getattr(client, "model_name", "none"),
+            **_llm_counts(client),
         )
 
 
 def stage_score(s: Session) -> None:
     from saelab.explain import load_explanations
-    from saelab.score import run_score
+    from saelab.score import LLM_SCORERS, run_score
 
     s.run.verify("sample", "sample")
     s.run.verify("explain", "explain")
     samples = SampleSet.load(s.folder / SAMPLES)
     explanations = load_explanations(s.folder / EXPLANATIONS)
-    needs_llm = any(x in ("detection", "fuzzing") for x in s.cfg.score.scorers)
+    needs_llm = any(x in LLM_SCORERS for x in s.cfg.score.scorers)
     client = _client(s) if needs_llm else None
     with s.run.stage("score", {"score": to_dict(s.cfg.score), "llm": to_dict(s.cfg.llm)}) as rec:
         out = s.folder / SCORES
@@ -461,6 +474,7 @@ def stage_score(s: Session) -> None:
         run_score(samples, explanations, s.cfg.score, client, out, s.cfg.seed)
         rec["outputs"] += [f"{SCORES}/scores.jsonl", f"{SCORES}/scores_summary.json"]
         rec["model"] = getattr(client, "model_name", "none")
+        rec.update(_llm_counts(client))
 
 
 def stage_report(s: Session) -> Path:

@@ -32,7 +32,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -41,27 +41,16 @@ import numpy as np
 from saelab.config import ScoreConfig
 from saelab.explain import ExplanationRecord, quote_example, render_tokens
 from saelab.llm import LLMClient, LLMError, gather_with_progress, run_sync
-from saelab.metrics import BinaryMetrics, binary_metrics, macro_mean
+from saelab.metrics import BinaryMetrics, binary_metrics, macro_mean, paired_bootstrap
+from saelab.prompts import DETECTION_USER, FUZZING_USER, JUDGE_SYSTEM
 from saelab.sampling import Example, LatentExamples, SampleSet
 
 log = logging.getLogger(__name__)
 
-# ---------------------------------------------------------------------------------------- prompt templates
+# ---------------------------------------------------------------------------------------- settings
 
-JUDGE_SYSTEM = "Answer Yes or No."
-# The question comes first and the example last: every prompt of a scorer starts with the same tokens and the
-# prompts of one explanation share everything up to the example, so the local backend runs those parts once.
-DETECTION_USER = (
-    "Does the text match the description? The text is one quoted string. Answer Yes or No.\n"
-    "Description: {explanation}\n"
-    "Text: {quoted}"
-)
-FUZZING_USER = (
-    "In the text some tokens are marked <<like this>>. Are the marked tokens what the description describes? "
-    "The text is one quoted string. Answer Yes or No.\n"
-    "Description: {explanation}\n"
-    "Text: {quoted}"
-)
+LLM_SCORERS = ("detection", "fuzzing", "simulation")
+"""Scorers that need the judge LLM."""
 TOP_LOGPROBS = 20
 """Alternatives asked for the judge's first token (OpenAI's maximum)."""
 
@@ -104,6 +93,8 @@ class Prediction:
     """Predicted label; None for a failed judgement."""
     score: float | None
     """P(yes) (LLM judges) or cosine similarity (embedding); None when unavailable."""
+    quantile: int = -1
+    """Activation quantile of a positive example (0 = lowest, see `Example.quantile`); -1 for negatives."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +102,8 @@ class ScorerOutput:
     predictions: list[Prediction]
     threshold: float | None = None
     """Decision threshold on the score (embedding scorer)."""
+    extra: dict[str, float | None] = field(default_factory=dict)
+    """Scorer-specific per-latent scores (simulation: `correlation`)."""
 
 
 class Scorer(Protocol):
@@ -121,6 +114,11 @@ class Scorer(Protocol):
 
 def scoring_examples(le: LatentExamples) -> list[tuple[Example, int]]:
     return [(ex, 1) for ex in le.test_pos] + [(ex, 0) for ex in le.test_neg]
+
+
+def quantiles_of(le: LatentExamples) -> dict[str, int]:
+    """Activation quantile by example id of the latent's positive scoring examples."""
+    return {ex.example_id: ex.quantile for ex in le.test_pos}
 
 
 def plain_text(ex: Example) -> str:
@@ -143,7 +141,10 @@ class JudgeScorer:
     async def score(self, le: LatentExamples, explanation: str) -> ScorerOutput:
         items = self.texts(le)
         judged = await asyncio.gather(*(self.judge(explanation, text) for _, text, _ in items))
-        return ScorerOutput([Prediction(eid, label, p, s) for (eid, _, label), (p, s) in zip(items, judged)])
+        q = quantiles_of(le)
+        return ScorerOutput(
+            [Prediction(eid, label, p, s, q.get(eid, -1)) for (eid, _, label), (p, s) in zip(items, judged)]
+        )
 
     async def judge(self, explanation: str, text: str) -> tuple[int | None, float | None]:
         """(prediction, P(yes)); (None, None) for a failed judgement."""
@@ -235,7 +236,8 @@ class EmbeddingScorer:
         sims = self.embedder.similarity(explanation, [plain_text(ex) for ex, _ in items])
         thr = self.threshold(le, explanation)
         preds = [
-            Prediction(ex.example_id, label, int(s > thr), float(s)) for (ex, label), s in zip(items, sims)
+            Prediction(ex.example_id, label, int(s > thr), float(s), ex.quantile if label else -1)
+            for (ex, label), s in zip(items, sims)
         ]
         return ScorerOutput(preds, thr)
 
@@ -254,6 +256,8 @@ class ScoreRow:
     metrics: BinaryMetrics
     threshold: float | None
     predictions: list[Prediction]
+    extra: dict[str, float | None] = field(default_factory=dict)
+    """Scorer-specific scores (see `ScorerOutput.extra`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -262,6 +266,7 @@ class ScoreRow:
             "scorer": self.scorer,
             "explanation": self.explanation,
             **self.metrics.to_dict(),
+            **self.extra,
             "threshold": self.threshold,
             "predictions": [asdict(p) for p in self.predictions],
         }
@@ -278,6 +283,10 @@ class OverallScore:
     macro: dict[str, float | None]
     """Mean of each latent's metric."""
     n_latents: int
+    frequency_weighted_f1: float | None
+    """Each latent's F1 weighted by its firing frequency (None when no latent fires)."""
+    quantile_recall: dict[int, float]
+    """Recall of the positive examples of each activation quantile (0 = lowest), pooled over latents."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -286,6 +295,8 @@ class OverallScore:
             **self.micro.to_dict(),
             "n_latents": self.n_latents,
             "macro": self.macro,
+            "frequency_weighted_f1": self.frequency_weighted_f1,
+            "quantile_recall": {str(q): r for q, r in self.quantile_recall.items()},
         }
 
 
@@ -296,12 +307,15 @@ class ScoreSummary:
     failed_explanations: int
     """Explanations not scored because the explainer failed."""
     models: dict[str, str | None]
+    comparisons: list[dict[str, Any]] = field(default_factory=list)
+    """Explainers compared per latent (see `compare_explainers`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "models": self.models,
             "overall": [o.to_dict() for o in self.overall],
             "failed_explanations": self.failed_explanations,
+            "comparisons": self.comparisons,
         }
 
 
@@ -317,7 +331,36 @@ def row_metrics(preds: Sequence[Prediction]) -> BinaryMetrics:
     )
 
 
-def summarise(rows: Sequence[ScoreRow]) -> list[OverallScore]:
+def frequency_weighted_f1(rows: Sequence[ScoreRow], frequency: dict[int, float]) -> float | None:
+    """sum_l freq_l F1_l / sum_l freq_l over the rows' latents (METRICS.md: frequency-weighted F1)."""
+    w = np.array([frequency[r.latent] for r in rows], dtype=np.float64)
+    if w.sum() <= 0:
+        return None
+    return float(np.dot(w, [r.metrics.f1 for r in rows]) / w.sum())
+
+
+def quantile_recall(preds: Sequence[Prediction]) -> dict[int, float]:
+    """Recall per activation quantile of the judged positive examples (a quantile with none judged is left out)."""
+    out: dict[int, float] = {}
+    for q in sorted({p.quantile for p in preds if p.label == 1 and p.quantile >= 0}):
+        judged = [p.pred for p in preds if p.label == 1 and p.quantile == q and p.pred is not None]
+        if judged:
+            out[q] = float(np.mean(judged))
+    return out
+
+
+def _macro_extra(rows: Sequence[ScoreRow]) -> dict[str, float | None]:
+    """Mean over latents of each scorer-specific score (latents where it is undefined left out)."""
+    out: dict[str, float | None] = {}
+    for key in dict.fromkeys(k for r in rows for k in r.extra):
+        values = [v for r in rows if (v := r.extra.get(key)) is not None]
+        out[key] = float(np.mean(values)) if values else None
+    return out
+
+
+def summarise(rows: Sequence[ScoreRow], frequency: dict[int, float]) -> list[OverallScore]:
+    """Micro, macro and frequency-weighted metrics and per-quantile recall of each (explainer, scorer);
+    `frequency` is each latent's firing frequency."""
     keys = list(dict.fromkeys((r.explainer, r.scorer) for r in rows))
     out = []
     for explainer, scorer in keys:
@@ -325,9 +368,72 @@ def summarise(rows: Sequence[ScoreRow]) -> list[OverallScore]:
         pooled = [p for r in group for p in r.predictions]
         out.append(
             OverallScore(
-                explainer, scorer, row_metrics(pooled), macro_mean([r.metrics for r in group]), len(group)
+                explainer,
+                scorer,
+                row_metrics(pooled),
+                macro_mean([r.metrics for r in group]) | _macro_extra(group),
+                len(group),
+                frequency_weighted_f1(group, frequency),
+                quantile_recall(pooled),
             )
         )
+    return out
+
+
+# ------------------------------------------------------------------------------------- controls, comparisons
+
+SHUFFLED = "shuffled"
+COMPARED_METRICS = ("f1", "balanced_accuracy", "auc", "correlation")
+
+
+def shuffled_explanations(explanations: Sequence[ExplanationRecord], seed: int) -> list[ExplanationRecord]:
+    """The first explainer's successful explanations moved to other latents by a seeded derangement (no latent
+    keeps its own), as explainer `shuffled`; empty when fewer than two latents have one."""
+    ok = [r for r in explanations if r.ok and r.explanation]
+    if not ok:
+        return []
+    first = [r for r in ok if r.explainer == ok[0].explainer]
+    if len(first) < 2:
+        log.warning("shuffled control skipped: it needs explanations of at least two latents")
+        return []
+    order = np.random.default_rng([seed, 7]).permutation(len(first))
+    donor = {
+        int(order[i]): int(order[(i + 1) % len(order)]) for i in range(len(order))
+    }  # a cycle: no fixed point
+    return [
+        ExplanationRecord(
+            r.latent, SHUFFLED, first[donor[i]].model, first[donor[i]].explanation,
+            f"explanation of latent {first[donor[i]].latent} ({r.explainer})", True, None,
+        )
+        for i, r in enumerate(first)
+    ]  # fmt: skip
+
+
+def _metric(row: ScoreRow, name: str) -> float | None:
+    value = row.extra.get(name) if name in row.extra else getattr(row.metrics, name, None)
+    return None if value is None else float(value)
+
+
+def compare_explainers(rows: Sequence[ScoreRow], seed: int) -> list[dict[str, Any]]:
+    """For each scorer, metric and pair of explainers (in the order they appear): the mean per-latent difference
+    over the latents both scored, with a paired bootstrap 95% interval (`metrics.paired_bootstrap`)."""
+    out: list[dict[str, Any]] = []
+    by_key = {(r.scorer, r.explainer, r.latent): r for r in rows}
+    for scorer in dict.fromkeys(r.scorer for r in rows):
+        explainers = list(dict.fromkeys(r.explainer for r in rows if r.scorer == scorer))
+        for i, a in enumerate(explainers):
+            for b in explainers[i + 1 :]:
+                for name in COMPARED_METRICS:
+                    pairs = [
+                        (va, vb)
+                        for (sc, ex, lat), row in by_key.items()
+                        if sc == scorer and ex == a and (other := by_key.get((scorer, b, lat))) is not None
+                        if (va := _metric(row, name)) is not None and (vb := _metric(other, name)) is not None
+                    ]
+                    if not pairs:
+                        continue
+                    d = paired_bootstrap([p[0] for p in pairs], [p[1] for p in pairs], seed=seed)
+                    out.append({"scorer": scorer, "metric": name, "a": a, "b": b, **d._asdict()})
     return out
 
 
@@ -337,7 +443,7 @@ def summarise(rows: Sequence[ScoreRow]) -> list[OverallScore]:
 def make_scorers(cfg: ScoreConfig, client: LLMClient | None, samples: SampleSet, seed: int) -> list[Scorer]:
     scorers: list[Scorer] = []
     for name in cfg.scorers:
-        if name in ("detection", "fuzzing") and client is None:
+        if name in LLM_SCORERS and client is None:
             raise LLMError(
                 f"the {name} scorer needs an LLM client; configure --llm or use the embedding scorer"
             )
@@ -347,6 +453,11 @@ def make_scorers(cfg: ScoreConfig, client: LLMClient | None, samples: SampleSet,
         elif name == "fuzzing":
             assert client is not None
             scorers.append(FuzzingScorer(client, cfg.fuzz_threshold, seed))
+        elif name == "simulation":
+            from saelab.simulation import SimulationScorer
+
+            assert client is not None
+            scorers.append(SimulationScorer(client))
         elif name == "embedding":
             from saelab.embed import Embedder
 
@@ -357,7 +468,8 @@ def make_scorers(cfg: ScoreConfig, client: LLMClient | None, samples: SampleSet,
 async def score_async(
     samples: SampleSet, explanations: Sequence[ExplanationRecord], scorers: Sequence[Scorer]
 ) -> list[ScoreRow]:
-    """Score every successful explanation with every scorer; rows ordered by explainer, scorer, latent."""
+    """Score every successful explanation with every scorer; rows ordered by explainer (as they first appear),
+    scorer, latent."""
     by_latent = {le.latent: le for le in samples.latents}
     unknown = sorted({r.latent for r in explanations} - set(by_latent))
     if unknown:
@@ -370,10 +482,11 @@ async def score_async(
         if rec.ok and rec.explanation
         for scorer in scorers
     ]
-    jobs.sort(key=lambda j: (j[1], j[3].name, j[0]))
+    rank = {name: i for i, name in enumerate(dict.fromkeys(rec.explainer for rec in explanations))}
+    jobs.sort(key=lambda j: (rank[j[1]], j[3].name, j[0]))
     outputs = await gather_with_progress((s.score(by_latent[lat], e) for lat, _, e, s in jobs), desc="score")
     return [
-        ScoreRow(lat, explainer, s.name, e, row_metrics(o.predictions), o.threshold, o.predictions)
+        ScoreRow(lat, explainer, s.name, e, row_metrics(o.predictions), o.threshold, o.predictions, o.extra)
         for (lat, explainer, e, s), o in zip(jobs, outputs)
     ]
 
@@ -388,12 +501,13 @@ def run_score(
 ) -> ScoreSummary:
     """Score the explanations and write `scores.jsonl` and `scores_summary.json` under `out_dir`."""
     scorers = make_scorers(cfg, client, samples, seed)
-    rows = run_sync(score_async(samples, explanations, scorers), client)
+    control = shuffled_explanations(explanations, seed) if cfg.shuffled_control else []
+    rows = run_sync(score_async(samples, [*explanations, *control], scorers), client)
     failed = sum(not r.ok for r in explanations)
     llm_models = sorted({r.model for r in explanations if r.ok and r.model != "none"})
     summary = ScoreSummary(
         rows=rows,
-        overall=summarise(rows),
+        overall=summarise(rows, {le.latent: le.frequency for le in samples.latents}),
         failed_explanations=failed,
         models={
             "explainer_llm": ", ".join(llm_models) or None,
@@ -402,6 +516,7 @@ def run_score(
             else None,
             "embedding": "all-MiniLM-L6-v2" if "embedding" in cfg.scorers else None,
         },
+        comparisons=compare_explainers(rows, seed),
     )
     n_failed = sum(r.metrics.n_failed for r in rows)
     if n_failed:

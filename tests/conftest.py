@@ -15,6 +15,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 
+pytest_plugins = [
+    "reliability"
+]  # README's reliability table, written from the marked tests (tests/reliability.py)
+
 WORDS = [
     "the", "a", "cat", "dog", "sat", "on", "mat", "river", "city", "paris", "france", "king", "queen", "war",
     "music", "song", "wrote", "in", "of", "and", "was", "is", "born", "year", "1901", "2000", "church", "team",

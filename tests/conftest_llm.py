@@ -3,7 +3,8 @@
 - `RuleClient`: a small, deterministic, real `LLMClient`. It reads the prompts saelab builds the way a model would
   have to (examples from their quoted lines, the description and the text of a judge prompt) and answers by
   rule: an explanation names the most frequent marked token; a judge says Yes when that token occurs in the text
-  (detection) or inside a mark (fuzzing), with first-token log-probabilities like an OpenAI server.
+  (detection) or inside a mark (fuzzing), with first-token log-probabilities like an OpenAI server; a simulator
+  gives 10 to every token equal to that token.
 - `synthetic_samples`: a SampleSet whose latent `i` fires exactly on a planted word.
 - `ScriptedServer`: an HTTP server on 127.0.0.1 answering from a list of canned responses (retry tests).
 - `tiny_chat_model`: a randomly initialised 2-layer Llama with a word-level tokenizer and a chat template.
@@ -62,6 +63,8 @@ class RuleClient:
         self.prompts.append(prompt)
         if self.fail_with:
             raise LLMError(self.fail_with)
+        if (desc := _DESCRIPTION.search(prompt)) and "\nTokens:\n" in prompt:
+            return self._simulate(desc.group(1), prompt.split("\nTokens:\n", 1)[1])
         if (desc := _DESCRIPTION.search(prompt)) and (text := _TEXT.search(prompt)):
             return self._judge(desc.group(1), json.loads(text.group(1)), "marked tokens" in prompt, logprobs)
         examples = prompt_examples(prompt)
@@ -71,6 +74,19 @@ class RuleClient:
             marked = Counter(m.strip() for ex in examples for m in re.findall(r"<<(.*?)>>", ex))
             answer = f'Explanation: "the token {marked.most_common(1)[0][0]}"\nmore text' if marked else ""
         return ChatResponse(answer, len(prompt.split()), len(answer.split()), 0.0, None, self.model_name)
+
+    def _simulate(self, description: str, token_lines: str) -> ChatResponse:
+        """Simulation: `index: 10` for every numbered token equal to the description's keyword, else `none`."""
+        if self.judge_text is not None:
+            return ChatResponse(self.judge_text, 10, 1, 0.0, None, self.model_name)
+        keyword = m.group(1).strip("\"'") if (m := _KEYWORD.search(description)) else description.split()[-1]
+        hits = []
+        for line in token_lines.splitlines():
+            index, token = line.split(" ", 1)
+            if json.loads(token).strip().lower() == keyword.lower():
+                hits.append(f"{index}: 10")
+        answer = "\n".join(hits) or "none"
+        return ChatResponse(answer, 10, len(hits) * 4 + 1, 0.0, None, self.model_name)
 
     def _judge(self, description: str, text: str, fuzzing: bool, logprobs: int) -> ChatResponse:
         keyword = m.group(1).strip("\"'") if (m := _KEYWORD.search(description)) else description.split()[-1]

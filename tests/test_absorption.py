@@ -366,6 +366,7 @@ def test_config_is_validated() -> None:
             AbsorptionConfig(**bad)
 
 
+@pytest.mark.bad_input
 def test_too_few_words_for_a_letter_is_a_clear_error() -> None:
     y_train = torch.tensor([0] * 10 + [1] * 3 + [2] * 9)
     y_test = torch.tensor([0] * 5 + [1] * 5 + [2] * 5)
@@ -379,6 +380,7 @@ def test_too_few_words_for_a_letter_is_a_clear_error() -> None:
         run_planted(p)
 
 
+@pytest.mark.bad_input
 def test_too_few_letters_with_a_usable_probe_is_a_clear_error() -> None:
     p = planted(absorbed_train=0, absorbed_test=0)
     shuffled = p.y_train[torch.randperm(len(p.y_train), generator=torch.Generator().manual_seed(0))]
@@ -388,6 +390,7 @@ def test_too_few_letters_with_a_usable_probe_is_a_clear_error() -> None:
         )
 
 
+@pytest.mark.bad_input
 def test_sae_width_mismatch_is_a_clear_error(tiny_model_dir: Path) -> None:
     lm = load_model(str(tiny_model_dir), device="cpu")
     wrong = build(SAEConfig("topk", 16, 64, k=4))  # the tiny model's residual stream is 32 wide
@@ -399,6 +402,7 @@ def test_sae_width_mismatch_is_a_clear_error(tiny_model_dir: Path) -> None:
         score_absorption(probes, wrong, CFG, seed=0)
 
 
+@pytest.mark.bad_input
 def test_run_absorption_on_a_vocabulary_too_small_for_the_letters(tiny_model_dir: Path) -> None:
     lm = load_model(str(tiny_model_dir), device="cpu")
     sae = build(SAEConfig("topk", 32, 64, k=4))

@@ -57,6 +57,7 @@ def test_writer_cuts_shards_across_appends_and_renames_when_complete(tmp_path: P
         ActivationStore(tmp_path / "missing")
 
 
+@pytest.mark.bad_input
 def test_nan_rows_are_refused_when_written(tmp_path: Path) -> None:
     x = torch.randn(10, 4)
     x[3, 1] = float("inf")
@@ -86,6 +87,7 @@ def test_every_row_once_per_epoch_in_bounded_memory(tmp_path: Path, n: int, batc
     assert len(mixed) >= 2  # a batch mixes shards
 
 
+@pytest.mark.bad_input
 def test_buffer_too_small_for_a_shard_is_a_clear_error(tmp_path: Path) -> None:
     src = StoreSource(numbered_store(tmp_path / "s", 500, 200), buffer_rows=220)
     with pytest.raises(ActivationError, match="stream-buffer-rows to >= 249"):

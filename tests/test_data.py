@@ -49,6 +49,7 @@ def test_jsonl_and_json_sources(tmp_path: Path) -> None:
         list(iter_documents(str(tmp_path / "b.json"), "text"))
 
 
+@pytest.mark.bad_input
 def test_bad_inputs(tokenizer, tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not found"):
         list(iter_documents(str(tmp_path / "nope.txt")))

@@ -92,6 +92,7 @@ def test_downstream_scores_bounds(tiny_model_dir, corpus_file) -> None:
     assert perfect["n_ce_tokens"] == int(windows.keep[windows.eval_idx[:4], :-1].sum())
 
 
+@pytest.mark.bad_input
 def test_sae_of_another_width_is_refused(tiny_model_dir, corpus_file) -> None:
     lm = load_model(str(tiny_model_dir))
     windows = build_windows(DataConfig(dataset=str(corpus_file), ctx_len=32), lm.tokenizer, seed=0)

@@ -96,6 +96,7 @@ def test_prompt_shows_only_train_examples() -> None:
         assert ex.text not in prompt
 
 
+@pytest.mark.fault
 def test_unparseable_answer_is_a_recorded_failure(tmp_path: Path) -> None:
     samples = synthetic_samples(n_latents=2)
     client = RuleClient(explain_answer=lambda examples: "  \n ... \n")
@@ -106,6 +107,7 @@ def test_unparseable_answer_is_a_recorded_failure(tmp_path: Path) -> None:
     assert all(r["explanation"] is None and r["ok"] is False and r["raw"] == "  \n ... \n" for r in rows)
 
 
+@pytest.mark.fault
 def test_request_error_is_a_recorded_failure(tmp_path: Path) -> None:
     client = RuleClient(fail_with="server down")
     records = run_explain(
@@ -115,6 +117,7 @@ def test_request_error_is_a_recorded_failure(tmp_path: Path) -> None:
     assert records[0].error == "LLMError: server down"
 
 
+@pytest.mark.bad_input
 def test_llm_explainer_without_client_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(LLMError, match="needs an LLM client"):
         run_explain(synthetic_samples(1), ExplainConfig(), None, tmp_path / "e.jsonl")
@@ -160,6 +163,7 @@ def test_token_stats_prefers_activating_only_tokens_over_common_ones() -> None:
     assert over_represented_tokens([ex(w) for w in range(4)], 2) == [" Paris", " the"]
 
 
+@pytest.mark.bad_input
 def test_token_stats_without_activations_fails_cleanly() -> None:
     le = synthetic_samples(1).latents[0]
     dead = replace(le, train=tuple(replace(ex, acts=(0.0,) * len(ex.acts)) for ex in le.train))

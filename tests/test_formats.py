@@ -109,6 +109,7 @@ def test_round_trip_keeps_outputs_and_config(arch: str, fmt: str, tmp_path: Path
     assert back.cfg == expected
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(("arch", "fmt"), UNSUPPORTED)
 def test_unsupported_pairs_are_refused_and_write_nothing(arch: str, fmt: str, tmp_path: Path) -> None:
     with pytest.raises(SAEError, match=f"the {fmt} format cannot store a {arch} SAE; it stores topk"):
@@ -231,6 +232,7 @@ def test_dictionary_learning_without_config_json(tmp_path: Path) -> None:
         import_sae(tmp_path / "relu")
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("fmt", "file"),
     [
@@ -247,6 +249,7 @@ def test_truncated_weights_are_an_error(fmt: str, file: str, tmp_path: Path) -> 
         import_sae(tmp_path)
 
 
+@pytest.mark.bad_input
 def test_format_detection_errors(tmp_path: Path) -> None:
     with pytest.raises(SAEError, match="is not a folder"):
         import_sae(tmp_path / "nowhere")
@@ -295,6 +298,7 @@ def test_cli_convert_chain(tmp_path: Path) -> None:
     assert_same_outputs(*outputs(back, inputs()), *outputs(s, inputs()))
 
 
+@pytest.mark.bad_input
 def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     sae_lib.save(random_sae("relu"), tmp_path / "ours")
     argv = ["convert", "--src", str(tmp_path / "ours"), "--dst", str(tmp_path / "sp"), "--to", "sparsify"]

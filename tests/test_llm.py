@@ -39,6 +39,7 @@ def _closed_port() -> int:
 # ---------------------------------------------------------------------------------------------- HTTP, fast
 
 
+@pytest.mark.fault
 def test_http_500_then_200_is_retried() -> None:
     with ScriptedServer([(500, "boom"), (200, completion_body("Yes"))]) as srv:
         resp = run_sync(_client(srv.url).chat(MSG, max_tokens=3))
@@ -51,6 +52,7 @@ def test_http_500_then_200_is_retried() -> None:
     assert body == {"model": "m", "messages": MSG, "max_tokens": 3, "temperature": 0.0}
 
 
+@pytest.mark.fault
 def test_http_429_is_retried_and_logprobs_parsed() -> None:
     top = {"Yes": math.log(0.7), " yes": math.log(0.1), "No": math.log(0.2)}
     with ScriptedServer([(429, "slow down"), (429, "slow down"), (200, completion_body("Yes", top))]) as srv:
@@ -60,6 +62,7 @@ def test_http_429_is_retried_and_logprobs_parsed() -> None:
     assert srv.requests[-1][2] is not None and srv.requests[-1][2]["top_logprobs"] == 5
 
 
+@pytest.mark.fault
 def test_garbage_body_raises_llm_error_after_retries() -> None:
     with (
         ScriptedServer([(200, "<html>not json</html>")]) as srv,
@@ -69,12 +72,14 @@ def test_garbage_body_raises_llm_error_after_retries() -> None:
     assert len(srv.requests) == 3  # max_retries=2 -> 3 attempts, bounded
 
 
+@pytest.mark.fault
 def test_malformed_json_raises_after_retries() -> None:
     with ScriptedServer([(200, '{"choices": []}')]) as srv, pytest.raises(LLMError, match="malformed"):
         run_sync(_client(srv.url).chat(MSG, max_tokens=3))
     assert len(srv.requests) == 3
 
 
+@pytest.mark.fault
 def test_timeout_is_retried_then_reported() -> None:
     with ScriptedServer([(200, completion_body("late"))], delay_s=0.5) as srv:
         client = OpenAIClient(srv.url, "m", timeout_s=0.1, max_retries=1, backoff_s=0.01)
@@ -83,12 +88,14 @@ def test_timeout_is_retried_then_reported() -> None:
     assert len(srv.requests) == 2
 
 
+@pytest.mark.fault
 def test_client_error_is_not_retried() -> None:
     with ScriptedServer([(400, '{"error": "bad model"}')]) as srv, pytest.raises(LLMError, match="HTTP 400"):
         run_sync(_client(srv.url).chat(MSG, max_tokens=3))
     assert len(srv.requests) == 1
 
 
+@pytest.mark.fault
 def test_unreachable_url_gives_one_line_error() -> None:
     url = f"http://127.0.0.1:{_closed_port()}/v1"
     with pytest.raises(LLMError) as info:
@@ -107,6 +114,7 @@ def test_check_lists_models_and_fills_empty_name() -> None:
     assert srv.requests[0][:2] == ("GET", "/v1/models")
 
 
+@pytest.mark.fault
 def test_check_reports_http_errors() -> None:
     with ScriptedServer([(404, "{}")]) as srv, pytest.raises(LLMError, match="HTTP 404 to GET /models"):
         run_sync(_client(srv.url).check())
@@ -242,6 +250,7 @@ def test_local_batched_generation_equals_generate(tiny: LoadedModel, prefill_tok
         assert resp.top_logprobs is not None and len(resp.top_logprobs) <= 3
 
 
+@pytest.mark.bad_input
 def test_local_rejects_overlong_prompt(tiny: LoadedModel) -> None:
     client = LocalChatClient(tiny)
     with pytest.raises(LLMError, match="exceeds"):

@@ -66,6 +66,7 @@ def test_binary_metrics_and_macro_mean() -> None:
     assert macro["auc"] == pytest.approx(1.0)  # mean over latents where AUC is defined
 
 
+@pytest.mark.bad_input
 def test_confusion_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="differ in length"):
         M.confusion([1, 0], [1])
@@ -81,3 +82,19 @@ def test_bootstrap_ci_brackets_point_estimate() -> None:
     point = M.balanced_accuracy(M.confusion(y_true, y_pred))
     assert lo <= point <= hi
     assert 0.6 < lo < hi < 0.95
+
+
+def test_paired_bootstrap_pairs_items() -> None:
+    """Two noisy score lists that differ by a constant per item: the paired interval is tight around it, far
+    narrower than the spread of either list would allow."""
+    from saelab.metrics import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    b = rng.uniform(0, 1, 40)
+    a = b + 0.05
+    d = paired_bootstrap(a, b, seed=1)
+    assert (d.n, d.diff) == (40, pytest.approx(0.05)) and d.lo == pytest.approx(0.05) == d.hi
+    noisy = paired_bootstrap(b + rng.normal(0.05, 0.1, 40), b, seed=1)
+    assert noisy.lo < noisy.diff < noisy.hi and noisy.hi - noisy.lo < 0.15
+    with pytest.raises(ValueError, match="equal length"):
+        paired_bootstrap([1.0, 2.0], [1.0])

@@ -60,6 +60,7 @@ def test_replace_output_changes_downstream_logits(tiny_model_dir: Path) -> None:
     assert not torch.allclose(clean, zero)
 
 
+@pytest.mark.bad_input
 def test_unknown_model_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="never downloads"):
         load_model(str(tmp_path / "no-such-model"))
@@ -67,6 +68,7 @@ def test_unknown_model_is_a_clear_error(tmp_path: Path) -> None:
         load_model("bundled:gpt-5")
 
 
+@pytest.mark.bad_input
 def test_corrupt_bundled_cache_names_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SAELAB_CACHE", str(tmp_path))
     folder = tmp_path / "models" / "smollm2-135m-instruct"

@@ -85,6 +85,7 @@ def test_make_task_is_balanced_disjoint_and_seeded() -> None:
     assert other.texts != task.texts
 
 
+@pytest.mark.bad_input
 def test_make_task_refuses_a_class_with_too_few_texts() -> None:
     # duplicates do not count: "b" has 3 distinct texts
     with pytest.raises(ProbingError, match=r"class 'b' has 3 distinct texts.*n_per_class to <= 3"):
@@ -246,6 +247,7 @@ def test_run_probing_on_the_tiny_model(tiny_lm: LoadedModel, tiny_sae: SAE, tmp_
     assert again.to_json() == result.to_json()  # seeded: the same numbers and hashes
 
 
+@pytest.mark.bad_input
 def test_probing_config_refuses_splits_too_small_for_the_probes() -> None:
     with pytest.raises(ProbingError, match=r"n_per_class=8 .* 6 train and 2 test .*raise n_per_class"):
         ProbingConfig(n_per_class=8)
@@ -253,18 +255,21 @@ def test_probing_config_refuses_splits_too_small_for_the_probes() -> None:
         ProbingConfig(tasks=("imdb",))  # type: ignore[arg-type]
 
 
+@pytest.mark.bad_input
 def test_run_probing_refuses_a_task_too_small_for_the_probes(tiny_lm: LoadedModel, tiny_sae: SAE) -> None:
     small = make_task("tiny", {"a": themed_texts(SCIENCE, 9, 0), "b": themed_texts(ROYAL, 9, 0)}, 9, 0.25, 0)
     with pytest.raises(ProbingError, match=r"task 'tiny': class 'a' has 7 train and 2 test texts"):
         run_probing(tiny_lm, tiny_sae, HOOK, ProbingConfig(ks=(1,)), seed=0, tasks=[small])
 
 
+@pytest.mark.bad_input
 def test_run_probing_refuses_an_sae_of_another_width(tiny_lm: LoadedModel) -> None:
     sae = build(SAEConfig("topk", 16, 64, k=4))
     with pytest.raises(ProbingError, match=r"SAE d_in=16 does not match the width 32 of model.layers.1"):
         run_probing(tiny_lm, sae, HOOK, ProbingConfig(), seed=0, tasks=[tiny_task()])
 
 
+@pytest.mark.bad_input
 def test_k_larger_than_the_features_is_an_error(tiny_lm: LoadedModel, tiny_sae: SAE) -> None:
     with pytest.raises(ProbingError, match="asks for 50 features but the hookpoint has 32 and the SAE 96"):
         run_probing(tiny_lm, tiny_sae, HOOK, ProbingConfig(ks=(1, 50)), seed=0, tasks=[tiny_task()])

@@ -40,6 +40,7 @@ def assert_same_run(a: TrainResult, b: TrainResult) -> None:
     )
 
 
+@pytest.mark.resume
 @pytest.mark.parametrize(
     ("arch", "resample"),
     [("topk", "anthropic"), ("batchtopk", "consistency"), ("jumprelu", "none"), ("matryoshka", "none")],
@@ -74,6 +75,7 @@ def test_resume_after_a_crash_is_bit_for_bit(tmp_path: Path, arch: str, resample
         assert sum(e.resampled for e in full.resample_events) >= 16  # the forced-dead block, at least
 
 
+@pytest.mark.resume
 @pytest.mark.parametrize("stop_at", [15, 30])
 def test_resume_at_an_epoch_boundary(tmp_path: Path, stop_at: int) -> None:
     """A checkpoint on the last step of an epoch resumes into the next epoch's order."""
@@ -84,6 +86,7 @@ def test_resume_at_an_epoch_boundary(tmp_path: Path, stop_at: int) -> None:
     assert resumed.resumed_from == stop_at and counter.steps == list(range(stop_at + 1, 46))
 
 
+@pytest.mark.resume
 @pytest.mark.parametrize("stop_at", [9, 13, 26])
 def test_resume_streaming_from_a_store(tmp_path: Path, stop_at: int) -> None:
     """From an on-disk store through a small shuffle buffer: resuming inside a buffer group (whose carried-over
@@ -99,6 +102,7 @@ def test_resume_streaming_from_a_store(tmp_path: Path, stop_at: int) -> None:
     assert counter.steps[0] == stop_at + 1
 
 
+@pytest.mark.fault
 def test_only_the_last_checkpoint_is_kept_and_unfinished_ones_are_ignored(tmp_path: Path) -> None:
     x = planted(n=2000, d=16)
     ckpt = tmp_path / "ckpt"
@@ -121,6 +125,7 @@ def test_only_the_last_checkpoint_is_kept_and_unfinished_ones_are_ignored(tmp_pa
     }
 
 
+@pytest.mark.bad_input
 def test_resuming_with_other_settings_is_refused(tmp_path: Path) -> None:
     x = planted(n=2000, d=16)
     cfg = TrainConfig(checkpoint_every=10, **SMALL)  # type: ignore[arg-type]
@@ -151,6 +156,7 @@ def test_resume_without_a_checkpoint_starts_afresh_and_a_fresh_run_clears_old_on
     assert latest_checkpoint(ckpt) == ckpt / "step-00000010"  # the other run's step-130 is gone
 
 
+@pytest.mark.resume
 def test_resuming_a_finished_run_recomputes_nothing(tmp_path: Path) -> None:
     x = planted(n=2000, d=16)
     cfg = TrainConfig(checkpoint_every=15, **SMALL)  # type: ignore[arg-type]
@@ -180,6 +186,7 @@ def test_checkpoint_sae_is_folded_for_raw_inputs(tmp_path: Path) -> None:
     assert not folded.training
 
 
+@pytest.mark.bad_input
 def test_store_source_checkpoint_refuses_another_buffer(tmp_path: Path) -> None:
     x = planted(n=2000, d=16)
     store = Activations(
@@ -222,6 +229,7 @@ def wait_for_checkpoint(
     raise AssertionError("no checkpoint appeared")
 
 
+@pytest.mark.fault
 @pytest.mark.slow
 def test_sigkill_during_cli_training_then_resume(
     tmp_path: Path, tiny_model_dir: Path, corpus_file: Path

@@ -273,6 +273,7 @@ def test_save_load_round_trip(arch: str, tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.bad_input
 def test_loading_as_another_architecture_is_an_error(tmp_path: Path) -> None:
     sae_lib.save(make("topk"), tmp_path)
     assert isinstance(sae_lib.load(tmp_path, architecture="topk"), sae_lib.TopKSAE)
@@ -280,6 +281,7 @@ def test_loading_as_another_architecture_is_an_error(tmp_path: Path) -> None:
         sae_lib.load(tmp_path, architecture="relu")
 
 
+@pytest.mark.bad_input
 def test_relabelled_checkpoint_is_an_error(tmp_path: Path) -> None:
     """topk and relu SAEs have the same tensors: the weights' own metadata catches an edited cfg.json."""
     sae_lib.save(make("topk"), tmp_path)
@@ -293,11 +295,13 @@ def test_relabelled_checkpoint_is_an_error(tmp_path: Path) -> None:
         sae_lib.load(tmp_path)
 
 
+@pytest.mark.bad_input
 def test_missing_checkpoint_is_an_error_not_untrained_weights(tmp_path: Path) -> None:
     with pytest.raises(SAEError, match="missing"):
         sae_lib.load(tmp_path)
 
 
+@pytest.mark.bad_input
 def test_corrupt_checkpoint_is_an_error(tmp_path: Path) -> None:
     sae_lib.save(make(), tmp_path)
     data = (tmp_path / "sae.safetensors").read_bytes()
@@ -306,6 +310,7 @@ def test_corrupt_checkpoint_is_an_error(tmp_path: Path) -> None:
         sae_lib.load(tmp_path)
 
 
+@pytest.mark.bad_input
 def test_checkpoint_shape_mismatch_is_an_error(tmp_path: Path) -> None:
     sae_lib.save(make(), tmp_path)
     cfg = json.loads((tmp_path / "cfg.json").read_text())
@@ -318,12 +323,14 @@ def test_checkpoint_shape_mismatch_is_an_error(tmp_path: Path) -> None:
 # --- bad input and bad configs --------------------------------------------------------------------------------------
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("arch", ARCHS)
 def test_wrong_d_in_is_a_clear_error(arch: str) -> None:
     with pytest.raises(SAEError, match="d_in=20"):
         make(arch).encode(torch.randn(3, 20))
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("arch", ARCHS)
 def test_nan_input_is_a_clear_error(arch: str) -> None:
     x = torch.randn(3, 16)
@@ -339,6 +346,7 @@ def test_k_out_of_range(arch: str, k: int) -> None:
         SAEConfig(arch, 16, 64, **{**PARAMS[arch], "k": k})
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("arch", "params", "match"),
     [
@@ -355,6 +363,7 @@ def test_bad_architecture_parameters(arch: str, params: dict[str, Any], match: s
         SAEConfig(arch, 16, 64, **params)
 
 
+@pytest.mark.bad_input
 def test_unknown_architecture() -> None:
     with pytest.raises(SAEError, match="unknown SAE architecture"):
         build(SAEConfig("gated", 16, 64, 4))

@@ -103,6 +103,7 @@ def test_wrong_explanation_scores_at_chance_or_below() -> None:
     assert all(r.metrics.recall == 0.0 for r in rows)
 
 
+@pytest.mark.fault
 def test_unparseable_judgements_are_counted_not_guessed() -> None:
     samples = synthetic_samples(n_latents=1)
     rows = asyncio.run(
@@ -122,6 +123,7 @@ def test_text_answers_without_logprobs_are_parsed() -> None:
     assert (m.n_pos, m.n_neg, m.n_failed, m.recall, m.specificity, m.auc) == (4, 4, 0, 1.0, 0.0, None)
 
 
+@pytest.mark.fault
 def test_request_errors_are_failed_judgements() -> None:
     samples = synthetic_samples(n_latents=1)
     rows = asyncio.run(score_async(samples, explanations(1), [DetectionScorer(RuleClient(fail_with="down"))]))
@@ -174,9 +176,9 @@ def test_run_score_files_and_summary(tmp_path: Path) -> None:
     cfg = ScoreConfig(scorers=("detection", "fuzzing"))
     summary = run_score(samples, recs, cfg, RuleClient(), tmp_path, seed=0)
     assert summary.failed_explanations == 1
-    assert len(summary.rows) == (2 + 3) * 2  # the failed explanation is not scored
+    assert len(summary.rows) == (2 + 3 + 2) * 2  # the failed explanation is not scored; 2 shuffled controls
     rows = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
-    assert len(rows) == 10
+    assert len(rows) == 14
     first = rows[0]
     for key in (
         "latent",
@@ -191,12 +193,14 @@ def test_run_score_files_and_summary(tmp_path: Path) -> None:
         assert key in first
     for key in ("f1", "balanced_accuracy", "auc", "n_pos", "n_neg", "n_failed", "predictions"):
         assert key in first
-    assert set(first["predictions"][0]) == {"example_id", "label", "pred", "score"}
+    assert set(first["predictions"][0]) == {"example_id", "label", "pred", "score", "quantile"}
     data = json.loads((tmp_path / "scores_summary.json").read_text())
     assert data["models"] == {"explainer_llm": "rule-client", "judge_llm": "rule-client", "embedding": None}
     assert data["failed_explanations"] == 1
     overall = {(o["explainer"], o["scorer"]): o for o in data["overall"]}
-    assert set(overall) == {(e, s) for e in ("default", "token_stats") for s in ("detection", "fuzzing")}
+    assert set(overall) == {
+        (e, s) for e in ("default", "token_stats", "shuffled") for s in ("detection", "fuzzing")
+    }
     det = overall[("default", "detection")]
     assert det["n_latents"] == 2 and det["n_pos"] == 8 and det["balanced_accuracy"] == 1.0
     assert det["macro"]["balanced_accuracy"] == 1.0 and det["macro"]["auc"] == 1.0
@@ -206,7 +210,14 @@ def test_micro_and_macro_differ_when_latents_differ(tmp_path: Path) -> None:
     samples = synthetic_samples(n_latents=2)
     recs = explanations(2)
     recs[1] = replace(recs[1], explanation="the token nothing")  # latent 1 never says yes
-    summary = run_score(samples, recs, ScoreConfig(scorers=("detection",)), RuleClient(), tmp_path, seed=0)
+    summary = run_score(
+        samples,
+        recs,
+        ScoreConfig(scorers=("detection",), shuffled_control=False),
+        RuleClient(),
+        tmp_path,
+        seed=0,
+    )
     (overall,) = summary.overall
     assert overall.macro["recall"] == pytest.approx(0.5)
     assert overall.micro.recall == pytest.approx(0.5)
@@ -216,6 +227,60 @@ def test_micro_and_macro_differ_when_latents_differ(tmp_path: Path) -> None:
     assert overall.micro.precision == pytest.approx(1.0)
 
 
+def test_frequency_weighted_f1_and_quantile_recall(tmp_path: Path) -> None:
+    """Frequency-weighted F1 = sum freq_l F1_l / sum freq_l (scikit-learn's F1 per latent); per-quantile recall
+    pools the positives of each activation quantile over latents."""
+    from sklearn.metrics import f1_score
+
+    samples = synthetic_samples(n_latents=3)
+    for le, freq in zip(samples.latents, (0.01, 0.2, 0.05)):
+        object.__setattr__(le, "frequency", freq)
+    recs = explanations(3)
+    recs[1] = replace(recs[1], explanation="the token nothing")  # the frequent latent is explained badly
+    summary = run_score(
+        samples,
+        recs,
+        ScoreConfig(scorers=("detection",), shuffled_control=False),
+        RuleClient(),
+        tmp_path,
+        seed=0,
+    )
+    (overall,) = summary.overall
+    f1s = [f1_score([p.label for p in r.predictions], [p.pred for p in r.predictions]) for r in summary.rows]
+    expected = np.average(f1s, weights=[0.01, 0.2, 0.05])
+    assert overall.frequency_weighted_f1 == pytest.approx(expected) and expected < overall.macro["f1"]
+    pos = [p for r in summary.rows for p in r.predictions if p.label == 1]
+    assert {p.quantile for p in pos} == {
+        q for le in samples.latents for q in (ex.quantile for ex in le.test_pos)
+    }
+    for q, rec in overall.quantile_recall.items():
+        assert rec == pytest.approx(np.mean([p.pred for p in pos if p.quantile == q]))
+    data = json.loads((tmp_path / "scores_summary.json").read_text())["overall"][0]
+    assert data["frequency_weighted_f1"] == pytest.approx(expected) and set(data["quantile_recall"])
+
+
+def test_shuffled_control_and_paired_comparisons(tmp_path: Path) -> None:
+    """Each latent is also scored with another latent's explanation (never its own); the summary compares the
+    explainers per latent with paired bootstrap intervals: right explanations beat the shuffled ones."""
+    samples = synthetic_samples(n_latents=5)
+    recs = explanations(5)
+    summary = run_score(samples, recs, ScoreConfig(scorers=("detection",)), RuleClient(), tmp_path, seed=3)
+    own = {r.latent: r.explanation for r in recs}
+    control = [r for r in summary.rows if r.explainer == "shuffled"]
+    assert sorted(r.latent for r in control) == list(range(5))
+    assert all(r.explanation != own[r.latent] for r in control)
+    assert sorted(r.explanation for r in control) == sorted(own.values())  # every explanation used once
+    (cmp,) = [c for c in summary.comparisons if c["metric"] == "balanced_accuracy"]
+    assert (cmp["a"], cmp["b"], cmp["n"]) == ("default", "shuffled", 5)
+    assert (
+        cmp["diff"] == pytest.approx(cmp["mean_a"] - cmp["mean_b"]) and cmp["lo"] <= cmp["diff"] <= cmp["hi"]
+    )
+    assert cmp["mean_a"] > 0.9 > 0.6 > cmp["mean_b"] and cmp["lo"] > 0  # a difference the latents support
+    saved = json.loads((tmp_path / "scores_summary.json").read_text())["comparisons"]
+    assert saved == json.loads(json.dumps(summary.comparisons))
+
+
+@pytest.mark.bad_input
 def test_llm_scorer_without_client_is_an_error(tmp_path: Path) -> None:
     from saelab.llm import LLMError
 

@@ -164,6 +164,7 @@ def test_no_dead_latents_on_planted_data() -> None:
     assert result.dead_fraction < 0.1
 
 
+@pytest.mark.bad_input
 def test_nan_activations_are_refused() -> None:
     x = planted(n=600)
     x[17, 3] = float("nan")
@@ -171,6 +172,7 @@ def test_nan_activations_are_refused() -> None:
         train(x, TrainConfig(), seed=0)
 
 
+@pytest.mark.bad_input
 def test_too_few_activations_and_too_large_k_are_refused() -> None:
     x = planted(n=600)
     with pytest.raises(TrainError, match="fewer than one batch"):
@@ -193,6 +195,7 @@ def test_sae_config_takes_the_architecture_parameters_from_the_train_config() ->
     assert sae_config(TrainConfig(architecture="relu"), 16).k == 0  # k is not a relu parameter
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("field", "value"),
     [
@@ -253,6 +256,7 @@ def test_train_many_equals_training_each_alone(tmp_path: Path) -> None:
     assert len({log.read_text() for log in logs}) == len(cfgs)
 
 
+@pytest.mark.bad_input
 def test_train_many_refuses_configs_that_cannot_share_batches() -> None:
     base = TrainConfig(expansion=2, k=2, batch_size=128)
     with pytest.raises(TrainError, match=r"same train\.batch_size"):
