@@ -134,6 +134,7 @@ def test_build_memory_is_bounded_as_n_tokens_grows(tmp_path: Path) -> None:
     assert large < 1_500_000, large
 
 
+@pytest.mark.bad_input
 def test_n_tokens_takes_a_prefix_and_refuses_more_than_available(tmp_path: Path) -> None:
     sae, acts, _ = fixture_acts()
     n = acts.acts_ND.shape[0]
@@ -143,6 +144,7 @@ def test_n_tokens_takes_a_prefix_and_refuses_more_than_available(tmp_path: Path)
         make_cache(tmp_path / "d", sae, acts, CacheConfig(n_tokens=n + 1))
 
 
+@pytest.mark.bad_input
 def test_cache_of_another_sae_is_refused(tmp_path: Path) -> None:
     cache, _ = fixture_cache(tmp_path / "latents")
     LatentCache.open(cache.folder, "sae-a", "data-a")  # the SAE and data it was built from
@@ -193,6 +195,7 @@ def test_quantile_draw_takes_from_every_quantile(tmp_path: Path) -> None:
         assert acts[0] < acts[-1]
 
 
+@pytest.mark.bad_input
 def test_skipped_latents_are_counted_with_reasons(tmp_path: Path) -> None:
     cache, tokens = fixture_cache(tmp_path / "c")
     cfg = SampleConfig(n_latents=24, example_ctx_len=8, min_examples=100, n_examples_train=4, n_examples_test=4,
@@ -260,6 +263,7 @@ def test_similar_negatives_are_nearer_than_random(tmp_path: Path) -> None:
     assert mean_similarity(sim, bag_of_tokens, "test_neg") > mean_similarity(rand, bag_of_tokens, "test_neg")
 
 
+@pytest.mark.bad_input
 def test_min_examples_must_cover_disjoint_sets() -> None:
     with pytest.raises(ConfigError, match="disjoint"):
         SampleConfig(min_examples=5, n_examples_train=4, n_examples_test=4)

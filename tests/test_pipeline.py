@@ -291,6 +291,7 @@ def test_absorption_error_names_the_eval_flag(
     assert not (run / "eval" / "absorption.json").exists()
 
 
+@pytest.mark.bad_input
 def test_cache_eval_split_and_stale_cache_refused(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
