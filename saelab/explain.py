@@ -5,6 +5,8 @@
   text inside an example (quotes, newlines, "ignore the above...") cannot break out of it and change how the
   prompt reads. The raw answer is kept; an answer with no usable phrase is a recorded failure (`ok=false`,
   `explanation=None`), never a placeholder string.
+- `contrastive`: the same, plus the latent's explainer-only non-activating examples (`train_neg`, never the
+  scoring ones) unmarked, asking what the marked tokens have that those texts lack.
 - `token_stats`: a baseline without an LLM: the tokens most over-represented at activating positions relative to
   the non-activating positions of the same examples (add-one smoothed log-ratio), with two short contexts.
 
@@ -27,7 +29,7 @@ from typing import Any, Protocol
 
 from saelab.config import ExplainConfig
 from saelab.llm import LLMClient, LLMError, gather_with_progress, run_sync
-from saelab.prompts import EXAMPLE_LINE, EXPLAIN_SYSTEM, EXPLAIN_USER
+from saelab.prompts import CONTRASTIVE_USER, COUNTER_LINE, EXAMPLE_LINE, EXPLAIN_SYSTEM, EXPLAIN_USER
 from saelab.sampling import Example, LatentExamples, SampleSet
 
 log = logging.getLogger(__name__)
@@ -87,14 +89,40 @@ def marked_text(ex: Example, fraction: float = MARK_FRACTION) -> str:
     return render_tokens(ex.token_strs, [top > 0 and a >= fraction * top for a in ex.acts])
 
 
-def explain_prompt(le: LatentExamples) -> list[dict[str, str]]:
-    """Chat messages asking for an explanation of `le` from its `train` examples."""
+def _example_lines(le: LatentExamples) -> tuple[str, str]:
+    """(numbered example lines, most frequent marked tokens) of `le`'s explainer examples."""
     texts = [marked_text(ex) for ex in le.train]
     lines = [EXAMPLE_LINE.format(i=i + 1, quoted=quote_example(t)) for i, t in enumerate(texts)]
     counts = Counter(m.strip() for t in texts for m in _MARKED.findall(t))
     tokens = ", ".join(quote_example(m) for m, _ in counts.most_common(MAX_LISTED_TOKENS) if m)
-    content = EXPLAIN_USER.format(examples="\n".join(lines), tokens=tokens)
+    return "\n".join(lines), tokens
+
+
+def explain_prompt(le: LatentExamples) -> list[dict[str, str]]:
+    """Chat messages asking for an explanation of `le` from its `train` examples."""
+    examples, tokens = _example_lines(le)
+    content = EXPLAIN_USER.format(examples=examples, tokens=tokens)
     return [{"role": "system", "content": EXPLAIN_SYSTEM}, {"role": "user", "content": content}]
+
+
+def contrastive_prompt(le: LatentExamples) -> list[dict[str, str]]:
+    """`explain_prompt` plus `le.train_neg`, the non-activating examples set aside for the explainer."""
+    if not le.train_neg:
+        raise LLMError(
+            f"latent {le.latent} has no non-activating explainer examples for the contrastive explainer; "
+            "re-run `saelab sample` with --sample.n-non-activating-train > 0"
+        )
+    examples, tokens = _example_lines(le)
+    counter = "\n".join(
+        COUNTER_LINE.format(i=i + 1, quoted=quote_example(plain(ex))) for i, ex in enumerate(le.train_neg)
+    )
+    content = CONTRASTIVE_USER.format(examples=examples, tokens=tokens, counter_examples=counter)
+    return [{"role": "system", "content": EXPLAIN_SYSTEM}, {"role": "user", "content": content}]
+
+
+def plain(ex: Example) -> str:
+    """The example's text with nothing marked (special tokens neutralised as in `render_tokens`)."""
+    return render_tokens(ex.token_strs, [False] * len(ex.token_strs))
 
 
 def prompt_examples(prompt: str) -> list[str]:
@@ -164,6 +192,7 @@ class DefaultExplainer:
     """The LLM explainer (see module docstring)."""
 
     name = "default"
+    prompt = staticmethod(explain_prompt)
 
     def __init__(self, client: LLMClient, max_new_tokens: int = 40, temperature: float = 0.0) -> None:
         self.client = client
@@ -174,7 +203,7 @@ class DefaultExplainer:
     async def explain(self, le: LatentExamples) -> ExplanationRecord:
         try:
             resp = await self.client.chat(
-                explain_prompt(le), max_tokens=self.max_new_tokens, temperature=self.temperature
+                self.prompt(le), max_tokens=self.max_new_tokens, temperature=self.temperature
             )
         except LLMError as err:
             return ExplanationRecord(le.latent, self.name, self.model, None, "", False, f"LLMError: {err}")
@@ -192,6 +221,13 @@ class DefaultExplainer:
             resp.completion_tokens,
             resp.latency_s,
         )
+
+
+class ContrastiveExplainer(DefaultExplainer):
+    """The LLM explainer shown non-activating examples too (see module docstring)."""
+
+    name = "contrastive"
+    prompt = staticmethod(contrastive_prompt)
 
 
 class TokenStatsExplainer:
@@ -248,14 +284,17 @@ def over_represented_tokens(examples: Sequence[Example], top_k: int) -> list[str
 
 
 EXPLAINERS: dict[str, Callable[[ExplainConfig, LLMClient | None, float], Explainer]] = {
-    "default": lambda cfg, client, temp: DefaultExplainer(_need(client), cfg.max_new_tokens, temp),
+    "default": lambda cfg, client, temp: DefaultExplainer(_need(client, "default"), cfg.max_new_tokens, temp),
+    "contrastive": lambda cfg, client, temp: ContrastiveExplainer(
+        _need(client, "contrastive"), cfg.max_new_tokens, temp
+    ),
     "token_stats": lambda cfg, client, temp: TokenStatsExplainer(),
 }
 
 
-def _need(client: LLMClient | None) -> LLMClient:
+def _need(client: LLMClient | None, name: str) -> LLMClient:
     if client is None:
-        raise LLMError("the `default` explainer needs an LLM client; configure --llm or use token_stats only")
+        raise LLMError(f"the `{name}` explainer needs an LLM client; configure --llm or use token_stats only")
     return client
 
 
@@ -266,6 +305,13 @@ async def explain_async(
     samples: SampleSet, cfg: ExplainConfig, client: LLMClient | None, temperature: float = 0.0
 ) -> list[ExplanationRecord]:
     """Explanations of every latent by every configured explainer, ordered by explainer then latent."""
+    if "contrastive" in cfg.explainers and (
+        bare := [le.latent for le in samples.latents if not le.train_neg]
+    ):
+        raise LLMError(
+            f"the contrastive explainer needs non-activating explainer examples, and latents {bare[:5]} have "
+            "none; re-run `saelab sample` with --sample.n-non-activating-train > 0"
+        )
     records: list[ExplanationRecord] = []
     for name in cfg.explainers:
         explainer = EXPLAINERS[name](cfg, client, temperature)

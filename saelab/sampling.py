@@ -7,7 +7,8 @@ latent fires on any of its tokens; its activation is the max over tokens. For ea
   activation quantiles (so explanation and scoring examples are disjoint, unlike Delphi's shared pool);
 - `test_neg`: `n_non_activating` examples where the latent fires on no token: drawn at random
   (`non_activating_source random`), or the hard negatives among a shared random pool of `n_candidates` examples
-  whose MiniLM embeddings lie nearest the mean embedding of the latent's activating examples (`similar`).
+  whose MiniLM embeddings lie nearest the mean embedding of the latent's activating examples (`similar`);
+- `train_neg`: `n_non_activating_train` more of them, for the contrastive explainer (disjoint from `test_neg`).
 Latents firing on fewer than `min_examples` cached tokens are never chosen and counted (`n_ineligible`, dead ones
 also in `n_dead`); chosen latents with fewer than `min_examples` activating examples, or too few non-activating
 ones, are skipped with the reason. Nothing is dropped silently. Every latent records the class balance of its
@@ -78,6 +79,8 @@ class LatentExamples:
     """Activating scoring examples across quantiles (disjoint from `train`)."""
     test_neg: tuple[Example, ...]
     """Non-activating scoring examples."""
+    train_neg: tuple[Example, ...] = ()
+    """Non-activating examples for the contrastive explainer (disjoint from `test_neg`)."""
 
     @property
     def class_balance(self) -> ClassBalance:
@@ -166,6 +169,7 @@ class SampleSet:
                 tuple(ex(e) for e in d["train"]),
                 tuple(ex(e) for e in d["test_pos"]),
                 tuple(ex(e) for e in d["test_neg"]),
+                tuple(ex(e) for e in d.get("train_neg", ())),
             )
             for d in data["latents"]
         ]
@@ -254,8 +258,9 @@ class _Negatives:
             self.pool_vecs = embed([grid.text(int(k)) for k in self.pool])
 
     def pick(self, active: np.ndarray, activating_texts: list[str]) -> np.ndarray:
-        """Keys of up to `n_non_activating` examples outside `active` (sorted keys of activating examples)."""
-        n = self.cfg.n_non_activating
+        """Keys of up to `n_non_activating + n_non_activating_train` examples outside `active` (sorted keys of
+        activating examples), nearest first with `similar`."""
+        n = self.cfg.n_non_activating + self.cfg.n_non_activating_train
         if self.cfg.non_activating_source == "random":
             # len(active) + n distinct examples hold n non-activating ones whenever that many exist
             keys = self.grid.random_keys(len(active) + n, self.rng)
@@ -329,9 +334,12 @@ def _sample_latent(
     test_ids = _quantile_draw(order[cfg.n_examples_train :], maxes, cfg.n_examples_test, cfg.n_quantiles, rng)
     texts = [grid.text(int(keys[i])) for i in [*train_ids, *(i for i, _ in test_ids)]]
     neg = negatives.pick(keys, texts)
-    if len(neg) < cfg.n_non_activating:
+    need = cfg.n_non_activating + cfg.n_non_activating_train
+    if len(neg) < need:
         where = "" if cfg.non_activating_source == "random" else f" among the {cfg.n_candidates} candidates"
-        return f"only {len(neg)} non-activating examples{where} (need {cfg.n_non_activating})"
+        return f"only {len(neg)} non-activating examples{where} (need {need})"
+    # the explainer's negatives are a random part of the drawn ones, so with `similar` both sides get hard ones
+    neg = neg[rng.permutation(len(neg))]
     acts = _dense_acts(cache, latent)
     return LatentExamples(
         latent,
@@ -339,7 +347,8 @@ def _sample_latent(
         float(cache.stats.max_act[latent]),
         tuple(grid.make(int(keys[i]), -1, acts) for i in train_ids),
         tuple(grid.make(int(keys[i]), q, acts) for i, q in test_ids),
-        tuple(grid.make(int(k), -1, acts) for k in neg),
+        tuple(grid.make(int(k), -1, acts) for k in neg[: cfg.n_non_activating]),
+        tuple(grid.make(int(k), -1, acts) for k in neg[cfg.n_non_activating :]),
     )
 
 

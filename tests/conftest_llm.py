@@ -134,7 +134,8 @@ def synthetic_samples(n_latents: int = 3, n_train: int = 6, n_test: int = 4, see
         train = tuple(make_example(sentence(True), word, next(window), 0) for _ in range(n_train))
         pos = tuple(make_example(sentence(True), word, next(window), 0, q % 3) for q in range(n_test))
         neg = tuple(make_example(sentence(False), None, next(window), 0) for _ in range(n_test))
-        latents.append(LatentExamples(i, 0.01 * (i + 1), 4.0, train, pos, neg))
+        train_neg = tuple(make_example(sentence(False), None, next(window), 0) for _ in range(3))
+        latents.append(LatentExamples(i, 0.01 * (i + 1), 4.0, train, pos, neg, train_neg))
     return SampleSet(latents)
 
 

@@ -14,6 +14,7 @@ from saelab.config import ExplainConfig
 from saelab.explain import (
     DefaultExplainer,
     TokenStatsExplainer,
+    contrastive_prompt,
     explain_prompt,
     load_explanations,
     over_represented_tokens,
@@ -94,6 +95,35 @@ def test_prompt_shows_only_train_examples() -> None:
     assert plain == [ex.text for ex in le.train]
     for ex in (*le.test_pos, *le.test_neg):
         assert ex.text not in prompt
+
+
+def test_contrastive_prompt_adds_only_the_explainer_negatives(tmp_path: Path) -> None:
+    le = synthetic_samples().latents[0]
+    prompt = contrastive_prompt(le)[-1]["content"]
+    assert [s.replace("<<", "").replace(">>", "") for s in prompt_examples(prompt)] == [
+        ex.text for ex in le.train
+    ]
+    assert all(f"Other text {i + 1}: {json.dumps(ex.text)}" in prompt for i, ex in enumerate(le.train_neg))
+    for ex in (*le.test_pos, *le.test_neg):  # scoring examples never reach the explainer
+        assert ex.text not in prompt
+    records = run_explain(
+        synthetic_samples(), ExplainConfig(explainers=("contrastive",)), RuleClient(), tmp_path / "e.jsonl"
+    )
+    assert [(r.explainer, r.explanation) for r in records] == [
+        ("contrastive", f"the token {w}") for w in PLANTED[:3]
+    ]
+
+
+@pytest.mark.bad_input
+def test_contrastive_without_explainer_negatives_is_refused_before_any_call(tmp_path: Path) -> None:
+    samples = synthetic_samples(2)
+    samples.latents[1] = replace(samples.latents[1], train_neg=())
+    client = RuleClient()
+    with pytest.raises(LLMError, match=r"latents \[1\] have none; re-run `saelab sample` with --sample"):
+        run_explain(
+            samples, ExplainConfig(explainers=("default", "contrastive")), client, tmp_path / "e.jsonl"
+        )
+    assert client.prompts == [] and not (tmp_path / "e.jsonl").exists()
 
 
 @pytest.mark.fault

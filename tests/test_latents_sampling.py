@@ -166,9 +166,13 @@ def test_sampling_sets_are_disjoint_and_labelled(tmp_path: Path) -> None:
         train = {e.example_id for e in le.train}
         test = {e.example_id for e in le.test_pos}
         neg = {e.example_id for e in le.test_neg}
+        train_neg = {e.example_id for e in le.train_neg}
         assert train.isdisjoint(test) and train.isdisjoint(neg) and test.isdisjoint(neg)
+        assert (
+            train_neg.isdisjoint(neg | train | test) and len(train_neg) == SAMPLE.n_non_activating_train > 0
+        )
         assert all(e.activating for e in le.train + le.test_pos)
-        assert not any(e.activating for e in le.test_neg)
+        assert not any(e.activating for e in le.test_neg + le.train_neg)
         assert min(e.max_act for e in le.train) >= max(e.max_act for e in le.test_pos) - 1e-6
         e = le.train[0]
         assert list(e.tokens) == tokens[e.window, e.start : e.start + 8].tolist()
@@ -177,6 +181,8 @@ def test_sampling_sets_are_disjoint_and_labelled(tmp_path: Path) -> None:
         at = {(int(cache.window_N[i]), int(cache.pos_N[i])): float(v) for i, v in zip(idx, vals)}
         assert list(e.acts) == [at.get((e.window, e.start + j), 0.0) for j in range(8)]
     assert len(s.latents) + len(s.skipped) == len(choose_latents(cache.stats.count, 6, 8))
+    s.save(tmp_path / "s.json")
+    assert SampleSet.load(tmp_path / "s.json").latents == s.latents  # train_neg survives the round trip
 
 
 def test_quantile_draw_takes_from_every_quantile(tmp_path: Path) -> None:
