@@ -28,6 +28,7 @@ from saelab.config import (
     ExplainConfig,
     LLMConfig,
     ModelConfig,
+    ReportConfig,
     RunConfig,
     SampleConfig,
     ScoreConfig,
@@ -101,7 +102,14 @@ class ScoreArgs(_RunArgs):
 
 @dataclass(frozen=True)
 class ReportArgs(_RunArgs):
-    """Write report.md and report.html for the run."""
+    """Write report.md and report.html for the run, or with --predictions a classification report for any
+    classifier's predictions (CSV: id, y_true, y_pred, optional probability, score, task, model)."""
+
+    predictions: Optional[str] = None
+    """A predictions CSV to report on instead of a run folder."""
+    out: Optional[str] = None
+    """Folder for the --predictions report; by default FILE-report beside the CSV."""
+    report: ReportConfig = field(default_factory=ReportConfig)
 
 
 CheckpointFormat = Literal["saelab", "saelens", "sparsify", "dictionary_learning"]
@@ -143,7 +151,7 @@ def to_run_config(args: Any) -> RunConfig:
     """A full RunConfig from a subcommand's args (sections it does not take keep their defaults)."""
     if isinstance(args, RunConfig):
         return args
-    sections = {k: getattr(args, k) for k in args.__dataclass_fields__}
+    sections = {k: getattr(args, k) for k in args.__dataclass_fields__ if k in RunConfig.__dataclass_fields__}
     return RunConfig(**sections)
 
 
@@ -181,9 +189,22 @@ def _convert(args: ConvertArgs) -> int:
     return 0
 
 
+def _predictions_report(args: ReportArgs) -> int:
+    from saelab.predictions import write_predictions_report
+
+    assert args.predictions is not None
+    src = Path(args.predictions)
+    out = Path(args.out) if args.out else src.with_name(src.stem + "-report")
+    write_predictions_report(src, out, args.report)
+    logging.getLogger("saelab").info("report: %s (and report.html)", out / "report.md")
+    return 0
+
+
 def _dispatch(args: Any) -> int:
     from saelab import pipeline
 
+    if isinstance(args, ReportArgs) and args.predictions:
+        return _predictions_report(args)
     cfg = to_run_config(args)
     start = time.perf_counter()
     if isinstance(args, RunConfig):

@@ -314,7 +314,9 @@ def class_report(
     else:
         rec = float(np.mean([m.recall for m in per]))
         spec = float(np.mean([m.specificity for m in per]))
-    auc, ece, rel = None, None, ()
+    auc: float | None = None
+    ece: float | None = None
+    rel: tuple[tuple[float, float, int], ...] = ()
     if pos is not None:
         is_pos = [int(t == pos) for t in y_true]
         if scores is not None:

@@ -21,6 +21,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib import ticker
 
+from saelab.config import ReportConfig
+from saelab.flags import Flag, TargetGap, classifier_flags, target_flags, target_gaps
 from saelab.runs import Run
 
 CLASS_METRICS = ("balanced_accuracy", "f1", "precision", "recall", "specificity", "accuracy")
@@ -48,7 +50,7 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-class _Doc:
+class Doc:
     """Builds the Markdown and the HTML of a report side by side."""
 
     def __init__(self, title: str) -> None:
@@ -83,17 +85,61 @@ class _Doc:
         )
 
 
+def save_figure(fig: Any, path: Path, pdf: bool = False) -> Path:
+    """Save `fig` as PNG at `path` (and as PDF beside it when `pdf`), close it, return the PNG's path."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    if pdf:
+        fig.savefig(path.with_suffix(".pdf"))
+    plt.close(fig)
+    return path
+
+
+def write_documents(doc: Doc, folder: Path) -> list[Path]:
+    """report.md and the self-contained report.html of `doc` in `folder`."""
+    md_path, html_path = folder / "report.md", folder / "report.html"
+    md_path.write_text("\n".join(doc.md))
+    html_path.write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>saelab report</title>{HTML_STYLE}</head>"
+        f"<body>{''.join(doc.html)}</body></html>"
+    )
+    return [md_path, html_path]
+
+
+def flags_section(doc: Doc, flags: list[Flag], gaps: list[TargetGap]) -> None:
+    """The flags and the target-gap table (every report ends its findings with these)."""
+    doc.heading("Flags")
+    if flags:
+        doc.table(["flag", "subject", "detail"], [[f.kind, f.subject, f.message] for f in flags])
+    else:
+        doc.para("No flags: no one-class classifier, class imbalance, small set or missed target.")
+    if gaps:
+        doc.heading("Targets")
+        doc.para(
+            "gap = target − value (value − target for ECE and balance gap): positive means short of target."
+        )
+        doc.table(
+            ["subject", "metric", "value", "target", "gap", "% of target", "met"],
+            [
+                [g.subject, g.metric, g.value, g.target, g.gap, g.reached_pct,
+                 "–" if g.gap is None else ("yes" if g.gap <= 0 else "no")]
+                for g in gaps
+            ],
+        )  # fmt: skip
+
+
 HTML_STYLE = """<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
 th{background:#f3f3f3}figure img{max-width:100%}</style>"""
 
 
-def write_report(run: Run) -> list[Path]:
+def write_report(run: Run, cfg: ReportConfig | None = None) -> list[Path]:
     """Write report.md, report.html and the plots of `run`; returns their paths."""
+    cfg = cfg or ReportConfig()
     folder = run.folder
     plots = folder / "plots"
     plots.mkdir(exist_ok=True)
-    doc = _Doc(f"saelab report: {folder.name}")
+    doc = Doc(f"saelab report: {folder.name}")
     written: list[Path] = []
     _provenance(run, doc)
     written += _sae_section(run, doc, plots)
@@ -101,17 +147,41 @@ def write_report(run: Run) -> list[Path]:
     _probing_section(run, doc)
     written += _absorption_section(run, doc, plots)
     written += _interp_section(run, doc, plots)
+    flags, gaps = run_flags(run, cfg)
+    flags_section(doc, flags, gaps)
     _timing(run, doc)
-    md_path, html_path = folder / "report.md", folder / "report.html"
-    md_path.write_text("\n".join(doc.md))
-    html_path.write_text(
-        f"<!doctype html><html><head><meta charset='utf-8'><title>saelab report</title>{HTML_STYLE}</head>"
-        f"<body>{''.join(doc.html)}</body></html>"
-    )
-    return [md_path, html_path, *written]
+    return [*write_documents(doc, folder), *written]
 
 
-def _provenance(run: Run, doc: _Doc) -> None:
+def run_flags(run: Run, cfg: ReportConfig) -> tuple[list[Flag], list[TargetGap]]:
+    """Flags of every (explainer, scorer) over its pooled judgements, plus one-class judges per latent."""
+    summary = _read_json(run.folder / "score" / "scores_summary.json") or {}
+    flags: list[Flag] = []
+    gaps: list[TargetGap] = []
+    targets = cfg.target_values()
+    for o in summary.get("overall", []):
+        subject = f"{o['explainer']} / {o['scorer']}"
+        counts = {"positive": o["n_pos"], "negative": o["n_neg"]}
+        flags += classifier_flags(subject, o["recall"], o["specificity"], counts, cfg)
+        gaps += target_gaps(subject, o, targets)
+    tol = cfg.one_class_tolerance
+    rows = _read_jsonl(run.folder / "score" / "scores.jsonl")
+    for key in dict.fromkeys((r["explainer"], r["scorer"]) for r in rows):
+        group = [r for r in rows if (r["explainer"], r["scorer"]) == key]
+        one = [
+            r["latent"]
+            for r in group
+            if r["n_pos"] and r["n_neg"] and min(r["recall"], r["specificity"]) <= tol
+        ]
+        if one:
+            flags.append(
+                Flag("one_class", f"{key[0]} / {key[1]}", f"answers one class for every example of {len(one)} of "
+                     f"{len(group)} latents (latents {', '.join(map(str, one[:10]))}{'…' if len(one) > 10 else ''})")
+            )  # fmt: skip
+    return flags + target_flags(gaps), gaps
+
+
+def _provenance(run: Run, doc: Doc) -> None:
     d = run.data
     cfg = d.get("config", {})
     collect = run.stages.get("collect", {})
@@ -131,7 +201,7 @@ def _provenance(run: Run, doc: _Doc) -> None:
     )
 
 
-def _sae_section(run: Run, doc: _Doc, plots: Path) -> list[Path]:
+def _sae_section(run: Run, doc: Doc, plots: Path) -> list[Path]:
     metrics = _read_json(run.folder / "eval" / "metrics.json")
     doc.heading("SAE metrics (held-out tokens)")
     if metrics is None:
@@ -164,7 +234,7 @@ def _sae_section(run: Run, doc: _Doc, plots: Path) -> list[Path]:
     return [path]
 
 
-def _compare_section(run: Run, doc: _Doc, plots: Path) -> list[Path]:
+def _compare_section(run: Run, doc: Doc, plots: Path) -> list[Path]:
     data = _read_json(run.folder / "eval" / "compare.json")
     if data is None:
         return []
@@ -232,7 +302,7 @@ def pareto_plot(saes: list[dict[str, Any]], metric: str, flag: str, label: str, 
     plt.close(fig)
 
 
-def _probing_section(run: Run, doc: _Doc) -> None:
+def _probing_section(run: Run, doc: Doc) -> None:
     data = _read_json(run.folder / "eval" / "probing.json")
     if data is None:
         return
@@ -254,7 +324,7 @@ def _probing_section(run: Run, doc: _Doc) -> None:
     doc.table(header, rows)
 
 
-def _absorption_section(run: Run, doc: _Doc, plots: Path) -> list[Path]:
+def _absorption_section(run: Run, doc: Doc, plots: Path) -> list[Path]:
     data = _read_json(run.folder / "eval" / "absorption.json")
     if data is None:
         return []
@@ -279,7 +349,7 @@ def _absorption_section(run: Run, doc: _Doc, plots: Path) -> list[Path]:
     return [path]
 
 
-def _interp_section(run: Run, doc: _Doc, plots: Path) -> list[Path]:
+def _interp_section(run: Run, doc: Doc, plots: Path) -> list[Path]:
     folder = run.folder
     doc.heading("Explanations and scores")
     samples = _read_json(folder / "samples" / "samples.json")
@@ -345,7 +415,7 @@ def _score_plot(overall: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def _per_latent(folder: Path, samples: dict[str, Any], doc: _Doc) -> None:
+def _per_latent(folder: Path, samples: dict[str, Any], doc: Doc) -> None:
     expl = _read_jsonl(folder / "explain" / "explanations.jsonl")
     rows = _read_jsonl(folder / "score" / "scores.jsonl")
     freq = {le["latent"]: le["frequency"] for le in samples["latents"]}
@@ -360,7 +430,7 @@ def _per_latent(folder: Path, samples: dict[str, Any], doc: _Doc) -> None:
     doc.table(["latent", "frequency", "explainer", "explanation", *[f"{s} bal.acc" for s in scorers]], table)
 
 
-def _timing(run: Run, doc: _Doc) -> None:
+def _timing(run: Run, doc: Doc) -> None:
     doc.heading("Time per stage")
     rows = [[name, st.get("seconds"), st.get("peak_rss_mib")] for name, st in run.stages.items()]
     doc.table(["stage", "seconds", "peak RSS (MiB)"], rows)

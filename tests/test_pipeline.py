@@ -83,6 +83,24 @@ def test_report_has_tables_and_a_plot(run_dir: Path) -> None:
     assert (run_dir / "plots" / "feature_density.png").stat().st_size > 1000
 
 
+def test_report_flags_and_target_gaps(run_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    args = ["report", "--run-dir", str(copy), "--report.targets", "balanced_accuracy=0.99,auc=0.5"]
+    assert main([*args, "--report.min-examples", "100000"]) == 0
+    md = (copy / "report.md").read_text()
+    flags = md.split("## Flags")[1].split("## Targets")[0]
+    assert "few_examples | token_stats / embedding | only" in flags
+    assert "below_target | token_stats / embedding | balanced_accuracy" in flags
+    targets = md.split("## Targets")[1].split("##")[0]
+    assert "| token_stats / embedding | balanced_accuracy |" in targets
+    assert "| token_stats / embedding | auc |" in targets
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert manifest["stages"]["report"]["config"]["report"]["targets"] == ["balanced_accuracy=0.99,auc=0.5"]
+
+
 def test_altered_artifact_is_refused(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
