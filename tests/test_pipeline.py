@@ -307,3 +307,13 @@ def test_absorption_error_names_the_eval_flag(
     err = capsys.readouterr().err
     assert "raise --eval.absorption-vocab-size" in err and "absorption.vocab_size" not in err
     assert not (run / "eval" / "absorption.json").exists()
+
+
+def test_run_report_renders_in_chromium(run_dir: Path, tmp_path: Path) -> None:
+    """The run's report.html in headless Chromium: every embedded plot decodes and is not blank."""
+    from test_report_render import assert_plots_rendered
+
+    html = run_dir / "report.html"
+    n = html.read_text().count("data:image/png;base64,")
+    assert n >= 2  # feature density and the scores
+    assert_plots_rendered(html, tmp_path / "page.png", expected=n)
