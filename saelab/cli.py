@@ -4,6 +4,8 @@ saelab demo                         the whole loop on the bundled model and corp
 saelab collect --run-dir R          then train | eval | cache | sample | explain | score | report, each alone
 saelab <stage> --help               every flag with its documentation
 saelab convert --src D --dst D --to FORMAT   an SAE checkpoint in SAELens, sparsify or dictionary_learning form
+saelab report --predictions FILE.csv         a classification report for any classifier's predictions
+saelab compare RUN_A RUN_B [...]             before/after deltas with paired bootstrap CIs
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import tyro
 from saelab.config import (
     CacheConfig,
     CollectConfig,
+    CompareConfig,
     ConfigError,
     DataConfig,
     EvalConfig,
@@ -143,7 +146,19 @@ COMMANDS: dict[str, Any] = {
 }
 
 
-TOOLS: dict[str, Any] = {"convert": ConvertArgs}
+@dataclass(frozen=True)
+class CompareArgs:
+    """Compare runs before/after: score deltas with paired bootstrap CIs, success rates, changed parameters."""
+
+    runs: tyro.conf.Positional[tuple[str, ...]]
+    """Run folders; the first is the baseline."""
+    out: Optional[str] = None
+    """Folder for the comparison report; by default compare-A-vs-B beside the last run."""
+    compare: CompareConfig = field(default_factory=CompareConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+
+TOOLS: dict[str, Any] = {"convert": ConvertArgs, "compare": CompareArgs}
 """Commands outside the run pipeline (no run folder)."""
 
 
@@ -167,7 +182,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         args = tyro.extras.subcommand_cli_from_dict({**COMMANDS, **TOOLS}, args=argv, prog="saelab")
-        return _convert(args) if isinstance(args, ConvertArgs) else _dispatch(args)
+        if isinstance(args, ConvertArgs):
+            return _convert(args)
+        if isinstance(args, CompareArgs):
+            return _compare(args)
+        return _dispatch(args)
     except ConfigError as err:
         sys.stderr.write(f"saelab: config error: {err}\n")
         return 2
@@ -186,6 +205,17 @@ def _convert(args: ConvertArgs) -> int:
 
     read_as = convert(Path(args.src), Path(args.dst), args.to, args.from_)
     logging.getLogger("saelab").info("%s (%s) written to %s as %s", args.src, read_as, args.dst, args.to)
+    return 0
+
+
+def _compare(args: CompareArgs) -> int:
+    from saelab.compare import write_compare
+
+    folders = [Path(r) for r in args.runs]
+    default = folders[-1].parent / f"compare-{folders[0].name}-vs-{folders[-1].name}"
+    out = Path(args.out) if args.out else default
+    write_compare(folders, out, args.compare, args.report)
+    logging.getLogger("saelab").info("comparison: %s (and report.html)", out / "report.md")
     return 0
 
 

@@ -498,6 +498,28 @@ class ReportConfig:
 
 
 @dataclass(frozen=True)
+class CompareConfig:
+    """`saelab compare`: before/after deltas with paired bootstrap confidence intervals over latents."""
+
+    n_boot: int = 2000
+    """Bootstrap resamples of the latents scored in both runs."""
+    alpha: float = 0.05
+    """1 − confidence level of the intervals; a change counts only when its interval excludes 0."""
+    min_delta: float = 0.05
+    """A latent counts as improved (declined) when its F1 rises (falls) by more than this."""
+    thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.7)
+    """Success rates: the share of latents with F1 above each threshold."""
+    seed: int = 0
+    """Seed of the bootstrap."""
+
+    def __post_init__(self) -> None:
+        _check(self.n_boot >= 100, "compare.n_boot must be >= 100")
+        _check(0 < self.alpha < 0.5, "compare.alpha must be in (0, 0.5)")
+        _check(self.min_delta >= 0, "compare.min_delta must be >= 0")
+        _check(all(0 <= t < 1 for t in self.thresholds), "compare.thresholds must lie in [0, 1)")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Run the whole loop (collect, train, eval, cache, sample, explain, score) and write the report."""
 

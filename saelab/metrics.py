@@ -347,3 +347,28 @@ def class_report(
         ece=ece,
         reliability=rel,
     )
+
+
+def paired_bootstrap_delta(
+    a: ArrayLike,
+    b: ArrayLike,
+    stat: Callable[[np.ndarray], np.ndarray] = lambda x: x.mean(axis=-1),
+    n_boot: int = 2000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """stat(b) − stat(a) and its percentile bootstrap CI, resampling the *pairs* (a_i, b_i) together.
+
+    a_i and b_i are the same unit (a latent) measured before and after; resampling pairs keeps what the two
+    share (an easy latent is easy in both), so the interval measures the change, not the spread of latents.
+    `stat` maps an (..., n) array to (...), e.g. the mean or the share above a threshold."""
+    x = np.asarray(a, dtype=np.float64)
+    y = np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"paired samples must be 1-D and equal in length ({x.shape} vs {y.shape})")
+    if len(x) == 0:
+        raise ValueError("paired_bootstrap_delta needs at least one pair")
+    idx = np.random.default_rng(seed).integers(0, len(x), size=(n_boot, len(x)))
+    deltas = stat(y[idx]) - stat(x[idx])
+    lo, hi = np.quantile(deltas, [alpha / 2, 1 - alpha / 2])
+    return float(stat(y) - stat(x)), float(lo), float(hi)
