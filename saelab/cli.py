@@ -6,6 +6,7 @@ saelab <stage> --help               every flag with its documentation
 saelab convert --src D --dst D --to FORMAT   an SAE checkpoint in SAELens, sparsify or dictionary_learning form
 saelab report --predictions FILE.csv         a classification report for any classifier's predictions
 saelab compare RUN_A RUN_B [...]             before/after deltas with paired bootstrap CIs
+saelab runs --root runs [--where ...] [--sql ...]   list, filter and query runs (DuckDB)
 """
 
 from __future__ import annotations
@@ -158,7 +159,23 @@ class CompareArgs:
     report: ReportConfig = field(default_factory=ReportConfig)
 
 
-TOOLS: dict[str, Any] = {"convert": ConvertArgs, "compare": CompareArgs}
+@dataclass(frozen=True)
+class RunsArgs:
+    """List and filter the runs under a folder, or query them with SQL (DuckDB over the runs' records).
+
+    Tables: runs (one row per run; config.train.lr etc. as STRUCT fields), stages, overall, scores."""
+
+    root: str = "runs"
+    """Folder searched (recursively) for run folders."""
+    where: Optional[str] = None
+    """SQL condition on the runs table, e.g. "architecture = 'topk' AND ev > 0.5"."""
+    sql: Optional[str] = None
+    """A whole SQL query over the tables runs, stages, overall and scores (replaces the listing)."""
+    format: Literal["table", "csv", "json"] = "table"
+    """Output format."""
+
+
+TOOLS: dict[str, Any] = {"convert": ConvertArgs, "compare": CompareArgs, "runs": RunsArgs}
 """Commands outside the run pipeline (no run folder)."""
 
 
@@ -186,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             return _convert(args)
         if isinstance(args, CompareArgs):
             return _compare(args)
+        if isinstance(args, RunsArgs):
+            return _runs(args)
         return _dispatch(args)
     except ConfigError as err:
         sys.stderr.write(f"saelab: config error: {err}\n")
@@ -206,6 +225,37 @@ def _convert(args: ConvertArgs) -> int:
     read_as = convert(Path(args.src), Path(args.dst), args.to, args.from_)
     logging.getLogger("saelab").info("%s (%s) written to %s as %s", args.src, read_as, args.dst, args.to)
     return 0
+
+
+def _runs(args: RunsArgs) -> int:
+    from saelab.runs import query_runs
+
+    if not Path(args.root).is_dir():
+        raise FileNotFoundError(f"{args.root} is not a folder; pass --root with the folder holding your runs")
+    columns, rows = query_runs(args.root, args.where, args.sql)
+    sys.stdout.write(format_rows(columns, rows, args.format))
+    return 0
+
+
+def format_rows(columns: list[str], rows: list[tuple[Any, ...]], fmt: str) -> str:
+    """Rows as an aligned text table, CSV, or JSON lines."""
+    import csv
+    import io
+    import json
+
+    if fmt == "json":
+        return "".join(json.dumps(dict(zip(columns, r)), default=str) + "\n" for r in rows)
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(columns)
+        w.writerows(rows)
+        return buf.getvalue()
+    cells = [columns, *[["" if v is None else str(v) for v in r] for r in rows]]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    lines = ["  ".join(c[i].ljust(widths[i]) for i in range(len(columns))).rstrip() for c in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines) + f"\n({len(rows)} rows)\n"
 
 
 def _compare(args: CompareArgs) -> int:

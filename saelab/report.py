@@ -25,6 +25,8 @@ from saelab.config import ReportConfig
 from saelab.flags import Flag, TargetGap, classifier_flags, target_flags, target_gaps
 from saelab.runs import Run
 
+REPORT_INPUTS = ("eval", "sample", "explain", "score")
+"""Stages whose artifacts the report reads (their hashes are checked first)."""
 CLASS_METRICS = ("balanced_accuracy", "f1", "precision", "recall", "specificity", "accuracy")
 WEAK_JUDGE_NOTE = (
     "The explainer and judge here is a {model}. A small model explains and judges poorly: compare its scores "
@@ -136,6 +138,9 @@ th{background:#f3f3f3}figure img{max-width:100%}</style>"""
 def write_report(run: Run, cfg: ReportConfig | None = None) -> list[Path]:
     """Write report.md, report.html and the plots of `run`; returns their paths."""
     cfg = cfg or ReportConfig()
+    for stage in REPORT_INPUTS:  # the report reads these stages' artifacts: refuse any altered since
+        if stage in run.stages:
+            run.verify(stage, stage)
     folder = run.folder
     plots = folder / "plots"
     plots.mkdir(exist_ok=True)

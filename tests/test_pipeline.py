@@ -317,3 +317,54 @@ def test_run_report_renders_in_chromium(run_dir: Path, tmp_path: Path) -> None:
     n = html.read_text().count("data:image/png;base64,")
     assert n >= 2  # feature density and the scores
     assert_plots_rendered(html, tmp_path / "page.png", expected=n)
+
+
+def test_report_refuses_an_altered_score_file(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    scores = copy / "score" / "scores.jsonl"
+    scores.write_text(scores.read_text().replace('"f1": ', '"f1": 1', 1))
+    assert main(["report", "--run-dir", str(copy)]) == 1
+    assert "score/scores.jsonl was altered after stage 'score'" in error_line(capsys.readouterr().err)
+
+
+def test_manifest_records_memory_code_and_packages(run_dir: Path) -> None:
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert {"torch", "numpy", "scikit-learn"} <= set(manifest["packages"])
+    assert "git_dirty" in manifest
+    for name, st in manifest["stages"].items():
+        assert st["peak_rss_mib"] > 10, name
+        assert st["peak_rss_scope"] in ("stage", "process") and "git_commit" in st
+
+
+def test_runs_store_lists_filters_and_answers_sql(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    root = tmp_path / "runs"
+    shutil.copytree(run_dir, root / "a")
+    manifest = json.loads((root / "a" / "manifest.json").read_text())
+    manifest["seed"] = 7
+    manifest["config"]["train"]["k"] = 3
+    (root / "b").mkdir()
+    (root / "b" / "manifest.json").write_text(
+        json.dumps(manifest)
+    )  # a run with no artifacts: listed all the same
+    assert main(["runs", "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "(2 rows)" in out and "ev" in out.splitlines()[0]
+    assert main(["runs", "--root", str(root), "--where", "config.train.k = 3", "--format", "json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["name"] for r in rows] == ["b"] and rows[0]["seed"] == 7
+    sql = "SELECT r.name, count(*) AS n FROM scores s JOIN runs r USING (run) GROUP BY r.name"
+    assert main(["runs", "--root", str(root), "--sql", sql, "--format", "csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    n_rows = len((run_dir / "score" / "scores.jsonl").read_text().splitlines())
+    assert lines == ["name,n", f"a,{n_rows}"]
+    assert main(["runs", "--root", str(root), "--sql", "SELECT nope FROM runs"]) == 1
+    assert "query failed" in capsys.readouterr().err
