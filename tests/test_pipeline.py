@@ -368,3 +368,22 @@ def test_runs_store_lists_filters_and_answers_sql(
     assert lines == ["name,n", f"a,{n_rows}"]
     assert main(["runs", "--root", str(root), "--sql", "SELECT nope FROM runs"]) == 1
     assert "query failed" in capsys.readouterr().err
+
+
+def test_report_sections_of_the_issue(run_dir: Path, tmp_path: Path) -> None:
+    """Class balance of the scoring sets, score distributions, explainer tokens, per-stage memory; PDF export."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    assert main(["report", "--run-dir", str(copy), "--report.pdf"]) == 0
+    md = (copy / "report.md").read_text()
+    rows = [json.loads(line) for line in (copy / "score" / "scores.jsonl").read_text().splitlines()]
+    pos, neg = sum(r["n_pos"] for r in rows), sum(r["n_neg"] for r in rows)
+    balance = md.split("## Scoring sets: class balance")[1].split("\n## ")[0]
+    assert f"| token_stats | embedding | {len(rows)} | {pos} | {neg} |" in balance
+    assert "plots/score_distributions.png" in md
+    assert "| token_stats | none |" in md.split("## Explainers: tokens and latency")[1]
+    assert "peak RSS (MiB)" in md.split("## Time, memory and tokens per stage")[1]
+    for name in ("feature_density", "scores", "score_distributions"):
+        assert (copy / "plots" / f"{name}.pdf").read_bytes().startswith(b"%PDF")
