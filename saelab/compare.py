@@ -24,10 +24,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from saelab.compare_models import cost_section, ranking_section, sae_section
 from saelab.config import CompareConfig, ReportConfig
 from saelab.flags import Flag, TargetGap
 from saelab.metrics import paired_bootstrap_delta
-from saelab.report import Doc, flags_section, run_flags, save_figure, write_documents
+from saelab.report import Doc, PlotDir, flags_section, run_flags, save_figure, write_documents
 from saelab.runs import Run, RunError
 
 METRICS = ("f1", "precision", "recall", "balanced_accuracy")
@@ -165,6 +166,10 @@ def write_compare(folders: list[Path], out: Path, cfg: CompareConfig, report_cfg
         record["comparisons"].append(rec)
         written += paths
     _spread_section(doc, names, scores)
+    plots = PlotDir(out / "plots", report_cfg.pdf)
+    quality = ranking_section(doc, names, scores)
+    written += cost_section(doc, names, runs, quality, plots)
+    written += sae_section(doc, names, runs, plots)
     flags: list[Flag] = []
     gaps: list[TargetGap] = []
     for name, run in zip(names, runs):

@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from browser import region_std, render, require_browser
+from test_compare import fake_run
 from test_report_predictions import two_models
 
 from saelab.cli import main
@@ -63,3 +64,16 @@ def test_missing_chromium_skips_unless_required(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv("SAELAB_REQUIRE_BROWSER", "1")
     with pytest.raises(pytest.fail.Exception, match="SAELAB_REQUIRE_BROWSER=1 requires it"):
         require_browser()
+
+
+def test_compare_report_renders_with_plots(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    f1 = rng.uniform(0.2, 0.8, 20)
+    a = fake_run(tmp_path / "a", f1, sae=(10.0, 0.7))
+    b = fake_run(tmp_path / "b", np.clip(f1 + 0.1, 0, 1), sae=(20.0, 0.8))
+    out = tmp_path / "cmp"
+    assert main(["compare", str(a), str(b), "--out", str(out), "--compare.n-boot", "200"]) == 0
+    html = out / "report.html"
+    assert_plots_rendered(
+        html, tmp_path / "page.png", expected=html.read_text().count("data:image/png;base64,")
+    )
