@@ -80,7 +80,7 @@ def read_predictions(path: Path) -> list[Predictions]:
     """Every (task, model) group of the CSV, in the order they first appear."""
     if not path.exists():
         raise FileNotFoundError(f"{path} not found")
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # utf-8-sig: spreadsheets write a BOM
         reader = csv.DictReader(f)
         if not reader.fieldnames:
             raise PredictionsError(f"{path} is empty; expected a header with {', '.join(REQUIRED)}")
@@ -163,6 +163,8 @@ def report_flags(p: Predictions, r: ClassReport, cfg: ReportConfig) -> tuple[lis
     subject = f"{p.task} / {p.model}"
     counts = {str(m.label): m.support for m in r.per_class if m.support > 0}
     flags = classifier_flags(subject, r.recall, r.specificity, counts, cfg)
+    if len(set(p.y_pred)) == 1 and len(counts) > 1 and not any(f.kind == "one_class" for f in flags):
+        flags.insert(0, Flag("one_class", subject, f"predicts {p.y_pred[0]} for every example"))
     if r.unseen_predicted:
         flags.append(
             Flag(

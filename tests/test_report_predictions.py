@@ -8,11 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn import metrics as skm
 
 from saelab.cli import main
 from saelab.config import ConfigError, ReportConfig
 from saelab.flags import classifier_flags, target_gaps
+from saelab.metrics import class_report
 from saelab.predictions import PredictionsError, read_predictions
 
 
@@ -136,3 +139,47 @@ def test_flags_and_target_gaps() -> None:
     assert gaps["f1"].gap == pytest.approx(0.1) and gaps["f1"].reached_pct == pytest.approx(80.0)
     assert gaps["ece"].gap == pytest.approx(0.1) and gaps["ece"].reached_pct == pytest.approx(50.0)
     assert gaps["auc"].value is None and gaps["auc"].gap is None
+
+
+label_sets = st.sampled_from([["0", "1"], ["0", "1", "2", "3"], ["cat", "dog", "eel"], ["yes", "no"]])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    label_sets.flatmap(
+        lambda labs: st.lists(
+            st.tuples(st.sampled_from(labs), st.sampled_from(labs)), min_size=1, max_size=40
+        )
+    )
+)
+def test_csv_round_trip_metrics_equal_sklearn(
+    tmp_path_factory: pytest.TempPathFactory, pairs: list[tuple[str, str]]
+) -> None:
+    """Whatever labels a CSV holds, the report's numbers are scikit-learn's on the same predictions."""
+    path = tmp_path_factory.mktemp("csv") / "p.csv"
+    write_csv(path, "id,y_true,y_pred", [f"{i},{t},{p}" for i, (t, p) in enumerate(pairs)])
+    (group,) = read_predictions(path)
+    y_true = [int(t) if t.isdigit() else t for t, _ in pairs]
+    y_pred = [int(p) if p.isdigit() else p for _, p in pairs]
+    assert list(group.y_true) == y_true and list(group.y_pred) == y_pred
+    r = class_report(group.y_true, group.y_pred)
+    assert r.macro_f1 == pytest.approx(skm.f1_score(y_true, y_pred, average="macro", zero_division=0))
+    assert r.weighted_f1 == pytest.approx(skm.f1_score(y_true, y_pred, average="weighted", zero_division=0))
+    assert r.accuracy == pytest.approx(skm.accuracy_score(y_true, y_pred))
+
+
+def test_multiclass_model_that_answers_one_class_is_flagged(tmp_path: Path) -> None:
+    rows = [f"{i},{t},b" for i, t in enumerate(["a", "b", "c"] * 20)]
+    csv = write_csv(tmp_path / "one.csv", "id,y_true,y_pred", rows)
+    assert main(["report", "--predictions", str(csv)]) == 0
+    assert (
+        "one_class | task / model | predicts b for every example"
+        in (tmp_path / "one-report" / "report.md").read_text()
+    )
+
+
+def test_csv_with_a_byte_order_mark(tmp_path: Path) -> None:
+    path = tmp_path / "bom.csv"
+    path.write_bytes("\ufeffid,y_true,y_pred\n1,1,1\n2,0,1\n".encode())
+    (group,) = read_predictions(path)
+    assert group.y_true == (1, 0)
