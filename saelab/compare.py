@@ -28,7 +28,7 @@ from saelab.compare_models import cost_section, ranking_section, sae_section
 from saelab.config import CompareConfig, ReportConfig
 from saelab.flags import Flag, TargetGap
 from saelab.metrics import paired_bootstrap_delta
-from saelab.report import Doc, PlotDir, flags_section, run_flags, save_figure, write_documents
+from saelab.report import Doc, PlotDir, flags_section, run_flags, write_documents
 from saelab.runs import Run, RunError
 
 METRICS = ("f1", "precision", "recall", "balanced_accuracy")
@@ -149,7 +149,7 @@ def write_compare(folders: list[Path], out: Path, cfg: CompareConfig, report_cfg
     runs = [Run.open(f) for f in folders]
     scores = [load_latent_scores(r) for r in runs]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "plots").mkdir(exist_ok=True)
+    plots = PlotDir(out / "plots", report_cfg.pdf)
     names = _names(folders)
     doc = Doc(f"saelab compare: {' vs '.join(names)}")
     doc.para(
@@ -161,12 +161,11 @@ def write_compare(folders: list[Path], out: Path, cfg: CompareConfig, report_cfg
     record: dict[str, Any] = {"baseline": str(folders[0]), "comparisons": []}
     for j in range(1, len(runs)):
         rec, paths = _pair_section(
-            doc, (names[0], names[j]), (runs[0], runs[j]), (scores[0], scores[j]), out, cfg
+            doc, (names[0], names[j]), (runs[0], runs[j]), (scores[0], scores[j]), plots, cfg
         )
         record["comparisons"].append(rec)
         written += paths
     _spread_section(doc, names, scores)
-    plots = PlotDir(out / "plots", report_cfg.pdf)
     quality = ranking_section(doc, names, scores)
     written += cost_section(doc, names, runs, quality, plots)
     written += sae_section(doc, names, runs, plots)
@@ -191,7 +190,7 @@ def _pair_section(
     names: tuple[str, str],
     runs: tuple[Run, Run],
     scores: tuple[dict[Key, dict[int, dict[str, float]]], dict[Key, dict[int, dict[str, float]]]],
-    out: Path,
+    plots: PlotDir,
     cfg: CompareConfig,
 ) -> tuple[dict[str, Any], list[Path]]:
     a_name, b_name = names
@@ -221,8 +220,8 @@ def _pair_section(
         rows = success_rates(before, after, cfg)
         doc.table(["success rate", a_name, b_name, "delta", "CI low", "CI high"], rows)
         _moved_latents(doc, before, after, cfg)
-        stem = out / "plots" / f"{b_name}_{key[0]}_{key[1]}".replace("/", "_")
-        written.append(_scatter(before, after, names, key, stem, cfg))
+        name = f"{b_name}_{key[0]}_{key[1]}".replace("/", "_") + ".png"
+        written.append(plots.save(_scatter(before, after, names, key, cfg), name))
         doc.image(written[-1], f"plots/{written[-1].name}", f"per-latent F1, {b_name} against {a_name}")
         rec["deltas"] += [{**d.__dict__, "verdict": d.verdict} for d in ds]
         rec["success"][f"{key[0]}/{key[1]}"] = rows
@@ -259,9 +258,8 @@ def _scatter(
     after: dict[int, dict[str, float]],
     names: tuple[str, str],
     key: Key,
-    stem: Path,
     cfg: CompareConfig,
-) -> Path:
+) -> Any:
     common = sorted(set(before) & set(after))
     a = np.array([before[i]["f1"] for i in common])
     b = np.array([after[i]["f1"] for i in common])
@@ -274,7 +272,7 @@ def _scatter(
     ax.set_xlabel(f"F1 in {names[0]}")
     ax.set_ylabel(f"F1 in {names[1]}")
     ax.set_title(f"Per-latent F1: {key[0]} / {key[1]}\n(green improved, red declined)", fontsize=9)
-    return save_figure(fig, stem.with_suffix(".png"))
+    return fig
 
 
 def _spread_section(doc: Doc, names: list[str], scores: list[dict[Key, dict[int, dict[str, float]]]]) -> None:
