@@ -284,9 +284,10 @@ def class_report(
 ) -> ClassReport:
     """Per-class and overall metrics of one classifier.
 
-    The problem is binary when y_true and y_pred hold two labels at most; then `prob` is P(positive) and
-    `scores` any real score (higher = more positive; AUC only). Otherwise `prob` is the confidence in y_pred
-    (top-label calibration)."""
+    The problem is binary when y_true and y_pred hold exactly two labels together (the positive one chosen by
+    `positive_label`); then `prob` is P(positive) and `scores` any real score (higher = more positive; AUC only).
+    Otherwise `prob` is the confidence in y_pred (top-label calibration), and recall and specificity are macro
+    means over the labels."""
     if len(y_true) != len(y_pred):
         raise ValueError(f"y_true and y_pred differ in length ({len(y_true)} vs {len(y_pred)})")
     if len(y_true) == 0:
