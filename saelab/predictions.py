@@ -208,9 +208,24 @@ def write_predictions_report(csv_path: Path, out: Path, cfg: ReportConfig) -> li
             all_flags.append(
                 Flag("few_examples", task, "models were scored on different ids: compare with care")
             )
-    flags_section(doc, all_flags, all_gaps)
+    flags_section(doc, _merge_task_flags(all_flags), all_gaps)
     (out / "metrics.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     return [*write_documents(doc, out), out / "metrics.json", *written]
+
+
+def _merge_task_flags(flags: list[Flag]) -> list[Flag]:
+    """Imbalance and set-size flags depend on y_true alone: one per task, not one per model."""
+    out: list[Flag] = []
+    seen: set[tuple[str, str, str]] = set()
+    for f in flags:
+        if f.kind in ("imbalance", "few_examples") and " / " in f.subject:
+            task = f.subject.split(" / ", 1)[0]
+            if (f.kind, task, f.message) in seen:
+                continue
+            seen.add((f.kind, task, f.message))
+            f = Flag(f.kind, task, f.message)
+        out.append(f)
+    return out
 
 
 def _ranking(doc: Doc, models: list[Predictions], reports: dict[str, ClassReport], cfg: ReportConfig) -> None:

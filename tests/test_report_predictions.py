@@ -74,7 +74,7 @@ def test_multiclass_strings_and_unseen_label(tmp_path: Path) -> None:
     assert rec["weighted_f1"] == pytest.approx(skm.f1_score(y, p, average="weighted", zero_division=0))
     md = (out / "report.md").read_text()
     assert "unseen_label | task / model | predicts label(s) never seen in y_true: fox" in md
-    assert "few_examples | task / model | only 12 examples" in md
+    assert "few_examples | task | only 12 examples" in md
     assert list((out / "plots").glob("*.pdf"))
 
 
@@ -183,3 +183,12 @@ def test_csv_with_a_byte_order_mark(tmp_path: Path) -> None:
     path.write_bytes("\ufeffid,y_true,y_pred\n1,1,1\n2,0,1\n".encode())
     (group,) = read_predictions(path)
     assert group.y_true == (1, 0)
+
+
+def test_imbalance_is_flagged_once_per_task(tmp_path: Path) -> None:
+    truth = [1] * 45 + [0] * 5
+    rows = [f"{i},{t},{t},m{k}" for k in (1, 2) for i, t in enumerate(truth)]
+    csv = write_csv(tmp_path / "imb.csv", "id,y_true,y_pred,model", rows)
+    assert main(["report", "--predictions", str(csv)]) == 0
+    flags = (tmp_path / "imb-report" / "report.md").read_text().split("## Flags")[1]
+    assert flags.count("imbalance |") == 1 and "imbalance | task | class 1 holds 90% of 50 examples" in flags
