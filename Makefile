@@ -26,11 +26,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# The peer environments are part of the suite: the format parity tests fail, not skip, without them.
+# The peer environments and headless Chromium are part of the suite: the format parity tests and the report
+# render tests fail, not skip, without them (.ci/run installs chromium with apt; playwright drives it).
 test: $(STAMP) lint typecheck
 	@# the three peer environments build side by side (mostly downloads)
 	$(MAKE) -j3 peers
-	SAELAB_REQUIRE_PEERS=1 SAELAB_RELIABILITY_README=1 $(BIN)/pytest -q
+	SAELAB_REQUIRE_PEERS=1 SAELAB_REQUIRE_BROWSER=1 SAELAB_RELIABILITY_README=1 $(BIN)/pytest -q
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow"

@@ -4,6 +4,9 @@ saelab demo                         the whole loop on the bundled model and corp
 saelab collect --run-dir R          then train | eval | cache | sample | explain | score | report, each alone
 saelab <stage> --help               every flag with its documentation
 saelab convert --src D --dst D --to FORMAT   an SAE checkpoint in SAELens, sparsify or dictionary_learning form
+saelab report --predictions FILE.csv         a classification report for any classifier's predictions
+saelab compare RUN_A RUN_B [...]             before/after deltas with paired bootstrap CIs
+saelab runs --root runs [--where ...] [--sql ...]   list, filter and query runs (DuckDB)
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ import tyro
 from saelab.config import (
     CacheConfig,
     CollectConfig,
+    CompareConfig,
     ConfigError,
     DataConfig,
     EvalConfig,
     ExplainConfig,
     LLMConfig,
     ModelConfig,
+    ReportConfig,
     RunConfig,
     SampleConfig,
     ScoreConfig,
@@ -101,7 +106,14 @@ class ScoreArgs(_RunArgs):
 
 @dataclass(frozen=True)
 class ReportArgs(_RunArgs):
-    """Write report.md and report.html for the run."""
+    """Write report.md and report.html for the run, or with --predictions a classification report for any
+    classifier's predictions (CSV: id, y_true, y_pred, optional probability, score, task, model)."""
+
+    predictions: Optional[str] = None
+    """A predictions CSV to report on instead of a run folder."""
+    out: Optional[str] = None
+    """Folder for the --predictions report; by default FILE-report beside the CSV."""
+    report: ReportConfig = field(default_factory=ReportConfig)
 
 
 CheckpointFormat = Literal["saelab", "saelens", "sparsify", "dictionary_learning"]
@@ -135,7 +147,35 @@ COMMANDS: dict[str, Any] = {
 }
 
 
-TOOLS: dict[str, Any] = {"convert": ConvertArgs}
+@dataclass(frozen=True)
+class CompareArgs:
+    """Compare runs before/after: score deltas with paired bootstrap CIs, success rates, changed parameters."""
+
+    runs: tyro.conf.Positional[tuple[str, ...]]
+    """Run folders; the first is the baseline."""
+    out: Optional[str] = None
+    """Folder for the comparison report; by default compare-A-vs-B beside the last run."""
+    compare: CompareConfig = field(default_factory=CompareConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+
+@dataclass(frozen=True)
+class RunsArgs:
+    """List and filter the runs under a folder, or query them with SQL (DuckDB over the runs' records).
+
+    Tables: runs (one row per run; config.train.lr etc. as STRUCT fields), stages, overall, scores."""
+
+    root: str = "runs"
+    """Folder searched (recursively) for run folders."""
+    where: Optional[str] = None
+    """SQL condition on the runs table, e.g. "architecture = 'topk' AND ev > 0.5"."""
+    sql: Optional[str] = None
+    """A whole SQL query over the tables runs, stages, overall and scores (replaces the listing)."""
+    format: Literal["table", "csv", "json"] = "table"
+    """Output format."""
+
+
+TOOLS: dict[str, Any] = {"convert": ConvertArgs, "compare": CompareArgs, "runs": RunsArgs}
 """Commands outside the run pipeline (no run folder)."""
 
 
@@ -143,7 +183,7 @@ def to_run_config(args: Any) -> RunConfig:
     """A full RunConfig from a subcommand's args (sections it does not take keep their defaults)."""
     if isinstance(args, RunConfig):
         return args
-    sections = {k: getattr(args, k) for k in args.__dataclass_fields__}
+    sections = {k: getattr(args, k) for k in args.__dataclass_fields__ if k in RunConfig.__dataclass_fields__}
     return RunConfig(**sections)
 
 
@@ -159,7 +199,13 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         args = tyro.extras.subcommand_cli_from_dict({**COMMANDS, **TOOLS}, args=argv, prog="saelab")
-        return _convert(args) if isinstance(args, ConvertArgs) else _dispatch(args)
+        if isinstance(args, ConvertArgs):
+            return _convert(args)
+        if isinstance(args, CompareArgs):
+            return _compare(args)
+        if isinstance(args, RunsArgs):
+            return _runs(args)
+        return _dispatch(args)
     except ConfigError as err:
         sys.stderr.write(f"saelab: config error: {err}\n")
         return 2
@@ -181,9 +227,64 @@ def _convert(args: ConvertArgs) -> int:
     return 0
 
 
+def _runs(args: RunsArgs) -> int:
+    from saelab.runs import query_runs
+
+    if not Path(args.root).is_dir():
+        raise FileNotFoundError(f"{args.root} is not a folder; pass --root with the folder holding your runs")
+    columns, rows = query_runs(args.root, args.where, args.sql)
+    sys.stdout.write(format_rows(columns, rows, args.format))
+    return 0
+
+
+def format_rows(columns: list[str], rows: list[tuple[Any, ...]], fmt: str) -> str:
+    """Rows as an aligned text table, CSV, or JSON lines."""
+    import csv
+    import io
+    import json
+
+    if fmt == "json":
+        return "".join(json.dumps(dict(zip(columns, r)), default=str) + "\n" for r in rows)
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(columns)
+        w.writerows(rows)
+        return buf.getvalue()
+    cells = [columns, *[["" if v is None else str(v) for v in r] for r in rows]]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    lines = ["  ".join(c[i].ljust(widths[i]) for i in range(len(columns))).rstrip() for c in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines) + f"\n({len(rows)} rows)\n"
+
+
+def _compare(args: CompareArgs) -> int:
+    from saelab.compare import write_compare
+
+    folders = [Path(r) for r in args.runs]
+    default = folders[-1].parent / f"compare-{folders[0].name}-vs-{folders[-1].name}"
+    out = Path(args.out) if args.out else default
+    write_compare(folders, out, args.compare, args.report)
+    logging.getLogger("saelab").info("comparison: %s (and report.html)", out / "report.md")
+    return 0
+
+
+def _predictions_report(args: ReportArgs) -> int:
+    from saelab.predictions import write_predictions_report
+
+    assert args.predictions is not None
+    src = Path(args.predictions)
+    out = Path(args.out) if args.out else src.with_name(src.stem + "-report")
+    write_predictions_report(src, out, args.report)
+    logging.getLogger("saelab").info("report: %s (and report.html)", out / "report.md")
+    return 0
+
+
 def _dispatch(args: Any) -> int:
     from saelab import pipeline
 
+    if isinstance(args, ReportArgs) and args.predictions:
+        return _predictions_report(args)
     cfg = to_run_config(args)
     start = time.perf_counter()
     if isinstance(args, RunConfig):

@@ -185,18 +185,210 @@ class PairedDifference(NamedTuple):
 def paired_bootstrap(
     a: ArrayLike, b: ArrayLike, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0
 ) -> PairedDifference:
-    """Paired bootstrap of mean(a - b): the same items are drawn for both sides, so the interval reflects how the
-    two differ item by item (per latent), not the spread of either alone. An interval that excludes 0 is a
-    difference the items support at level 1 - alpha."""
+    """mean(a - b) over paired items (latents) with its paired bootstrap interval (`paired_bootstrap_delta`): an
+    interval that excludes 0 is a difference the items support at level 1 - alpha."""
+    x = np.asarray(a, dtype=np.float64)
+    y = np.asarray(b, dtype=np.float64)
+    diff, lo, hi = paired_bootstrap_delta(y, x, n_boot=n_boot, alpha=alpha, seed=seed)
+    return PairedDifference(float(x.mean()), float(y.mean()), diff, lo, hi, len(x))
+
+
+@dataclass(frozen=True)
+class ClassMetrics:
+    """One class scored one-vs-rest."""
+
+    label: Any
+    precision: float
+    recall: float
+    f1: float
+    specificity: float
+    """Recall of "not this class": TN / (TN + FP) one-vs-rest."""
+    support: int
+    """Examples whose true label is this class."""
+
+
+@dataclass(frozen=True)
+class ClassReport:
+    """A classifier's metrics on one set of predictions, equal to scikit-learn's (labels: `unique_labels`)."""
+
+    labels: tuple[Any, ...]
+    """Every label in y_true or y_pred, sorted; the rows and columns of `confusion`."""
+    per_class: tuple[ClassMetrics, ...]
+    confusion: tuple[tuple[int, ...], ...]
+    """confusion[i][j]: examples of true label i predicted as j (scikit-learn's `confusion_matrix`)."""
+    n: int
+    accuracy: float
+    macro_precision: float
+    macro_recall: float
+    macro_f1: float
+    weighted_f1: float
+    """F1 per class weighted by support."""
+    balanced_accuracy: float
+    """Mean recall over the classes present in y_true (scikit-learn's `balanced_accuracy_score`)."""
+    specificity: float
+    """Binary: specificity of the positive class (TN/(TN+FP)); multiclass: macro mean of one-vs-rest specificity."""
+    recall: float
+    """Binary: recall of the positive class; multiclass: macro recall."""
+    balance_gap: float
+    """|recall − specificity| (as defined above): large when a classifier leans to one answer."""
+    positive: Any
+    """The positive label of a binary report (None for multiclass)."""
+    unseen_predicted: tuple[Any, ...]
+    """Labels the classifier predicted that never occur in y_true."""
+    auc: float | None = None
+    """Binary ROC AUC of the scores/probabilities; None without them or with a single class in y_true."""
+    ece: float | None = None
+    """Expected calibration error (10 equal-width bins) when probabilities exist."""
+    reliability: tuple[tuple[float, float, int], ...] = ()
+    """Non-empty bins of the reliability diagram: (mean predicted probability, observed frequency, count)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _sort_labels(values: set[Any]) -> list[Any]:
+    try:
+        return sorted(values)
+    except TypeError:  # mixed types: order by their text
+        return sorted(values, key=str)
+
+
+def confusion_matrix(y_true: Sequence[Any], y_pred: Sequence[Any], labels: Sequence[Any]) -> np.ndarray:
+    index = {lab: i for i, lab in enumerate(labels)}
+    cm = np.zeros((len(labels), len(labels)), dtype=np.int64)
+    for t, p in zip(y_true, y_pred):
+        cm[index[t], index[p]] += 1
+    return cm
+
+
+def reliability_bins(
+    y_true: ArrayLike, prob: ArrayLike, n_bins: int = 10
+) -> tuple[tuple[tuple[float, float, int], ...], float]:
+    """Reliability diagram bins and ECE = Σ_b (n_b / n) |observed_b − predicted_b|.
+
+    Equal-width bins closed on the right, as scikit-learn's `calibration_curve(strategy="uniform")`; `y_true`
+    is 1 where the event happened (the positive class, or "the prediction was right" for top-label calibration)."""
+    t = np.asarray(y_true, dtype=np.float64)
+    p = np.asarray(prob, dtype=np.float64)
+    if p.size and (p.min() < 0 or p.max() > 1):
+        raise ValueError("probabilities must lie in [0, 1]")
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    ids = np.searchsorted(edges[1:-1], p)
+    total = np.bincount(ids, minlength=n_bins)
+    pred = np.bincount(ids, weights=p, minlength=n_bins)
+    true = np.bincount(ids, weights=t, minlength=n_bins)
+    bins = tuple(
+        (float(pred[b] / total[b]), float(true[b] / total[b]), int(total[b]))
+        for b in range(n_bins)
+        if total[b] > 0
+    )
+    ece = float(sum(n / len(p) * abs(obs - pr) for pr, obs, n in bins)) if len(p) else 0.0
+    return bins, ece
+
+
+def positive_label(labels: Sequence[Any]) -> Any:
+    """The positive class of a two-label problem: 1 / "1" / true / yes / pos when present, else the larger label."""
+    for cand in (1, "1", True, "true", "True", "yes", "pos", "positive"):
+        if any(lab == cand and type(lab) is type(cand) for lab in labels):
+            return cand
+    return _sort_labels(set(labels))[-1]
+
+
+def class_report(
+    y_true: Sequence[Any],
+    y_pred: Sequence[Any],
+    prob: Sequence[float] | None = None,
+    scores: Sequence[float] | None = None,
+    n_bins: int = 10,
+) -> ClassReport:
+    """Per-class and overall metrics of one classifier.
+
+    The problem is binary when y_true and y_pred hold exactly two labels together (the positive one chosen by
+    `positive_label`); then `prob` is P(positive) and `scores` any real score (higher = more positive; AUC only).
+    Otherwise `prob` is the confidence in y_pred (top-label calibration), and recall and specificity are macro
+    means over the labels."""
+    if len(y_true) != len(y_pred):
+        raise ValueError(f"y_true and y_pred differ in length ({len(y_true)} vs {len(y_pred)})")
+    if len(y_true) == 0:
+        raise ValueError("no predictions to score")
+    true_set = set(y_true)
+    labels = _sort_labels(true_set | set(y_pred))
+    cm = confusion_matrix(y_true, y_pred, labels)
+    n = int(cm.sum())
+    per = []
+    for i, lab in enumerate(labels):
+        tp = int(cm[i, i])
+        c = Confusion(
+            tp=tp,
+            fp=int(cm[:, i].sum()) - tp,
+            fn=int(cm[i, :].sum()) - tp,
+            tn=n - int(cm[i, :].sum() + cm[:, i].sum()) + tp,
+        )
+        per.append(ClassMetrics(lab, precision(c), recall(c), f1(c), specificity(c), c.tp + c.fn))
+    support = np.array([m.support for m in per], dtype=np.float64)
+    present = [m.recall for m in per if m.support > 0]
+    pos = positive_label(labels) if len(labels) == 2 else None
+    if pos is not None:
+        pm = next(m for m in per if m.label == pos)
+        rec, spec = pm.recall, pm.specificity
+    else:
+        rec = float(np.mean([m.recall for m in per]))
+        spec = float(np.mean([m.specificity for m in per]))
+    auc: float | None = None
+    ece: float | None = None
+    rel: tuple[tuple[float, float, int], ...] = ()
+    if pos is not None:
+        is_pos = [int(t == pos) for t in y_true]
+        if scores is not None:
+            auc = roc_auc(is_pos, scores)
+        if prob is not None:
+            auc = roc_auc(is_pos, prob) if auc is None else auc
+            rel, ece = reliability_bins(is_pos, prob, n_bins)
+    elif prob is not None:
+        correct = [int(t == p) for t, p in zip(y_true, y_pred)]
+        rel, ece = reliability_bins(correct, prob, n_bins)
+    return ClassReport(
+        labels=tuple(labels),
+        per_class=tuple(per),
+        confusion=tuple(tuple(int(v) for v in row) for row in cm),
+        n=n,
+        accuracy=float(np.trace(cm) / n),
+        macro_precision=float(np.mean([m.precision for m in per])),
+        macro_recall=float(np.mean([m.recall for m in per])),
+        macro_f1=float(np.mean([m.f1 for m in per])),
+        weighted_f1=float(np.dot([m.f1 for m in per], support) / support.sum()),
+        balanced_accuracy=float(np.mean(present)),
+        specificity=spec,
+        recall=rec,
+        balance_gap=abs(rec - spec),
+        positive=pos,
+        unseen_predicted=tuple(lab for lab in labels if lab not in true_set),
+        auc=auc,
+        ece=ece,
+        reliability=rel,
+    )
+
+
+def paired_bootstrap_delta(
+    a: ArrayLike,
+    b: ArrayLike,
+    stat: Callable[[np.ndarray], np.ndarray] = lambda x: x.mean(axis=-1),
+    n_boot: int = 2000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """stat(b) − stat(a) and its percentile bootstrap CI, resampling the *pairs* (a_i, b_i) together.
+
+    a_i and b_i are the same unit (a latent) measured before and after; resampling pairs keeps what the two
+    share (an easy latent is easy in both), so the interval measures the change, not the spread of latents.
+    `stat` maps an (..., n) array to (...), e.g. the mean or the share above a threshold."""
     x = np.asarray(a, dtype=np.float64)
     y = np.asarray(b, dtype=np.float64)
     if x.shape != y.shape or x.ndim != 1:
-        raise ValueError(
-            f"paired_bootstrap needs two 1-D arrays of equal length, got {x.shape} and {y.shape}"
-        )
+        raise ValueError(f"paired samples must be 1-D and equal in length ({x.shape} vs {y.shape})")
     if len(x) == 0:
-        raise ValueError("paired_bootstrap needs at least one pair")
-    d = x - y
-    idx = np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))
-    lo, hi = np.quantile(d[idx].mean(axis=1), [alpha / 2, 1 - alpha / 2])
-    return PairedDifference(float(x.mean()), float(y.mean()), float(d.mean()), float(lo), float(hi), len(d))
+        raise ValueError("paired_bootstrap_delta needs at least one pair")
+    idx = np.random.default_rng(seed).integers(0, len(x), size=(n_boot, len(x)))
+    deltas = stat(y[idx]) - stat(x[idx])
+    lo, hi = np.quantile(deltas, [alpha / 2, 1 - alpha / 2])
+    return float(stat(y) - stat(x)), float(lo), float(hi)

@@ -480,8 +480,8 @@ def stage_score(s: Session) -> None:
 def stage_report(s: Session) -> Path:
     from saelab.report import write_report
 
-    with s.run.stage("report", {}) as rec:
-        paths = write_report(s.run)
+    with s.run.stage("report", {"report": to_dict(s.cfg.report)}) as rec:
+        paths = write_report(s.run, s.cfg.report)
         rec["outputs"] += [str(p.relative_to(s.folder)) for p in paths]
     return s.folder / "report.md"
 

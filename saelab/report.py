@@ -21,8 +21,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib import ticker
 
+from saelab.config import ReportConfig
+from saelab.flags import Flag, TargetGap, classifier_flags, target_flags, target_gaps
 from saelab.runs import Run
 
+REPORT_INPUTS = ("eval", "sample", "explain", "score")
+"""Stages whose artifacts the report reads (their hashes are checked first)."""
 CLASS_METRICS = ("balanced_accuracy", "f1", "precision", "recall", "specificity", "accuracy")
 WEAK_JUDGE_NOTE = (
     "The explainer and judge here is a {model}. A small model explains and judges poorly: compare its scores "
@@ -48,7 +52,7 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-class _Doc:
+class Doc:
     """Builds the Markdown and the HTML of a report side by side."""
 
     def __init__(self, title: str) -> None:
@@ -83,17 +87,75 @@ class _Doc:
         )
 
 
+def save_figure(fig: Any, path: Path, pdf: bool = False) -> Path:
+    """Save `fig` as PNG at `path` (and as PDF beside it when `pdf`), close it, return the PNG's path."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    if pdf:
+        fig.savefig(path.with_suffix(".pdf"))
+    plt.close(fig)
+    return path
+
+
+class PlotDir:
+    """The report's plots/ folder: every figure saved as PNG there (and as PDF beside it when `pdf`)."""
+
+    def __init__(self, folder: Path, pdf: bool = False) -> None:
+        self.folder = folder
+        self.pdf = pdf
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def save(self, fig: Any, name: str) -> Path:
+        return save_figure(fig, self.folder / name, self.pdf)
+
+
+def write_documents(doc: Doc, folder: Path) -> list[Path]:
+    """report.md and the self-contained report.html of `doc` in `folder`."""
+    md_path, html_path = folder / "report.md", folder / "report.html"
+    md_path.write_text("\n".join(doc.md))
+    html_path.write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>saelab report</title>{HTML_STYLE}</head>"
+        f"<body>{''.join(doc.html)}</body></html>"
+    )
+    return [md_path, html_path]
+
+
+def flags_section(doc: Doc, flags: list[Flag], gaps: list[TargetGap]) -> None:
+    """The flags and the target-gap table (every report ends its findings with these)."""
+    doc.heading("Flags")
+    if flags:
+        doc.table(["flag", "subject", "detail"], [[f.kind, f.subject, f.message] for f in flags])
+    else:
+        doc.para("No flags: no one-class classifier, class imbalance, small set or missed target.")
+    if gaps:
+        doc.heading("Targets")
+        doc.para(
+            "gap = target − value (value − target for ECE and balance gap): positive means short of target."
+        )
+        doc.table(
+            ["subject", "metric", "value", "target", "gap", "% of target", "met"],
+            [
+                [g.subject, g.metric, g.value, g.target, g.gap, g.reached_pct,
+                 "–" if g.gap is None else ("yes" if g.gap <= 0 else "no")]
+                for g in gaps
+            ],
+        )  # fmt: skip
+
+
 HTML_STYLE = """<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
 th{background:#f3f3f3}figure img{max-width:100%}</style>"""
 
 
-def write_report(run: Run) -> list[Path]:
+def write_report(run: Run, cfg: ReportConfig | None = None) -> list[Path]:
     """Write report.md, report.html and the plots of `run`; returns their paths."""
+    cfg = cfg or ReportConfig()
+    for stage in REPORT_INPUTS:  # the report reads these stages' artifacts: refuse any altered since
+        if stage in run.stages:
+            run.verify(stage, stage)
     folder = run.folder
-    plots = folder / "plots"
-    plots.mkdir(exist_ok=True)
-    doc = _Doc(f"saelab report: {folder.name}")
+    plots = PlotDir(folder / "plots", cfg.pdf)
+    doc = Doc(f"saelab report: {folder.name}")
     written: list[Path] = []
     _provenance(run, doc)
     written += _sae_section(run, doc, plots)
@@ -101,17 +163,41 @@ def write_report(run: Run) -> list[Path]:
     _probing_section(run, doc)
     written += _absorption_section(run, doc, plots)
     written += _interp_section(run, doc, plots)
+    flags, gaps = run_flags(run, cfg)
+    flags_section(doc, flags, gaps)
     _timing(run, doc)
-    md_path, html_path = folder / "report.md", folder / "report.html"
-    md_path.write_text("\n".join(doc.md))
-    html_path.write_text(
-        f"<!doctype html><html><head><meta charset='utf-8'><title>saelab report</title>{HTML_STYLE}</head>"
-        f"<body>{''.join(doc.html)}</body></html>"
-    )
-    return [md_path, html_path, *written]
+    return [*write_documents(doc, folder), *written]
 
 
-def _provenance(run: Run, doc: _Doc) -> None:
+def run_flags(run: Run, cfg: ReportConfig) -> tuple[list[Flag], list[TargetGap]]:
+    """Flags of every (explainer, scorer) over its pooled judgements, plus one-class judges per latent."""
+    summary = _read_json(run.folder / "score" / "scores_summary.json") or {}
+    flags: list[Flag] = []
+    gaps: list[TargetGap] = []
+    targets = cfg.target_values()
+    for o in summary.get("overall", []):
+        subject = f"{o['explainer']} / {o['scorer']}"
+        counts = {"positive": o["n_pos"], "negative": o["n_neg"]}
+        flags += classifier_flags(subject, o["recall"], o["specificity"], counts, cfg)
+        gaps += target_gaps(subject, o, targets)
+    tol = cfg.one_class_tolerance
+    rows = _read_jsonl(run.folder / "score" / "scores.jsonl")
+    for key in dict.fromkeys((r["explainer"], r["scorer"]) for r in rows):
+        group = [r for r in rows if (r["explainer"], r["scorer"]) == key]
+        one = [
+            r["latent"]
+            for r in group
+            if r["n_pos"] and r["n_neg"] and min(r["recall"], r["specificity"]) <= tol
+        ]
+        if one:
+            flags.append(
+                Flag("one_class", f"{key[0]} / {key[1]}", f"answers one class for every example of {len(one)} of "
+                     f"{len(group)} latents (latents {', '.join(map(str, one[:10]))}{'…' if len(one) > 10 else ''})")
+            )  # fmt: skip
+    return flags + target_flags(gaps), gaps
+
+
+def _provenance(run: Run, doc: Doc) -> None:
     d = run.data
     cfg = d.get("config", {})
     collect = run.stages.get("collect", {})
@@ -131,7 +217,7 @@ def _provenance(run: Run, doc: _Doc) -> None:
     )
 
 
-def _sae_section(run: Run, doc: _Doc, plots: Path) -> list[Path]:
+def _sae_section(run: Run, doc: Doc, plots: PlotDir) -> list[Path]:
     metrics = _read_json(run.folder / "eval" / "metrics.json")
     doc.heading("SAE metrics (held-out tokens)")
     if metrics is None:
@@ -156,15 +242,12 @@ def _sae_section(run: Run, doc: _Doc, plots: Path) -> list[Path]:
     ax.set_xlabel("log10 firing frequency on held-out tokens")
     ax.set_ylabel("latents")
     ax.set_title(f"Feature density ({n_dead} dead latents not shown)")
-    fig.tight_layout()
-    path = plots / "feature_density.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    path = plots.save(fig, "feature_density.png")
     doc.image(path, "plots/feature_density.png", "feature density histogram")
     return [path]
 
 
-def _compare_section(run: Run, doc: _Doc, plots: Path) -> list[Path]:
+def _compare_section(run: Run, doc: Doc, plots: PlotDir) -> list[Path]:
     data = _read_json(run.folder / "eval" / "compare.json")
     if data is None:
         return []
@@ -198,14 +281,13 @@ def _compare_section(run: Run, doc: _Doc, plots: Path) -> list[Path]:
     for metric, flag, label in panels:
         if metric not in saes[0]:
             continue
-        path = plots / f"pareto_{metric}.png"
-        pareto_plot(saes, metric, flag, label, path)
+        path = plots.save(pareto_plot(saes, metric, flag, label), f"pareto_{metric}.png")
         doc.image(path, f"plots/{path.name}", f"{label} against L0")
         written.append(path)
     return written
 
 
-def pareto_plot(saes: list[dict[str, Any]], metric: str, flag: str, label: str, path: Path) -> None:
+def pareto_plot(saes: list[dict[str, Any]], metric: str, flag: str, label: str) -> Any:
     """`metric` against L0 (log scale), one colour per architecture, dominated SAEs hollow, the frontier drawn."""
     fig, ax = plt.subplots(figsize=(6.4, 4))
     archs = sorted({e["architecture"] for e in saes})
@@ -227,12 +309,10 @@ def pareto_plot(saes: list[dict[str, Any]], metric: str, flag: str, label: str, 
     ax.set_ylabel(label)
     ax.legend(fontsize=8, loc="best", framealpha=0.7)
     ax.set_title(f"{label} against L0 (hollow: dominated)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
-def _probing_section(run: Run, doc: _Doc) -> None:
+def _probing_section(run: Run, doc: Doc) -> None:
     data = _read_json(run.folder / "eval" / "probing.json")
     if data is None:
         return
@@ -254,7 +334,7 @@ def _probing_section(run: Run, doc: _Doc) -> None:
     doc.table(header, rows)
 
 
-def _absorption_section(run: Run, doc: _Doc, plots: Path) -> list[Path]:
+def _absorption_section(run: Run, doc: Doc, plots: PlotDir) -> list[Path]:
     data = _read_json(run.folder / "eval" / "absorption.json")
     if data is None:
         return []
@@ -271,15 +351,12 @@ def _absorption_section(run: Run, doc: _Doc, plots: Path) -> list[Path]:
     ax.bar([x["letter"] for x in letters], [x["mean_absorption_fraction"] for x in letters], color="#cc6677")
     ax.set_ylabel("absorption fraction")
     ax.set_title("Absorption per first letter")
-    fig.tight_layout()
-    path = plots / "absorption_letters.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    path = plots.save(fig, "absorption_letters.png")
     doc.image(path, "plots/absorption_letters.png", "absorption per letter")
     return [path]
 
 
-def _interp_section(run: Run, doc: _Doc, plots: Path) -> list[Path]:
+def _interp_section(run: Run, doc: Doc, plots: PlotDir) -> list[Path]:
     folder = run.folder
     doc.heading("Explanations and scores")
     samples = _read_json(folder / "samples" / "samples.json")
@@ -313,14 +390,74 @@ def _interp_section(run: Run, doc: _Doc, plots: Path) -> list[Path]:
             for o in overall
         ],
     )
-    written = [_score_plot(overall, plots / "scores.png")] if overall else []
+    written = [plots.save(_score_plot(overall), "scores.png")] if overall else []
     if written:
         doc.image(written[0], "plots/scores.png", "balanced accuracy per explainer and scorer")
+    rows = _read_jsonl(folder / "score" / "scores.jsonl")
+    _class_balance(doc, rows)
+    if rows:
+        written.append(plots.save(_distribution_plot(rows), "score_distributions.png"))
+        doc.image(written[-1], "plots/score_distributions.png", "per-latent score distributions per scorer")
+    _explainer_cost(doc, _read_jsonl(folder / "explain" / "explanations.jsonl"))
     _per_latent(folder, samples, doc)
     return written
 
 
-def _score_plot(overall: list[dict[str, Any]], path: Path) -> Path:
+def _class_balance(doc: Doc, rows: list[dict[str, Any]]) -> None:
+    """Positives and negatives each scorer judged, and the failed judgements, summed over latents."""
+    doc.heading("Scoring sets: class balance and failed judgements")
+    table = []
+    for key in dict.fromkeys((r["explainer"], r["scorer"]) for r in rows):
+        group = [r for r in rows if (r["explainer"], r["scorer"]) == key]
+        pos, neg = sum(r["n_pos"] for r in group), sum(r["n_neg"] for r in group)
+        shares = [r["n_pos"] / (r["n_pos"] + r["n_neg"]) for r in group if r["n_pos"] + r["n_neg"]]
+        table.append(
+            [*key, len(group), pos, neg, pos / (pos + neg) if pos + neg else None,
+             min(shares, default=None), max(shares, default=None), sum(r["n_failed"] for r in group)]
+        )  # fmt: skip
+    doc.table(
+        ["explainer", "scorer", "latents", "positives", "negatives", "positive share", "min share per latent",
+         "max share per latent", "failed judgements"],
+        table,
+    )  # fmt: skip
+
+
+def _distribution_plot(rows: list[dict[str, Any]]) -> Any:
+    """Per-latent balanced accuracy and F1 per (explainer, scorer): violins with the box inside."""
+    keys = list(dict.fromkeys((r["explainer"], r["scorer"]) for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(max(6.5, 1.6 * len(keys) * 2), 3.6), sharey=True)
+    for ax, metric in zip(axes, ("balanced_accuracy", "f1")):
+        data = [[r[metric] for r in rows if (r["explainer"], r["scorer"]) == k] for k in keys]
+        pos = np.arange(1, len(keys) + 1)
+        spread = [i for i, d in enumerate(data) if len(set(d)) > 1]  # a violin needs more than one value
+        if spread:
+            ax.violinplot([data[i] for i in spread], positions=pos[spread], showextrema=False)
+        ax.boxplot(data, positions=pos, widths=0.15)
+        ax.set_xticks(pos, [f"{e}\n{s}" for e, s in keys], fontsize=7)
+        ax.set_title(f"per-latent {metric}", fontsize=9)
+        ax.set_ylim(-0.02, 1.02)
+    axes[0].axhline(0.5, color="gray", linestyle="--", linewidth=1)
+    return fig
+
+
+def _explainer_cost(doc: Doc, expl: list[dict[str, Any]]) -> None:
+    doc.heading("Explainers: tokens and latency")
+    table = []
+    for e, model in dict.fromkeys((r["explainer"], r.get("model")) for r in expl):
+        group = [r for r in expl if (r["explainer"], r.get("model")) == (e, model)]
+        lat = [r.get("latency_s", 0.0) for r in group]
+        table.append(
+            [e, model, len(group), sum(not r["ok"] for r in group), sum(r.get("prompt_tokens", 0) for r in group),
+             sum(r.get("completion_tokens", 0) for r in group), sum(lat), float(np.mean(lat)) if lat else None]
+        )  # fmt: skip
+    doc.table(
+        ["explainer", "model", "explanations", "failed", "prompt tokens", "completion tokens", "latency s (total)",
+         "latency s (mean)"],
+        table,
+    )  # fmt: skip
+
+
+def _score_plot(overall: list[dict[str, Any]]) -> Any:
     scorers = sorted({o["scorer"] for o in overall})
     explainers = sorted({o["explainer"] for o in overall})
     fig, ax = plt.subplots(figsize=(6.5, 3.4))
@@ -339,13 +476,10 @@ def _score_plot(overall: list[dict[str, Any]], path: Path) -> Path:
     ax.set_ylabel("balanced accuracy (pooled)")
     ax.legend(fontsize=8)
     ax.set_title("Scores per explainer: LLM vs token-statistics baseline")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def _per_latent(folder: Path, samples: dict[str, Any], doc: _Doc) -> None:
+def _per_latent(folder: Path, samples: dict[str, Any], doc: Doc) -> None:
     expl = _read_jsonl(folder / "explain" / "explanations.jsonl")
     rows = _read_jsonl(folder / "score" / "scores.jsonl")
     freq = {le["latent"]: le["frequency"] for le in samples["latents"]}
@@ -360,10 +494,19 @@ def _per_latent(folder: Path, samples: dict[str, Any], doc: _Doc) -> None:
     doc.table(["latent", "frequency", "explainer", "explanation", *[f"{s} bal.acc" for s in scorers]], table)
 
 
-def _timing(run: Run, doc: _Doc) -> None:
-    doc.heading("Time per stage")
-    rows = [[name, st.get("seconds"), st.get("peak_rss_mib")] for name, st in run.stages.items()]
-    doc.table(["stage", "seconds", "peak RSS (MiB)"], rows)
+def _timing(run: Run, doc: Doc) -> None:
+    doc.heading("Time, memory and tokens per stage")
+    expl = _read_jsonl(run.folder / "explain" / "explanations.jsonl")
+    tokens = {"explain": sum(r.get("prompt_tokens", 0) + r.get("completion_tokens", 0) for r in expl)}
+    rows = [
+        [name, st.get("seconds"), st.get("peak_rss_mib"), st.get("peak_cuda_mib"), tokens.get(name)]
+        for name, st in run.stages.items()
+    ]
+    doc.para(
+        "Peak RSS is the stage's own peak where the OS allows resetting it (else the process's so far). "
+        "LLM tokens: prompt + completion of the explainers; the score stage does not record its judges' tokens."
+    )
+    doc.table(["stage", "seconds", "peak RSS (MiB)", "peak CUDA (MiB)", "LLM tokens"], rows)
 
 
 def print_summary(folder: Path, seconds: float) -> None:

@@ -83,6 +83,24 @@ def test_report_has_tables_and_a_plot(run_dir: Path) -> None:
     assert (run_dir / "plots" / "feature_density.png").stat().st_size > 1000
 
 
+def test_report_flags_and_target_gaps(run_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    args = ["report", "--run-dir", str(copy), "--report.targets", "balanced_accuracy=0.99,auc=0.5"]
+    assert main([*args, "--report.min-examples", "100000"]) == 0
+    md = (copy / "report.md").read_text()
+    flags = md.split("## Flags")[1].split("## Targets")[0]
+    assert "few_examples | token_stats / embedding | only" in flags
+    assert "below_target | token_stats / embedding | balanced_accuracy" in flags
+    targets = md.split("## Targets")[1].split("##")[0]
+    assert "| token_stats / embedding | balanced_accuracy |" in targets
+    assert "| token_stats / embedding | auc |" in targets
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert manifest["stages"]["report"]["config"]["report"]["targets"] == ["balanced_accuracy=0.99,auc=0.5"]
+
+
 def test_altered_artifact_is_refused(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -328,3 +346,83 @@ def test_cache_eval_split_and_stale_cache_refused(
     assert main(["sample", "--run-dir", str(copy), *SMALL["sample"]]) == 1
     err = error_line(capsys.readouterr().err)
     assert "built from another SAE" in err and "saelab cache --run-dir" in err
+
+
+def test_run_report_renders_in_chromium(run_dir: Path, tmp_path: Path) -> None:
+    """The run's report.html in headless Chromium: every embedded plot decodes and is not blank."""
+    from test_report_render import assert_plots_rendered
+
+    html = run_dir / "report.html"
+    n = html.read_text().count("data:image/png;base64,")
+    assert n >= 2  # feature density and the scores
+    assert_plots_rendered(html, tmp_path / "page.png", expected=n)
+
+
+def test_report_refuses_an_altered_score_file(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    scores = copy / "score" / "scores.jsonl"
+    scores.write_text(scores.read_text().replace('"f1": ', '"f1": 1', 1))
+    assert main(["report", "--run-dir", str(copy)]) == 1
+    assert "score/scores.jsonl was altered after stage 'score'" in error_line(capsys.readouterr().err)
+
+
+def test_manifest_records_memory_code_and_packages(run_dir: Path) -> None:
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert {"torch", "numpy", "scikit-learn"} <= set(manifest["packages"])
+    assert "git_dirty" in manifest
+    for name, st in manifest["stages"].items():
+        assert st["peak_rss_mib"] > 10, name
+        assert st["peak_rss_scope"] in ("stage", "process") and "git_commit" in st
+
+
+def test_runs_store_lists_filters_and_answers_sql(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    root = tmp_path / "runs"
+    shutil.copytree(run_dir, root / "a")
+    manifest = json.loads((root / "a" / "manifest.json").read_text())
+    manifest["seed"] = 7
+    manifest["config"]["train"]["k"] = 3
+    (root / "b").mkdir()
+    (root / "b" / "manifest.json").write_text(
+        json.dumps(manifest)
+    )  # a run with no artifacts: listed all the same
+    assert main(["runs", "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "(2 rows)" in out and "ev" in out.splitlines()[0]
+    assert main(["runs", "--root", str(root), "--where", "config.train.k = 3", "--format", "json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["name"] for r in rows] == ["b"] and rows[0]["seed"] == 7
+    sql = "SELECT r.name, count(*) AS n FROM scores s JOIN runs r USING (run) GROUP BY r.name"
+    assert main(["runs", "--root", str(root), "--sql", sql, "--format", "csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    n_rows = len((run_dir / "score" / "scores.jsonl").read_text().splitlines())
+    assert lines == ["name,n", f"a,{n_rows}"]
+    assert main(["runs", "--root", str(root), "--sql", "SELECT nope FROM runs"]) == 1
+    assert "query failed" in capsys.readouterr().err
+
+
+def test_report_sections_of_the_issue(run_dir: Path, tmp_path: Path) -> None:
+    """Class balance of the scoring sets, score distributions, explainer tokens, per-stage memory; PDF export."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    assert main(["report", "--run-dir", str(copy), "--report.pdf"]) == 0
+    md = (copy / "report.md").read_text()
+    rows = [json.loads(line) for line in (copy / "score" / "scores.jsonl").read_text().splitlines()]
+    pos, neg = sum(r["n_pos"] for r in rows), sum(r["n_neg"] for r in rows)
+    balance = md.split("## Scoring sets: class balance")[1].split("\n## ")[0]
+    assert f"| token_stats | embedding | {len(rows)} | {pos} | {neg} |" in balance
+    assert "plots/score_distributions.png" in md
+    assert "| token_stats | none |" in md.split("## Explainers: tokens and latency")[1]
+    assert "peak RSS (MiB)" in md.split("## Time, memory and tokens per stage")[1]
+    for name in ("feature_density", "scores", "score_distributions"):
+        assert (copy / "plots" / f"{name}.pdf").read_bytes().startswith(b"%PDF")
