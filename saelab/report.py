@@ -390,6 +390,8 @@ def _interp_section(run: Run, doc: Doc, plots: PlotDir) -> list[Path]:
             for o in overall
         ],
     )
+    _latent_weighted(doc, overall)
+    _explainer_comparisons(doc, summary.get("comparisons", []))
     written = [plots.save(_score_plot(overall), "scores.png")] if overall else []
     if written:
         doc.image(written[0], "plots/scores.png", "balanced accuracy per explainer and scorer")
@@ -401,6 +403,55 @@ def _interp_section(run: Run, doc: Doc, plots: PlotDir) -> list[Path]:
     _explainer_cost(doc, _read_jsonl(folder / "explain" / "explanations.jsonl"))
     _per_latent(folder, samples, doc)
     return written
+
+
+def _latent_weighted(doc: Doc, overall: list[dict[str, Any]]) -> None:
+    """Frequency-weighted F1, the simulation correlation and recall per activation quantile (0 = lowest)."""
+    if not overall:
+        return
+    n_q = max((len(o.get("quantile_recall", {})) for o in overall), default=0)
+    doc.table(
+        [
+            "explainer",
+            "scorer",
+            "frequency-weighted F1",
+            "mean correlation",
+            *[f"recall q{q}" for q in range(n_q)],
+        ],
+        [
+            [
+                o["explainer"],
+                o["scorer"],
+                o.get("frequency_weighted_f1"),
+                o.get("macro", {}).get("correlation"),
+                *[o.get("quantile_recall", {}).get(str(q)) for q in range(n_q)],
+            ]
+            for o in overall
+        ],
+    )
+
+
+def _explainer_comparisons(doc: Doc, comparisons: list[dict[str, Any]]) -> None:
+    """Per-latent differences between explainers (the shuffled control included), paired bootstrap 95% CIs."""
+    if not comparisons:
+        return
+    doc.heading("Explainers compared on the same latents")
+    doc.para(
+        "Mean per-latent difference a − b with a paired bootstrap 95% interval over latents; `shuffled` scores each "
+        "latent with another latent's explanation (chance). Only an interval that excludes 0 calls a difference."
+    )
+
+    def verdict(c: dict[str, Any]) -> str:
+        return f"{c['a']} higher" if c["lo"] > 0 else f"{c['b']} higher" if c["hi"] < 0 else "not shown"
+
+    doc.table(
+        ["scorer", "metric", "a", "b", "mean a", "mean b", "a − b", "95% CI", "latents", "difference"],
+        [
+            [c["scorer"], c["metric"], c["a"], c["b"], c["mean_a"], c["mean_b"], c["diff"],
+             f"[{_fmt(c['lo'])}, {_fmt(c['hi'])}]", c["n"], verdict(c)]
+            for c in comparisons
+        ],
+    )  # fmt: skip
 
 
 def _class_balance(doc: Doc, rows: list[dict[str, Any]]) -> None:

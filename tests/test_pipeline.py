@@ -81,6 +81,9 @@ def test_report_has_tables_and_a_plot(run_dir: Path) -> None:
     page = (run_dir / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 2
     assert (run_dir / "plots" / "feature_density.png").stat().st_size > 1000
+    # the shuffled control beside the explainer, compared per latent, and the frequency-weighted F1
+    compared = md.split("## Explainers compared on the same latents")[1].split("##")[0]
+    assert "| embedding | f1 | token_stats | shuffled |" in compared and "frequency-weighted F1" in md
 
 
 def test_report_flags_and_target_gaps(run_dir: Path, tmp_path: Path) -> None:
