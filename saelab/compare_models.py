@@ -18,11 +18,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from saelab.evaluate import mark_dominated
 from saelab.report import Doc, PlotDir, pareto_plot
 from saelab.runs import Run
 
 RANK_METRICS = ("balanced_accuracy", "f1", "precision", "recall")
-DOMINANCE = (("explained_variance", "dominated_ev", 1), ("ce_loss_score", "dominated_ce", 1))
 
 
 def _jsonl(path: Any) -> list[dict[str, Any]]:
@@ -151,23 +151,6 @@ def sae_entries(names: list[str], runs: list[Run]) -> list[dict[str, Any]]:
                 **summary,
             }
         )
-    return out
-
-
-def mark_dominated(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`dominated_ev` / `dominated_ce`: another SAE has an L0 no higher and a score no lower, one strictly."""
-    out = []
-    for e in entries:
-        flags = {}
-        for metric, key, sign in DOMINANCE:
-            flags[key] = any(
-                o is not e
-                and o["l0"] <= e["l0"]
-                and sign * o[metric] >= sign * e[metric]
-                and (o["l0"] < e["l0"] or sign * o[metric] > sign * e[metric])
-                for o in entries
-            )
-        out.append({**e, **flags})
     return out
 
 

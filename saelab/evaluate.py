@@ -229,3 +229,33 @@ def evaluate_many(
     down = downstream_scores(lm, saes, windows, ce_idx, hookpoint, cfg.ce_batch_size)
     excluded = "leading positions and special tokens (see data config: exclude_first, exclude_special)"
     return [EvalResult(**r, **d, excluded=excluded) for r, d in zip(recon, down, strict=True)]
+
+
+DOMINANCE = (
+    ("explained_variance", "dominated_ev", 1),
+    ("ce_loss_score", "dominated_ce", 1),
+    ("mean_absorption_fraction_score", "dominated_absorption", -1),
+)
+"""(metric, flag, +1 if higher is better else -1) for the matched-sparsity comparison."""
+
+
+def mark_dominated(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add `dominated_ev` / `dominated_ce` (and `dominated_absorption` where absorption was measured) to SAE
+    records with an `l0`: another SAE with that metric has an L0 no higher and a score no worse, one of them
+    strictly. Absorption is better lower; a metric an SAE lacks (or has as None) gets no flag."""
+    out = []
+    for e in entries:
+        flags = {}
+        for metric, key, sign in DOMINANCE:
+            if e.get(metric) is None:
+                continue
+            flags[key] = any(
+                o is not e
+                and o.get(metric) is not None
+                and o["l0"] <= e["l0"]
+                and sign * o[metric] >= sign * e[metric]
+                and (o["l0"] < e["l0"] or sign * o[metric] > sign * e[metric])
+                for o in entries
+            )
+        out.append({**e, **flags})
+    return out

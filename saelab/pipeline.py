@@ -48,7 +48,7 @@ from saelab.activations import Activations, ActivationStore, collect, collect_to
 from saelab.config import RunConfig, from_dict, to_dict
 from saelab.data import TokenWindows, build_windows
 from saelab.distributed import DistInfo
-from saelab.evaluate import EvalResult, evaluate_many
+from saelab.evaluate import EvalResult, evaluate_many, mark_dominated
 from saelab.formats import import_sae
 from saelab.latent_build import Chunk, build_cache, check_n_tokens, chunks_from_file, chunks_from_store
 from saelab.latents import MANIFEST, STATS, TOKENS, LatentCache
@@ -298,34 +298,6 @@ def _absorption(s: Session, lm: LoadedModel, saes: list[sae_lib.SAE]) -> list[Ab
 
 def _summary(result: EvalResult) -> dict[str, Any]:
     return {k: v for k, v in result.to_json().items() if k != "log10_frequency"}
-
-
-def mark_dominated(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Add `dominated_ev` / `dominated_ce` (and `dominated_absorption` where absorption was measured): another SAE
-    has an L0 no higher and a score no worse, one of them strictly. Absorption is better lower."""
-    out = []
-    for e in entries:
-        flags = {}
-        for metric, key, sign in DOMINANCE:
-            if metric not in e:
-                continue
-            flags[key] = any(
-                o is not e
-                and o["l0"] <= e["l0"]
-                and sign * o[metric] >= sign * e[metric]
-                and (o["l0"] < e["l0"] or sign * o[metric] > sign * e[metric])
-                for o in entries
-            )
-        out.append({**e, **flags})
-    return out
-
-
-DOMINANCE = (
-    ("explained_variance", "dominated_ev", 1),
-    ("ce_loss_score", "dominated_ce", 1),
-    ("mean_absorption_fraction_score", "dominated_absorption", -1),
-)
-"""(metric, flag, +1 if higher is better else -1) for the matched-sparsity comparison."""
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -44,36 +44,28 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def git_commit() -> str | None:
-    """Commit of the saelab checkout, when it runs from one."""
+def _git(*args: str) -> str | None:
+    """Output of a git command in the saelab checkout, or None when it does not run from one."""
     root = Path(saelab.__file__).resolve().parent.parent
     try:
         out = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
+            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=5, check=False
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return out.stdout if out.returncode == 0 else None
+
+
+def git_commit() -> str | None:
+    """Commit of the saelab checkout, when it runs from one."""
+    out = _git("rev-parse", "HEAD")
+    return out.strip() or None if out is not None else None
 
 
 def git_dirty() -> bool | None:
     """Whether the saelab checkout has uncommitted changes (then the commit alone does not pin the code)."""
-    root = Path(saelab.__file__).resolve().parent.parent
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return bool(out.stdout.strip()) if out.returncode == 0 else None
+    out = _git("status", "--porcelain", "--untracked-files=no")
+    return bool(out.strip()) if out is not None else None
 
 
 def _reset_peak_memory() -> bool:
