@@ -1,0 +1,209 @@
+"""The feature browser over HTTP on loopback: a real server thread on a tiny real run, read with urllib."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import shutil
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_pipeline import run_stages
+
+from saelab.cli import ServeArgs, main
+from saelab.config import ServeConfig
+from saelab.explain import load_explanations, write_explanations
+from saelab.sampling import SampleSet
+from saelab.web.data import RunData
+from saelab.web.server import make_server, serve_in_thread, url_of
+
+SCRIPT = "<script>alert(1)</script> closing brackets"
+
+
+@pytest.fixture(scope="module")
+def runs(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, corpus_file: Path
+) -> tuple[Path, Path]:
+    """A real tiny run `a` (one explanation replaced by a script tag) and a copy `b` with other explanations."""
+    root = tmp_path_factory.mktemp("serve")
+    a = root / "a"
+    run_stages(a, tiny_model_dir, corpus_file)
+    assert main(["report", "--run-dir", str(a)]) == 0
+    path = a / "explain" / "explanations.jsonl"
+    records = load_explanations(path)
+    first = records[0]
+    records[0] = type(first)(**{**first.__dict__, "explanation": SCRIPT})
+    write_explanations(records, path)
+    b = root / "b"
+    shutil.copytree(a, b)
+    write_explanations(
+        [type(r)(**{**r.__dict__, "explanation": f"other {r.latent}"}) for r in records],
+        b / "explain" / "explanations.jsonl",
+    )
+    (root / "secret.txt").write_text("TOP SECRET")
+    return a, b
+
+
+@pytest.fixture(scope="module")
+def url(runs: tuple[Path, Path]) -> Iterator[str]:
+    server = make_server(list(runs))
+    serve_in_thread(server)
+    yield url_of(server)
+    server.shutdown()
+    server.server_close()
+
+
+def get(url: str) -> tuple[int, str, dict[str, str]]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.status, r.read().decode(), dict(r.headers)
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode(), dict(err.headers)
+
+
+def studied(run: Path) -> list[int]:
+    return [le.latent for le in SampleSet.load(run / "samples" / "samples.json").latents]
+
+
+def test_default_bind_is_loopback(runs: tuple[Path, Path]) -> None:
+    assert ServeConfig().host == "127.0.0.1"
+    server = make_server([runs[0]])
+    try:
+        assert server.server_address[0] == "127.0.0.1" and server.server_address[1] > 0
+    finally:
+        server.server_close()
+    assert url_of(server).startswith("http://127.0.0.1:")
+
+
+def test_cli_parses_runs_and_host() -> None:
+    import tyro
+
+    args = tyro.cli(ServeArgs, args=["r1", "r2", "--serve.host", "0.0.0.0", "--serve.port", "8123"])
+    assert args.runs == ("r1", "r2") and args.serve.host == "0.0.0.0" and args.serve.port == 8123
+    assert tyro.cli(ServeArgs, args=["r1"]).serve.host == "127.0.0.1"
+
+
+def test_list_sorts_filters_and_searches(url: str, runs: tuple[Path, Path]) -> None:
+    status, page, headers = get(url + "run/a/")
+    assert status == 200 and "script-src 'none'" in headers["Content-Security-Policy"]
+    ids = [int(x) for x in re.findall(r'class="latent-link" href="/run/a/latent/(\d+)"', page)]
+    d_sae = int(re.search(r"of (\d+) latents", page).group(1))  # type: ignore[union-attr]
+    assert ids == list(range(min(50, d_sae)))  # default: by id, 50 per page
+    _, page, _ = get(url + "run/a/?sort=frequency&order=desc&per_page=500")
+    data = RunData("a", runs[0])
+    freq = [float(x) for x in re.findall(r'<td class="num">([0-9.e+-]+)</td><td class="num">', page)]
+    assert freq == sorted(freq, reverse=True) and freq[0] == pytest.approx(
+        float(data.index.frequency.max()), rel=1e-2
+    )
+    # search: only latents whose explanation contains the text
+    target = studied(runs[0])[1]
+    word = f"other {target}"
+    _, page, _ = get(f"{url}run/b/?q={word.replace(' ', '+')}")
+    assert re.findall(r'class="latent-link" href="/run/b/latent/(\d+)"', page) == [str(target)]
+    _, page, _ = get(url + "run/a/?explained=1")
+    listed = {int(x) for x in re.findall(r'class="latent-link" href="/run/a/latent/(\d+)"', page)}
+    assert listed == set(data.index.explanations)
+    _, page, _ = get(url + "run/a/?freq_min=1.5")
+    assert "latent-link" not in page
+    key = sorted(data.index.metrics)[0]
+    _, page, _ = get(f"{url}run/a/?score_key={key}&score_min=0&sort={key}&order=desc")
+    scored = [int(x) for x in re.findall(r'class="latent-link" href="/run/a/latent/(\d+)"', page)]
+    col = data.index.metrics[key]
+    assert scored and [col[i] for i in scored] == sorted((col[i] for i in scored), reverse=True)
+
+
+def test_bad_query_is_400(url: str) -> None:
+    assert get(url + "run/a/?sort=nope")[0] == 400
+    assert get(url + "run/a/?freq_min=abc")[0] == 400
+    assert get(url + "run/a/?freq_min=nan")[0] == 400
+
+
+def test_latent_page_shows_everything(url: str, runs: tuple[Path, Path]) -> None:
+    latent = studied(runs[0])[0]
+    status, page, _ = get(f"{url}run/a/latent/{latent}")
+    assert status == 200
+    le = next(x for x in SampleSet.load(runs[0] / "samples" / "samples.json").latents if x.latent == latent)
+    # highlighted tokens carry their value on hover
+    acts = [float(a) for a in re.findall(r'<span class="act" title="[^"]+" data-act="([^"]+)"', page)]
+    expected = [a for ex in (*le.train, *le.test_pos) for a in ex.acts if a > 0]
+    assert sorted(acts) == pytest.approx(sorted(expected))
+    assert page.count('<tr class="non-activating">') == len(le.test_neg)
+    # each scorer's judgement of each scoring example, as in scores.jsonl
+    rows = [json.loads(x) for x in (runs[0] / "score" / "scores.jsonl").read_text().splitlines()]
+    mine = [r for r in rows if r["latent"] == latent]
+    assert mine and page.count('class="score-row"') == len(mine)
+    n_correct = sum(p["pred"] == p["label"] for r in mine for p in r["predictions"] if p["pred"] is not None)
+    assert page.count('class="judgement correct"') == n_correct
+    assert page.count('class="judgement incorrect"') == sum(len(r["predictions"]) for r in mine) - n_correct
+    assert f"{mine[0]['f1']:.3f}" in page
+    assert '<svg id="histogram"' in page and page.count("<rect ") >= 1
+    neighbours = re.search(r'<table id="neighbours">(.*?)</table>', page, re.S)
+    assert neighbours and len(re.findall(r"/run/a/latent/(\d+)", neighbours.group(1))) == 10
+
+
+def test_neighbours_are_decoder_cosine(runs: tuple[Path, Path]) -> None:
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    w = load_file(str(runs[0] / "sae" / "sae.safetensors"))["W_dec_FD"]
+    w = w / np.linalg.norm(w, axis=1, keepdims=True)
+    got = RunData("a", runs[0]).neighbours(3, k=5)
+    cos = w @ w[3]
+    cos[3] = -2
+    assert [i for i, _ in got] == list(np.argsort(-cos)[:5])
+    assert [c for _, c in got] == pytest.approx(sorted(cos, reverse=True)[:5], abs=1e-5)
+
+
+def test_script_explanation_is_escaped(url: str, runs: tuple[Path, Path]) -> None:
+    latent = load_explanations(runs[0] / "explain" / "explanations.jsonl")[0].latent
+    for path in (f"run/a/latent/{latent}", "run/a/?q=script", "compare/a/b"):
+        _, page, _ = get(url + path)
+        assert "<script>" not in page, path
+        assert html.escape(SCRIPT, quote=False) in page or html.escape(SCRIPT) in page, path
+
+
+def test_report_and_compare(url: str, runs: tuple[Path, Path]) -> None:
+    status, page, _ = get(url + "run/a/report")
+    assert status == 200 and page == (runs[0] / "report.html").read_text()
+    status, page, _ = get(url + "compare/a/b")
+    latent = studied(runs[0])[1]
+    assert status == 200 and f"other {latent}" in page and "different SAEs" not in page
+    assert page.count("<tr>") - 1 == len(load_explanations(runs[0] / "explain" / "explanations.jsonl"))
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/../secret.txt",
+        "/run/a/../../secret.txt",
+        "/run/a/%2e%2e/%2e%2e/secret.txt",
+        "/run/%2e%2e/latent/0",
+        "/run/a%2f..%2f..%2fsecret.txt/",
+        "/etc/passwd",
+        "//etc/passwd",
+        "/run/a/manifest.json",
+        "/run/a/score/scores.jsonl",
+        "/run/secret.txt/",
+        "/run/c/",
+        "/run/a/latent/-1",
+        "/run/a/latent/999999",
+        "/run/a/latent/..%2f..%2fsecret.txt",
+        "/compare/a/..",
+    ],
+)
+def test_traversal_and_unknown_paths_refused(url: str, path: str, runs: tuple[Path, Path]) -> None:
+    import http.client
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url)
+    conn = http.client.HTTPConnection(host.hostname, host.port, timeout=30)
+    conn.request("GET", path)  # sent as is: urllib would normalise some of these
+    resp = conn.getresponse()
+    body = resp.read().decode()
+    conn.close()
+    assert resp.status in (400, 404), path
+    assert "TOP SECRET" not in body and "root:" not in body and '"stages"' not in body
