@@ -7,7 +7,7 @@ saelab convert --src D --dst D --to FORMAT   an SAE checkpoint in SAELens, spars
 saelab report --predictions FILE.csv         a classification report for any classifier's predictions
 saelab compare RUN_A RUN_B [...]             before/after deltas with paired bootstrap CIs
 saelab runs --root runs [--where ...] [--sql ...]   list, filter and query runs (DuckDB)
-saelab serve RUN [RUN ...]                   the feature browser on http://127.0.0.1 (--serve.port, --serve.host)
+saelab serve RUN [RUN ...]                   the feature browser on http://127.0.0.1 (--port, --host)
 """
 
 from __future__ import annotations
@@ -184,7 +184,8 @@ class ServeArgs:
 
     runs: tyro.conf.Positional[tuple[str, ...]]
     """Run folders to serve."""
-    serve: ServeConfig = field(default_factory=ServeConfig)
+    serve: tyro.conf.OmitArgPrefixes[ServeConfig] = field(default_factory=ServeConfig)
+    """Where the server listens (flags without a `serve.` prefix: --host, --port)."""
 
 
 TOOLS: dict[str, Any] = {"convert": ConvertArgs, "compare": CompareArgs, "runs": RunsArgs, "serve": ServeArgs}

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -82,9 +85,54 @@ def test_default_bind_is_loopback(runs: tuple[Path, Path]) -> None:
 def test_cli_parses_runs_and_host() -> None:
     import tyro
 
-    args = tyro.cli(ServeArgs, args=["r1", "r2", "--serve.host", "0.0.0.0", "--serve.port", "8123"])
+    args = tyro.cli(ServeArgs, args=["r1", "r2", "--host", "0.0.0.0", "--port", "8123"])
     assert args.runs == ("r1", "r2") and args.serve.host == "0.0.0.0" and args.serve.port == 8123
     assert tyro.cli(ServeArgs, args=["r1"]).serve.host == "127.0.0.1"
+
+
+def test_serve_command_prints_url_and_answers(runs: tuple[Path, Path]) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), *sys.path])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "saelab.cli", "serve", str(runs[0]), str(runs[1])],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        found = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        assert found, line
+        status, page, _ = get(found.group(0))
+        assert status == 200 and "/run/a/" in page and "/compare/a/b" in page
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_samples_index_matches_the_file(runs: tuple[Path, Path]) -> None:
+    """The byte-offset index reads back every latent exactly as SampleSet.load does."""
+    data = RunData("a", runs[0])
+    samples = SampleSet.load(runs[0] / "samples" / "samples.json").latents
+    assert sorted(data.index.sample_spans) == sorted(le.latent for le in samples)
+    for le in samples:
+        assert data.examples(le.latent) == le
+    assert data.examples(max(data.index.sample_spans) + 1) is None
+
+
+def test_opening_reads_nothing(tmp_path: Path) -> None:
+    """Start-up reads no run data: a folder without artifacts serves, and its pages say what is missing."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    server = make_server([empty])
+    serve_in_thread(server)
+    try:
+        status, page, _ = get(url_of(server) + "run/empty/")
+        assert status == 404 and "saelab cache" in page
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_list_sorts_filters_and_searches(url: str, runs: tuple[Path, Path]) -> None:

@@ -8,10 +8,10 @@ Routes (nothing else is served; no path from a request ever reaches the file sys
     /run/NAME/report                the run's own report.html
     /compare/NAME_A/NAME_B          two runs side by side on the latents both explained
 
-NAME is a served run's folder name. Binds to 127.0.0.1 unless --serve.host says otherwise; every page is sent with
+NAME is a served run's folder name. Binds to 127.0.0.1 unless --host says otherwise; every page is sent with
 a Content-Security-Policy that allows no script, and all run data is HTML-escaped.
 
-    saelab serve runs/demo runs/other --serve.port 8000
+    saelab serve runs/demo runs/other --port 8000
 """
 
 from __future__ import annotations
