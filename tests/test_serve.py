@@ -208,7 +208,7 @@ def test_neighbours_are_decoder_cosine(runs: tuple[Path, Path]) -> None:
 
 def test_script_explanation_is_escaped(url: str, runs: tuple[Path, Path]) -> None:
     latent = load_explanations(runs[0] / "explain" / "explanations.jsonl")[0].latent
-    for path in (f"run/a/latent/{latent}", "run/a/?q=script", "compare/a/b"):
+    for path in (f"run/a/latent/{latent}", "run/a/?q=script", "compare/a/b", f"compare/a/b/latent/{latent}"):
         _, page, _ = get(url + path)
         assert "<script>" not in page, path
         assert html.escape(SCRIPT, quote=False) in page or html.escape(SCRIPT) in page, path
@@ -221,6 +221,10 @@ def test_report_and_compare(url: str, runs: tuple[Path, Path]) -> None:
     latent = studied(runs[0])[1]
     assert status == 200 and f"other {latent}" in page and "different SAEs" not in page
     assert page.count("<tr>") - 1 == len(load_explanations(runs[0] / "explain" / "explanations.jsonl"))
+    status, page, _ = get(f"{url}compare/a/b/latent/{latent}")
+    assert status == 200 and f"other {latent}" in page and page.count('class="score-row"') >= 2
+    assert page.count('<span class="act"') > 0
+    assert get(f"{url}compare/a/b/latent/100000")[0] == 404
 
 
 @pytest.mark.parametrize(
@@ -241,6 +245,8 @@ def test_report_and_compare(url: str, runs: tuple[Path, Path]) -> None:
         "/run/a/latent/999999",
         "/run/a/latent/..%2f..%2fsecret.txt",
         "/compare/a/..",
+        "/compare/a/b/latent/%2e%2e",
+        "/compare/a/c/latent/0",
     ],
 )
 def test_traversal_and_unknown_paths_refused(url: str, path: str, runs: tuple[Path, Path]) -> None:

@@ -7,6 +7,7 @@ Routes (nothing else is served; no path from a request ever reaches the file sys
     /run/NAME/latent/F              one latent: explanations, scores, histogram, examples, nearest latents
     /run/NAME/report                the run's own report.html
     /compare/NAME_A/NAME_B          two runs side by side on the latents both explained
+    /compare/NAME_A/NAME_B/latent/F one latent in both runs side by side
 
 NAME is a served run's folder name. Binds to 127.0.0.1 unless --host says otherwise; every page is sent with
 a Content-Security-Policy that allows no script, and all run data is HTML-escaped.
@@ -123,6 +124,8 @@ class Browser:
                 return Response(200, path.read_bytes())
             case ["compare", a, b]:
                 return self.compare(self.run(a), self.run(b))
+            case ["compare", a, b, "latent", latent] if latent.isdigit():
+                return self.compare_latent(self.run(a), self.run(b), int(latent))
         raise NotFound("no such page")
 
     def render(self, template: str, status: int = 200, **ctx: Any) -> Response:
@@ -232,6 +235,22 @@ class Browser:
             keys=keys,
             metric=METRIC,
             same_sae=same,
+            fmt=_fmt,
+        )
+
+    def compare_latent(self, a: RunData, b: RunData, latent: int) -> Response:
+        try:
+            sides = [(a, a.page(latent)), (b, b.page(latent))]
+        except KeyError:
+            raise NotFound(f"latent {latent} is not in both runs") from None
+        return self.render(
+            "compare_latent",
+            a=a,
+            b=b,
+            latent=latent,
+            sides=sides,
+            same_sae=a.cache.info.sae_sha256 == b.cache.info.sae_sha256,
+            metric_names=METRIC_NAMES,
             fmt=_fmt,
         )
 

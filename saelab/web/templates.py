@@ -122,11 +122,28 @@ the same latents.</p>{% endif %}
 <p>{{ common | length }} latents explained in both runs{% if truncated %} (first {{ rows | length }} shown){% endif %}; {{ metric }} per score.</p>
 <table id="compare"><tr><th>latent</th><th>{{ a.name }}</th><th>{{ b.name }}</th>
 {% for k in keys %}<th>{{ k }} {{ a.name }}</th><th>{{ k }} {{ b.name }}</th><th>Δ</th>{% endfor %}</tr>
-{% for r in rows %}<tr><td>{{ r.latent }}</td>
+{% for r in rows %}<tr><td><a class="pair-link" href="/compare/{{ a.name | urlencode }}/{{ b.name | urlencode }}/latent/{{ r.latent }}">{{ r.latent }}</a></td>
 <td><a href="/run/{{ a.name | urlencode }}/latent/{{ r.latent }}">{% for e in r.a %}<div>{{ e.explanation }}</div>{% endfor %}</a></td>
 <td><a href="/run/{{ b.name | urlencode }}/latent/{{ r.latent }}">{% for e in r.b %}<div>{{ e.explanation }}</div>{% endfor %}</a></td>
 {% for k in keys %}<td class="num">{{ fmt(r.sa[k]) }}</td><td class="num">{{ fmt(r.sb[k]) }}</td><td class="num">{{ fmt(r.delta[k]) }}</td>{% endfor %}
 </tr>{% endfor %}</table>
+{% endblock %}"""
+
+COMPARE_LATENT = """{% extends "base" %}{% from "tokens" import tokens %}
+{% block title %}latent {{ latent }}: {{ a.name }} vs {{ b.name }}{% endblock %}
+{% block nav %} / <a href="/compare/{{ a.name | urlencode }}/{{ b.name | urlencode }}">{{ a.name }} vs {{ b.name }}</a> / latent {{ latent }}{% endblock %}
+{% block body %}
+<h1>Latent {{ latent }}: {{ a.name }} vs {{ b.name }}</h1>
+{% if not same_sae %}<p class="incorrect">The two runs' latent caches come from different SAEs: latent {{ latent }} is
+not the same latent in both.</p>{% endif %}
+<table id="pair"><tr>{% for run, p in sides %}<th><a href="/run/{{ run.name | urlencode }}/latent/{{ latent }}">{{ run.name }}</a></th>{% endfor %}</tr>
+<tr>{% for run, p in sides %}<td style="vertical-align: top; width: 50%">
+<p>fires on {{ p.count }} tokens (frequency {{ '%.3e' % p.frequency }}), max activation {{ '%.4g' % p.max_act }}</p>
+{% for e in p.explanations %}<div class="explanation"><span class="muted">{{ e.explainer }} ({{ e.model }}):</span>
+{% if e.ok %}{{ e.explanation }}{% else %}<span class="failed">failed: {{ e.error }}</span>{% endif %}</div>{% endfor %}
+<table>{% for s in p.scores %}<tr class="score-row"><td>{{ s.key }}</td>{% for m in metric_names[:4] %}<td class="num">{{ m }} {{ fmt(s.metrics.get(m)) }}</td>{% endfor %}</tr>{% endfor %}</table>
+{% if p.examples %}{% for e in p.examples.train %}<div>{{ tokens(e, p.max_act) }}</div>{% endfor %}{% endif %}
+</td>{% endfor %}</tr></table>
 {% endblock %}"""
 
 ERROR = """{% extends "base" %}{% block title %}{{ heading }}{% endblock %}{% block body %}
@@ -143,6 +160,7 @@ def environment() -> jinja2.Environment:
                 "tokens": TOKENS,
                 "latent": LATENT,
                 "compare": COMPARE,
+                "compare_latent": COMPARE_LATENT,
                 "error": ERROR,
             }
         ),
