@@ -157,6 +157,16 @@ def test_list_sorts_filters_and_searches(url: str, runs: tuple[Path, Path]) -> N
     assert listed == set(data.index.explanations)
     _, page, _ = get(url + "run/a/?freq_min=1.5")
     assert "latent-link" not in page
+    # explainer model: token_stats records "none"; no explanation comes from another model
+    _, page, _ = get(url + "run/a/?model=none")
+    assert {int(x) for x in re.findall(r'href="/run/a/latent/(\d+)"', page)} == set(data.index.explanations)
+    _, page, _ = get(url + "run/a/?model=gpt-4")
+    assert "latent-link" not in page
+    lo = float(sorted(data.index.max_act)[len(data.index.max_act) // 2])
+    _, page, _ = get(f"{url}run/a/?act_min={lo}&sort=max_act&per_page=500")
+    acts = [float(x) for x in re.findall(r'</td><td class="num">([0-9.]+)</td>', page)]
+    assert acts == sorted(acts) and acts[0] >= round(lo, 3) - 1e-3
+    assert len(acts) == int((data.index.max_act >= lo).sum())
     key = sorted(data.index.metrics)[0]
     _, page, _ = get(f"{url}run/a/?score_key={key}&score_min=0&sort={key}&order=desc")
     scored = [int(x) for x in re.findall(r'class="latent-link" href="/run/a/latent/(\d+)"', page)]
