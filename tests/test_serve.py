@@ -89,6 +89,21 @@ def test_default_bind_is_loopback(runs: tuple[Path, Path]) -> None:
     assert url_of(server).startswith("http://127.0.0.1:")
 
 
+def test_foreign_host_header_refused(url: str) -> None:
+    """DNS rebinding: a page at evil.example resolving to 127.0.0.1 sends Host: evil.example."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    conn.request("GET", "/run/a/", headers={"Host": f"evil.example:{parts.port}"})
+    resp = conn.getresponse()
+    body = resp.read().decode()
+    conn.close()
+    assert resp.status == 421 and "latent-link" not in body
+    assert get(url.replace("127.0.0.1", "localhost") + "run/a/")[0] == 200
+
+
 def test_cli_parses_runs_and_host() -> None:
     import tyro
 

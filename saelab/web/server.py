@@ -10,13 +10,15 @@ Routes (nothing else is served; no path from a request ever reaches the file sys
     /compare/NAME_A/NAME_B/latent/F one latent in both runs side by side
 
 NAME is a served run's folder name. Binds to 127.0.0.1 unless --host says otherwise; every page is sent with
-a Content-Security-Policy that allows no script, and all run data is HTML-escaped.
+a Content-Security-Policy that allows no script, and all run data is HTML-escaped. On loopback it answers only
+requests whose Host header names the loopback address (no DNS rebinding).
 
     saelab serve runs/demo runs/other --port 8000
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import threading
@@ -85,6 +87,8 @@ class Browser:
                 name, i = f"{folder.resolve().name}-{i}", i + 1
             self.runs[name] = RunData(name, folder.resolve())
         self.env = environment()
+        self.allowed_hosts: set[str] | None = None
+        """Host headers answered (set for a loopback server); None answers any."""
 
     def run(self, name: str) -> RunData:
         if name not in self.runs:
@@ -266,10 +270,19 @@ def _handler(app: Browser) -> type[BaseHTTPRequestHandler]:
         sys_version = ""
 
         def do_GET(self) -> None:
-            self._send(app.handle(self.path), body=True)
+            self._send(self._answer(), body=True)
 
         def do_HEAD(self) -> None:
-            self._send(app.handle(self.path), body=False)
+            self._send(self._answer(), body=False)
+
+        def _answer(self) -> Response:
+            host = (self.headers.get("Host") or "").lower()
+            if app.allowed_hosts is not None and host not in app.allowed_hosts:
+                # a page elsewhere that points its own name at 127.0.0.1 (DNS rebinding) must not read the runs
+                return app.error(
+                    HTTPStatus.MISDIRECTED_REQUEST, "this server answers only to its loopback address"
+                )
+            return app.handle(self.path)
 
         def _send(self, r: Response, body: bool) -> None:
             self.send_response(r.status)
@@ -290,8 +303,12 @@ def _handler(app: Browser) -> type[BaseHTTPRequestHandler]:
 
 def make_server(folders: list[Path], host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
     """A server for `folders` bound to (host, port); port 0 picks a free one (`server.server_address`)."""
-    server = ThreadingHTTPServer((host, port), _handler(Browser(folders)))
+    app = Browser(folders)
+    server = ThreadingHTTPServer((host, port), _handler(app))
     server.daemon_threads = True
+    bound, port = str(server.server_address[0]), int(server.server_address[1])
+    if host == "localhost" or ipaddress.ip_address(bound).is_loopback:
+        app.allowed_hosts = {f"{name}:{port}" for name in ("127.0.0.1", "localhost", bound)}
     return server
 
 
