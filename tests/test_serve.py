@@ -189,17 +189,25 @@ def test_list_sorts_filters_and_searches(url: str, runs: tuple[Path, Path]) -> N
     acts = [float(x) for x in re.findall(r'</td><td class="num">([0-9.]+)</td>', page)]
     assert acts == sorted(acts) and acts[0] >= round(lo, 3) - 1e-3
     assert len(acts) == int((data.index.max_act >= lo).sum())
-    key = sorted(data.index.metrics)[0]
+    key = sorted(data.index.metrics())[0]
     _, page, _ = get(f"{url}run/a/?score_key={key}&score_min=0&sort={key}&order=desc")
     scored = [int(x) for x in re.findall(r'class="latent-link" href="/run/a/latent/(\d+)"', page)]
-    col = data.index.metrics[key]
+    col = data.index.metrics()[key]
     assert scored and [col[i] for i in scored] == sorted((col[i] for i in scored), reverse=True)
+    # another metric: its values are shown and sorted by
+    _, page, _ = get(f"{url}run/a/?metric=balanced_accuracy&score_key={key}&score_min=0&sort={key}")
+    bal = data.index.metrics("balanced_accuracy")[key]
+    shown = [int(x) for x in re.findall(r'class="latent-link" href="/run/a/latent/(\d+)"', page)]
+    assert [bal[i] for i in shown] == sorted(bal[i] for i in shown)
+    assert f"balanced_accuracy {key}" in page and f"{bal[shown[0]]:.3f}" in page
 
 
 def test_bad_query_is_400(url: str) -> None:
     assert get(url + "run/a/?sort=nope")[0] == 400
     assert get(url + "run/a/?freq_min=abc")[0] == 400
     assert get(url + "run/a/?freq_min=nan")[0] == 400
+    assert get(url + "run/a/?metric=os.system")[0] == 400
+    assert get(url + "compare/a/b?metric=nope")[0] == 400
 
 
 def test_latent_page_shows_everything(url: str, runs: tuple[Path, Path]) -> None:

@@ -34,7 +34,8 @@ SAE_WEIGHTS = "sae/sae.safetensors"
 REPORT = "report.html"
 
 METRIC = "f1"
-"""The per-scorer score the list shows and sorts by."""
+"""The per-scorer score the list shows and sorts by unless asked for another of LIST_METRICS."""
+LIST_METRICS = ("f1", "balanced_accuracy", "auc", "precision", "recall", "accuracy", "correlation")
 _LATENT_OBJ = re.compile(rb'\{"latent": (\d+)')
 _PREDICTIONS = ', "predictions": ['
 _NP_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
@@ -81,8 +82,13 @@ class _Index:
     max_act: np.ndarray
     count: np.ndarray
     explanations: dict[int, list[ExplanationRecord]]
-    metrics: dict[str, np.ndarray]
-    """By score key `explainer/scorer`: [F] METRIC per latent, NaN where unscored."""
+    scores: dict[str, dict[str, np.ndarray]]
+    """By metric (LIST_METRICS), by score key `explainer/scorer`: [F] the metric per latent, NaN where unscored."""
+
+    def metrics(self, metric: str = METRIC) -> dict[str, np.ndarray]:
+        """[F] columns of one metric by score key."""
+        return self.scores[metric]
+
     score_lines: dict[int, list[tuple[int, int]]]
     """By latent: (offset, length) of its lines in scores.jsonl."""
     sample_spans: dict[int, tuple[int, int]]
@@ -138,8 +144,10 @@ class RunData:
             self._index_samples(),
         )
 
-    def _index_scores(self, d_sae: int) -> tuple[dict[str, np.ndarray], dict[int, list[tuple[int, int]]]]:
-        metrics: dict[str, np.ndarray] = {}
+    def _index_scores(
+        self, d_sae: int
+    ) -> tuple[dict[str, dict[str, np.ndarray]], dict[int, list[tuple[int, int]]]]:
+        metrics: dict[str, dict[str, np.ndarray]] = {m: {} for m in LIST_METRICS}
         lines: dict[int, list[tuple[int, int]]] = {}
         path = self.file(SCORES)
         if path is None:
@@ -154,9 +162,10 @@ class RunData:
                 head = json.loads(text[:cut] + "}" if cut >= 0 else text) if text.strip() else None
                 if head is not None:
                     key = f"{head['explainer']}/{head['scorer']}"
-                    col = metrics.setdefault(key, np.full(d_sae, np.nan))
-                    value = head.get(METRIC)
-                    col[head["latent"]] = np.nan if value is None else value
+                    for m, cols in metrics.items():
+                        value = head.get(m)
+                        col = cols.setdefault(key, np.full(d_sae, np.nan))
+                        col[head["latent"]] = np.nan if value is None else value
                     lines.setdefault(head["latent"], []).append((offset, len(raw)))
                 offset += len(raw)
         return metrics, lines

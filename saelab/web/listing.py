@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from saelab.web.data import RunData
+from saelab.web.data import LIST_METRICS, METRIC, RunData
 
 PER_PAGE = 50
 MAX_PER_PAGE = 500
@@ -56,6 +56,8 @@ class ListQuery:
     freq_max: float | None = None
     act_min: float | None = None
     act_max: float | None = None
+    metric: str = METRIC
+    """The metric shown, sorted and filtered by for every score (one of LIST_METRICS)."""
     score_key: str = ""
     """The score the `score_min` / `score_max` bounds apply to."""
     score_min: float | None = None
@@ -73,7 +75,11 @@ class ListQuery:
         score_key = params.get("score_key", "")
         if score_key and score_key not in score_keys:
             raise QueryError(f"unknown score {score_key!r}")
+        metric = params.get("metric", "") or METRIC
+        if metric not in LIST_METRICS:
+            raise QueryError(f"unknown metric {metric!r}; known: {', '.join(LIST_METRICS)}")
         return cls(
+            metric=metric,
             q=params.get("q", "").strip()[:200],
             model=params.get("model", "").strip(),
             sort=sort,
@@ -113,7 +119,7 @@ def run_query(run: RunData, query: ListQuery) -> ListResult:
     keep = _bounds(keep, idx.frequency, query.freq_min, query.freq_max)
     keep = _bounds(keep, idx.max_act, query.act_min, query.act_max)
     if query.score_key:
-        col = idx.metrics[query.score_key]
+        col = idx.metrics(query.metric)[query.score_key]
         keep = _bounds(keep & ~np.isnan(col), col, query.score_min, query.score_max)
     if query.q or query.model or query.explained:
         needle = query.q.lower()
@@ -130,7 +136,8 @@ def run_query(run: RunData, query: ListQuery) -> ListResult:
     ids = ids[_order(run, ids, query)]
     pages = max(1, math.ceil(len(ids) / query.per_page))
     start = (query.page - 1) * query.per_page
-    return ListResult([_row(run, int(i)) for i in ids[start : start + query.per_page]], len(ids), pages)
+    rows = [_row(run, int(i), query.metric) for i in ids[start : start + query.per_page]]
+    return ListResult(rows, len(ids), pages)
 
 
 def _order(run: RunData, ids: np.ndarray, query: ListQuery) -> np.ndarray:
@@ -140,13 +147,15 @@ def _order(run: RunData, ids: np.ndarray, query: ListQuery) -> np.ndarray:
         order = np.argsort(ids, kind="stable")
         return order[::-1] if query.desc else order
     col = {"frequency": idx.frequency, "max_act": idx.max_act}.get(query.sort)
-    values = np.asarray(col if col is not None else idx.metrics[query.sort], dtype=np.float64)[ids]
+    values = np.asarray(col if col is not None else idx.metrics(query.metric)[query.sort], dtype=np.float64)[
+        ids
+    ]
     key = -values if query.desc else values
     missing = np.isnan(key)
     return np.lexsort((ids, np.where(missing, 0.0, key), missing))  # the last key sorts first
 
 
-def _row(run: RunData, latent: int) -> dict[str, Any]:
+def _row(run: RunData, latent: int, metric: str) -> dict[str, Any]:
     idx = run.index
     return {
         "latent": latent,
@@ -154,7 +163,8 @@ def _row(run: RunData, latent: int) -> dict[str, Any]:
         "max_act": float(idx.max_act[latent]),
         "explanations": [r for r in idx.explanations.get(latent, []) if r.explanation is not None],
         "scores": {
-            k: (None if np.isnan(col[latent]) else float(col[latent])) for k, col in idx.metrics.items()
+            k: (None if np.isnan(col[latent]) else float(col[latent]))
+            for k, col in idx.metrics(metric).items()
         },
     }
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from saelab.latents import CacheError
 from saelab.sampling import Example
-from saelab.web.data import METRIC, REPORT, RunData, ScoreResult
+from saelab.web.data import LIST_METRICS, METRIC, REPORT, RunData, ScoreResult
 from saelab.web.listing import FIXED_SORTS, ListQuery, QueryError, models, run_query
 from saelab.web.templates import environment
 
@@ -127,7 +127,10 @@ class Browser:
                     raise NotFound(f"{name} has no report.html; run `saelab report --run-dir RUN`")
                 return Response(200, path.read_bytes())
             case ["compare", a, b]:
-                return self.compare(self.run(a), self.run(b))
+                metric = params.get("metric", "") or METRIC
+                if metric not in LIST_METRICS:
+                    raise QueryError(f"unknown metric {metric!r}")
+                return self.compare(self.run(a), self.run(b), metric)
             case ["compare", a, b, "latent", latent] if latent.isdigit():
                 return self.compare_latent(self.run(a), self.run(b), int(latent))
         raise NotFound("no such page")
@@ -142,7 +145,7 @@ class Browser:
         )
 
     def latent_list(self, run: RunData, params: dict[str, str]) -> Response:
-        score_keys = sorted(run.index.metrics)
+        score_keys = sorted(run.index.metrics())
         query = ListQuery.parse(params, score_keys)
         result = run_query(run, query)
         base = {k: v for k, v in params.items() if v != "" and k != "page"}
@@ -155,7 +158,9 @@ class Browser:
         def page_link(page: int) -> str:
             return "?" + urlencode({**base, "page": str(page)})
 
-        columns = [(k, k.replace("_", " ")) for k in FIXED_SORTS] + [(k, f"{METRIC} {k}") for k in score_keys]
+        columns = [(k, k.replace("_", " ")) for k in FIXED_SORTS] + [
+            (k, f"{query.metric} {k}") for k in score_keys
+        ]
         return self.render(
             "list",
             run=run,
@@ -164,7 +169,7 @@ class Browser:
             models=models(run),
             score_keys=score_keys,
             columns=columns,
-            metric=METRIC,
+            metrics=LIST_METRICS,
             sort_link=sort_link,
             page_link=page_link,
         )
@@ -208,15 +213,16 @@ class Browser:
             explanations=lambda n: [r for r in run.index.explanations.get(n, []) if r.explanation],
         )
 
-    def compare(self, a: RunData, b: RunData) -> Response:
+    def compare(self, a: RunData, b: RunData, metric: str) -> Response:
         ia, ib = a.index, b.index
         common = sorted(set(ia.explanations) & set(ib.explanations))
-        keys = sorted(set(ia.metrics) & set(ib.metrics))
-        diff = {k: ib.metrics[k] - ia.metrics[k] for k in keys}  # NaN where either run lacks the score
+        ma, mb = ia.metrics(metric), ib.metrics(metric)
+        keys = sorted(set(ma) & set(mb))
+        diff = {k: mb[k] - ma[k] for k in keys}  # NaN where either run lacks the score
         rows = []
         for latent in common[:COMPARE_ROWS]:
-            sa = {k: _value(ia.metrics[k], latent) for k in keys}
-            sb = {k: _value(ib.metrics[k], latent) for k in keys}
+            sa = {k: _value(ma[k], latent) for k in keys}
+            sb = {k: _value(mb[k], latent) for k in keys}
             delta = {k: _value(diff[k], latent) for k in keys}
             rows.append(
                 {
@@ -237,7 +243,7 @@ class Browser:
             rows=rows,
             truncated=len(common) > COMPARE_ROWS,
             keys=keys,
-            metric=METRIC,
+            metric=metric,
             same_sae=same,
             fmt=_fmt,
         )

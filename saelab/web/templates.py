@@ -45,7 +45,8 @@ LIST = """{% extends "base" %}{% block title %}{{ run.name }}: latents{% endbloc
 <input name="freq_max" value="{{ query.freq_max if query.freq_max is not none else '' }}"></label>
 <label>max act <input name="act_min" value="{{ query.act_min if query.act_min is not none else '' }}"> to
 <input name="act_max" value="{{ query.act_max if query.act_max is not none else '' }}"></label>
-<label>{{ metric }} of <select name="score_key"><option value="">(none)</option>
+<label>score <select name="metric">{% for m in metrics %}<option{% if m == query.metric %} selected{% endif %}>{{ m }}</option>{% endfor %}</select></label>
+<label>of <select name="score_key"><option value="">(none)</option>
 {% for k in score_keys %}<option{% if k == query.score_key %} selected{% endif %}>{{ k }}</option>{% endfor %}</select>
 <input name="score_min" value="{{ query.score_min if query.score_min is not none else '' }}"> to
 <input name="score_max" value="{{ query.score_max if query.score_max is not none else '' }}"></label>
