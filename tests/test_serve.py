@@ -202,6 +202,20 @@ def test_list_sorts_filters_and_searches(url: str, runs: tuple[Path, Path]) -> N
     assert f"balanced_accuracy {key}" in page and f"{bal[shown[0]]:.3f}" in page
 
 
+def test_broken_artifact_is_500_without_traceback(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(runs[0], broken)
+    (broken / "score" / "scores.jsonl").write_text("{not json\n")
+    server = make_server([broken])
+    serve_in_thread(server)
+    try:
+        status, page, _ = get(url_of(server) + "run/broken/")
+        assert status == 500 and "Traceback" not in page and "log says why" in page
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_bad_query_is_400(url: str) -> None:
     assert get(url + "run/a/?sort=nope")[0] == 400
     assert get(url + "run/a/?freq_min=abc")[0] == 400
@@ -285,6 +299,8 @@ def test_report_and_compare(url: str, runs: tuple[Path, Path]) -> None:
         "/run/a/latent/..%2f..%2fsecret.txt",
         "/compare/a/..",
         "/compare/a/b/latent/%2e%2e",
+        "/run/a/latent/%C2%B2",
+        "/run/a/latent/99999999999999999999999",
         "/compare/a/c/latent/0",
     ],
 )

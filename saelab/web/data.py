@@ -10,6 +10,7 @@ plus one pass over the memory-mapped decoder for its nearest latents.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import re
@@ -102,6 +103,7 @@ class RunData:
     name: str
     folder: Path
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _decoder_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _index: _Index | None = field(default=None, repr=False)
     _decoder: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
@@ -147,27 +149,29 @@ class RunData:
     def _index_scores(
         self, d_sae: int
     ) -> tuple[dict[str, dict[str, np.ndarray]], dict[int, list[tuple[int, int]]]]:
-        metrics: dict[str, dict[str, np.ndarray]] = {m: {} for m in LIST_METRICS}
+        """Every score line's metrics (LIST_METRICS) and (offset, length), by latent."""
+        found: dict[str, list[tuple[int, list[float]]]] = {}
         lines: dict[int, list[tuple[int, int]]] = {}
         path = self.file(SCORES)
-        if path is None:
-            return metrics, lines
         offset = 0
-        with path.open("rb") as fh:
+        with path.open("rb") if path else contextlib.nullcontext(()) as fh:
             for raw in fh:
                 text = raw.decode("utf-8")
-                cut = text.find(
-                    _PREDICTIONS
-                )  # the predictions come last (ScoreRow.to_dict): skip parsing them
-                head = json.loads(text[:cut] + "}" if cut >= 0 else text) if text.strip() else None
-                if head is not None:
-                    key = f"{head['explainer']}/{head['scorer']}"
-                    for m, cols in metrics.items():
-                        value = head.get(m)
-                        col = cols.setdefault(key, np.full(d_sae, np.nan))
-                        col[head["latent"]] = np.nan if value is None else value
+                cut = text.find(_PREDICTIONS)  # the predictions come last (ScoreRow.to_dict): not parsed here
+                if text.strip():
+                    head = json.loads(text[:cut] + "}" if cut >= 0 else text)
+                    values = [np.nan if head.get(m) is None else float(head[m]) for m in LIST_METRICS]
+                    found.setdefault(f"{head['explainer']}/{head['scorer']}", []).append(
+                        (head["latent"], values)
+                    )
                     lines.setdefault(head["latent"], []).append((offset, len(raw)))
                 offset += len(raw)
+        metrics: dict[str, dict[str, np.ndarray]] = {m: {} for m in LIST_METRICS}
+        for key, rows in found.items():
+            table = np.full((len(LIST_METRICS), d_sae), np.nan)
+            table[:, [latent for latent, _ in rows]] = np.array([v for _, v in rows], dtype=np.float64).T
+            for m, col in zip(LIST_METRICS, table):
+                metrics[m][key] = col
         return metrics, lines
 
     def _index_samples(self) -> dict[int, tuple[int, int]]:
@@ -229,7 +233,7 @@ class RunData:
         path = self.file(SAE_WEIGHTS)
         if path is None:
             return None
-        with self._lock:
+        with self._decoder_lock:
             if self._decoder is None:
                 w = _memmap_tensor(path, "W_dec_FD")
                 if w is None:

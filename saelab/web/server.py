@@ -112,6 +112,9 @@ class Browser:
             return self.error(HTTPStatus.BAD_REQUEST, str(err))
         except CacheError as err:
             return self.error(HTTPStatus.NOT_FOUND, str(err))
+        except Exception:  # a broken artifact answers 500 with no traceback; the log has it
+            log.exception("error answering %s", target)
+            return self.error(HTTPStatus.INTERNAL_SERVER_ERROR, "the page failed; the server's log says why")
 
     def route(self, seg: list[str], params: dict[str, str]) -> Response:
         match seg:
@@ -119,7 +122,7 @@ class Browser:
                 return self.render("index", runs=list(self.runs.values()))
             case ["run", name]:
                 return self.latent_list(self.run(name), params)
-            case ["run", name, "latent", latent] if latent.isdigit():
+            case ["run", name, "latent", latent] if _is_id(latent):
                 return self.latent_page(self.run(name), int(latent))
             case ["run", name, "report"]:
                 path = self.run(name).file(REPORT)
@@ -131,7 +134,7 @@ class Browser:
                 if metric not in LIST_METRICS:
                     raise QueryError(f"unknown metric {metric!r}")
                 return self.compare(self.run(a), self.run(b), metric)
-            case ["compare", a, b, "latent", latent] if latent.isdigit():
+            case ["compare", a, b, "latent", latent] if _is_id(latent):
                 return self.compare_latent(self.run(a), self.run(b), int(latent))
         raise NotFound("no such page")
 
@@ -263,6 +266,10 @@ class Browser:
             metric_names=METRIC_NAMES,
             fmt=_fmt,
         )
+
+
+def _is_id(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) < 12
 
 
 def _value(col: np.ndarray, latent: int) -> float | None:
