@@ -104,6 +104,13 @@ def test_foreign_host_header_refused(url: str) -> None:
     assert get(url.replace("127.0.0.1", "localhost") + "run/a/")[0] == 200
 
 
+def test_serve_help_from_the_config(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and "--host" in out and "--port" in out and "Address to bind" in out
+
+
 def test_cli_parses_runs_and_host() -> None:
     import tyro
 
