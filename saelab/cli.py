@@ -7,6 +7,7 @@ saelab convert --src D --dst D --to FORMAT   an SAE checkpoint in SAELens, spars
 saelab report --predictions FILE.csv         a classification report for any classifier's predictions
 saelab compare RUN_A RUN_B [...]             before/after deltas with paired bootstrap CIs
 saelab runs --root runs [--where ...] [--sql ...]   list, filter and query runs (DuckDB)
+saelab serve RUN [RUN ...]                   the feature browser on http://127.0.0.1 (--port, --host)
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from saelab.config import (
     RunConfig,
     SampleConfig,
     ScoreConfig,
+    ServeConfig,
     TrainConfig,
 )
 from saelab.distributed import init_from_env
@@ -175,7 +177,18 @@ class RunsArgs:
     """Output format."""
 
 
-TOOLS: dict[str, Any] = {"convert": ConvertArgs, "compare": CompareArgs, "runs": RunsArgs}
+@dataclass(frozen=True)
+class ServeArgs:
+    """Browse the runs' latents in a local web app: a sortable, searchable latent list, latent pages (examples,
+    scores and each scorer's judgements, histogram, nearest latents), the run reports, two runs side by side."""
+
+    runs: tyro.conf.Positional[tuple[str, ...]]
+    """Run folders to serve."""
+    serve: tyro.conf.OmitArgPrefixes[ServeConfig] = field(default_factory=ServeConfig)
+    """Where the server listens (flags without a `serve.` prefix: --host, --port)."""
+
+
+TOOLS: dict[str, Any] = {"convert": ConvertArgs, "compare": CompareArgs, "runs": RunsArgs, "serve": ServeArgs}
 """Commands outside the run pipeline (no run folder)."""
 
 
@@ -205,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             return _compare(args)
         if isinstance(args, RunsArgs):
             return _runs(args)
+        if isinstance(args, ServeArgs):
+            return _serve(args)
         return _dispatch(args)
     except ConfigError as err:
         sys.stderr.write(f"saelab: config error: {err}\n")
@@ -234,6 +249,21 @@ def _runs(args: RunsArgs) -> int:
         raise FileNotFoundError(f"{args.root} is not a folder; pass --root with the folder holding your runs")
     columns, rows = query_runs(args.root, args.where, args.sql)
     sys.stdout.write(format_rows(columns, rows, args.format))
+    return 0
+
+
+def _serve(args: ServeArgs) -> int:
+    from saelab.web.server import make_server, url_of
+
+    if not args.runs:
+        raise FileNotFoundError("saelab serve needs at least one run folder")
+    server = make_server([Path(r) for r in args.runs], args.serve.host, args.serve.port)
+    sys.stdout.write(f"saelab serve: {url_of(server)} (Ctrl-C stops)\n")
+    sys.stdout.flush()
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
     return 0
 
 

@@ -569,6 +569,20 @@ class CompareConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """`saelab serve`: the feature browser."""
+
+    host: str = "127.0.0.1"
+    """Address to bind; the default answers this machine only. Another (e.g. 0.0.0.0) exposes the runs' data."""
+    port: int = 0
+    """Port to listen on; 0 picks a free one (the URL is printed)."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.host.strip()), "serve.host must not be empty")
+        _check(0 <= self.port <= 65535, "serve.port must be in [0, 65535]")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Run the whole loop (collect, train, eval, cache, sample, explain, score) and write the report."""
 

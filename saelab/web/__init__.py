@@ -1,0 +1,1 @@
+"""The feature browser (`saelab serve`): see `saelab.web.server`."""

@@ -1,0 +1,337 @@
+"""`saelab serve RUN [RUN ...]`: the feature browser, a local web app over run folders.
+
+Routes (nothing else is served; no path from a request ever reaches the file system):
+
+    /                               the served runs
+    /run/NAME/                      latent list: ?q= &model= &sort= &order= &freq_min= ... &page=
+    /run/NAME/latent/F              one latent: explanations, scores, histogram, examples, nearest latents
+    /run/NAME/report                the run's own report.html
+    /compare/NAME_A/NAME_B          two runs side by side on the latents both explained
+    /compare/NAME_A/NAME_B/latent/F one latent in both runs side by side
+
+NAME is a served run's folder name. Binds to 127.0.0.1 unless --host says otherwise; every page is sent with
+a Content-Security-Policy that allows no script, and all run data is HTML-escaped. On loopback it answers only
+requests whose Host header names the loopback address (no DNS rebinding).
+
+    saelab serve runs/demo runs/other --port 8000
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+import threading
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
+
+import numpy as np
+
+from saelab.latents import CacheError
+from saelab.sampling import Example
+from saelab.web.data import LIST_METRICS, METRIC, REPORT, RunData, ScoreResult
+from saelab.web.listing import FIXED_SORTS, ListQuery, QueryError, models, run_query
+from saelab.web.templates import environment
+
+log = logging.getLogger(__name__)
+
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'none'; form-action 'self'"
+METRIC_NAMES = ("f1", "precision", "recall", "balanced_accuracy", "auc", "correlation", "n_pos", "n_neg")
+COMPARE_ROWS = 1000
+HIST_W, HIST_H = 480, 120
+
+
+class NotFound(Exception):
+    """Answered with 404 and the message."""
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "text/html; charset=utf-8"
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _judge(score: ScoreResult, ex: Example) -> tuple[str, str]:
+    """(correct | incorrect | failed | not scored, hover text) of one scorer on one example."""
+    p = score.predictions.get(ex.example_id)
+    if p is None:
+        return "not scored", ""
+    if p["pred"] is None:
+        return "failed", "the judgement failed"
+    verdict = "correct" if p["pred"] == p["label"] else "incorrect"
+    s = "" if p["score"] is None else f", score {p['score']:.3f}"
+    return verdict, f"predicted {p['pred']}, label {p['label']}{s}"
+
+
+class Browser:
+    """The app: served runs by name, and the page for each route."""
+
+    def __init__(self, folders: list[Path]) -> None:
+        self.runs: dict[str, RunData] = {}
+        for folder in folders:
+            if not folder.is_dir():
+                raise FileNotFoundError(f"{folder} is not a run folder")
+            name, i = folder.resolve().name, 2
+            while name in self.runs:
+                name, i = f"{folder.resolve().name}-{i}", i + 1
+            self.runs[name] = RunData(name, folder.resolve())
+        self.env = environment()
+        self.allowed_hosts: set[str] | None = None
+        """Host headers answered (set for a loopback server); None answers any."""
+
+    def run(self, name: str) -> RunData:
+        if name not in self.runs:
+            raise NotFound(f"no served run is named {name!r}")
+        return self.runs[name]
+
+    def handle(self, target: str) -> Response:
+        """The response to a GET of `target` (path and query)."""
+        parts = urlsplit(target)
+        segments = [unquote(s) for s in parts.path.split("/")[1:]]
+        if any(s in (".", "..") or "/" in s or "\\" in s or "\0" in s for s in segments):
+            return self.error(HTTPStatus.BAD_REQUEST, "bad path")
+        if segments and segments[-1] == "":
+            segments = segments[:-1]
+        params = dict(parse_qsl(parts.query))
+        try:
+            return self.route(segments, params)
+        except NotFound as err:
+            return self.error(HTTPStatus.NOT_FOUND, str(err))
+        except QueryError as err:
+            return self.error(HTTPStatus.BAD_REQUEST, str(err))
+        except CacheError as err:
+            return self.error(HTTPStatus.NOT_FOUND, str(err))
+        except Exception:  # a broken artifact answers 500 with no traceback; the log has it
+            log.exception("error answering %s", target)
+            return self.error(HTTPStatus.INTERNAL_SERVER_ERROR, "the page failed; the server's log says why")
+
+    def route(self, seg: list[str], params: dict[str, str]) -> Response:
+        match seg:
+            case []:
+                return self.render("index", runs=list(self.runs.values()))
+            case ["run", name]:
+                return self.latent_list(self.run(name), params)
+            case ["run", name, "latent", latent] if _is_id(latent):
+                return self.latent_page(self.run(name), int(latent))
+            case ["run", name, "report"]:
+                path = self.run(name).file(REPORT)
+                if path is None:
+                    raise NotFound(f"{name} has no report.html; run `saelab report --run-dir RUN`")
+                return Response(200, path.read_bytes())
+            case ["compare", a, b]:
+                metric = params.get("metric", "") or METRIC
+                if metric not in LIST_METRICS:
+                    raise QueryError(f"unknown metric {metric!r}")
+                return self.compare(self.run(a), self.run(b), metric)
+            case ["compare", a, b, "latent", latent] if _is_id(latent):
+                return self.compare_latent(self.run(a), self.run(b), int(latent))
+        raise NotFound("no such page")
+
+    def render(self, template: str, status: int = 200, **ctx: Any) -> Response:
+        html = self.env.get_template(template).render(**ctx)
+        return Response(status, html.encode("utf-8"))
+
+    def error(self, status: HTTPStatus, message: str) -> Response:
+        return self.render(
+            "error", status=int(status), heading=f"{int(status)} {status.phrase}", message=message
+        )
+
+    def latent_list(self, run: RunData, params: dict[str, str]) -> Response:
+        score_keys = sorted(run.index.metrics())
+        query = ListQuery.parse(params, score_keys)
+        result = run_query(run, query)
+        base = {k: v for k, v in params.items() if v != "" and k != "page"}
+
+        def sort_link(key: str) -> str:
+            order = "asc" if query.sort == key and query.desc else "desc"
+            order = "asc" if key == "latent" and query.sort != key else order
+            return "?" + urlencode({**base, "sort": key, "order": order})
+
+        def page_link(page: int) -> str:
+            return "?" + urlencode({**base, "page": str(page)})
+
+        columns = [(k, k.replace("_", " ")) for k in FIXED_SORTS] + [
+            (k, f"{query.metric} {k}") for k in score_keys
+        ]
+        return self.render(
+            "list",
+            run=run,
+            query=query,
+            result=result,
+            models=models(run),
+            score_keys=score_keys,
+            columns=columns,
+            metrics=LIST_METRICS,
+            sort_link=sort_link,
+            page_link=page_link,
+        )
+
+    def latent_page(self, run: RunData, latent: int) -> Response:
+        try:
+            page = run.page(latent)
+        except KeyError:
+            raise NotFound(f"{run.name} has {run.d_sae} latents; {latent} is not one") from None
+        counts, edges = page.histogram
+        bars = []
+        if len(counts):
+            top, width = max(int(counts.max()), 1), HIST_W / len(counts)
+            for i, c in enumerate(counts):
+                h = HIST_H * np.log1p(c) / np.log1p(top)
+                bars.append(
+                    {
+                        "x": f"{i * width:.1f}",
+                        "y": f"{HIST_H - h:.1f}",
+                        "w": f"{max(width - 1, 1):.1f}",
+                        "h": f"{h:.1f}",
+                        "title": f"{edges[i]:.3g} to {edges[i + 1]:.3g}: {int(c)} tokens",
+                    }
+                )
+        ex = page.examples
+        scoring = [(e, 1) for e in ex.test_pos] + [(e, 0) for e in ex.test_neg] if ex else []
+        return self.render(
+            "latent",
+            run=run,
+            p=page,
+            ex=ex,
+            scoring=scoring,
+            bars=bars,
+            hist_w=HIST_W,
+            hist_h=HIST_H,
+            hist_lo=float(edges[0]),
+            hist_hi=float(edges[-1]),
+            metric_names=METRIC_NAMES,
+            fmt=_fmt,
+            judge=_judge,
+            explanations=lambda n: [r for r in run.index.explanations.get(n, []) if r.explanation],
+        )
+
+    def compare(self, a: RunData, b: RunData, metric: str) -> Response:
+        ia, ib = a.index, b.index
+        common = sorted(set(ia.explanations) & set(ib.explanations))
+        ma, mb = ia.metrics(metric), ib.metrics(metric)
+        keys = sorted(set(ma) & set(mb))
+        diff = {k: mb[k] - ma[k] for k in keys}  # NaN where either run lacks the score
+        rows = []
+        for latent in common[:COMPARE_ROWS]:
+            sa = {k: _value(ma[k], latent) for k in keys}
+            sb = {k: _value(mb[k], latent) for k in keys}
+            delta = {k: _value(diff[k], latent) for k in keys}
+            rows.append(
+                {
+                    "latent": latent,
+                    "a": [e for e in ia.explanations[latent] if e.explanation],
+                    "b": [e for e in ib.explanations[latent] if e.explanation],
+                    "sa": sa,
+                    "sb": sb,
+                    "delta": delta,
+                }
+            )
+        same = a.cache.info.sae_sha256 == b.cache.info.sae_sha256
+        return self.render(
+            "compare",
+            a=a,
+            b=b,
+            common=common,
+            rows=rows,
+            truncated=len(common) > COMPARE_ROWS,
+            keys=keys,
+            metric=metric,
+            same_sae=same,
+            fmt=_fmt,
+        )
+
+    def compare_latent(self, a: RunData, b: RunData, latent: int) -> Response:
+        try:
+            sides = [(a, a.page(latent)), (b, b.page(latent))]
+        except KeyError:
+            raise NotFound(f"latent {latent} is not in both runs") from None
+        return self.render(
+            "compare_latent",
+            a=a,
+            b=b,
+            latent=latent,
+            sides=sides,
+            same_sae=a.cache.info.sae_sha256 == b.cache.info.sae_sha256,
+            metric_names=METRIC_NAMES,
+            fmt=_fmt,
+        )
+
+
+def _is_id(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) < 12
+
+
+def _value(col: np.ndarray, latent: int) -> float | None:
+    v = float(col[latent])
+    return None if math.isnan(v) else v
+
+
+def _handler(app: Browser) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "saelab"
+        sys_version = ""
+
+        def do_GET(self) -> None:
+            self._send(self._answer(), body=True)
+
+        def do_HEAD(self) -> None:
+            self._send(self._answer(), body=False)
+
+        def _answer(self) -> Response:
+            host = (self.headers.get("Host") or "").lower()
+            if app.allowed_hosts is not None and host not in app.allowed_hosts:
+                # a page elsewhere that points its own name at 127.0.0.1 (DNS rebinding) must not read the runs
+                return app.error(
+                    HTTPStatus.MISDIRECTED_REQUEST, "this server answers only to its loopback address"
+                )
+            return app.handle(self.path)
+
+        def _send(self, r: Response, body: bool) -> None:
+            self.send_response(r.status)
+            self.send_header("Content-Type", r.content_type)
+            self.send_header("Content-Length", str(len(r.body)))
+            self.send_header("Content-Security-Policy", CSP)
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("Referrer-Policy", "no-referrer")
+            self.end_headers()
+            if body:
+                self.wfile.write(r.body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            log.debug("%s " + format, self.address_string(), *args)
+
+    return Handler
+
+
+def make_server(folders: list[Path], host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
+    """A server for `folders` bound to (host, port); port 0 picks a free one (`server.server_address`)."""
+    app = Browser(folders)
+    server = ThreadingHTTPServer((host, port), _handler(app))
+    server.daemon_threads = True
+    bound, port = str(server.server_address[0]), int(server.server_address[1])
+    if host == "localhost" or ipaddress.ip_address(bound).is_loopback:
+        app.allowed_hosts = {f"{name}:{port}" for name in ("127.0.0.1", "localhost", bound)}
+    return server
+
+
+def url_of(server: ThreadingHTTPServer) -> str:
+    host, port = server.server_address[:2]
+    host = str(host)
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
+
+
+def serve_in_thread(server: ThreadingHTTPServer) -> threading.Thread:
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return thread

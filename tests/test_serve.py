@@ -1,0 +1,397 @@
+"""The feature browser over HTTP on loopback: a real server thread on a tiny real run, read with urllib; and end to
+end in headless Chromium (Debian's chromium driven by Playwright, see browser.py): open the list, search an
+explanation, open the latent, check its highlighted tokens (activation colour, hover value) and scores, screenshot
+it; the explanation holding a <script> tag shows as text and runs nothing."""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from browser import CHROMIUM_ARGS, require_browser
+from test_pipeline import run_stages
+
+from saelab.cli import ServeArgs, main
+from saelab.config import ServeConfig
+from saelab.explain import load_explanations, write_explanations
+from saelab.sampling import SampleSet
+from saelab.web.data import RunData
+from saelab.web.server import make_server, serve_in_thread, url_of
+
+SCRIPT = "<script>alert(1)</script> closing brackets"
+
+
+@pytest.fixture(scope="module")
+def runs(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, corpus_file: Path
+) -> tuple[Path, Path]:
+    """A real tiny run `a` (one explanation replaced by a script tag) and a copy `b` with other explanations."""
+    root = tmp_path_factory.mktemp("serve")
+    a = root / "a"
+    run_stages(a, tiny_model_dir, corpus_file)
+    assert main(["report", "--run-dir", str(a)]) == 0
+    path = a / "explain" / "explanations.jsonl"
+    records = load_explanations(path)
+    first = records[0]
+    records[0] = type(first)(**{**first.__dict__, "explanation": SCRIPT})
+    write_explanations(records, path)
+    b = root / "b"
+    shutil.copytree(a, b)
+    write_explanations(
+        [type(r)(**{**r.__dict__, "explanation": f"other {r.latent}"}) for r in records],
+        b / "explain" / "explanations.jsonl",
+    )
+    (root / "secret.txt").write_text("TOP SECRET")
+    return a, b
+
+
+@pytest.fixture(scope="module")
+def url(runs: tuple[Path, Path]) -> Iterator[str]:
+    server = make_server(list(runs))
+    serve_in_thread(server)
+    yield url_of(server)
+    server.shutdown()
+    server.server_close()
+
+
+def get(url: str) -> tuple[int, str, dict[str, str]]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.status, r.read().decode(), dict(r.headers)
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode(), dict(err.headers)
+
+
+def studied(run: Path) -> list[int]:
+    return [le.latent for le in SampleSet.load(run / "samples" / "samples.json").latents]
+
+
+def test_default_bind_is_loopback(runs: tuple[Path, Path]) -> None:
+    assert ServeConfig().host == "127.0.0.1"
+    server = make_server([runs[0]])
+    try:
+        assert server.server_address[0] == "127.0.0.1" and server.server_address[1] > 0
+    finally:
+        server.server_close()
+    assert url_of(server).startswith("http://127.0.0.1:")
+
+
+def test_foreign_host_header_refused(url: str) -> None:
+    """DNS rebinding: a page at evil.example resolving to 127.0.0.1 sends Host: evil.example."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    conn.request("GET", "/run/a/", headers={"Host": f"evil.example:{parts.port}"})
+    resp = conn.getresponse()
+    body = resp.read().decode()
+    conn.close()
+    assert resp.status == 421 and "latent-link" not in body
+    assert get(url.replace("127.0.0.1", "localhost") + "run/a/")[0] == 200
+
+
+def test_serve_help_from_the_config(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and "--host" in out and "--port" in out and "Address to bind" in out
+
+
+def test_cli_parses_runs_and_host() -> None:
+    import tyro
+
+    args = tyro.cli(ServeArgs, args=["r1", "r2", "--host", "0.0.0.0", "--port", "8123"])
+    assert args.runs == ("r1", "r2") and args.serve.host == "0.0.0.0" and args.serve.port == 8123
+    assert tyro.cli(ServeArgs, args=["r1"]).serve.host == "127.0.0.1"
+
+
+def test_serve_command_prints_url_and_answers(runs: tuple[Path, Path]) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), *sys.path])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "saelab.cli", "serve", str(runs[0]), str(runs[1])],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        found = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        assert found, line
+        status, page, _ = get(found.group(0))
+        assert status == 200 and "/run/a/" in page and "/compare/a/b" in page
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_samples_index_matches_the_file(runs: tuple[Path, Path]) -> None:
+    """The byte-offset index reads back every latent exactly as SampleSet.load does."""
+    data = RunData("a", runs[0])
+    samples = SampleSet.load(runs[0] / "samples" / "samples.json").latents
+    assert sorted(data.index.sample_spans) == sorted(le.latent for le in samples)
+    for le in samples:
+        assert data.examples(le.latent) == le
+    assert data.examples(max(data.index.sample_spans) + 1) is None
+
+
+def test_opening_reads_nothing(tmp_path: Path) -> None:
+    """Start-up reads no run data: a folder without artifacts serves, and its pages say what is missing."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    server = make_server([empty])
+    serve_in_thread(server)
+    try:
+        status, page, _ = get(url_of(server) + "run/empty/")
+        assert status == 404 and "saelab cache" in page
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_list_sorts_filters_and_searches(url: str, runs: tuple[Path, Path]) -> None:
+    status, page, headers = get(url + "run/a/")
+    assert status == 200 and "script-src 'none'" in headers["Content-Security-Policy"]
+    ids = [int(x) for x in re.findall(r'class="latent-link" href="/run/a/latent/(\d+)"', page)]
+    d_sae = int(re.search(r"of (\d+) latents", page).group(1))  # type: ignore[union-attr]
+    assert ids == list(range(min(50, d_sae)))  # default: by id, 50 per page
+    _, page, _ = get(url + "run/a/?sort=frequency&order=desc&per_page=500")
+    data = RunData("a", runs[0])
+    freq = [float(x) for x in re.findall(r'<td class="num">([0-9.e+-]+)</td><td class="num">', page)]
+    assert freq == sorted(freq, reverse=True) and freq[0] == pytest.approx(
+        float(data.index.frequency.max()), rel=1e-2
+    )
+    # search: only latents whose explanation contains the text
+    target = studied(runs[0])[1]
+    word = f"other {target}"
+    _, page, _ = get(f"{url}run/b/?q={word.replace(' ', '+')}")
+    assert re.findall(r'class="latent-link" href="/run/b/latent/(\d+)"', page) == [str(target)]
+    _, page, _ = get(url + "run/a/?explained=1")
+    listed = {int(x) for x in re.findall(r'class="latent-link" href="/run/a/latent/(\d+)"', page)}
+    assert listed == set(data.index.explanations)
+    _, page, _ = get(url + "run/a/?freq_min=1.5")
+    assert "latent-link" not in page
+    # explainer model: token_stats records "none"; no explanation comes from another model
+    _, page, _ = get(url + "run/a/?model=none")
+    assert {int(x) for x in re.findall(r'href="/run/a/latent/(\d+)"', page)} == set(data.index.explanations)
+    _, page, _ = get(url + "run/a/?model=gpt-4")
+    assert "latent-link" not in page
+    lo = float(sorted(data.index.max_act)[len(data.index.max_act) // 2])
+    _, page, _ = get(f"{url}run/a/?act_min={lo}&sort=max_act&per_page=500")
+    acts = [float(x) for x in re.findall(r'</td><td class="num">([0-9.]+)</td>', page)]
+    assert acts == sorted(acts) and acts[0] >= round(lo, 3) - 1e-3
+    assert len(acts) == int((data.index.max_act >= lo).sum())
+    key = sorted(data.index.metrics())[0]
+    _, page, _ = get(f"{url}run/a/?score_key={key}&score_min=0&sort={key}&order=desc")
+    scored = [int(x) for x in re.findall(r'class="latent-link" href="/run/a/latent/(\d+)"', page)]
+    col = data.index.metrics()[key]
+    assert scored and [col[i] for i in scored] == sorted((col[i] for i in scored), reverse=True)
+    # another metric: its values are shown and sorted by
+    _, page, _ = get(f"{url}run/a/?metric=balanced_accuracy&score_key={key}&score_min=0&sort={key}")
+    bal = data.index.metrics("balanced_accuracy")[key]
+    shown = [int(x) for x in re.findall(r'class="latent-link" href="/run/a/latent/(\d+)"', page)]
+    assert [bal[i] for i in shown] == sorted(bal[i] for i in shown)
+    assert f"balanced_accuracy {key}" in page and f"{bal[shown[0]]:.3f}" in page
+
+
+def test_broken_artifact_is_500_without_traceback(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(runs[0], broken)
+    (broken / "score" / "scores.jsonl").write_text("{not json\n")
+    server = make_server([broken])
+    serve_in_thread(server)
+    try:
+        status, page, _ = get(url_of(server) + "run/broken/")
+        assert status == 500 and "Traceback" not in page and "log says why" in page
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_bad_query_is_400(url: str) -> None:
+    assert get(url + "run/a/?sort=nope")[0] == 400
+    assert get(url + "run/a/?freq_min=abc")[0] == 400
+    assert get(url + "run/a/?freq_min=nan")[0] == 400
+    assert get(url + "run/a/?metric=os.system")[0] == 400
+    assert get(url + "compare/a/b?metric=nope")[0] == 400
+
+
+def test_latent_page_shows_everything(url: str, runs: tuple[Path, Path]) -> None:
+    latent = studied(runs[0])[0]
+    status, page, _ = get(f"{url}run/a/latent/{latent}")
+    assert status == 200
+    le = next(x for x in SampleSet.load(runs[0] / "samples" / "samples.json").latents if x.latent == latent)
+    # highlighted tokens carry their value on hover
+    acts = [float(a) for a in re.findall(r'<span class="act" title="[^"]+" data-act="([^"]+)"', page)]
+    expected = [a for ex in (*le.train, *le.test_pos) for a in ex.acts if a > 0]
+    assert sorted(acts) == pytest.approx(sorted(expected))
+    assert page.count('<tr class="non-activating">') == len(le.test_neg)
+    # each scorer's judgement of each scoring example, as in scores.jsonl
+    rows = [json.loads(x) for x in (runs[0] / "score" / "scores.jsonl").read_text().splitlines()]
+    mine = [r for r in rows if r["latent"] == latent]
+    assert mine and page.count('class="score-row"') == len(mine)
+    n_correct = sum(p["pred"] == p["label"] for r in mine for p in r["predictions"] if p["pred"] is not None)
+    assert page.count('class="judgement correct"') == n_correct
+    assert page.count('class="judgement incorrect"') == sum(len(r["predictions"]) for r in mine) - n_correct
+    assert f"{mine[0]['f1']:.3f}" in page
+    assert '<svg id="histogram"' in page and page.count("<rect ") >= 1
+    neighbours = re.search(r'<table id="neighbours">(.*?)</table>', page, re.S)
+    assert neighbours and len(re.findall(r"/run/a/latent/(\d+)", neighbours.group(1))) == 10
+
+
+def test_neighbours_are_decoder_cosine(runs: tuple[Path, Path]) -> None:
+    from safetensors.numpy import load_file
+
+    w = load_file(str(runs[0] / "sae" / "sae.safetensors"))["W_dec_FD"]
+    w = w / np.linalg.norm(w, axis=1, keepdims=True)
+    got = RunData("a", runs[0]).neighbours(3, k=5)
+    cos = w @ w[3]
+    cos[3] = -2
+    assert [i for i, _ in got] == list(np.argsort(-cos)[:5])
+    assert [c for _, c in got] == pytest.approx(sorted(cos, reverse=True)[:5], abs=1e-5)
+
+
+def test_script_explanation_is_escaped(url: str, runs: tuple[Path, Path]) -> None:
+    latent = load_explanations(runs[0] / "explain" / "explanations.jsonl")[0].latent
+    for path in (f"run/a/latent/{latent}", "run/a/?q=script", "compare/a/b", f"compare/a/b/latent/{latent}"):
+        _, page, _ = get(url + path)
+        assert "<script>" not in page, path
+        assert html.escape(SCRIPT, quote=False) in page or html.escape(SCRIPT) in page, path
+
+
+def test_report_and_compare(url: str, runs: tuple[Path, Path]) -> None:
+    status, page, _ = get(url + "run/a/report")
+    assert status == 200 and page == (runs[0] / "report.html").read_text()
+    status, page, _ = get(url + "compare/a/b")
+    latent = studied(runs[0])[1]
+    assert status == 200 and f"other {latent}" in page and "different SAEs" not in page
+    assert page.count("<tr>") - 1 == len(load_explanations(runs[0] / "explain" / "explanations.jsonl"))
+    status, page, _ = get(f"{url}compare/a/b/latent/{latent}")
+    assert status == 200 and f"other {latent}" in page and page.count('class="score-row"') >= 2
+    assert page.count('<span class="act"') > 0
+    assert get(f"{url}compare/a/b/latent/100000")[0] == 404
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/../secret.txt",
+        "/run/a/../../secret.txt",
+        "/run/a/%2e%2e/%2e%2e/secret.txt",
+        "/run/%2e%2e/latent/0",
+        "/run/a%2f..%2f..%2fsecret.txt/",
+        "/etc/passwd",
+        "//etc/passwd",
+        "/run/a/manifest.json",
+        "/run/a/score/scores.jsonl",
+        "/run/secret.txt/",
+        "/run/c/",
+        "/run/a/latent/-1",
+        "/run/a/latent/999999",
+        "/run/a/latent/..%2f..%2fsecret.txt",
+        "/compare/a/..",
+        "/compare/a/b/latent/%2e%2e",
+        "/run/a/latent/%C2%B2",
+        "/run/a/latent/99999999999999999999999",
+        "/compare/a/c/latent/0",
+    ],
+)
+def test_traversal_and_unknown_paths_refused(url: str, path: str, runs: tuple[Path, Path]) -> None:
+    import http.client
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url)
+    conn = http.client.HTTPConnection(host.hostname, host.port, timeout=30)
+    conn.request("GET", path)  # sent as is: urllib would normalise some of these
+    resp = conn.getresponse()
+    body = resp.read().decode()
+    conn.close()
+    assert resp.status in (400, 404), path
+    assert "TOP SECRET" not in body and "root:" not in body and '"stages"' not in body
+
+
+# ------------------------------------------------------------------------------------- headless Chromium
+
+
+@pytest.fixture()
+def page() -> Iterator[object]:
+    from playwright.sync_api import sync_playwright
+
+    exe = require_browser()
+    with tempfile.TemporaryDirectory() as profile, sync_playwright() as pw:
+        ctx = pw.chromium.launch_persistent_context(
+            profile,
+            executable_path=exe,
+            args=CHROMIUM_ARGS,
+            headless=True,
+            viewport={"width": 1200, "height": 900},
+        )
+        try:
+            yield ctx.new_page()
+        finally:
+            ctx.close()
+
+
+def test_search_open_latent_and_screenshot(
+    page: object,
+    url: str,
+    runs: tuple[Path, Path],
+    tmp_path: Path,
+) -> None:
+    import matplotlib.image as mpimg
+    from playwright.sync_api import Page, expect
+
+    assert isinstance(page, Page)
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.goto(url + "run/a/")
+    rows = page.locator("tr.latent-row")
+    assert rows.count() > 1
+    # search an explanation: the list narrows to the latent explained with a script tag, shown as text
+    page.fill("#search", "alert(1)")
+    page.click("#apply")
+    page.wait_for_load_state("load")
+    latent = load_explanations(runs[0] / "explain" / "explanations.jsonl")[0].latent
+    expect(rows).to_have_count(1)
+    expect(page.locator("tr.latent-row .explanation").first).to_contain_text("<script>alert(1)</script>")
+    page.click("a.latent-link")
+    page.wait_for_load_state("load")
+    assert page.url.endswith(f"/run/a/latent/{latent}")
+    expect(page.locator("#explanations")).to_contain_text(SCRIPT)
+    # highlighted tokens: the activation colour and the value on hover
+    acts = page.locator("span.act")
+    assert acts.count() > 0
+    first = acts.first
+    assert float(first.get_attribute("title") or "nan") > 0
+    assert "(255, 120, 0" in first.evaluate("e => getComputedStyle(e).backgroundColor")
+    first.hover()
+    # scores and judgements
+    assert page.locator("#scores tr.score-row").count() > 0
+    assert page.locator("td.judgement.correct, td.judgement.incorrect").count() > 0
+    assert page.locator("#histogram rect").count() > 0
+    png = tmp_path / "latent.png"
+    page.screenshot(path=str(png), full_page=True)
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    pixels = mpimg.imread(io.BytesIO(data), format="png")
+    assert pixels.shape[0] >= 900 and float(np.asarray(pixels)[..., :3].std()) > 0.05  # not one flat colour
+    orange = (
+        (pixels[..., 0] > 0.9) & (pixels[..., 1] > 0.4) & (pixels[..., 1] < 0.85) & (pixels[..., 2] < 0.6)
+    )
+    assert orange.sum() > 50, "no highlighted token drawn"
+    assert dialogs == [], "a script from run data ran"
