@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint typecheck clean-venv peers
+.PHONY: demo test test-fast lint typecheck clean-venv peers llama-venv llama-server bench-autointerp
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,13 +30,14 @@ typecheck: $(STAMP)
 test: $(STAMP) lint typecheck
 	@# the three peer environments build side by side (mostly downloads)
 	$(MAKE) -j3 peers
-	SAELAB_REQUIRE_PEERS=1 SAELAB_RELIABILITY_README=1 $(BIN)/pytest -q
+	$(MAKE) llama-venv
+	SAELAB_REQUIRE_PEERS=1 SAELAB_REQUIRE_LLAMA=1 SAELAB_RELIABILITY_README=1 $(BIN)/pytest -q
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow"
 
 clean-venv:
-	rm -rf $(VENV) .venv-peers
+	rm -rf $(VENV) .venv-peers .venv-llama
 
 # Peer libraries (SAELens, sparsify, dictionary_learning) for the format round-trip tests and the trainer
 # benchmark. They cannot share one environment with each other or with saelab, so each gets its own, next to the
@@ -48,16 +49,34 @@ PEER_STAMPS := $(PEERS:%=.venv-peers/%/.installed)
 peers: $(PEER_STAMPS)
 
 .venv-peers/dictlearn/.installed: peers/dictlearn-deps.txt
+.venv-peers/delphi/.installed: peers/delphi-deps.txt
 
 .venv-peers/%/.installed: peers/%.txt peers/constraints.txt
 	@test -x .venv-peers/$*/bin/python || $(PY) -m venv .venv-peers/$*
 	.venv-peers/$*/bin/pip install -q --upgrade pip
 	.venv-peers/$*/bin/pip install -q -c peers/constraints.txt "torch==2.13.0"
-	@if [ "$*" = dictlearn ]; then \
-	  .venv-peers/$*/bin/pip install -q --no-deps -r peers/dictlearn.txt && \
-	  .venv-peers/$*/bin/pip install -q -c peers/constraints.txt -r peers/dictlearn-deps.txt; \
+	@if [ -f peers/$*-deps.txt ]; then \
+	  .venv-peers/$*/bin/pip install -q --no-deps -r peers/$*.txt && \
+	  .venv-peers/$*/bin/pip install -q -c peers/constraints.txt -r peers/$*-deps.txt; \
 	else \
 	  .venv-peers/$*/bin/pip install -q -c peers/constraints.txt -r peers/$*.txt; \
 	fi
 	.venv-peers/$*/bin/pip install -q --no-deps -e .
 	@touch $@
+
+# A real OpenAI-compatible server for the slow LLM tests (tests/test_llm_server.py): llama-cpp-python[server]
+# serving the bundled SmolLM2 GGUF, in its own environment. A source build (8-20 min on 2 cores).
+llama-venv: .venv-llama/.installed
+
+.venv-llama/.installed: peers/llama.txt
+	@test -x .venv-llama/bin/python || $(PY) -m venv .venv-llama
+	.venv-llama/bin/pip install -q --upgrade pip
+	CMAKE_BUILD_PARALLEL_LEVEL=2 .venv-llama/bin/pip install -q -r peers/llama.txt
+	@touch $@
+
+# llama.cpp's own C++ llama-server (continuous batching), built from the sources vendored in the same sdist; the
+# autointerp benchmark serves both saelab and Delphi from it.
+llama-server: benchmarks/.cache/llama-server
+
+benchmarks/.cache/llama-server: benchmarks/build_llama_server.sh
+	benchmarks/build_llama_server.sh $(PY)
