@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint typecheck clean-venv peers llama-venv llama-server bench-autointerp
+.PHONY: demo test test-fast lint typecheck clean-venv peers llama-venv llama-server
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -64,19 +64,13 @@ peers: $(PEER_STAMPS)
 	.venv-peers/$*/bin/pip install -q --no-deps -e .
 	@touch $@
 
-# A real OpenAI-compatible server for the slow LLM tests (tests/test_llm_server.py): llama-cpp-python[server]
-# serving the bundled SmolLM2 GGUF, in its own environment. A source build (8-20 min on 2 cores).
+# llama.cpp for the slow LLM server tests and the autointerp benchmark, in its own environment .venv-llama: the
+# sources vendored in the llama-cpp-python sdist compiled once (shared libraries + llama.cpp's C++ llama-server),
+# and llama-cpp-python[server] installed over those libraries (peers/build_llama.sh; 20-40 min on 2 busy cores).
 llama-venv: .venv-llama/.installed
 
-.venv-llama/.installed: peers/llama.txt
-	@test -x .venv-llama/bin/python || $(PY) -m venv .venv-llama
-	.venv-llama/bin/pip install -q --upgrade pip
-	CMAKE_BUILD_PARALLEL_LEVEL=2 .venv-llama/bin/pip install -q -r peers/llama.txt
+llama-server: .venv-llama/.installed
+
+.venv-llama/.installed: peers/build_llama.sh peers/llama.txt
+	JOBS=$${JOBS:-2} peers/build_llama.sh $(PY)
 	@touch $@
-
-# llama.cpp's own C++ llama-server (continuous batching), built from the sources vendored in the same sdist; the
-# autointerp benchmark serves both saelab and Delphi from it.
-llama-server: benchmarks/.cache/llama-server
-
-benchmarks/.cache/llama-server: benchmarks/build_llama_server.sh
-	benchmarks/build_llama_server.sh $(PY)
