@@ -1,7 +1,7 @@
 """Auto-interpretability throughput: saelab against Delphi (eai-delphi 0.1.3) on the same SAE, the same examples and
 the same llama.cpp server, measured in one run.
 
-    make llama-server .venv-peers/delphi/.installed     # once: benchmarks/.cache/llama-server, Delphi's environment
+    make llama-server .venv-peers/delphi/.installed     # once: llama.cpp's server (.venv-llama), Delphi's env
     .venv/bin/saelab demo --run-dir runs/demo           # or any run that has passed the `cache` stage
     .venv/bin/python benchmarks/autointerp_delphi.py --run-dir runs/demo [--latents 6] [--parallel 4] \
         [--out benchmarks/results/autointerp_delphi.json]
@@ -11,8 +11,9 @@ What it does:
    `sample` stage there with counts both tools can use: 10 explainer examples, 10 activating + 10 non-activating
    scoring examples per latent (multiples of Delphi's 5 examples per scorer prompt: Delphi's parser rejects a
    short last prompt). The first `--latents` sampled latents are used by both tools.
-2. Starts llama.cpp's own `llama-server` (built by `make llama-server`) on the bundled SmolLM2-135M-Instruct GGUF:
-   `-np PARALLEL` slots with continuous batching, `-c 4096 x PARALLEL` context, 2 threads.
+2. Starts llama.cpp's own `llama-server` (`make llama-server` builds it into .venv-llama/llama.cpp/bin) on the
+   bundled SmolLM2-135M-Instruct GGUF: `-np PARALLEL` slots with continuous batching, `-c 4096 x PARALLEL`
+   context, 2 threads.
 3. saelab: `run_explain` (the `default` LLM explainer) then `run_score` with `detection` and `fuzzing` (saelab's
    defaults: one example per judgement, one answer token read from its top log-probabilities; the shuffled
    control is off because Delphi has none), through `OpenAIClient` with `PARALLEL` requests in flight and no
@@ -51,7 +52,7 @@ from saelab.config import ExplainConfig, ScoreConfig  # noqa: E402
 from saelab.llm import ChatResponse, Messages, OpenAIClient, run_sync  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / ".cache"
-SERVER = CACHE / "llama-server"
+SERVER = ROOT / ".venv-llama" / "llama.cpp" / "bin" / "llama-server"
 DELPHI_PY = ROOT / ".venv-peers" / "delphi" / "bin" / "python"
 N_TRAIN, N_TEST, N_NEG = 10, 10, 10
 COPY = ("sae", "latents", "data", "manifest.json")

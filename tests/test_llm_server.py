@@ -116,6 +116,15 @@ class LlamaCppServer:
                 if (m := ACCESS.search(line)) and m.group(1) == "200":
                     self.answered += 1
 
+    def settled(self, quiet_s: float = 1.0) -> int:
+        """`answered` once no access-log line has arrived for `quiet_s` (the log trails the answers)."""
+        last, since = self.answered, time.monotonic()
+        while time.monotonic() - since < quiet_s:
+            time.sleep(0.1)
+            if self.answered != last:
+                last, since = self.answered, time.monotonic()
+        return last
+
     def kill(self) -> None:
         """SIGKILL: no clean shutdown, requests in flight are cut."""
         if self.proc is not None and self.proc.poll() is None:
@@ -190,7 +199,7 @@ def test_explain_and_detection_through_the_cli(llama: LlamaCppServer, sampled: P
     with llama:
         assert explain(run, llama.url) == 0
         assert main(["score", "--run-dir", str(run), *SCORE, *llm_args(llama.url)]) == 0
-        asked = llama.answered
+        asked = llama.settled()
         rec_e, rec_s = stage_record(run, "explain"), stage_record(run, "score")
         records = [
             json.loads(line) for line in (run / "explain" / "explanations.jsonl").read_text().splitlines()
@@ -207,7 +216,7 @@ def test_explain_and_detection_through_the_cli(llama: LlamaCppServer, sampled: P
         # a rerun of both stages is answered from llm/cache.sqlite: the server is not asked again
         assert explain(run, llama.url) == 0
         assert main(["score", "--run-dir", str(run), *SCORE, *llm_args(llama.url)]) == 0
-        assert llama.answered == asked
+        assert llama.settled() == asked
         assert stage_record(run, "explain")["llm_cache_hits"] == 4
         assert stage_record(run, "score")["llm_calls"] == 0
 
@@ -267,7 +276,7 @@ def test_server_killed_mid_score_then_resumed(llama: LlamaCppServer, sampled: Pa
     # a restarted server and a rerun: only the missing judgements are asked
     with llama:
         assert main(["score", "--run-dir", str(run), *SCORE, *llm_args(llama.url)]) == 0
-        asked_again = llama.answered
+        asked_again = llama.settled()
     rec = stage_record(run, "score")
     assert rec["llm_cache_hits"] == answered_before_kill
     assert rec["llm_calls"] == asked_again == total - answered_before_kill
