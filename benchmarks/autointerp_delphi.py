@@ -13,7 +13,7 @@ What it does:
    short last prompt). The first `--latents` sampled latents are used by both tools.
 2. Starts llama.cpp's own `llama-server` (`make llama-server` builds it into .venv-llama/llama.cpp/bin) on the
    bundled SmolLM2-135M-Instruct GGUF: `-np PARALLEL` slots with continuous batching, `-c 4096 x PARALLEL`
-   context, 2 threads.
+   context, `--threads` threads (2).
 3. saelab: `run_explain` (the `default` LLM explainer) then `run_score` with `detection` and `fuzzing` (saelab's
    defaults: one example per judgement, one answer token read from its top log-probabilities; the shuffled
    control is off because Delphi has none), through `OpenAIClient` with `PARALLEL` requests in flight and no
@@ -94,13 +94,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(parallel: int, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(parallel: int, threads: int, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
     if not SERVER.exists():
         sys.exit(f"{SERVER} is missing; `make llama-server` builds it")
     port = free_port()
     args = [
         str(SERVER), "-m", str(bundled_gguf()), "--host", "127.0.0.1", "--port", str(port),
-        "-c", str(4096 * parallel), "-np", str(parallel), "-t", "2", "-a", "smollm2",
+        "-c", str(4096 * parallel), "-np", str(parallel), "-t", str(threads), "-a", "smollm2",
     ]  # fmt: skip
     proc = subprocess.Popen(args, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
@@ -213,6 +213,7 @@ def main() -> None:
     ap.add_argument("--latents", type=int, default=6)
     ap.add_argument("--parallel", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2, help="llama-server threads")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "autointerp_delphi.json")
     args = ap.parse_args()
     load_before = os.getloadavg()
@@ -229,7 +230,7 @@ def main() -> None:
     ), "every latent needs full example sets; pick a run with more cached tokens"
 
     work = Path(tempfile.mkdtemp(prefix="autointerp-", dir=CACHE))
-    proc, url = start_server(args.parallel, work / "llama-server.log")
+    proc, url = start_server(args.parallel, args.threads, work / "llama-server.log")
     results: dict[str, list[dict[str, Any]]] = {"saelab": [], "delphi": []}
     try:
         for rep in range(args.repeats):
@@ -252,9 +253,9 @@ def main() -> None:
     ours, theirs = med("saelab"), med("delphi")
     out = {
         "command": "python benchmarks/autointerp_delphi.py " + " ".join(sys.argv[1:]),
-        "machine": machine_facts(2, load_before),
+        "machine": machine_facts(args.threads, load_before),
         "server": f"llama.cpp llama-server (llama-cpp-python 0.3.36 vendored sources), -np {args.parallel}, "
-        f"-c {4096 * args.parallel}, -t 2, SmolLM2-135M-Instruct Q4_1",
+        f"-c {4096 * args.parallel}, -t {args.threads}, SmolLM2-135M-Instruct Q4_1",
         "latents": [le.latent for le in samples.latents],
         "examples_per_latent": {"explainer": N_TRAIN, "activating": N_TEST, "non_activating": N_NEG},
         "parallel": args.parallel,
