@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint typecheck clean-venv peers
+.PHONY: demo test test-fast lint typecheck clean-venv peers llama-venv llama-server
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,13 +31,14 @@ typecheck: $(STAMP)
 test: $(STAMP) lint typecheck
 	@# the three peer environments build side by side (mostly downloads)
 	$(MAKE) -j3 peers
-	SAELAB_REQUIRE_PEERS=1 SAELAB_REQUIRE_BROWSER=1 SAELAB_RELIABILITY_README=1 $(BIN)/pytest -q
+	$(MAKE) llama-venv
+	SAELAB_REQUIRE_PEERS=1 SAELAB_REQUIRE_BROWSER=1 SAELAB_REQUIRE_LLAMA=1 SAELAB_RELIABILITY_README=1 $(BIN)/pytest -q
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow"
 
 clean-venv:
-	rm -rf $(VENV) .venv-peers
+	rm -rf $(VENV) .venv-peers .venv-llama
 
 # Peer libraries (SAELens, sparsify, dictionary_learning) for the format round-trip tests and the trainer
 # benchmark. They cannot share one environment with each other or with saelab, so each gets its own, next to the
@@ -49,16 +50,28 @@ PEER_STAMPS := $(PEERS:%=.venv-peers/%/.installed)
 peers: $(PEER_STAMPS)
 
 .venv-peers/dictlearn/.installed: peers/dictlearn-deps.txt
+.venv-peers/delphi/.installed: peers/delphi-deps.txt
 
 .venv-peers/%/.installed: peers/%.txt peers/constraints.txt
 	@test -x .venv-peers/$*/bin/python || $(PY) -m venv .venv-peers/$*
 	.venv-peers/$*/bin/pip install -q --upgrade pip
 	.venv-peers/$*/bin/pip install -q -c peers/constraints.txt "torch==2.13.0"
-	@if [ "$*" = dictlearn ]; then \
-	  .venv-peers/$*/bin/pip install -q --no-deps -r peers/dictlearn.txt && \
-	  .venv-peers/$*/bin/pip install -q -c peers/constraints.txt -r peers/dictlearn-deps.txt; \
+	@if [ -f peers/$*-deps.txt ]; then \
+	  .venv-peers/$*/bin/pip install -q --no-deps -r peers/$*.txt && \
+	  .venv-peers/$*/bin/pip install -q -c peers/constraints.txt -r peers/$*-deps.txt; \
 	else \
 	  .venv-peers/$*/bin/pip install -q -c peers/constraints.txt -r peers/$*.txt; \
 	fi
 	.venv-peers/$*/bin/pip install -q --no-deps -e .
+	@touch $@
+
+# llama.cpp for the slow LLM server tests and the autointerp benchmark, in its own environment .venv-llama: the
+# sources vendored in the llama-cpp-python sdist compiled once (shared libraries + llama.cpp's C++ llama-server),
+# and llama-cpp-python[server] installed over those libraries (peers/build_llama.sh; 20-40 min on 2 busy cores).
+llama-venv: .venv-llama/.installed
+
+llama-server: .venv-llama/.installed
+
+.venv-llama/.installed: peers/build_llama.sh peers/llama.txt
+	JOBS=$${JOBS:-2} peers/build_llama.sh $(PY)
 	@touch $@

