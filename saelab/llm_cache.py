@@ -80,15 +80,20 @@ class ResponseCache:
 
 
 class CachedClient:
-    """An `LLMClient` that answers from `cache` when it can and asks `inner` (then stores the answer) otherwise."""
+    """An `LLMClient` that answers from `cache` when it can and asks `inner` (then stores the answer) otherwise;
+    with `cache=None` it only counts. Either way it counts the real calls and their tokens."""
 
-    def __init__(self, inner: LLMClient, cache: ResponseCache) -> None:
+    def __init__(self, inner: LLMClient, cache: ResponseCache | None) -> None:
         self.inner = inner
         self.cache = cache
         self.hits = 0
         """Requests answered from the cache."""
         self.calls = 0
         """Requests sent to the inner client and answered."""
+        self.prompt_tokens = 0
+        """Prompt tokens of the real calls (as the backend reports them)."""
+        self.completion_tokens = 0
+        """Completion tokens of the real calls."""
 
     @property
     def model_name(self) -> str:
@@ -98,15 +103,18 @@ class CachedClient:
         self, messages: Messages, *, max_tokens: int, temperature: float = 0.0, logprobs: int = 0
     ) -> ChatResponse:
         key = request_key(self.model_name, messages, max_tokens, temperature, logprobs)
-        hit = self.cache.get(key)
+        hit = self.cache.get(key) if self.cache is not None else None
         if hit is not None:
             self.hits += 1
             return hit
         response = await self.inner.chat(
             messages, max_tokens=max_tokens, temperature=temperature, logprobs=logprobs
         )
-        self.cache.put(key, response)
+        if self.cache is not None:
+            self.cache.put(key, response)
         self.calls += 1
+        self.prompt_tokens += response.prompt_tokens
+        self.completion_tokens += response.completion_tokens
         return response
 
     async def check(self) -> Any:

@@ -397,17 +397,21 @@ def _client(s: Session) -> Any:
     if not cfg.url and cfg.local_model == s.cfg.model.name:
         shared = s.lm()  # the bundled chat model is the subject model: load it once
     client: Any = make_client(cfg, shared)
-    if cfg.cache:
-        client = CachedClient(client, ResponseCache(s.folder / LLM_CACHE))
+    client = CachedClient(client, ResponseCache(s.folder / LLM_CACHE) if cfg.cache else None)
     if hasattr(client, "check"):
         run_sync(client.check(), client)  # before any work: an unreachable server is one clear error
     return client
 
 
 def _llm_counts(client: Any) -> dict[str, int]:
-    """Real LLM requests and cache hits of a stage, for its manifest record."""
+    """Real LLM requests, their tokens and the cache hits of a stage, for its manifest record."""
     if isinstance(client, CachedClient):
-        return {"llm_calls": client.calls, "llm_cache_hits": client.hits}
+        return {
+            "llm_calls": client.calls,
+            "llm_cache_hits": client.hits,
+            "llm_prompt_tokens": client.prompt_tokens,
+            "llm_completion_tokens": client.completion_tokens,
+        }
     return {}
 
 

@@ -547,17 +547,21 @@ def _per_latent(folder: Path, samples: dict[str, Any], doc: Doc) -> None:
 
 def _timing(run: Run, doc: Doc) -> None:
     doc.heading("Time, memory and tokens per stage")
-    expl = _read_jsonl(run.folder / "explain" / "explanations.jsonl")
-    tokens = {"explain": sum(r.get("prompt_tokens", 0) + r.get("completion_tokens", 0) for r in expl)}
     rows = [
-        [name, st.get("seconds"), st.get("peak_rss_mib"), st.get("peak_cuda_mib"), tokens.get(name)]
+        [name, st.get("seconds"), st.get("peak_rss_mib"), st.get("peak_cuda_mib"), st.get("llm_calls"),
+         st.get("llm_cache_hits"), st.get("llm_prompt_tokens"), st.get("llm_completion_tokens")]
         for name, st in run.stages.items()
-    ]
+    ]  # fmt: skip
     doc.para(
-        "Peak RSS is the stage's own peak where the OS allows resetting it (else the process's so far). "
-        "LLM tokens: prompt + completion of the explainers; the score stage does not record its judges' tokens."
+        "Peak RSS is the stage's own peak where the OS allows resetting it (else the process's so far). LLM calls "
+        "and tokens count the requests the backend answered in this run; answers read from `llm/cache.sqlite` "
+        "are counted as cache hits instead."
     )
-    doc.table(["stage", "seconds", "peak RSS (MiB)", "peak CUDA (MiB)", "LLM tokens"], rows)
+    doc.table(
+        ["stage", "seconds", "peak RSS (MiB)", "peak CUDA (MiB)", "LLM calls", "cache hits", "prompt tokens",
+         "completion tokens"],
+        rows,
+    )  # fmt: skip
 
 
 def print_summary(folder: Path, seconds: float) -> None:

@@ -104,6 +104,25 @@ def test_explain_stage_rerun_asks_nothing(tmp_path: Path, tiny_model_dir: Path, 
         if answer.endswith("never asked"):
             assert _posts(srv) == 0
     assert (records[0]["llm_calls"], records[0]["llm_cache_hits"]) == (n_latents, 0)
+    assert (records[0]["llm_prompt_tokens"], records[0]["llm_completion_tokens"]) == (
+        7 * n_latents,
+        n_latents,
+    )
     assert (records[1]["llm_calls"], records[1]["llm_cache_hits"]) == (0, n_latents)
+    assert records[1]["llm_prompt_tokens"] == 0
     lines = (run / "explain" / "explanations.jsonl").read_text().splitlines()
     assert [json.loads(line)["explanation"] for line in lines] == ["numbers"] * n_latents
+
+
+def test_no_cache_counts_calls_and_stores_nothing(
+    tmp_path: Path, tiny_model_dir: Path, corpus_file: Path
+) -> None:
+    run = tmp_path / "r"
+    run_stages(run, tiny_model_dir, corpus_file)
+    args = ["explain", "--run-dir", str(run), "--explain.explainers", "default", "--llm.no-cache"]
+    for _ in range(2):
+        with ScriptedServer([(200, MODELS), (200, completion_body("Explanation: numbers"))]) as srv:
+            assert main([*args, "--llm.url", srv.url]) == 0
+        record = json.loads((run / "manifest.json").read_text())["stages"]["explain"]
+        assert record["llm_calls"] == _posts(srv) > 0 and record["llm_cache_hits"] == 0
+    assert not (run / "llm" / "cache.sqlite").exists()
