@@ -3,7 +3,7 @@
 Tests say what they prove with markers (each parametrized case counts once):
 
     @pytest.mark.fault        a fault injected: a run killed (SIGKILL or a crash), an LLM server refusing, timing
-                              out, answering 429/5xx, truncated or non-JSON bodies, an unwritable output folder
+                              out, answering 429/5xx, truncated or non-JSON bodies
     @pytest.mark.bad_input    a bad input tried: it must be refused with a clear error (or counted as a skip)
     @pytest.mark.resume       a stopped run resumed; the test compares the result with an uninterrupted run's
 
@@ -25,7 +25,7 @@ import pytest
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 KINDS = {
-    "fault": "faults injected (runs killed, LLM server down, slow, erroring or answering garbage, unwritable output)",
+    "fault": "faults injected (runs killed, LLM server down, slow, erroring or answering garbage)",
     "bad_input": "bad inputs tried (each refused with a one-line error naming the fix, or counted as a skip)",
     "resume": "runs stopped and resumed (compared with an uninterrupted run)",
 }

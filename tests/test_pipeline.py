@@ -421,6 +421,7 @@ def test_report_sections_of_the_issue(run_dir: Path, tmp_path: Path) -> None:
     assert main(["report", "--run-dir", str(copy), "--report.pdf"]) == 0
     md = (copy / "report.md").read_text()
     rows = [json.loads(line) for line in (copy / "score" / "scores.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["explainer"] == "token_stats"]  # the shuffled control has its own line
     pos, neg = sum(r["n_pos"] for r in rows), sum(r["n_neg"] for r in rows)
     balance = md.split("## Scoring sets: class balance")[1].split("\n## ")[0]
     assert f"| token_stats | embedding | {len(rows)} | {pos} | {neg} |" in balance
