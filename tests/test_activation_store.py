@@ -161,3 +161,17 @@ def test_collect_to_store_equals_collect(tmp_path: Path, tiny_model_dir: Path, c
         (back.acts_ND, back.window_N, back.pos_N), (memory.acts_ND, memory.window_N, memory.pos_N)
     ):
         assert torch.equal(a, b)
+
+
+@pytest.mark.bad_input
+def test_finite_check_sees_opposite_infinities_and_passes_huge_finite_values() -> None:
+    """The fast path sums the rows: +inf and -inf must not cancel into a pass, nor a sum that overflows to inf
+    refuse finite data."""
+    from saelab.activations import ActivationError, check_finite
+
+    x = torch.zeros(64, 8)
+    x[0, 0], x[1, 0] = 3e38, 3e38  # finite, but their float32 sum is inf
+    check_finite(x, "acts")
+    x[2, 1], x[3, 2] = float("inf"), float("-inf")
+    with pytest.raises(ActivationError, match="2 NaN/inf values in 2 rows"):
+        check_finite(x, "acts")
