@@ -87,6 +87,30 @@ class LatentExamples:
         """Activating vs non-activating counts of the scoring set."""
         return ClassBalance(len(self.test_pos), len(self.test_neg))
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LatentExamples:
+        """One latent's record of `samples.json` (files written before `train_neg` existed read with none)."""
+
+        def ex(e: dict[str, Any]) -> Example:
+            return Example(
+                tuple(e["tokens"]),
+                tuple(e["token_strs"]),
+                tuple(e["acts"]),
+                e["window"],
+                e["start"],
+                e["quantile"],
+            )
+
+        return cls(
+            d["latent"],
+            d["frequency"],
+            d["max_act"],
+            tuple(ex(e) for e in d["train"]),
+            tuple(ex(e) for e in d["test_pos"]),
+            tuple(ex(e) for e in d["test_neg"]),
+            tuple(ex(e) for e in d.get("train_neg", ())),
+        )
+
 
 class ClassBalance(NamedTuple):
     """Class counts of a scoring set."""
@@ -151,28 +175,7 @@ class SampleSet:
             raise FileNotFoundError(f"{path} is missing; run `saelab sample` first")
         data = json.loads(path.read_text())
 
-        def ex(d: dict[str, Any]) -> Example:
-            return Example(
-                tuple(d["tokens"]),
-                tuple(d["token_strs"]),
-                tuple(d["acts"]),
-                d["window"],
-                d["start"],
-                d["quantile"],
-            )
-
-        latents = [
-            LatentExamples(
-                d["latent"],
-                d["frequency"],
-                d["max_act"],
-                tuple(ex(e) for e in d["train"]),
-                tuple(ex(e) for e in d["test_pos"]),
-                tuple(ex(e) for e in d["test_neg"]),
-                tuple(ex(e) for e in d.get("train_neg", ())),
-            )
-            for d in data["latents"]
-        ]
+        latents = [LatentExamples.from_dict(d) for d in data["latents"]]
         skipped = {int(k): v for k, v in data["skipped"].items()}
         return cls(
             latents,

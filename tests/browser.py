@@ -7,12 +7,15 @@ which `.ci/run` installs with apt. Without it the tests skip with the reason, un
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -61,9 +64,9 @@ class Rendered:
     """Each <img>: (x, y, width, height, naturalWidth) in page pixels."""
 
 
-def render(html: Path, png: Path, width: int = 1200) -> Rendered:
-    """Open `html` in headless Chromium, screenshot the full page to `png`, locate every <img>."""
-    import matplotlib.image as mpimg
+@contextlib.contextmanager
+def chromium_page(width: int = 1200) -> Iterator[Any]:
+    """A page of Debian's Chromium, headless, with a fresh profile (skips or fails as `require_browser` says)."""
     from playwright.sync_api import sync_playwright
 
     exe = require_browser()
@@ -76,17 +79,24 @@ def render(html: Path, png: Path, width: int = 1200) -> Rendered:
             viewport={"width": width, "height": 900},
         )
         try:
-            page = ctx.new_page()
-            page.goto(html.resolve().as_uri())
-            page.wait_for_load_state("load")
-            boxes = page.eval_on_selector_all(
-                "img",
-                "els => els.map(e => { const r = e.getBoundingClientRect();"
-                " return [r.left + window.scrollX, r.top + window.scrollY, r.width, r.height, e.naturalWidth]; })",
-            )
-            page.screenshot(path=str(png), full_page=True)
+            yield ctx.new_page()
         finally:
             ctx.close()
+
+
+def render(html: Path, png: Path, width: int = 1200) -> Rendered:
+    """Open `html` in headless Chromium, screenshot the full page to `png`, locate every <img>."""
+    import matplotlib.image as mpimg
+
+    with chromium_page(width) as page:
+        page.goto(html.resolve().as_uri())
+        page.wait_for_load_state("load")
+        boxes = page.eval_on_selector_all(
+            "img",
+            "els => els.map(e => { const r = e.getBoundingClientRect();"
+            " return [r.left + window.scrollX, r.top + window.scrollY, r.width, r.height, e.naturalWidth]; })",
+        )
+        page.screenshot(path=str(png), full_page=True)
     pixels = mpimg.imread(io.BytesIO(png.read_bytes()), format="png")
     return Rendered(png, pixels, [tuple(round(v) for v in b) for b in boxes])  # type: ignore[misc]
 

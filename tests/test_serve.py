@@ -13,7 +13,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from browser import CHROMIUM_ARGS, require_browser
+from browser import chromium_page
 from test_pipeline import run_stages
 
 from saelab.cli import ServeArgs, main
@@ -330,21 +329,8 @@ def test_traversal_and_unknown_paths_refused(url: str, path: str, runs: tuple[Pa
 
 @pytest.fixture()
 def page() -> Iterator[object]:
-    from playwright.sync_api import sync_playwright
-
-    exe = require_browser()
-    with tempfile.TemporaryDirectory() as profile, sync_playwright() as pw:
-        ctx = pw.chromium.launch_persistent_context(
-            profile,
-            executable_path=exe,
-            args=CHROMIUM_ARGS,
-            headless=True,
-            viewport={"width": 1200, "height": 900},
-        )
-        try:
-            yield ctx.new_page()
-        finally:
-            ctx.close()
+    with chromium_page() as p:
+        yield p
 
 
 def test_search_open_latent_and_screenshot(

@@ -24,7 +24,7 @@ import numpy as np
 
 from saelab.explain import ExplanationRecord
 from saelab.latents import LatentCache
-from saelab.sampling import Example, LatentExamples
+from saelab.sampling import LatentExamples
 
 SAMPLES = "samples/samples.json"
 EXPLANATIONS = "explain/explanations.jsonl"
@@ -197,7 +197,7 @@ class RunData:
             fh.seek(span[0])
             text = fh.read(span[1] - span[0]).decode("utf-8")
         d, _ = json.JSONDecoder().raw_decode(text)
-        return _latent_examples(d)
+        return LatentExamples.from_dict(d)
 
     def scores(self, latent: int) -> list[ScoreResult]:
         path = self.file(SCORES)
@@ -268,28 +268,6 @@ class RunData:
             self.histogram(latent),
             self.neighbours(latent),
         )
-
-
-def _latent_examples(d: dict[str, Any]) -> LatentExamples:
-    def ex(e: dict[str, Any]) -> Example:
-        return Example(
-            tuple(e["tokens"]),
-            tuple(e["token_strs"]),
-            tuple(e["acts"]),
-            e["window"],
-            e["start"],
-            e["quantile"],
-        )
-
-    return LatentExamples(
-        d["latent"],
-        d["frequency"],
-        d["max_act"],
-        tuple(ex(e) for e in d["train"]),
-        tuple(ex(e) for e in d["test_pos"]),
-        tuple(ex(e) for e in d["test_neg"]),
-        tuple(ex(e) for e in d.get("train_neg", ())),
-    )
 
 
 def _memmap_tensor(path: Path, name: str) -> np.ndarray | None:
