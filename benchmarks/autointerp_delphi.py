@@ -49,37 +49,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from machine import machine_facts  # noqa: E402
 
 from saelab.config import ExplainConfig, ScoreConfig  # noqa: E402
-from saelab.llm import ChatResponse, Messages, OpenAIClient, run_sync  # noqa: E402
+from saelab.llm import OpenAIClient, run_sync  # noqa: E402
+from saelab.llm_cache import CachedClient  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / ".cache"
 SERVER = ROOT / ".venv-llama" / "llama.cpp" / "bin" / "llama-server"
 DELPHI_PY = ROOT / ".venv-peers" / "delphi" / "bin" / "python"
 N_TRAIN, N_TEST, N_NEG = 10, 10, 10
 COPY = ("sae", "latents", "data", "manifest.json")
-
-
-class CountingClient:
-    """An `OpenAIClient` that sums requests and the server's usage fields."""
-
-    def __init__(self, inner: OpenAIClient) -> None:
-        self.inner = inner
-        self.requests = self.prompt_tokens = self.completion_tokens = 0
-
-    @property
-    def model_name(self) -> str:
-        return self.inner.model_name
-
-    async def chat(
-        self, messages: Messages, *, max_tokens: int, temperature: float = 0.0, logprobs: int = 0
-    ) -> ChatResponse:
-        r = await self.inner.chat(messages, max_tokens=max_tokens, temperature=temperature, logprobs=logprobs)
-        self.requests += 1
-        self.prompt_tokens += r.prompt_tokens
-        self.completion_tokens += r.completion_tokens
-        return r
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 def bundled_gguf() -> Path:
@@ -147,7 +124,10 @@ def run_saelab(samples: Any, url: str, parallel: int, work: Path) -> dict[str, A
     from saelab.explain import run_explain
     from saelab.score import run_score
 
-    client = CountingClient(OpenAIClient(url, "smollm2", concurrency=parallel, timeout_s=600, max_retries=1))
+    # counts answered requests and their usage; no answer cache, so every request reaches the server
+    client = CachedClient(
+        OpenAIClient(url, "smollm2", concurrency=parallel, timeout_s=600, max_retries=1), None
+    )
     run_sync(client.inner.check(), client)
     t0 = time.perf_counter()
     records = run_explain(
@@ -166,7 +146,7 @@ def run_saelab(samples: Any, url: str, parallel: int, work: Path) -> dict[str, A
     return {
         "wall_s": wall,
         "explain_s": t_explain,
-        "requests": client.requests,
+        "requests": client.calls,
         "prompt_tokens": client.prompt_tokens,
         "completion_tokens": client.completion_tokens,
         "explanations_parsed": sum(r.ok for r in records),
