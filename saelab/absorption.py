@@ -54,7 +54,6 @@ before reading absorption into the scores.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import statistics
@@ -68,6 +67,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from saelab import atomic
 from saelab.metrics import confusion, f1, precision, recall
 from saelab.models import LoadedModel, capture, forward_until, resolve_hookpoint
 from saelab.sae import SAE, SAEError
@@ -227,9 +227,7 @@ class AbsorptionResult:
         return asdict(self)
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2))
-        tmp.rename(path)
+        atomic.write_json(path, self.to_json())
 
 
 # ----------------------------------------------------------------------------------------------- vocabulary

@@ -30,11 +30,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from saelab import atomic
 from saelab.data import TokenWindows
 from saelab.models import LoadedModel, capture, forward_until
 
 STORE_MANIFEST = "store.json"
 _STORE_FORMAT = "saelab-activation-store"
+_PROGRESS = "progress.json"
 
 
 class ActivationError(ValueError):
@@ -52,9 +54,8 @@ class Activations:
     """Position inside the window of each row."""
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"acts": self.acts_ND, "window": self.window_N, "pos": self.pos_N}, str(tmp))
-        tmp.rename(path)
+        with atomic.atomic_path(path) as tmp:
+            save_file({"acts": self.acts_ND, "window": self.window_N, "pos": self.pos_N}, str(tmp))
 
     @classmethod
     def load(cls, path: Path) -> Activations:
@@ -90,8 +91,13 @@ def _kept_rows(
     n_tokens: int,
     batch_size: int,
     store_dtype: torch.dtype,
+    skip_rows: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(acts, window, pos) of the kept positions, batch by batch, over enough training windows for `n_tokens`."""
+    """(acts, window, pos) of the kept positions, batch by batch, over enough training windows for `n_tokens`.
+
+    `skip_rows` rows already stored are not yielded again: the forwards start at the batch holding the first
+    missing row, with the same batch boundaries as a run from the start (so the rows come out bit for bit the
+    same), and the rows of that batch before it are dropped."""
     keep_per_window = windows.keep[windows.train_idx].sum(axis=1)
     n_windows = int(np.searchsorted(np.cumsum(keep_per_window), n_tokens) + 1)
     if n_windows > len(windows.train_idx):
@@ -100,14 +106,19 @@ def _kept_rows(
             "lower --collect.n-train-tokens or use a larger corpus"
         )
     idx = windows.train_idx[:n_windows]
-    for batch, a_BTD in iter_window_batches(lm, windows, idx, hookpoint, batch_size, "collect"):
+    per_batch = np.add.reduceat(keep_per_window[:n_windows], np.arange(0, n_windows, batch_size))
+    before = np.concatenate([[0], np.cumsum(per_batch)])  # rows before batch b
+    first = int(np.searchsorted(before, skip_rows, side="right") - 1)
+    drop = skip_rows - int(before[first])
+    for batch, a_BTD in iter_window_batches(
+        lm, windows, idx[first * batch_size :], hookpoint, batch_size, "collect"
+    ):
         keep = torch.as_tensor(windows.keep[batch], device=a_BTD.device)
         w, p = keep.cpu().nonzero(as_tuple=True)
-        yield (
-            a_BTD[keep].to(store_dtype).cpu(),
-            torch.as_tensor(batch, dtype=torch.int32)[w],
-            p.to(torch.int32),
-        )
+        acts = a_BTD[keep].to(store_dtype).cpu()
+        win = torch.as_tensor(batch, dtype=torch.int32)[w]
+        yield acts[drop:], win[drop:], p.to(torch.int32)[drop:]
+        drop = 0
 
 
 def collect(
@@ -126,6 +137,16 @@ def collect(
     return out
 
 
+@dataclass
+class CollectProgress:
+    """What one `collect_to_store` call did."""
+
+    resumed_rows: int = 0
+    """Rows kept from an interrupted collect's finished shards (not collected again)."""
+    forward_batches: int = 0
+    """Forward passes this call ran."""
+
+
 def collect_to_store(
     lm: LoadedModel,
     windows: TokenWindows,
@@ -135,10 +156,22 @@ def collect_to_store(
     folder: Path,
     shard_rows: int,
     store_dtype: torch.dtype = torch.float32,
+    *,
+    key: str = "",
+    resume: bool = False,
+    progress: CollectProgress | None = None,
 ) -> ActivationStore:
-    """`collect`, written shard by shard into a store at `folder` (memory holds one shard, not all rows)."""
-    writer = ActivationStoreWriter(folder, shard_rows, store_dtype)
-    for acts, win, pos in _kept_rows(lm, windows, hookpoint, n_tokens, batch_size, store_dtype):
+    """`collect`, written shard by shard into a store at `folder` (memory holds one shard, not all rows).
+
+    `key` names everything that decides the rows (model, windows, hookpoint, batch size, dtype, shard size); it is
+    recorded beside every finished shard. With `resume`, the finished shards of an interrupted call with the same
+    key are kept and only the rows after them are collected (see `ActivationStoreWriter`)."""
+    writer = ActivationStoreWriter(folder, shard_rows, store_dtype, key=key, resume=resume)
+    progress = progress if progress is not None else CollectProgress()
+    progress.resumed_rows = writer.n_written
+    rows = _kept_rows(lm, windows, hookpoint, n_tokens, batch_size, store_dtype, skip_rows=writer.n_written)
+    for acts, win, pos in rows:
+        progress.forward_batches += 1
         writer.append(acts, win, pos)
     return writer.close()
 
@@ -165,20 +198,56 @@ class ActivationStoreWriter:
     """Writes rows as shards of `shard_rows` rows plus `store.json`; memory holds at most one shard of pending rows.
 
     The store is built in `<folder>.tmp` and renamed to `folder` by `close()`, so a killed collect never leaves a
-    store that looks complete."""
+    store that looks complete. After each shard, `progress.json` in the temporary folder lists the finished shards
+    and `key`. With `resume`, a temporary folder whose `progress.json` has the same key is continued: its listed
+    shards are kept (`n_written` rows; anything else there, such as a shard cut short by the kill, is removed) and
+    the next rows appended go into the next shard. Otherwise, or with another key, it starts afresh."""
 
-    def __init__(self, folder: Path, shard_rows: int, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        shard_rows: int,
+        dtype: torch.dtype = torch.float32,
+        key: str = "",
+        resume: bool = False,
+    ) -> None:
         if shard_rows <= 0:
             raise ActivationError(f"shard_rows must be > 0, got {shard_rows}")
         self.folder = Path(folder)
         self.tmp = self.folder.with_name(self.folder.name + ".tmp")
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
-        self.shard_rows, self.dtype = shard_rows, dtype
+        self.shard_rows, self.dtype, self.key = shard_rows, dtype, key
         self.d_in = 0
         self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._n_pending = 0
         self._shards: list[dict[str, int | str]] = []
+        done = self._finished_shards() if resume else None
+        if done is None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp.mkdir(parents=True)
+        else:
+            self._shards, self.d_in = done
+            listed = {str(s["file"]) for s in self._shards} | {_PROGRESS}
+            for path in self.tmp.iterdir():
+                if path.name not in listed:
+                    path.unlink()
+
+    @property
+    def n_written(self) -> int:
+        """Rows in finished shards."""
+        return sum(int(s["rows"]) for s in self._shards)
+
+    def _finished_shards(self) -> tuple[list[dict[str, int | str]], int] | None:
+        """The shards and width an interrupted writer with this key finished, or None."""
+        try:
+            progress = json.loads((self.tmp / _PROGRESS).read_text())
+        except (OSError, ValueError):
+            return None
+        if progress.get("key") != self.key or progress.get("shard_rows") != self.shard_rows:
+            return None
+        shards = progress["shards"]
+        if not all((self.tmp / s["file"]).exists() for s in shards):
+            return None
+        return shards, int(progress["d_in"])
 
     def append(self, acts_ND: torch.Tensor, window_N: torch.Tensor, pos_N: torch.Tensor) -> None:
         check_finite(acts_ND, "collected activations")
@@ -198,6 +267,8 @@ class ActivationStoreWriter:
         tensors = {"acts": acts[:n].contiguous(), "window": win[:n].contiguous(), "pos": pos[:n].contiguous()}
         save_file(tensors, str(self.tmp / name))
         self._shards.append({"file": name, "rows": n})
+        progress = {"key": self.key, "shard_rows": self.shard_rows, "d_in": self.d_in, "shards": self._shards}
+        atomic.write_json(self.tmp / _PROGRESS, progress)
         self._pending = [(acts[n:], win[n:], pos[n:])] if acts.shape[0] > n else []
         self._n_pending = acts.shape[0] - n
 
@@ -214,6 +285,7 @@ class ActivationStoreWriter:
             "n_rows": sum(int(s["rows"]) for s in self._shards),
             "shards": self._shards,
         }
+        (self.tmp / _PROGRESS).unlink(missing_ok=True)
         (self.tmp / STORE_MANIFEST).write_text(json.dumps(manifest, indent=1))
         shutil.rmtree(self.folder, ignore_errors=True)
         self.tmp.rename(self.folder)

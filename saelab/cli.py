@@ -12,6 +12,7 @@ saelab serve RUN [RUN ...]                   the feature browser on http://127.0
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -228,10 +229,28 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("saelab: interrupted; finished stages are kept in the run folder\n")
         return 130
     except Exception as err:  # one clear line for the errors we raise on bad input; a traceback otherwise
-        if type(err).__module__.startswith("saelab") or isinstance(err, FileNotFoundError):
-            sys.stderr.write(f"saelab: {type(err).__name__}: {err}\n")
-            return 1
-        raise
+        line = _error_line(err)
+        if line is None:
+            raise
+        sys.stderr.write(f"saelab: {line}\n")
+        return 1
+
+
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+"""Errors of the file system under the run folder: full, read-only, not permitted, not a folder."""
+
+
+def _error_line(err: Exception) -> str | None:
+    """The one line saelab prints for `err`, or None when it is a bug (the traceback is shown then)."""
+    if type(err).__module__.startswith("saelab") or isinstance(err, FileNotFoundError):
+        return f"{type(err).__name__}: {err}"
+    if isinstance(err, OSError) and err.errno in _DISK_ERRNOS:
+        where = f": {err.filename}" if err.filename else ""
+        return (
+            f"cannot write{where} ({err.strerror}); free space or pass a writable --run-dir, then run the "
+            "stage again (finished stages are kept; nothing half-written is left under a final name)"
+        )
+    return None
 
 
 def _convert(args: ConvertArgs) -> int:

@@ -24,6 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from saelab import atomic
 from saelab.compare_models import cost_section, ranking_section, sae_section
 from saelab.config import CompareConfig, ReportConfig
 from saelab.flags import Flag, TargetGap
@@ -176,7 +177,7 @@ def write_compare(folders: list[Path], out: Path, cfg: CompareConfig, report_cfg
         flags += [Flag(x.kind, f"{name}: {x.subject}", x.message) for x in f]
         gaps += [g_._replace(subject=f"{name}: {g_.subject}") for g_ in g]
     flags_section(doc, flags, gaps)
-    (out / "compare.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    atomic.write_json(out / "compare.json", record)
     return [*write_documents(doc, out), out / "compare.json", *written]
 
 

@@ -7,6 +7,7 @@ Every field has a docstring under it; `saelab <stage> --help` is generated from 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -19,6 +20,14 @@ class ConfigError(ValueError):
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def _finite(cfg: Any, section: str) -> None:
+    """Every float setting of `cfg` is a finite number (inf passes most range checks, nan fails them unnamed)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{section}.{f.name} must be a finite number, got {value}")
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,7 @@ class DataConfig:
     """Also leave out positions holding special tokens (BOS/EOS/PAD), as SAEBench does."""
 
     def __post_init__(self) -> None:
+        _finite(self, "data")
         _check(self.ctx_len >= 8, f"data.ctx_len must be >= 8, got {self.ctx_len}")
         _check(
             0.0 < self.eval_fraction < 1.0, f"data.eval_fraction must be in (0, 1), got {self.eval_fraction}"
@@ -88,7 +98,10 @@ class CollectConfig:
     shard (memory holds one shard) and streamed to the trainer through a shuffle buffer of
     `train.stream_buffer_rows` rows; for more tokens than fit in memory."""
     shard_rows: int = 65_536
-    """store: rows per shard."""
+    """Rows per shard: of the store, and of the pieces a `file` collect is written in before they are joined."""
+    resume: bool = False
+    """Continue an interrupted collect of the same run (same model, data and settings): the finished shards are
+    kept and only the rows after them are collected; with other settings it starts afresh."""
 
     def __post_init__(self) -> None:
         _check(self.n_train_tokens > 0, "collect.n_train_tokens must be > 0")
@@ -190,6 +203,7 @@ class TrainConfig:
     measured ~2.5x faster per step; dense on GPUs, where it has not been measured yet."""
 
     def __post_init__(self) -> None:
+        _finite(self, "train")
         _check(self.expansion >= 1, f"train.expansion must be >= 1, got {self.expansion}")
         _check(self.k > 0, f"train.k must be > 0, got {self.k}")
         _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
@@ -325,6 +339,7 @@ class EvalConfig:
     Pareto plots of EV and CE-loss score against L0)."""
 
     def __post_init__(self) -> None:
+        _finite(self, "eval")
         _check(self.n_windows > 0, "eval.n_windows must be > 0")
         _check(self.n_ce_windows > 0, "eval.n_ce_windows must be > 0")
         _check(self.batch_size > 0, "eval.batch_size must be > 0")
@@ -359,6 +374,9 @@ class CacheConfig:
     """Target nonzeros per latent-range shard file (a latent never spans two shards)."""
     quantiles: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
     """Levels of the per-latent activation quantiles in stats (over the tokens where the latent fires)."""
+    resume: bool = False
+    """Continue an interrupted cache build of the same SAE, data and settings from its last spilled run (the
+    tokens before it are neither read nor encoded again); with other settings it starts afresh."""
 
     def __post_init__(self) -> None:
         _check(self.batch_size > 0, "cache.batch_size must be > 0")
@@ -446,6 +464,7 @@ class LLMConfig:
     or score run resumes without asking anything it already has."""
 
     def __post_init__(self) -> None:
+        _finite(self, "llm")
         _check(self.concurrency > 0, "llm.concurrency must be > 0")
         _check(self.timeout_s > 0, "llm.timeout_s must be > 0")
         _check(self.max_retries >= 0, "llm.max_retries must be >= 0")
@@ -489,6 +508,7 @@ class ScoreConfig:
     with it and with the others per latent, with paired bootstrap intervals."""
 
     def __post_init__(self) -> None:
+        _finite(self, "score")
         _check(len(self.scorers) > 0, "score.scorers must name at least one scorer")
         _check(0 < self.fuzz_threshold <= 1, "score.fuzz_threshold must be in (0, 1]")
 
@@ -520,6 +540,7 @@ class ReportConfig:
     """Also export every plot as PDF beside its PNG."""
 
     def __post_init__(self) -> None:
+        _finite(self, "report")
         self.target_values()  # validates
         _check(0.5 <= self.max_majority_share <= 1, "report.max_majority_share must be in [0.5, 1]")
         _check(self.min_examples >= 0, "report.min_examples must be >= 0")
@@ -562,6 +583,7 @@ class CompareConfig:
     """Seed of the bootstrap."""
 
     def __post_init__(self) -> None:
+        _finite(self, "compare")
         _check(self.n_boot >= 100, "compare.n_boot must be >= 100")
         _check(0 < self.alpha < 0.5, "compare.alpha must be in (0, 0.5)")
         _check(self.min_delta >= 0, "compare.min_delta must be >= 0")

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from saelab import atomic
 from saelab.config import ExplainConfig
 from saelab.llm import LLMClient, LLMError, gather_with_progress, run_sync
 from saelab.prompts import CONTRASTIVE_USER, COUNTER_LINE, EXAMPLE_LINE, EXPLAIN_SYSTEM, EXPLAIN_USER
@@ -339,9 +340,7 @@ def run_explain(
 
 def write_explanations(records: Sequence[ExplanationRecord], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(r.to_json() + "\n" for r in records), encoding="utf-8")
-    tmp.replace(path)
+    atomic.write_text(path, "".join(r.to_json() + "\n" for r in records))
 
 
 def load_explanations(path: Path) -> list[ExplanationRecord]:

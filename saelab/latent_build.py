@@ -16,10 +16,12 @@ Run through `saelab cache --run-dir RUN` (see `CacheConfig`); `benchmarks/latent
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -28,15 +30,31 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from saelab import atomic
 from saelab.activations import Activations, ActivationStore
-from saelab.config import CacheConfig
+from saelab.config import CacheConfig, to_dict
 from saelab.latents import MANIFEST, STATS, TOKENS, CacheError, CacheInfo, LatentCache, LatentStats, ShardInfo
 from saelab.sae import SAE
 
 Chunk = tuple[torch.Tensor, np.ndarray, np.ndarray]
 """(acts [B, D], window [B] int32, pos [B] int32) of consecutive cached tokens."""
+ChunkSource = Iterable[Chunk] | Callable[[int], Iterable[Chunk]]
+"""Chunks, or a function giving the chunks from a token index on (a resumed build starts after what it has)."""
 Run = tuple[np.ndarray, np.ndarray, np.ndarray]
 """A spilled run, memory-mapped: (indptr [F+1], token indices, values), sorted by latent then token."""
+
+_PROGRESS = "progress.npz"
+
+
+@dataclass
+class CacheProgress:
+    """What one `build_cache` call did."""
+
+    resumed_tokens: int = 0
+    """Tokens encoded by an interrupted build and kept (not encoded again)."""
+    encoded_chunks: int = 0
+    """Chunks this call encoded."""
+
 
 _DTYPES = {np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.float32): "F32"}
 
@@ -73,9 +91,12 @@ class SafetensorsWriter:
 class _Runs:
     """Sorted runs spilled to `folder`: per run `indptr` [F+1], `tok` and `val` sorted by latent, then token."""
 
-    def __init__(self, folder: Path, d_sae: int) -> None:
-        self.folder, self.F, self.n = folder, d_sae, 0
-        folder.mkdir(parents=True)
+    def __init__(self, folder: Path, d_sae: int, n: int = 0) -> None:
+        self.folder, self.F, self.n = folder, d_sae, n
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in folder.iterdir():  # a run a killed build spilled after its last checkpoint
+            if int(path.name.split("-")[0]) >= n:
+                path.unlink()
 
     def spill(self, tok: np.ndarray, lat: np.ndarray, val: np.ndarray) -> None:
         order = np.argsort(lat, kind="stable")  # tokens arrive ascending, so they stay ascending per latent
@@ -92,20 +113,60 @@ class _Runs:
 
 
 class _Accumulator:
-    """Encodes chunks, keeps [F] counts/sums/maxima, spills nonzeros in runs and token origins to raw files."""
+    """Encodes chunks, keeps [F] counts/sums/maxima, spills nonzeros in runs and token origins to raw files.
 
-    def __init__(self, sae: SAE, folder: Path, buffer_nnz: int) -> None:
-        self.sae, self.buffer_nnz = sae, buffer_nnz
+    After every spill it checkpoints (`progress.npz`: `key`, tokens and runs so far, the [F] statistics; one
+    atomic rename), so `resume` continues a killed build from its last spill with the same statistics, runs and
+    token files it had then."""
+
+    def __init__(self, sae: SAE, folder: Path, buffer_nnz: int, key: str, resume: bool) -> None:
+        self.sae, self.buffer_nnz, self.folder, self.key = sae, buffer_nnz, folder, key
         F = sae.cfg.d_sae
         self.count_F = np.zeros(F, dtype=np.int64)
         self.sum_F = np.zeros(F, dtype=np.float64)
         self.max_F = np.zeros(F, dtype=np.float32)
-        self.runs = _Runs(folder / "runs", F)
-        self.window_f = (folder / "window.bin").open("wb")
-        self.pos_f = (folder / "pos.bin").open("wb")
+        self.n_tokens = n_runs = 0
+        saved = self._saved() if resume else None
+        if saved is None:
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+        else:
+            self.count_F, self.sum_F, self.max_F = saved["count"], saved["sum"], saved["max"]
+            self.n_tokens, n_runs = int(saved["n_tokens"]), int(saved["n_runs"])
+        self.resumed_tokens, self.encoded_chunks = self.n_tokens, 0
+        self.runs = _Runs(folder / "runs", F, n_runs)
+        self.window_f = self._token_file("window.bin")
+        self.pos_f = self._token_file("pos.bin")
         self.buf: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        self.n_buf = self.n_tokens = 0
+        self.n_buf = 0
         self.device = next(sae.parameters()).device
+
+    def _saved(self) -> dict[str, np.ndarray] | None:
+        """The last checkpoint of a build with this key in `folder`, or None."""
+        try:
+            with np.load(self.folder / _PROGRESS) as z:
+                saved = {k: z[k] for k in z.files}
+        except (OSError, ValueError):
+            return None
+        if str(saved["key"]) != self.key or saved["count"].shape != self.count_F.shape:
+            return None
+        return saved
+
+    def _token_file(self, name: str) -> BinaryIO:
+        """The raw int32 file of `name`, cut to the tokens checkpointed so far and open for appending."""
+        f = (self.folder / name).open("r+b" if self.n_tokens else "wb")
+        f.truncate(self.n_tokens * 4)
+        f.seek(0, 2)
+        return f
+
+    def _checkpoint(self) -> None:
+        self.window_f.flush()
+        self.pos_f.flush()
+        with atomic.atomic_path(self.folder / _PROGRESS) as tmp, tmp.open("wb") as f:
+            np.savez(
+                f, key=np.array(self.key), n_tokens=self.n_tokens, n_runs=self.runs.n,
+                count=self.count_F, sum=self.sum_F, max=self.max_F,
+            )  # fmt: skip
 
     @torch.no_grad()
     def add(self, acts_BD: torch.Tensor, window_B: np.ndarray, pos_B: np.ndarray) -> None:
@@ -115,6 +176,7 @@ class _Accumulator:
         tok = (rows_BK[nz_BK].cpu().numpy() + self.n_tokens).astype(np.int32)
         lat = code.top_idx_BK[nz_BK].cpu().numpy().astype(np.int32)
         val = code.top_acts_BK[nz_BK].float().cpu().numpy()
+        self.encoded_chunks += 1
         self.count_F += np.bincount(lat, minlength=len(self.count_F))
         self.sum_F += np.bincount(lat, weights=val, minlength=len(self.count_F))
         np.maximum.at(self.max_F, lat, val)
@@ -136,6 +198,7 @@ class _Accumulator:
             tok, lat, val = (np.concatenate(column) for column in zip(*parts))
             del parts  # the chunks' arrays go before the sort allocates its own
             self.runs.spill(tok, lat, val)
+            self._checkpoint()
 
     def close(self) -> None:
         self.flush()
@@ -250,29 +313,36 @@ def _write_tokens(tmp: Path, n_tokens: int, block: int) -> None:
 
 def build_cache(
     sae: SAE,
-    chunks: Iterable[Chunk],
+    chunks: ChunkSource,
     folder: Path,
     cfg: CacheConfig,
     sae_sha256: str,
     data_sha256: str = "",
+    progress: CacheProgress | None = None,
 ) -> LatentCache:
     """Encode every chunk and write the cache to `folder` (replacing one there); see the module docstring.
 
-    The cache is built in `<folder>.tmp` and renamed when complete, so a killed build never looks finished."""
+    The cache is built in `<folder>.tmp` and renamed when complete, so a killed build never looks finished. With
+    `cfg.resume`, an interrupted build of the same SAE, data and settings continues from its last spill: `chunks`
+    given as a function of the first token to encode skips the tokens done without producing them (the pipeline's
+    sources start there without reading or running the model for them); an iterable is read past them."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    acc = _Accumulator(sae, tmp, cfg.buffer_nnz)
-    for acts_BD, window_B, pos_B in tqdm(chunks, desc="cache latents", unit="batch", leave=False):
+    settings = {k: v for k, v in to_dict(cfg).items() if k != "resume"}
+    key = hashlib.sha256(json.dumps([sae_sha256, data_sha256, settings], sort_keys=True).encode()).hexdigest()
+    acc = _Accumulator(sae, tmp, cfg.buffer_nnz, key, cfg.resume)
+    source = chunks(acc.n_tokens) if callable(chunks) else _skip_tokens(chunks, acc.n_tokens)
+    for acts_BD, window_B, pos_B in tqdm(source, desc="cache latents", unit="batch", leave=False):
         acc.add(acts_BD, window_B, pos_B)
+    if progress is not None:
+        progress.resumed_tokens, progress.encoded_chunks = acc.resumed_tokens, acc.encoded_chunks
     acc.close()
     if acc.n_tokens == 0:
         raise CacheError("no tokens to cache: the activation source is empty")
     shards, quantiles_FQ, exact_F = _merge(acc.runs, acc.count_F, tmp, cfg)
     shutil.rmtree(acc.runs.folder)
     _write_tokens(tmp, acc.n_tokens, cfg.buffer_nnz)
-    for name in ("window.bin", "pos.bin"):
+    for name in ("window.bin", "pos.bin", _PROGRESS):
         (tmp / name).unlink()
     n, count = acc.n_tokens, acc.count_F
     mean = np.where(count > 0, acc.sum_F / np.maximum(count, 1), 0.0).astype(np.float32)
@@ -287,6 +357,19 @@ def build_cache(
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return LatentCache.open(folder)
+
+
+def _skip_tokens(chunks: Iterable[Chunk], n: int) -> Iterator[Chunk]:
+    """The chunks after the first `n` tokens (a checkpoint falls between chunks)."""
+    seen = 0
+    for chunk in chunks:
+        if seen >= n:
+            yield chunk
+        seen += len(chunk[0])
+    if seen < n:
+        raise CacheError(
+            f"the activation source holds {seen} tokens, fewer than the {n} the resumed build had"
+        )
 
 
 # --- chunk sources -----------------------------------------------------------------------------------------------
@@ -310,29 +393,35 @@ def chunks_from_activations(acts: Activations, batch_size: int, n_tokens: int = 
         yield acts.acts_ND[s:e], acts.window_N[s:e].numpy(), acts.pos_N[s:e].numpy()
 
 
-def chunks_from_file(path: Path, batch_size: int, n_tokens: int) -> Iterator[Chunk]:
-    """Chunks of collect's single activation file, read slice by slice (never the whole file)."""
+def chunks_from_file(path: Path, batch_size: int, n_tokens: int, start: int = 0) -> Iterator[Chunk]:
+    """Chunks of collect's single activation file from token `start` on, read slice by slice (never the whole
+    file)."""
     with safe_open(str(path), framework="pt") as f:
         acts, window, pos = f.get_slice("acts"), f.get_slice("window"), f.get_slice("pos")
         n = check_n_tokens(
             n_tokens, acts.get_shape()[0], "train", "collect more with --collect.n-train-tokens"
         )
-        for s in range(0, n, batch_size):
+        for s in range(start, n, batch_size):
             e = min(n, s + batch_size)
             yield acts[s:e], window[s:e].numpy(), pos[s:e].numpy()
 
 
-def chunks_from_store(store: ActivationStore, batch_size: int, n_tokens: int) -> Iterator[Chunk]:
-    """Chunks of a sharded activation store, one shard in memory at a time."""
+def chunks_from_store(
+    store: ActivationStore, batch_size: int, n_tokens: int, start: int = 0
+) -> Iterator[Chunk]:
+    """Chunks of a sharded activation store from token `start` on, one shard in memory at a time (shards before
+    `start` are not read)."""
     n = check_n_tokens(n_tokens, store.n_rows, "train", "collect more with --collect.n-train-tokens")
-    done = 0
     for i, file in enumerate(store.files):
-        if done >= n:
+        first, end = int(store.offsets[i]), min(n, int(store.offsets[i + 1]))
+        if first >= n:
             break
+        if end <= start:
+            continue
         acts = store.read_shard(i)
         with safe_open(str(store.folder / file), framework="np") as f:
             window, pos = f.get_tensor("window"), f.get_tensor("pos")
-        for s in range(0, min(len(acts), n - done), batch_size):
-            e = min(len(acts), n - done, s + batch_size)
-            yield acts[s:e], window[s:e], pos[s:e]
-        done += len(acts)
+        for s in range(0, end - first, batch_size):
+            e = min(end - first, s + batch_size)
+            if first + s >= start:
+                yield acts[s:e], window[s:e], pos[s:e]

@@ -119,7 +119,8 @@ class LatentStats:
             "quantiles": self.quantiles_FQ,
             "quantiles_exact": self.quantiles_exact.astype(np.uint8),
         }
-        meta = {"levels": json.dumps(list(self.levels)), "n_tokens": str(self.n_tokens)}
+        # one metadata entry: safetensors writes several in no fixed order, and the file's sha256 must not vary
+        meta = {"stats": json.dumps({"levels": list(self.levels), "n_tokens": self.n_tokens})}
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path), metadata=meta)
 
     @classmethod
@@ -127,6 +128,7 @@ class LatentStats:
         t = load_file(str(path))
         with safe_open(str(path), framework="np") as f:
             meta = f.metadata()
+        meta = json.loads(meta["stats"]) if "stats" in meta else meta  # caches written before one entry
         return cls(
             t["count"],
             t["frequency"],
@@ -134,7 +136,7 @@ class LatentStats:
             t["mean_act"],
             t["quantiles"],
             t["quantiles_exact"].astype(bool),
-            tuple(json.loads(meta["levels"])),
+            tuple(json.loads(meta["levels"]) if isinstance(meta["levels"], str) else meta["levels"]),
             int(meta["n_tokens"]),
         )
 

@@ -24,11 +24,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from saelab import atomic
 from saelab import sae as sae_lib
 from saelab.absorption import (
     AbsorptionConfig,
@@ -44,14 +46,27 @@ from saelab.absorption import (
     collect_letter_probes,
     score_absorption,
 )
-from saelab.activations import Activations, ActivationStore, collect, collect_to_store, iter_window_batches
-from saelab.config import RunConfig, from_dict, to_dict
+from saelab.activations import (
+    Activations,
+    ActivationStore,
+    CollectProgress,
+    collect_to_store,
+    iter_window_batches,
+)
+from saelab.config import CollectConfig, RunConfig, from_dict, to_dict
 from saelab.data import TokenWindows, build_windows
 from saelab.distributed import DistInfo
 from saelab.evaluate import EvalResult, evaluate_many, mark_dominated
 from saelab.formats import import_sae
-from saelab.latent_build import Chunk, build_cache, check_n_tokens, chunks_from_file, chunks_from_store
-from saelab.latents import MANIFEST, STATS, TOKENS, LatentCache
+from saelab.latent_build import (
+    CacheProgress,
+    Chunk,
+    build_cache,
+    check_n_tokens,
+    chunks_from_file,
+    chunks_from_store,
+)
+from saelab.latents import MANIFEST, STATS, TOKENS, CacheError, LatentCache
 from saelab.llm_cache import CachedClient, ResponseCache
 from saelab.models import LoadedModel, load_model, resolve_hookpoint
 from saelab.probing import ProbingConfig, ProbingError, ProbingResult, run_probing
@@ -64,6 +79,7 @@ log = logging.getLogger(__name__)
 WINDOWS = "data/windows.npz"
 ACTS = "activations/acts.safetensors"
 STORE = "activations/store"
+ROWS = "activations/rows"
 SAE_DIR = "sae"
 VARIANTS_DIR = "sae-variants"
 METRICS = "eval/metrics.json"
@@ -106,6 +122,7 @@ def open_session(cfg: RunConfig, *, new: bool) -> Session:
     if new:
         return Session(cfg, Run.create(cfg.run_dir, to_dict(cfg), cfg.seed))
     run = Run.open(cfg.run_dir)
+    run.check_writable()
     recorded: RunConfig = from_dict(RunConfig, run.data["config"])
     merged = dataclasses.replace(
         cfg, seed=recorded.seed, model=recorded.model, data=recorded.data, collect=recorded.collect
@@ -114,35 +131,53 @@ def open_session(cfg: RunConfig, *, new: bool) -> Session:
 
 
 def stage_collect(s: Session) -> None:
+    """Windows and activations. Rows are written shard by shard (for `format=file` into `activations/rows`, joined
+    into one file at the end), so `--collect.resume` after a kill collects only the rows after the last
+    finished shard."""
     cfg = s.cfg
     lm = s.lm()
     hookpoint = resolve_hookpoint(lm.model, cfg.collect.hookpoint)
+    c = cfg.collect
+    row_bytes = int(lm.model.config.hidden_size) * getattr(torch, c.store_dtype).itemsize + 8
+    s.run.check_free_space(
+        c.n_train_tokens * row_bytes * (2 if c.format == "file" else 1),  # a file collect is written twice
+        f"collecting {c.n_train_tokens} tokens",
+        "lower --collect.n-train-tokens or pass --collect.store-dtype float16",
+    )
     with s.run.stage("collect", {"data": to_dict(cfg.data), "collect": to_dict(cfg.collect)}) as rec:
         windows = build_windows(cfg.data, lm.tokenizer, cfg.seed)
         (s.folder / "data").mkdir(exist_ok=True)
         windows.save(s.folder / WINDOWS)
-        dtype = getattr(torch, cfg.collect.store_dtype)
-        c = cfg.collect
         (s.folder / "activations").mkdir(exist_ok=True)
         rec["outputs"].append(WINDOWS)
+        folder = s.folder / (STORE if c.format == "store" else ROWS)
+        shutil.rmtree(folder, ignore_errors=True)
+        key = _collect_key(lm, windows, hookpoint, c)
+        progress = CollectProgress()
+        store = collect_to_store(
+            lm, windows, hookpoint, c.n_train_tokens, c.batch_size, folder, c.shard_rows,
+            getattr(torch, c.store_dtype), key=key, resume=c.resume, progress=progress,
+        )  # fmt: skip
         if c.format == "store":
-            folder = s.folder / STORE
-            if folder.exists():
-                shutil.rmtree(folder)
-            store = collect_to_store(
-                lm, windows, hookpoint, c.n_train_tokens, c.batch_size, folder, c.shard_rows, dtype
-            )
             rec["outputs"] += sorted(str(p.relative_to(s.folder)) for p in folder.iterdir())
-            n_tokens = store.n_rows
         else:
-            acts = collect(lm, windows, hookpoint, c.n_train_tokens, c.batch_size, dtype)
-            acts.save(s.folder / ACTS)
+            store.load().save(s.folder / ACTS)
+            shutil.rmtree(folder)
             rec["outputs"].append(ACTS)
-            n_tokens = int(acts.acts_ND.shape[0])
+        if progress.resumed_rows:
+            log.info("collect: resumed with %d rows already stored", progress.resumed_rows)
         rec.update(
-            hookpoint=hookpoint, format=c.format, n_tokens=n_tokens, n_windows=int(windows.tokens.shape[0])
-        )
+            hookpoint=hookpoint, format=c.format, n_tokens=store.n_rows, n_windows=int(windows.tokens.shape[0]),
+            resumed_rows=progress.resumed_rows, forward_batches=progress.forward_batches,
+        )  # fmt: skip
     s.run.set_hash("data", windows.sha256())
+
+
+def _collect_key(lm: LoadedModel, windows: TokenWindows, hookpoint: str, c: CollectConfig) -> str:
+    """What decides the collected rows: an interrupted collect is continued only under the same key."""
+    fields = {k: v for k, v in to_dict(c).items() if k not in ("resume", "format")}
+    text = json.dumps([lm.weights_sha256, windows.sha256(), hookpoint, fields], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _hookpoint(s: Session) -> str:
@@ -248,7 +283,7 @@ def stage_eval(s: Session) -> None:
             ]
             for entry, a in zip(entries, absorption, strict=False):
                 entry["mean_absorption_fraction_score"] = a.mean_absorption_fraction_score
-            write_json(s.folder / COMPARE, {"saes": mark_dominated(entries)})
+            atomic.write_json(s.folder / COMPARE, {"saes": mark_dominated(entries)})
             rec["outputs"].append(COMPARE)
 
 
@@ -300,25 +335,24 @@ def _summary(result: EvalResult) -> dict[str, Any]:
     return {k: v for k, v in result.to_json().items() if k != "log10_frequency"}
 
 
-def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.rename(path)
-
-
 def stage_cache(s: Session) -> None:
-    """Cache the SAE's latents over `cache.n_tokens` tokens of `cache.dataset_split`, in bounded memory."""
+    """Cache the SAE's latents over `cache.n_tokens` tokens of `cache.dataset_split`, in bounded memory;
+    `--cache.resume` continues a killed build from its last spilled run."""
     sae = _load_sae(s)
     s.run.verify("collect", "collect")
     c = s.cfg.cache
     windows = TokenWindows.load(s.folder / WINDOWS)
     with s.run.stage("cache", {"cache": to_dict(c)}) as rec:
+        progress = CacheProgress()
         cache = build_cache(
-            sae, _cache_chunks(s, windows), s.folder / LATENTS, c, _sae_sha256(s), windows.sha256()
+            sae, _cache_chunks(s, windows), s.folder / LATENTS, c, _sae_sha256(s), windows.sha256(), progress
         )
+        if progress.resumed_tokens:
+            log.info("cache: resumed with %d tokens already encoded", progress.resumed_tokens)
         rec["outputs"] += [f"{LATENTS}/{name}" for name in (MANIFEST, STATS, TOKENS)]
         rec["outputs"] += [f"{LATENTS}/{shard.file}" for shard in cache.info.shards]
         rec.update(cache.summary())
+        rec.update(resumed_tokens=progress.resumed_tokens, encoded_chunks=progress.encoded_chunks)
 
 
 def _sae_sha256(s: Session) -> str:
@@ -326,29 +360,42 @@ def _sae_sha256(s: Session) -> str:
     return sae_lib.file_sha256(s.folder / SAE_DIR)
 
 
-def _cache_chunks(s: Session, windows: TokenWindows) -> Iterator[Chunk]:
-    """The cached split's activations in chunks: collect's artifacts for `train`, the model for `eval`."""
+def _cache_chunks(s: Session, windows: TokenWindows) -> Callable[[int], Iterator[Chunk]]:
+    """The cached split's activations in chunks from a token on: collect's artifacts for `train`, the model
+    for `eval`."""
     c = s.cfg.cache
     if c.dataset_split == "train":
         if s.run.require("collect", "collect").get("format") == "store":
-            return chunks_from_store(ActivationStore(s.folder / STORE), c.batch_size, c.n_tokens)
-        return chunks_from_file(s.folder / ACTS, c.batch_size, c.n_tokens)
+            store = ActivationStore(s.folder / STORE)
+            return functools.partial(chunks_from_store, store, c.batch_size, c.n_tokens)
+        return functools.partial(chunks_from_file, s.folder / ACTS, c.batch_size, c.n_tokens)
     available = int(windows.keep[windows.eval_idx].sum())
     n = check_n_tokens(c.n_tokens, available, "eval", "raise --data.eval-fraction or use a larger corpus")
-    return _eval_chunks(s.lm(), windows, _hookpoint(s), n, s.cfg.collect.batch_size)
+    return lambda start: _eval_chunks(s.lm(), windows, _hookpoint(s), n, s.cfg.collect.batch_size, start)
 
 
 def _eval_chunks(
-    lm: LoadedModel, windows: TokenWindows, hookpoint: str, n: int, batch: int
+    lm: LoadedModel, windows: TokenWindows, hookpoint: str, n: int, batch: int, start: int = 0
 ) -> Iterator[Chunk]:
-    """Kept positions of the held-out windows, in order, until `n` tokens."""
-    done = 0
-    for idx, a_BTD in iter_window_batches(lm, windows, windows.eval_idx, hookpoint, batch, "cache (eval)"):
-        keep = windows.keep[idx]
+    """Kept positions of the held-out windows, in order, until `n` tokens; from token `start` on, which must
+    begin a batch of windows (where a resumed cache build stops): the batches before it are not run."""
+    if start >= n:
+        return
+    idx = windows.eval_idx
+    rows_per_batch = np.add.reduceat(windows.keep[idx].sum(axis=1), np.arange(0, len(idx), batch))
+    before = np.concatenate([[0], np.cumsum(rows_per_batch)])
+    first = int(np.searchsorted(before, start))
+    if before[first] != start:
+        raise CacheError(f"token {start} does not begin a batch of held-out windows; rebuild without resume")
+    done = start
+    for idx_b, a_BTD in iter_window_batches(
+        lm, windows, idx[first * batch :], hookpoint, batch, "cache (eval)"
+    ):
+        keep = windows.keep[idx_b]
         w, p = keep.nonzero()
         take = min(len(w), n - done)
         acts = a_BTD[torch.as_tensor(keep, device=a_BTD.device)]
-        yield acts[:take], idx[w[:take]].astype(np.int32), p[:take].astype(np.int32)
+        yield acts[:take], idx_b[w[:take]].astype(np.int32), p[:take].astype(np.int32)
         done += take
         if done >= n:
             return

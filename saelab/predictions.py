@@ -14,7 +14,6 @@ target-gap table of every report. Models of one task are ranked side by side, be
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from saelab import atomic
 from saelab.config import ReportConfig
 from saelab.flags import Flag, TargetGap, classifier_flags, target_flags, target_gaps
 from saelab.metrics import ClassReport, class_report
@@ -209,7 +209,7 @@ def write_predictions_report(csv_path: Path, out: Path, cfg: ReportConfig) -> li
                 Flag("few_examples", task, "models were scored on different ids: compare with care")
             )
     flags_section(doc, _merge_task_flags(all_flags), all_gaps)
-    (out / "metrics.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    atomic.write_json(out / "metrics.json", record)
     return [*write_documents(doc, out), out / "metrics.json", *written]
 
 

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from saelab import atomic
 from saelab.models import LoadedModel, capture, forward_until, package_file
 from saelab.sae import SAE
 
@@ -555,9 +556,7 @@ class ProbingResult:
         }
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2))
-        tmp.rename(path)
+        atomic.write_json(path, self.to_json())
 
 
 def sae_sha256(sae: SAE) -> str:

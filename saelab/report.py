@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib import ticker
 
+from saelab import atomic
 from saelab.config import ReportConfig
 from saelab.flags import Flag, TargetGap, classifier_flags, target_flags, target_gaps
 from saelab.runs import Run
@@ -90,9 +91,11 @@ class Doc:
 def save_figure(fig: Any, path: Path, pdf: bool = False) -> Path:
     """Save `fig` as PNG at `path` (and as PDF beside it when `pdf`), close it, return the PNG's path."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     if pdf:
-        fig.savefig(path.with_suffix(".pdf"))
+        with atomic.atomic_path(path.with_suffix(".pdf")) as tmp:
+            fig.savefig(tmp, format="pdf")
     plt.close(fig)
     return path
 
@@ -112,10 +115,11 @@ class PlotDir:
 def write_documents(doc: Doc, folder: Path) -> list[Path]:
     """report.md and the self-contained report.html of `doc` in `folder`."""
     md_path, html_path = folder / "report.md", folder / "report.html"
-    md_path.write_text("\n".join(doc.md))
-    html_path.write_text(
+    atomic.write_text(md_path, "\n".join(doc.md))
+    atomic.write_text(
+        html_path,
         f"<!doctype html><html><head><meta charset='utf-8'><title>saelab report</title>{HTML_STYLE}</head>"
-        f"<body>{''.join(doc.html)}</body></html>"
+        f"<body>{''.join(doc.html)}</body></html>",
     )
     return [md_path, html_path]
 

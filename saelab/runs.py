@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import saelab
+from saelab import atomic
 
 MANIFEST = "manifest.json"
 _PACKAGES = (
@@ -150,10 +152,24 @@ class Run:
             )
         return run
 
+    def check_writable(self) -> None:
+        """Refuse, before any work, a stage whose run folder cannot be written."""
+        if not os.access(self.folder, os.W_OK):
+            raise RunError(
+                f"run folder {self.folder} is not writable; make it writable or copy the run to a writable place"
+            )
+
+    def check_free_space(self, need_bytes: int, what: str, fix: str) -> None:
+        """Refuse, before any work, a stage whose artifacts will not fit on the run folder's disk."""
+        free = shutil.disk_usage(self.folder).free
+        if need_bytes > free:
+            raise RunError(
+                f"{what} needs about {need_bytes / 2**30:.2f} GiB in {self.folder} but {free / 2**30:.2f} GiB "
+                f"are free; free space, {fix}, or pass another --run-dir"
+            )
+
     def save(self) -> None:
-        tmp = self.path.with_name(MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2))
-        tmp.rename(self.path)
+        atomic.write_json(self.path, self.data)
 
     @property
     def stages(self) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.functional import embedding_bag
 
+from saelab import atomic
 from saelab.sparse_ops import Entries, decode_entries, entry_preacts
 
 
@@ -700,10 +701,9 @@ def save(sae: SAE, folder: Path) -> None:
     place, so a kill never leaves half a file."""
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
-    save_file(tensors, str(folder / "sae.safetensors.tmp"), metadata={"architecture": sae.architecture})
-    (folder / "cfg.json.tmp").write_text(json.dumps(sae.cfg.to_json(), indent=2))
-    (folder / "sae.safetensors.tmp").rename(folder / "sae.safetensors")
-    (folder / "cfg.json.tmp").rename(folder / "cfg.json")
+    with atomic.atomic_path(folder / "sae.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"architecture": sae.architecture})
+    atomic.write_json(folder / "cfg.json", sae.cfg.to_json())
 
 
 def load(folder: Path, device: str | torch.device = "cpu", architecture: str | None = None) -> SAE:

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from saelab import atomic
 from saelab.config import SampleConfig
 from saelab.latents import LatentCache
 
@@ -165,9 +166,7 @@ class SampleSet:
             "skipped": {str(k): v for k, v in self.skipped.items()},
             "latents": [{**asdict(le), "class_balance": le.class_balance._asdict()} for le in self.latents],
         }
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data))
-        tmp.rename(path)
+        atomic.write_json(path, data, indent=None)
 
     @classmethod
     def load(cls, path: Path) -> SampleSet:

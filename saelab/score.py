@@ -38,6 +38,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from saelab import atomic
 from saelab.config import ScoreConfig
 from saelab.explain import ExplanationRecord, quote_example, render_tokens
 from saelab.llm import LLMClient, LLMError, gather_with_progress, run_sync
@@ -529,11 +530,5 @@ def run_score(
 
 def write_scores(summary: ScoreSummary, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_dir / "scores.jsonl", "".join(json.dumps(r.to_dict()) + "\n" for r in summary.rows))
-    _atomic_write(out_dir / "scores_summary.json", json.dumps(summary.to_dict(), indent=2) + "\n")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    atomic.write_text(out_dir / "scores.jsonl", "".join(json.dumps(r.to_dict()) + "\n" for r in summary.rows))
+    atomic.write_text(out_dir / "scores_summary.json", json.dumps(summary.to_dict(), indent=2) + "\n")

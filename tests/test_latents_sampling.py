@@ -3,6 +3,8 @@ sets, quantile draws, hard negatives, counted skips, recorded class balance)."""
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import tracemalloc
 from collections.abc import Iterator
@@ -14,7 +16,7 @@ import torch
 
 from saelab.activations import Activations
 from saelab.config import CacheConfig, ConfigError, SampleConfig
-from saelab.latent_build import Chunk, build_cache, chunks_from_activations
+from saelab.latent_build import CacheProgress, Chunk, build_cache, chunks_from_activations
 from saelab.latents import CacheError, CacheMismatchError, LatentCache
 from saelab.sae import SAE, SAEConfig, build
 from saelab.sampling import SampleSet, choose_latents, sample
@@ -323,3 +325,62 @@ def test_similar_negatives_are_nearer_on_real_minilm(tmp_path: Path) -> None:
         mean_similarity(sim, embedder.embed, "test_neg")
         > mean_similarity(rand, embedder.embed, "test_neg") + 0.1
     )
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_after(chunks: Iterator[Chunk], n: int) -> Iterator[Chunk]:
+    for i, chunk in enumerate(chunks):
+        if i == n:
+            raise Crash
+        yield chunk
+
+
+@pytest.mark.fault
+@pytest.mark.resume
+@pytest.mark.parametrize("source", ["iterable", "function"])
+def test_cache_build_crashed_then_resumed_equals_one_build(tmp_path: Path, source: str) -> None:
+    """A build stopped mid-way (here by an exception in the chunk source; test_kill_resume.py SIGKILLs the CLI)
+    and resumed writes the same files as one build, encoding only the chunks after its last spilled run."""
+    sae, acts, _ = fixture_acts()
+    full = make_cache(tmp_path / "full", sae, acts)
+    with pytest.raises(Crash):
+        build_cache(
+            sae, crash_after(chunks_from_activations(acts, 100), 7), tmp_path / "r", SMALL, "sae-a", "data-a"
+        )
+    resumed_cfg = dataclasses.replace(SMALL, resume=True)
+
+    def from_token(start: int) -> Iterator[Chunk]:
+        return itertools.islice(chunks_from_activations(acts, 100), start // 100, None)
+
+    chunks = from_token if source == "function" else chunks_from_activations(acts, 100)
+    progress = CacheProgress()
+    resumed = build_cache(sae, chunks, tmp_path / "r", resumed_cfg, "sae-a", "data-a", progress)
+    assert 0 < progress.resumed_tokens <= 700 and progress.resumed_tokens % 100 == 0
+    assert progress.encoded_chunks == -(-acts.acts_ND.shape[0] // 100) - progress.resumed_tokens // 100
+    for name in sorted(p.name for p in (tmp_path / "full").iterdir()):
+        assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "r" / name).read_bytes(), name
+    assert resumed.info == full.info
+
+
+def test_cache_resume_of_another_sae_starts_afresh(tmp_path: Path) -> None:
+    sae, acts, _ = fixture_acts()
+    with pytest.raises(Crash):
+        build_cache(
+            sae, crash_after(chunks_from_activations(acts, 100), 7), tmp_path / "r", SMALL, "sae-a", "data-a"
+        )
+    progress = CacheProgress()
+    cfg = dataclasses.replace(SMALL, resume=True)
+    build_cache(sae, chunks_from_activations(acts, 100), tmp_path / "r", cfg, "sae-b", "data-a", progress)
+    assert progress.resumed_tokens == 0 and progress.encoded_chunks == -(-acts.acts_ND.shape[0] // 100)
+
+
+def test_the_same_build_writes_the_same_bytes(tmp_path: Path) -> None:
+    """The manifest records every file's sha256, so an identical build must write identical files."""
+    sae, acts, _ = fixture_acts()
+    for i in range(4):
+        make_cache(tmp_path / str(i), sae, acts)
+    for name in sorted(p.name for p in (tmp_path / "0").iterdir()):
+        assert len({(tmp_path / str(i) / name).read_bytes() for i in range(4)}) == 1, name
