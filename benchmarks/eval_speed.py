@@ -1,12 +1,14 @@
 """Speed of `saelab eval` against the bare forward passes it needs, on the bundled model and corpus.
 
-    .venv/bin/python benchmarks/eval_speed.py [--tokens 100000] [--sae runs/demo/sae] [--out benchmarks/results/eval_speed.json]
+    .venv/bin/python benchmarks/eval_speed.py [--tokens 100000] [--repeats 3] [--sae runs/demo/sae] [--out ...]
 
 What eval needs from the model: a forward stopped at the hookpoint over the reconstruction windows, and three full
 forwards (clean, SAE spliced in, zero ablation) over the CE/KL windows. The bare baseline runs exactly those
-forwards with no SAE and no metric; eval runs them plus the SAE and every metric. The baseline is timed before and
-after eval and averaged, so load that drifts during the run touches both. Without `--sae`, a TopK SAE of 4,608
-latents (k = 32) with random weights is used: speed does not depend on the weights at a fixed k.
+forwards with no SAE and no metric; eval runs them plus the SAE and every metric. With `--repeats R` the two are
+timed R times each, interleaved (bare, eval, eval, bare, bare, eval, ...), so load that drifts during the run touches
+both alike; the ratio reported is the median bare time over the median eval time, with every pair's own ratio beside
+it. Without `--sae`, a TopK SAE of 4,608 latents (k = 32) with random weights is used: speed does not depend on the
+weights at a fixed k.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=100_000, help="reconstruction tokens (kept positions)")
     p.add_argument("--sae", default="", help="an SAE folder (any format saelab reads); default: random TopK")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="interleaved timings of each (medians reported)")
     p.add_argument("--out", default="benchmarks/results/eval_speed.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -71,15 +74,22 @@ def main() -> None:
         torch.manual_seed(0)
         sae = sae_lib.build(sae_lib.SAEConfig("topk", lm.d_model, 8 * lm.d_model, k=32)).eval()
     load_before = os.getloadavg()
-    bare_before = bare_seconds(lm, windows, hookpoint, cfg)
-    start = time.perf_counter()
-    result = evaluate(lm, sae, windows, hookpoint, cfg)
-    eval_s = time.perf_counter() - start
-    bare_after = bare_seconds(lm, windows, hookpoint, cfg)
-    bare = (bare_before + bare_after) / 2
+    bare_s: list[float] = []
+    eval_s: list[float] = []
+    result = None
+    for r in range(args.repeats):
+        for what in ("bare", "eval") if r % 2 == 0 else ("eval", "bare"):
+            if what == "bare":
+                bare_s.append(bare_seconds(lm, windows, hookpoint, cfg))
+            else:
+                start = time.perf_counter()
+                result = evaluate(lm, sae, windows, hookpoint, cfg)
+                eval_s.append(time.perf_counter() - start)
+        print(f"repeat {r + 1}: bare {bare_s[-1]:.1f} s, eval {eval_s[-1]:.1f} s", flush=True)
+    assert result is not None
+    command = f"python benchmarks/eval_speed.py --tokens {args.tokens} --repeats {args.repeats}"
     out = {
-        "command": f"python benchmarks/eval_speed.py --tokens {args.tokens}"
-        + (f" --sae {args.sae}" if args.sae else ""),
+        "command": command + (f" --sae {args.sae}" if args.sae else ""),
         "machine": machine_facts(args.threads, load_before),
         "sae": {
             "architecture": sae.architecture,
@@ -88,9 +98,10 @@ def main() -> None:
         },
         "reconstruction_tokens": result.n_tokens,
         "ce_tokens": result.n_ce_tokens,
-        "eval_seconds": round(eval_s, 2),
-        "bare_forward_seconds": [round(bare_before, 2), round(bare_after, 2)],
-        "speed_ratio": round(bare / eval_s, 3),
+        "eval_seconds": [round(x, 2) for x in eval_s],
+        "bare_forward_seconds": [round(x, 2) for x in bare_s],
+        "pair_ratios": [round(b / e, 3) for b, e in zip(bare_s, eval_s)],
+        "speed_ratio": round(float(np.median(bare_s) / np.median(eval_s)), 3),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))

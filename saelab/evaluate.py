@@ -20,16 +20,15 @@ Downstream scores splice the SAE into the forward at the hookpoint (excluded pos
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from saelab import atomic
 from saelab.activations import iter_window_batches
 from saelab.config import EvalConfig
 from saelab.data import TokenWindows
@@ -79,14 +78,15 @@ class EvalResult:
         return d
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2))
-        tmp.rename(path)
+        atomic.write_json(path, self.to_json())
 
 
 @torch.no_grad()
 def reconstruction_metrics(sae: SAE, batches: list[torch.Tensor], dense_threshold: float) -> dict[str, Any]:
-    """Metrics over token batches (each [n, D], kept positions only); sums kept in float64."""
+    """Metrics over token batches (each [n, D], kept positions only).
+
+    Per-token quantities (squared error, norms, dot products: sums over D) are computed in the activations'
+    float32; every sum over tokens, and the per-dimension sums behind the total variance, accumulate in float64."""
     F_ = sae.cfg.d_sae
     sq_err = 0.0
     dim_sum: torch.Tensor | None = None
@@ -97,21 +97,26 @@ def reconstruction_metrics(sae: SAE, batches: list[torch.Tensor], dense_threshol
     fired = torch.zeros(F_, dtype=torch.float64)
     for x in batches:
         out = sae(x)
-        err = (x - out.x_hat_BD).double()
-        sq_err += float(err.pow(2).sum())
-        xd = x.double()
-        dim_sum = xd.sum(0) if dim_sum is None else dim_sum + xd.sum(0)
-        dim_sq = xd.pow(2).sum(0) if dim_sq is None else dim_sq + xd.pow(2).sum(0)
-        cos_sum += float(F.cosine_similarity(x, out.x_hat_BD, dim=-1).double().sum())
-        centred = (xd - xd.mean(0)).pow(2).sum(-1).clamp_min(1e-12)
-        legacy_sum += float((1 - err.pow(2).sum(-1) / centred).sum())
-        xh = out.x_hat_BD.double()
-        ratio_sum += float((xh.norm(dim=-1) / xd.norm(dim=-1).clamp_min(1e-12)).sum())
-        xhat_sq_sum += float(xh.pow(2).sum())
-        dot_sum += float((xd * xh).sum())
+        xh = out.x_hat_BD
+        err_sq_B = (x - xh).pow(2).sum(-1)
+        x_norm_B = x.pow(2).sum(-1).sqrt()
+        xh_norm_B = xh.pow(2).sum(-1).sqrt()
+        dot_B = (x * xh).sum(-1)
+        sq_err += float(err_sq_B.sum(dtype=torch.float64))
+        x_sum, x_sq = x.sum(0, dtype=torch.float64), x.pow(2).sum(0, dtype=torch.float64)
+        dim_sum = x_sum if dim_sum is None else dim_sum + x_sum
+        dim_sq = x_sq if dim_sq is None else dim_sq + x_sq
+        # F.cosine_similarity's definition, from the norms already computed: x.xh / max(|x| |xh|, 1e-8)
+        cos_B = dot_B / (x_norm_B * xh_norm_B).clamp_min(1e-8)
+        cos_sum += float(cos_B.sum(dtype=torch.float64))
+        centred_B = (x - x.mean(0)).pow(2).sum(-1).clamp_min(1e-12)
+        legacy_sum += float((1 - err_sq_B / centred_B).sum(dtype=torch.float64))
+        ratio_sum += float((xh_norm_B / x_norm_B.clamp_min(1e-12)).sum(dtype=torch.float64))
+        xhat_sq_sum += float(xh_norm_B.pow(2).sum(dtype=torch.float64))
+        dot_sum += float(dot_B.sum(dtype=torch.float64))
         active = out.code.top_acts_BK > 0
         l0_sum += float(active.sum())
-        l1_sum += float(out.code.top_acts_BK.double().sum())
+        l1_sum += float(out.code.top_acts_BK.sum(dtype=torch.float64))
         fired.index_add_(
             0, out.code.top_idx_BK[active].cpu(), torch.ones(int(active.sum()), dtype=torch.float64)
         )
