@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 MARK_FRACTION = 0.3
 """Tokens with activation >= this fraction of their example's max are marked for the explainer (Delphi's 0.3)."""
+REQUEST_ERROR = "LLMError: "
+"""How the `error` of an explanation the LLM never answered begins."""
 MAX_EXPLANATION_CHARS = 160
 """Longer answers are cut at a word boundary."""
 
@@ -174,6 +176,11 @@ class ExplanationRecord:
     completion_tokens: int = 0
     latency_s: float = 0.0
 
+    @property
+    def request_failed(self) -> bool:
+        """The LLM gave no answer (a request error; asked again on a rerun), as opposed to an unusable answer."""
+        return not self.ok and (self.error or "").startswith(REQUEST_ERROR)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)
 
@@ -207,7 +214,9 @@ class DefaultExplainer:
                 self.prompt(le), max_tokens=self.max_new_tokens, temperature=self.temperature
             )
         except LLMError as err:
-            return ExplanationRecord(le.latent, self.name, self.model, None, "", False, f"LLMError: {err}")
+            return ExplanationRecord(
+                le.latent, self.name, self.model, None, "", False, f"{REQUEST_ERROR}{err}"
+            )
         explanation = parse_explanation(resp.text)
         error = None if explanation else f"no explanation in the answer {resp.text[:80]!r}"
         return ExplanationRecord(
@@ -332,9 +341,22 @@ def run_explain(
     """Run the explainers and write `out_path` (JSONL, see module docstring)."""
     records = run_sync(explain_async(samples, cfg, client, temperature), client)
     write_explanations(records, out_path)
-    failed = [r for r in records if not r.ok]
-    if failed:
-        log.warning("%d of %d explanations failed (recorded with ok=false)", len(failed), len(records))
+    requests = sum(r.request_failed for r in records)
+    if requests:
+        log.warning(
+            "%d of %d explanations got no answer from the LLM (request errors, recorded with ok=false); running "
+            "the stage again asks only these (the answers it has are cached)",
+            requests,
+            len(records),
+        )
+    unparseable = sum(not r.ok and not r.request_failed for r in records)
+    if unparseable:
+        log.warning(
+            "%d of %d explanations failed: the answer held no usable explanation (recorded with ok=false and "
+            "the raw answer)",
+            unparseable,
+            len(records),
+        )
     return records
 
 

@@ -476,6 +476,7 @@ def stage_explain(s: Session) -> None:
         rec.update(
             n_explanations=len(records),
             n_failed=sum(not r.ok for r in records),
+            n_failed_requests=sum(r.request_failed for r in records),
             model=getattr(client, "model_name", "none"),
             **_llm_counts(client),
         )
@@ -494,7 +495,8 @@ def stage_score(s: Session) -> None:
     with s.run.stage("score", {"score": to_dict(s.cfg.score), "llm": to_dict(s.cfg.llm)}) as rec:
         out = s.folder / SCORES
         out.mkdir(exist_ok=True)
-        run_score(samples, explanations, s.cfg.score, client, out, s.cfg.seed)
+        summary = run_score(samples, explanations, s.cfg.score, client, out, s.cfg.seed)
+        rec.update(summary.failures())
         rec["outputs"] += [f"{SCORES}/scores.jsonl", f"{SCORES}/scores_summary.json"]
         rec["model"] = getattr(client, "model_name", "none")
         rec.update(_llm_counts(client))

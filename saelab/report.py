@@ -378,6 +378,13 @@ def _interp_section(run: Run, doc: Doc, plots: PlotDir) -> list[Path]:
         f"dead included): {samples.get('n_ineligible', 0)}; chosen but skipped: {len(skipped)}"
         + (" (" + "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:10]) + ")" if skipped else "")
         + f". Failed explanations (not scored, counted): {summary.get('failed_explanations', 0)}."
+        + (
+            f" Failed judgements (excluded from the metrics, counted): {summary['failed_requests']} requests the "
+            f"LLM did not answer (running `saelab score` again asks only these), {summary['unparseable_answers']} "
+            "answers that were no judgement."
+            if "failed_requests" in summary
+            else ""
+        )
     )
     overall = summary.get("overall", [])
     doc.table(

@@ -31,10 +31,11 @@ import asyncio
 import json
 import logging
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -84,6 +85,9 @@ def parse_yes_no(text: str) -> int | None:
 # ------------------------------------------------------------------------------------------------- scorers
 
 
+Failure = Literal["request", "unparseable"]
+
+
 @dataclass(frozen=True)
 class Prediction:
     """One scored example."""
@@ -96,6 +100,9 @@ class Prediction:
     """P(yes) (LLM judges) or cosine similarity (embedding); None when unavailable."""
     quantile: int = -1
     """Activation quantile of a positive example (0 = lowest, see `Example.quantile`); -1 for negatives."""
+    failure: Failure | None = None
+    """Why the judgement failed: `request` (no answer from the LLM; asked again on a rerun) or `unparseable` (an
+    answer that is not a judgement; cached, so a rerun gets the same)."""
 
 
 @dataclass(frozen=True)
@@ -144,22 +151,26 @@ class JudgeScorer:
         judged = await asyncio.gather(*(self.judge(explanation, text) for _, text, _ in items))
         q = quantiles_of(le)
         return ScorerOutput(
-            [Prediction(eid, label, p, s, q.get(eid, -1)) for (eid, _, label), (p, s) in zip(items, judged)]
+            [
+                Prediction(eid, label, p, s, q.get(eid, -1), failure)
+                for (eid, _, label), (p, s, failure) in zip(items, judged)
+            ]
         )
 
-    async def judge(self, explanation: str, text: str) -> tuple[int | None, float | None]:
-        """(prediction, P(yes)); (None, None) for a failed judgement."""
+    async def judge(self, explanation: str, text: str) -> tuple[int | None, float | None, Failure | None]:
+        """(prediction, P(yes), None), or (None, None, why) for a failed judgement."""
         try:
             resp = await self.client.chat(
                 judge_messages(self.template, explanation, text), max_tokens=1, logprobs=TOP_LOGPROBS
             )
         except LLMError as err:
             log.debug("judgement failed: %s", err)
-            return None, None
+            return None, None, "request"
         if resp.top_logprobs is not None:
             p = yes_probability(resp.top_logprobs)
-            return (None, None) if p is None else (int(p > 0.5), p)
-        return parse_yes_no(resp.text), None
+            return (None, None, "unparseable") if p is None else (int(p > 0.5), p, None)
+        pred = parse_yes_no(resp.text)
+        return pred, None, None if pred is not None else "unparseable"
 
 
 class DetectionScorer(JudgeScorer):
@@ -311,11 +322,17 @@ class ScoreSummary:
     comparisons: list[dict[str, Any]] = field(default_factory=list)
     """Explainers compared per latent (see `compare_explainers`)."""
 
+    def failures(self) -> dict[str, int]:
+        """Failed judgements by kind: `failed_requests` (asked again on a rerun) and `unparseable_answers`."""
+        kinds = Counter(p.failure for r in self.rows for p in r.predictions if p.failure)
+        return {"failed_requests": kinds["request"], "unparseable_answers": kinds["unparseable"]}
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "models": self.models,
             "overall": [o.to_dict() for o in self.overall],
             "failed_explanations": self.failed_explanations,
+            **self.failures(),
             "comparisons": self.comparisons,
         }
 
@@ -519,10 +536,17 @@ def run_score(
         },
         comparisons=compare_explainers(rows, seed),
     )
-    n_failed = sum(r.metrics.n_failed for r in rows)
-    if n_failed:
+    failures = summary.failures()
+    if failures["failed_requests"]:
         log.warning(
-            "%d judgements failed (unparseable answer or request error); excluded and counted", n_failed
+            "%d judgements got no answer from the LLM (request errors); they are excluded and counted, and "
+            "running the stage again asks only these (the answers it has are cached)",
+            failures["failed_requests"],
+        )
+    if failures["unparseable_answers"]:
+        log.warning(
+            "%d judgements were answers that are neither yes nor no; excluded from the metrics and counted",
+            failures["unparseable_answers"],
         )
     write_scores(summary, out_dir)
     return summary

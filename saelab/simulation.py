@@ -25,7 +25,7 @@ import numpy as np
 from saelab.llm import LLMClient, LLMError
 from saelab.prompts import SIMULATION_SYSTEM, SIMULATION_USER
 from saelab.sampling import Example, LatentExamples
-from saelab.score import Prediction, ScorerOutput, quantiles_of, scoring_examples
+from saelab.score import Failure, Prediction, ScorerOutput, quantiles_of, scoring_examples
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +76,16 @@ class SimulationScorer:
         self.tokens_per_line = tokens_per_line
         """Generation budget per example token (an `index: value` line is ~4-6 tokens)."""
 
-    async def simulate(self, explanation: str, ex: Example) -> np.ndarray | None:
+    async def simulate(self, explanation: str, ex: Example) -> np.ndarray | Failure:
         try:
             resp = await self.client.chat(
                 simulation_messages(explanation, ex), max_tokens=self.tokens_per_line * len(ex.acts) + 8
             )
         except LLMError as err:
             log.debug("simulation failed: %s", err)
-            return None
-        return parse_simulation(resp.text, len(ex.acts))
+            return "request"
+        sim = parse_simulation(resp.text, len(ex.acts))
+        return "unparseable" if sim is None else sim
 
     async def score(self, le: LatentExamples, explanation: str) -> ScorerOutput:
         items = scoring_examples(le)
@@ -92,8 +93,8 @@ class SimulationScorer:
         q = quantiles_of(le)
         preds, true, pred = [], [], []
         for (ex, label), sim in zip(items, sims):
-            if sim is None:
-                preds.append(Prediction(ex.example_id, label, None, None, q.get(ex.example_id, -1)))
+            if isinstance(sim, str):
+                preds.append(Prediction(ex.example_id, label, None, None, q.get(ex.example_id, -1), sim))
                 continue
             preds.append(
                 Prediction(

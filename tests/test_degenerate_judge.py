@@ -49,3 +49,6 @@ def test_a_judge_that_says_yes_to_everything_is_reported_and_flagged(
     assert main(["report", "--run-dir", str(run)]) == 0
     report = (run / "report.md").read_text()
     assert "answers positive for (almost) everything: recall 1.000, specificity 0.000" in report
+    assert (
+        "Failed judgements (excluded from the metrics, counted): 0 requests the LLM did not answer" in report
+    )

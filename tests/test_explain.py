@@ -127,24 +127,29 @@ def test_contrastive_without_explainer_negatives_is_refused_before_any_call(tmp_
 
 
 @pytest.mark.fault
-def test_unparseable_answer_is_a_recorded_failure(tmp_path: Path) -> None:
+def test_unparseable_answer_is_a_recorded_failure(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     samples = synthetic_samples(n_latents=2)
     client = RuleClient(explain_answer=lambda examples: "  \n ... \n")
     records = run_explain(samples, ExplainConfig(explainers=("default",)), client, tmp_path / "e.jsonl")
-    assert all(not r.ok and r.explanation is None for r in records)
+    assert all(not r.ok and r.explanation is None and not r.request_failed for r in records)
     assert all(r.error and "no explanation" in r.error for r in records)
+    assert "2 of 2 explanations failed: the answer held no usable explanation" in caplog.text
+    assert "no answer from the LLM" not in caplog.text
     rows = [json.loads(line) for line in (tmp_path / "e.jsonl").read_text().splitlines()]
     assert all(r["explanation"] is None and r["ok"] is False and r["raw"] == "  \n ... \n" for r in rows)
 
 
 @pytest.mark.fault
-def test_request_error_is_a_recorded_failure(tmp_path: Path) -> None:
+def test_request_error_is_a_recorded_failure(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     client = RuleClient(fail_with="server down")
     records = run_explain(
         synthetic_samples(1), ExplainConfig(explainers=("default",)), client, tmp_path / "e.jsonl"
     )
-    assert records[0].ok is False and records[0].explanation is None
+    assert records[0].ok is False and records[0].explanation is None and records[0].request_failed
     assert records[0].error == "LLMError: server down"
+    assert (
+        "1 of 1 explanations got no answer from the LLM" in caplog.text and "asks only these" in caplog.text
+    )
 
 
 @pytest.mark.bad_input

@@ -269,7 +269,7 @@ def test_server_killed_mid_score_then_resumed(llama: LlamaCppServer, sampled: Pa
     # the stage does not lose what it had: it finishes, the judgements the dead server could not give are
     # counted as failed (and said so on stderr), every answer given is in the cache
     assert proc.returncode == 0, err
-    assert "judgements failed" in err
+    assert "judgements got no answer from the LLM" in err and "asks only these" in err
     n_failed_ref = sum(r["n_failed"] for r in score_rows(reference))
     n_failed = sum(r["n_failed"] for r in score_rows(run))
     assert n_failed >= total - answered_before_kill

@@ -8,6 +8,7 @@ import math
 import re
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from conftest_llm import PLANTED, RuleClient, synthetic_samples
 
 from saelab.config import ScoreConfig
 from saelab.explain import ExplanationRecord
+from saelab.llm import ChatResponse, LLMError
 from saelab.metrics import binary_metrics
 from saelab.score import (
     DetectionScorer,
@@ -112,6 +114,7 @@ def test_unparseable_judgements_are_counted_not_guessed() -> None:
     m = rows[0].metrics
     assert m.n_failed == 8 and m.n_pos == m.n_neg == 0
     assert all(p.pred is None and p.score is None for p in rows[0].predictions)
+    assert {p.failure for p in rows[0].predictions} == {"unparseable"}
 
 
 def test_text_answers_without_logprobs_are_parsed() -> None:
@@ -128,6 +131,37 @@ def test_request_errors_are_failed_judgements() -> None:
     samples = synthetic_samples(n_latents=1)
     rows = asyncio.run(score_async(samples, explanations(1), [DetectionScorer(RuleClient(fail_with="down"))]))
     assert rows[0].metrics.n_failed == 8
+    assert {p.failure for p in rows[0].predictions} == {"request"}
+
+
+class HalfDown(RuleClient):
+    """Every third request fails, every third answer is neither yes nor no, the rest are judged by rule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    async def chat(self, messages: list[dict[str, str]], **kw: Any) -> ChatResponse:
+        self.n += 1
+        if self.n % 3 == 0:
+            raise LLMError("HTTP 503 after 3 tries")
+        if self.n % 3 == 1:
+            return ChatResponse("Perhaps", 10, 1, 0.0, None, self.model_name)
+        return await super().chat(messages, **kw)
+
+
+@pytest.mark.fault
+def test_failed_requests_and_unparseable_answers_are_counted_apart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    samples = synthetic_samples(n_latents=3)
+    cfg = ScoreConfig(scorers=("detection",), shuffled_control=False)
+    summary = run_score(samples, explanations(3), cfg, HalfDown(), tmp_path, seed=0)
+    data = json.loads((tmp_path / "scores_summary.json").read_text())
+    assert (data["failed_requests"], data["unparseable_answers"]) == (8, 8)  # of 24 judgements
+    assert sum(r.metrics.n_failed for r in summary.rows) == 16
+    assert "8 judgements got no answer from the LLM" in caplog.text and "asks only these" in caplog.text
+    assert "8 judgements were answers that are neither yes nor no" in caplog.text
 
 
 def test_fuzzing_marks() -> None:
@@ -193,7 +227,7 @@ def test_run_score_files_and_summary(tmp_path: Path) -> None:
         assert key in first
     for key in ("f1", "balanced_accuracy", "auc", "n_pos", "n_neg", "n_failed", "predictions"):
         assert key in first
-    assert set(first["predictions"][0]) == {"example_id", "label", "pred", "score", "quantile"}
+    assert set(first["predictions"][0]) == {"example_id", "label", "pred", "score", "quantile", "failure"}
     data = json.loads((tmp_path / "scores_summary.json").read_text())
     assert data["models"] == {"explainer_llm": "rule-client", "judge_llm": "rule-client", "embedding": None}
     assert data["failed_explanations"] == 1
