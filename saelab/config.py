@@ -374,6 +374,10 @@ class CacheConfig:
     """Target nonzeros per latent-range shard file (a latent never spans two shards)."""
     quantiles: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
     """Levels of the per-latent activation quantiles in stats (over the tokens where the latent fires)."""
+    value_dtype: Literal["float16", "float32"] = "float16"
+    """On-disk dtype of the stored activations: float16 (6 bytes per nonzero with the int32 token index; about
+    3 significant digits, activations above 65504 refused) or float32 (8 bytes). The statistics (mean, max,
+    quantiles) are computed from the float32 activations either way."""
     resume: bool = False
     """Continue an interrupted cache build of the same SAE, data and settings from its last spilled run (the
     tokens before it are neither read nor encoded again); with other settings it starts afresh."""

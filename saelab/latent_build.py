@@ -56,7 +56,13 @@ class CacheProgress:
     """Chunks this call encoded."""
 
 
-_DTYPES = {np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.float32): "F32"}
+_DTYPES = {
+    np.dtype(np.int64): "I64",
+    np.dtype(np.int32): "I32",
+    np.dtype(np.float32): "F32",
+    np.dtype(np.float16): "F16",
+}
+FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
 class SafetensorsWriter:
@@ -81,8 +87,11 @@ class SafetensorsWriter:
     def write_at(self, name: str, start: int, arr: np.ndarray) -> None:
         """Write `arr` into tensor `name` from element `start` on."""
         offset, dtype = self._where[name]
+        out = np.ascontiguousarray(arr, dtype=dtype)
+        if dtype == np.float16:  # a positive activation below float16's range stays a nonzero
+            out[(out == 0) & (np.asarray(arr) > 0)] = np.finfo(np.float16).smallest_subnormal
         self.f.seek(self._base + offset + start * dtype.itemsize)
-        self.f.write(np.ascontiguousarray(arr, dtype=dtype).tobytes())
+        self.f.write(out.tobytes())
 
     def close(self) -> None:
         self.f.close()
@@ -284,7 +293,7 @@ def _merge(
         specs: list[tuple[str, np.dtype[Any], int]] = [
             ("indptr", np.dtype(np.int64), b - a + 1),
             ("token_idx", np.dtype(np.int32), nnz),
-            ("values", np.dtype(np.float32), nnz),
+            ("values", np.dtype(cfg.value_dtype), nnz),
         ]
         w = SafetensorsWriter(folder / name, specs, {"latent_start": str(a), "latent_end": str(b)})
         w.write_at("indptr", 0, indptr)
@@ -328,7 +337,8 @@ def build_cache(
     sources start there without reading or running the model for them); an iterable is read past them."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
-    settings = {k: v for k, v in to_dict(cfg).items() if k != "resume"}
+    # the spilled runs hold float32 whatever value_dtype is, so a build resumed with another one keeps them
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("resume", "value_dtype")}
     key = hashlib.sha256(json.dumps([sae_sha256, data_sha256, settings], sort_keys=True).encode()).hexdigest()
     acc = _Accumulator(sae, tmp, cfg.buffer_nnz, key, cfg.resume)
     source = chunks(acc.n_tokens) if callable(chunks) else _skip_tokens(chunks, acc.n_tokens)
@@ -339,6 +349,11 @@ def build_cache(
     acc.close()
     if acc.n_tokens == 0:
         raise CacheError("no tokens to cache: the activation source is empty")
+    if cfg.value_dtype == "float16" and float(acc.max_F.max(initial=0.0)) > FLOAT16_MAX:
+        raise CacheError(
+            f"latent activations reach {float(acc.max_F.max()):.4g}, beyond float16's {FLOAT16_MAX:.0f}; pass "
+            "--cache.value-dtype float32 --cache.resume (the encoded tokens are kept)"
+        )
     shards, quantiles_FQ, exact_F = _merge(acc.runs, acc.count_F, tmp, cfg)
     shutil.rmtree(acc.runs.folder)
     _write_tokens(tmp, acc.n_tokens, cfg.buffer_nnz)
@@ -351,7 +366,15 @@ def build_cache(
     nnz = int(count.sum())
     size = sum((tmp / s.file).stat().st_size for s in shards)
     info = CacheInfo(
-        sae.cfg.d_sae, n, nnz, cfg.dataset_split, sae_sha256, data_sha256, tuple(shards), size / max(1, nnz)
+        sae.cfg.d_sae,
+        n,
+        nnz,
+        cfg.dataset_split,
+        sae_sha256,
+        data_sha256,
+        tuple(shards),
+        size / max(1, nnz),
+        value_dtype=cfg.value_dtype,
     )
     info.save(tmp / MANIFEST)
     shutil.rmtree(folder, ignore_errors=True)

@@ -4,7 +4,8 @@ Layout of the cache folder (`latents/` in a run):
 
     cache.json               format, provenance (sha256 of the SAE and of the data), split, token count, shards
     shard-00000.safetensors  latents [start, end): `indptr` [end-start+1] int64 splits `token_idx` [nnz] int32 and
-                             `values` [nnz] float32 by latent (8 bytes per nonzero); each latent's tokens ascending
+                             `values` [nnz] float16 (or float32, `cache.value_dtype`) by latent: 6 (8) bytes per
+                             nonzero; each latent's tokens ascending; read back as float32
     tokens.safetensors       `window` [N] int32 and `pos` [N] int32: where cached token i came from
     stats.safetensors        per-latent count, frequency, mean and max activation, activation quantiles
 
@@ -75,6 +76,8 @@ class CacheInfo:
     bytes_per_nonzero: float
     """Size of the shard files (headers and indptr included) per stored nonzero."""
     format: str = FORMAT
+    value_dtype: str = "float32"
+    """On-disk dtype of `values` (caches written before the setting existed hold float32)."""
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2))
@@ -198,7 +201,7 @@ class LatentCache:
         a, b = (int(x) for x in handle.get_slice("indptr")[row : row + 2])
         if a == b:
             return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.float32)
-        return handle.get_slice("token_idx")[a:b], handle.get_slice("values")[a:b]
+        return handle.get_slice("token_idx")[a:b], handle.get_slice("values")[a:b].astype(np.float32)
 
     @cached_property
     def _token_map(self) -> dict[str, np.ndarray]:

@@ -51,18 +51,22 @@ SAMPLE = SampleConfig(n_latents=6, example_ctx_len=8, min_examples=8, n_examples
                       n_quantiles=2, n_non_activating=4)  # fmt: skip
 
 
-def test_per_latent_read_equals_dense_encode(tmp_path: Path) -> None:
+@pytest.mark.parametrize("value_dtype", ["float16", "float32"])
+def test_per_latent_read_equals_dense_encode(tmp_path: Path, value_dtype: str) -> None:
     sae, acts, _ = fixture_acts()
-    cache = make_cache(tmp_path / "c", sae, acts)
+    cache = make_cache(tmp_path / "c", sae, acts, dataclasses.replace(SMALL, value_dtype=value_dtype))  # type: ignore[arg-type]
+    assert cache.info.value_dtype == value_dtype
     assert len(cache.info.shards) > 1 and not cache.stats.quantiles_exact.all()  # every merge path ran
     assert cache.d_sae == sae.cfg.d_sae  # latents, not a d_in-wide reconstruction
     dense = sae.dense_latents(acts.acts_ND).detach().numpy()
     assert cache.nnz == int((dense > 0).sum())  # cached L0 equals encode()'s L0
+    stored = dense.astype(value_dtype).astype(np.float32)  # what the on-disk dtype keeps
     for f in range(cache.d_sae):
         idx, vals = cache.latent(f)
         np.testing.assert_array_equal(idx, np.flatnonzero(dense[:, f] > 0))  # every token, ascending
-        np.testing.assert_array_equal(vals, dense[idx, f])
-    np.testing.assert_array_equal(cache.dense(), dense)
+        assert vals.dtype == np.float32 and (vals > 0).all()
+        np.testing.assert_array_equal(vals, stored[idx, f])
+    np.testing.assert_array_equal(cache.dense(), stored)
     np.testing.assert_array_equal(cache.window_N, acts.window_N.numpy())
     np.testing.assert_array_equal(cache.pos_N, acts.pos_N.numpy())
     st = cache.stats
@@ -91,21 +95,41 @@ def test_one_latent_reads_only_its_shard(tmp_path: Path) -> None:
         np.testing.assert_array_equal(again.latent(f)[1], want[f][1])
 
 
-def test_bytes_per_nonzero_on_disk(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("value_dtype", "per_nonzero"), [("float16", 6), ("float32", 8)])
+def test_bytes_per_nonzero_on_disk(tmp_path: Path, value_dtype: str, per_nonzero: int) -> None:
     sae, acts, _ = fixture_acts(n_windows=400, F=64, k=8)
-    cache = make_cache(tmp_path / "c", sae, acts, CacheConfig(shard_nnz=1 << 16))
+    cfg = CacheConfig(shard_nnz=1 << 16, value_dtype=value_dtype)  # type: ignore[arg-type]
+    cache = make_cache(tmp_path / "c", sae, acts, cfg)
     payload = 0
     for shard in cache.info.shards:
         size = (cache.folder / shard.file).stat().st_size
         header = 8 + int.from_bytes((cache.folder / shard.file).read_bytes()[:8], "little")
         indptr = 8 * (shard.end - shard.start + 1)
-        assert size - header - indptr == 8 * shard.nnz  # int32 token index + float32 value per nonzero
+        assert size - header - indptr == per_nonzero * shard.nnz  # int32 token index + the value
         payload += size
     assert cache.nnz > 90_000
     assert payload / cache.nnz == pytest.approx(cache.info.bytes_per_nonzero)
-    assert (
-        cache.info.bytes_per_nonzero < 8.02
-    )  # indptr and headers are per latent / per shard, not per nonzero
+    # indptr and headers are per latent / per shard, not per nonzero
+    assert per_nonzero < cache.info.bytes_per_nonzero < per_nonzero + 0.02
+    if value_dtype == "float16":  # the default meets the issue's bound with the overhead included
+        assert CacheConfig().value_dtype == "float16" and cache.info.bytes_per_nonzero <= 8
+
+
+@pytest.mark.bad_input
+def test_activations_beyond_float16_are_refused_and_kept_for_float32(tmp_path: Path) -> None:
+    sae, acts, _ = fixture_acts()
+    big = Activations(acts.acts_ND * 1e5, acts.window_N, acts.pos_N)
+    with pytest.raises(
+        CacheError, match=r"beyond float16's 65504; pass --cache.value-dtype float32 --cache.resume"
+    ):
+        make_cache(tmp_path / "c", sae, big, dataclasses.replace(SMALL, value_dtype="float16"))
+    progress = CacheProgress()
+    cfg = dataclasses.replace(SMALL, value_dtype="float32", resume=True)
+    cache = build_cache(
+        sae, chunks_from_activations(big, 100), tmp_path / "c", cfg, "sae-a", "data-a", progress
+    )
+    assert progress.encoded_chunks == 0 and progress.resumed_tokens == big.acts_ND.shape[0]
+    assert cache.stats.max_act.max() > 65504
 
 
 def random_chunks(n_tokens: int, d: int, batch: int) -> Iterator[Chunk]:
