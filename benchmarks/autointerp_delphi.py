@@ -156,7 +156,7 @@ def run_saelab(samples: Any, url: str, parallel: int, work: Path) -> dict[str, A
     }
 
 
-def run_delphi(samples: Any, url: str, parallel: int, work: Path) -> dict[str, Any]:
+def run_delphi(samples: Any, url: str, parallel: int, work: Path, timeout_s: float) -> dict[str, Any]:
     if not DELPHI_PY.exists():
         sys.exit(f"{DELPHI_PY} is missing; `make .venv-peers/delphi/.installed` builds Delphi's environment")
     from dataclasses import asdict
@@ -165,6 +165,7 @@ def run_delphi(samples: Any, url: str, parallel: int, work: Path) -> dict[str, A
         "url": url,
         "model": "smollm2",
         "concurrency": parallel,
+        "timeout_s": timeout_s,
         "latents": [asdict(le) for le in samples.latents],
     }
     (work / "delphi_in.json").write_text(json.dumps(cfg))
@@ -194,6 +195,12 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2, help="llama-server threads")
+    ap.add_argument(
+        "--delphi-timeout",
+        type=float,
+        default=900.0,
+        help="Delphi's request timeout, s (its own default: 100)",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "autointerp_delphi.json")
     args = ap.parse_args()
     load_before = os.getloadavg()
@@ -219,7 +226,10 @@ def main() -> None:
                 d = work / f"{tool}-{rep}"
                 d.mkdir()
                 print(f"repeat {rep}: {tool} on {n} latents", flush=True)
-                r = (run_saelab if tool == "saelab" else run_delphi)(samples, url, args.parallel, d)
+                if tool == "saelab":
+                    r = run_saelab(samples, url, args.parallel, d)
+                else:
+                    r = run_delphi(samples, url, args.parallel, d, args.delphi_timeout)
                 print(f"  {r['wall_s']:.1f} s, {r['requests']} requests", flush=True)
                 results[tool].append(r)
     finally:

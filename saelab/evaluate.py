@@ -19,7 +19,6 @@ Downstream scores splice the SAE into the forward at the hookpoint (excluded pos
 
 from __future__ import annotations
 
-import functools
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -96,8 +95,8 @@ def reconstruction_metrics(sae: SAE, batches: list[torch.Tensor], dense_threshol
     n = 0
     fired = torch.zeros(F_, dtype=torch.float64)
     for x in batches:
-        out = sae(x)
-        xh = out.x_hat_BD
+        out = sae(x)  # forward, not encode + decode: an SAE class may define its reconstruction there
+        code, xh = out.code, out.x_hat_BD
         err_sq_B = (x - xh).pow(2).sum(-1)
         x_norm_B = x.pow(2).sum(-1).sqrt()
         xh_norm_B = xh.pow(2).sum(-1).sqrt()
@@ -114,12 +113,10 @@ def reconstruction_metrics(sae: SAE, batches: list[torch.Tensor], dense_threshol
         ratio_sum += float((xh_norm_B / x_norm_B.clamp_min(1e-12)).sum(dtype=torch.float64))
         xhat_sq_sum += float(xh_norm_B.pow(2).sum(dtype=torch.float64))
         dot_sum += float(dot_B.sum(dtype=torch.float64))
-        active = out.code.top_acts_BK > 0
+        active = code.top_acts_BK > 0
         l0_sum += float(active.sum())
-        l1_sum += float(out.code.top_acts_BK.sum(dtype=torch.float64))
-        fired.index_add_(
-            0, out.code.top_idx_BK[active].cpu(), torch.ones(int(active.sum()), dtype=torch.float64)
-        )
+        l1_sum += float(code.top_acts_BK.sum(dtype=torch.float64))
+        fired.index_add_(0, code.top_idx_BK[active].cpu(), torch.ones(int(active.sum()), dtype=torch.float64))
         n += x.shape[0]
     assert dim_sum is not None and dim_sq is not None
     total_var = float((dim_sq - dim_sum.pow(2) / n).sum())  # sum over tokens of ||x - mean||^2
@@ -161,17 +158,16 @@ def downstream_scores(
         ids = torch.as_tensor(windows.tokens[batch], dtype=torch.long, device=lm.device)
         keep = torch.as_tensor(windows.keep[batch], device=lm.device)
         mask = keep[:, :-1]  # predictions made at spliced positions
-        targets = ids[:, 1:]
-        logp_clean = _log_probs(lm, ids)
-        ce_kl = functools.partial(_ce_kl, logp_clean=logp_clean, targets=targets, mask=mask)
-        shared["ce_clean"] += ce_kl(logp_clean)[0]
+        targets = ids[:, 1:][mask]
+        clean = _Clean(_log_probs(lm, ids, mask), targets)
+        shared["ce_clean"] += clean.ce
         with replace_output(lm.model, hookpoint, torch.zeros_like):  # every position, BOS included (SAEBench)
-            ce, kl = ce_kl(_log_probs(lm, ids))
+            ce, kl = clean.ce_kl(_log_probs(lm, ids, mask))
         shared["ce_zero_ablation"] += ce
         shared["kl_zero_ablation"] += kl
         for sae, totals in zip(saes, per_sae, strict=True):
             with replace_output(lm.model, hookpoint, lambda x, keep=keep, sae=sae: _splice(x, keep, sae)):
-                ce, kl = ce_kl(_log_probs(lm, ids))
+                ce, kl = clean.ce_kl(_log_probs(lm, ids, mask))
             totals["ce_sae"] += ce
             totals["kl_sae"] += kl
         n += int(mask.sum())
@@ -187,13 +183,24 @@ def downstream_scores(
     return results
 
 
-def _ce_kl(
-    logp: torch.Tensor, logp_clean: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
-) -> tuple[float, float]:
-    """Summed cross-entropy of the targets and KL(clean || new) over the masked positions."""
-    ce = -logp.gather(-1, targets[..., None]).squeeze(-1)
-    kl = (logp_clean.exp() * (logp_clean - logp)).sum(-1)
-    return float(ce[mask].double().sum()), float(kl[mask].double().sum())
+class _Clean:
+    """The clean forward's log-probabilities [M, V] at the M predictions that count, and what every other forward
+    is compared with: its summed cross-entropy, its probabilities and their sum of p log p (for the KL)."""
+
+    def __init__(self, logp: torch.Tensor, targets: torch.Tensor) -> None:
+        self.targets = targets
+        self.ce = _ce(logp, targets)
+        self.p = logp.exp()
+        self.p_logp = (self.p * logp).sum(-1)
+
+    def ce_kl(self, logp: torch.Tensor) -> tuple[float, float]:
+        """Summed cross-entropy of the targets under `logp`, and summed KL(clean || logp)."""
+        kl = self.p_logp - (self.p * logp).sum(-1)
+        return _ce(logp, self.targets), float(kl.sum(dtype=torch.float64))
+
+
+def _ce(logp: torch.Tensor, targets: torch.Tensor) -> float:
+    return float(-logp.gather(-1, targets[:, None]).sum(dtype=torch.float64))
 
 
 def _splice(x: torch.Tensor, keep: torch.Tensor, sae: SAE) -> torch.Tensor:
@@ -203,9 +210,10 @@ def _splice(x: torch.Tensor, keep: torch.Tensor, sae: SAE) -> torch.Tensor:
     return new
 
 
-def _log_probs(lm: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
-    logits = lm.model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-    return torch.log_softmax(logits, dim=-1)
+def _log_probs(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities [M, V] of the next token at the M positions `mask` [B, T-1] selects."""
+    logits = lm.model(input_ids=ids, use_cache=False).logits[:, :-1][mask]
+    return torch.log_softmax(logits.float(), dim=-1)
 
 
 def evaluate(lm: LoadedModel, sae: SAE, windows: TokenWindows, hookpoint: str, cfg: EvalConfig) -> EvalResult:

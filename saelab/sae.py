@@ -457,6 +457,13 @@ class TopKSAE(KSparseSAE):
         acts, idx = pre_BF.topk(self.cfg.k, dim=-1, sorted=False)
         return SparseCode(acts, idx)
 
+    def encode(self, x_BD: torch.Tensor) -> SparseCode:
+        # TopK of the raw pre-activations, then ReLU on the K kept values: the code of TopK(ReLU(pre)) (a kept
+        # value below 0 is an inactive 0 either way) without a ReLU pass over all F latents.
+        _check_finite(x_BD)
+        acts, idx = self.linear(x_BD).topk(self.cfg.k, dim=-1, sorted=False)
+        return SparseCode(acts.relu(), idx)
+
     def train_entries(self, raw_BF: torch.Tensor) -> tuple[Entries, torch.Tensor]:
         # TopK of the raw values equals TopK after the ReLU wherever the kept values are positive.
         vals, idx = raw_BF.topk(self.cfg.k, dim=-1, sorted=False)

@@ -15,9 +15,11 @@ default prompt, activations shown, no chain of thought), then `DetectionScorer` 
 client, but its explainer and scorers pass temperature 0.0), 100 s timeout, one attempt). Latents run concurrently,
 at most `concurrency` at a time, explain -> detection -> fuzzing per latent, as Delphi's `Pipeline` runs them.
 
-The only change to Delphi: its client module imports `vllm` at import time (for its offline client, unused here),
-so a stub module stands in for it; and `OpenRouter.postprocess` is wrapped to count requests and the server's
-`usage` token counts (the text it returns is unchanged).
+The changes to Delphi: its client module imports `vllm` at import time (for its offline client, unused here), so a
+stub module stands in for it; `OpenRouter.postprocess` is wrapped to count requests and the server's `usage`
+token counts (the text it returns is unchanged); and its fixed 100 s request timeout is replaced by IN.json's
+`timeout_s` (its few-shot scorer prompts of ~1,650 tokens can take longer than 100 s on a 2-core CPU server, and
+then Delphi returns no judgement at all), with timed-out requests counted.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def stub_vllm() -> None:
 
 stub_vllm()
 
+import httpx  # noqa: E402
 import torch  # noqa: E402
 from delphi.clients import OpenRouter  # noqa: E402
 from delphi.explainers import DefaultExplainer  # noqa: E402
@@ -58,6 +61,8 @@ from delphi.latents import ActivatingExample, Latent, LatentRecord, NonActivatin
 from delphi.scorers import DetectionScorer, FuzzingScorer  # noqa: E402
 
 UNPARSED = "Explanation could not be parsed."
+TIMEOUT_S = 100.0
+"""Request timeout (IN.json `timeout_s`; Delphi's own is 100 s)."""
 
 
 class CountingClient(OpenRouter):
@@ -68,6 +73,18 @@ class CountingClient(OpenRouter):
         self.requests = 0
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.timeouts = 0
+        post = self.client.post
+
+        async def post_with_timeout(*args: Any, **kwargs: Any) -> Any:
+            kwargs["timeout"] = TIMEOUT_S
+            try:
+                return await post(*args, **kwargs)
+            except httpx.TimeoutException:
+                self.timeouts += 1
+                raise
+
+        self.client.post = post_with_timeout  # type: ignore[method-assign]
 
     def postprocess(self, response: Any) -> Any:
         self.requests += 1
@@ -138,6 +155,8 @@ async def one_latent(
 
 
 async def main(cfg: dict[str, Any]) -> dict[str, Any]:
+    global TIMEOUT_S
+    TIMEOUT_S = float(cfg.get("timeout_s", 100.0))
     client = CountingClient(cfg["model"], base_url=cfg["url"].rstrip("/") + "/chat/completions")
     sem = asyncio.Semaphore(int(cfg["concurrency"]))
     t0 = time.perf_counter()
@@ -148,6 +167,8 @@ async def main(cfg: dict[str, Any]) -> dict[str, Any]:
         "requests": client.requests,
         "prompt_tokens": client.prompt_tokens,
         "completion_tokens": client.completion_tokens,
+        "timed_out_requests": client.timeouts,
+        "timeout_s": TIMEOUT_S,
         "explanations_parsed": sum(r["explanation"] not in ("", UNPARSED) for r in rows),
         "latents": rows,
     }
