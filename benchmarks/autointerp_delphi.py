@@ -98,7 +98,7 @@ def prepare_run(src: Path, dst: Path) -> Path:
     """A copy of `src` (its SAE, cache and windows) with the benchmark's own `sample` stage."""
     from saelab.cli import main
 
-    if not (src / "latents" / "latents.safetensors").exists():
+    if not (src / "latents" / "cache.json").exists():
         sys.exit(
             f"{src} has no latent cache; run `saelab demo --run-dir {src}` (or up to `saelab cache`) first"
         )
