@@ -106,8 +106,7 @@ def _kept_rows(
             "lower --collect.n-train-tokens or use a larger corpus"
         )
     idx = windows.train_idx[:n_windows]
-    per_batch = np.add.reduceat(keep_per_window[:n_windows], np.arange(0, n_windows, batch_size))
-    before = np.concatenate([[0], np.cumsum(per_batch)])  # rows before batch b
+    before = windows.kept_before_batches(idx, batch_size)
     first = int(np.searchsorted(before, skip_rows, side="right") - 1)
     drop = skip_rows - int(before[first])
     for batch, a_BTD in iter_window_batches(

@@ -114,6 +114,14 @@ class TokenWindows:
             h.update(np.ascontiguousarray(arr).tobytes())
         return h.hexdigest()
 
+    def kept_before_batches(self, idx: np.ndarray, batch_size: int) -> np.ndarray:
+        """Kept positions before each batch of `batch_size` windows of `idx`, in order: [n_batches + 1], from 0 to
+        the total (where a resumed stage finds the batch to start from)."""
+        if len(idx) == 0:
+            return np.zeros(1, dtype=np.int64)
+        per_batch = np.add.reduceat(self.keep[idx].sum(axis=1), np.arange(0, len(idx), batch_size))
+        return np.concatenate([[0], np.cumsum(per_batch)])
+
     def save(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp.npz")
         np.savez(tmp, tokens=self.tokens, keep=self.keep, eval_idx=self.eval_idx, train_idx=self.train_idx)

@@ -19,6 +19,7 @@ Downstream scores splice the SAE into the forward at the hookpoint (excluded pos
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -80,63 +81,83 @@ class EvalResult:
         atomic.write_json(path, self.to_json())
 
 
-@torch.no_grad()
-def reconstruction_metrics(sae: SAE, batches: list[torch.Tensor], dense_threshold: float) -> dict[str, Any]:
-    """Metrics over token batches (each [n, D], kept positions only).
+class ReconstructionStats:
+    """The reconstruction metrics of one SAE, accumulated batch by batch (memory does not grow with the tokens).
 
     Per-token quantities (squared error, norms, dot products: sums over D) are computed in the activations'
-    float32; every sum over tokens, and the per-dimension sums behind the total variance, accumulate in float64."""
-    F_ = sae.cfg.d_sae
-    sq_err = 0.0
-    dim_sum: torch.Tensor | None = None
-    dim_sq: torch.Tensor | None = None
-    cos_sum = legacy_sum = l0_sum = l1_sum = 0.0
-    ratio_sum = xhat_sq_sum = dot_sum = 0.0
-    n = 0
-    fired = torch.zeros(F_, dtype=torch.float64)
-    for x in batches:
-        out = sae(x)  # forward, not encode + decode: an SAE class may define its reconstruction there
-        code, xh = out.code, out.x_hat_BD
+    float32; every sum over tokens, and the per-dimension sums behind the total variance, accumulate in float64.
+    Definitions in the module docstring; `explained_variance_legacy` centres each token on its own batch's mean,
+    so it depends on the batches given (the others do not)."""
+
+    def __init__(self, sae: SAE, dense_threshold: float) -> None:
+        self.sae = sae
+        self.dense_threshold = dense_threshold
+        self.sq_err = self.cos_sum = self.legacy_sum = self.l0_sum = self.l1_sum = 0.0
+        self.ratio_sum = self.xhat_sq_sum = self.dot_sum = 0.0
+        self.n = 0
+        self.dim_sum = torch.zeros(sae.cfg.d_in, dtype=torch.float64)
+        self.dim_sq = torch.zeros(sae.cfg.d_in, dtype=torch.float64)
+        self.fired = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        """Account for one batch of tokens `x` [n, D] (kept positions only)."""
+        xh, code = self.sae.reconstruct(x)
         err_sq_B = (x - xh).pow(2).sum(-1)
         x_norm_B = x.pow(2).sum(-1).sqrt()
         xh_norm_B = xh.pow(2).sum(-1).sqrt()
         dot_B = (x * xh).sum(-1)
-        sq_err += float(err_sq_B.sum(dtype=torch.float64))
-        x_sum, x_sq = x.sum(0, dtype=torch.float64), x.pow(2).sum(0, dtype=torch.float64)
-        dim_sum = x_sum if dim_sum is None else dim_sum + x_sum
-        dim_sq = x_sq if dim_sq is None else dim_sq + x_sq
+        self.sq_err += float(err_sq_B.sum(dtype=torch.float64))
+        self.dim_sum += x.sum(0, dtype=torch.float64).cpu()
+        self.dim_sq += x.pow(2).sum(0, dtype=torch.float64).cpu()
         # F.cosine_similarity's definition, from the norms already computed: x.xh / max(|x| |xh|, 1e-8)
         cos_B = dot_B / (x_norm_B * xh_norm_B).clamp_min(1e-8)
-        cos_sum += float(cos_B.sum(dtype=torch.float64))
+        self.cos_sum += float(cos_B.sum(dtype=torch.float64))
         centred_B = (x - x.mean(0)).pow(2).sum(-1).clamp_min(1e-12)
-        legacy_sum += float((1 - err_sq_B / centred_B).sum(dtype=torch.float64))
-        ratio_sum += float((xh_norm_B / x_norm_B.clamp_min(1e-12)).sum(dtype=torch.float64))
-        xhat_sq_sum += float(xh_norm_B.pow(2).sum(dtype=torch.float64))
-        dot_sum += float(dot_B.sum(dtype=torch.float64))
+        self.legacy_sum += float((1 - err_sq_B / centred_B).sum(dtype=torch.float64))
+        self.ratio_sum += float((xh_norm_B / x_norm_B.clamp_min(1e-12)).sum(dtype=torch.float64))
+        self.xhat_sq_sum += float(xh_norm_B.pow(2).sum(dtype=torch.float64))
+        self.dot_sum += float(dot_B.sum(dtype=torch.float64))
         active = code.top_acts_BK > 0
-        l0_sum += float(active.sum())
-        l1_sum += float(code.top_acts_BK.sum(dtype=torch.float64))
-        fired.index_add_(0, code.top_idx_BK[active].cpu(), torch.ones(int(active.sum()), dtype=torch.float64))
-        n += x.shape[0]
-    assert dim_sum is not None and dim_sq is not None
-    total_var = float((dim_sq - dim_sum.pow(2) / n).sum())  # sum over tokens of ||x - mean||^2
-    freq = (fired / n).numpy()
-    with np.errstate(divide="ignore"):
-        log_freq = np.log10(freq)
-    return {
-        "mse": sq_err / n,
-        "explained_variance": 1 - sq_err / total_var,
-        "explained_variance_legacy": legacy_sum / n,
-        "cosine_similarity": cos_sum / n,
-        "l0": l0_sum / n,
-        "l1": l1_sum / n,
-        "l2_ratio": ratio_sum / n,
-        "relative_reconstruction_bias": xhat_sq_sum / dot_sum,
-        "dead_fraction": float((freq == 0).mean()),
-        "dense_fraction": float((freq > dense_threshold).mean()),
-        "n_tokens": n,
-        "log10_frequency": log_freq.tolist(),
-    }
+        n_active = int(active.sum())
+        self.l0_sum += n_active
+        self.l1_sum += float(code.top_acts_BK.sum(dtype=torch.float64))
+        self.fired.index_add_(0, code.top_idx_BK[active].cpu(), torch.ones(n_active, dtype=torch.float64))
+        self.n += x.shape[0]
+
+    def result(self) -> dict[str, Any]:
+        """The metrics over every token added so far."""
+        n = self.n
+        if n == 0:
+            raise SAEError("no tokens to evaluate: every position of the eval windows was excluded")
+        total_var = float((self.dim_sq - self.dim_sum.pow(2) / n).sum())  # sum over tokens of ||x - mean||^2
+        freq = (self.fired / n).numpy()
+        with np.errstate(divide="ignore"):
+            log_freq = np.log10(freq)
+        return {
+            "mse": self.sq_err / n,
+            "explained_variance": 1 - self.sq_err / total_var,
+            "explained_variance_legacy": self.legacy_sum / n,
+            "cosine_similarity": self.cos_sum / n,
+            "l0": self.l0_sum / n,
+            "l1": self.l1_sum / n,
+            "l2_ratio": self.ratio_sum / n,
+            "relative_reconstruction_bias": self.xhat_sq_sum / self.dot_sum,
+            "dead_fraction": float((freq == 0).mean()),
+            "dense_fraction": float((freq > self.dense_threshold).mean()),
+            "n_tokens": n,
+            "log10_frequency": log_freq.tolist(),
+        }
+
+
+def reconstruction_metrics(
+    sae: SAE, batches: Iterable[torch.Tensor], dense_threshold: float
+) -> dict[str, Any]:
+    """`ReconstructionStats` over token batches (each [n, D], kept positions only)."""
+    stats = ReconstructionStats(sae, dense_threshold)
+    for x in batches:
+        stats.add(x)
+    return stats.result()
 
 
 @torch.no_grad()
@@ -206,7 +227,7 @@ def _ce(logp: torch.Tensor, targets: torch.Tensor) -> float:
 def _splice(x: torch.Tensor, keep: torch.Tensor, sae: SAE) -> torch.Tensor:
     """The hookpoint's output with kept positions replaced by the SAE's reconstruction."""
     new = x.clone()
-    new[keep] = sae(x[keep].float()).x_hat_BD.to(x.dtype)
+    new[keep] = sae.reconstruct(x[keep].float())[0].to(x.dtype)
     return new
 
 
@@ -214,6 +235,16 @@ def _log_probs(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.
     """Log-probabilities [M, V] of the next token at the M positions `mask` [B, T-1] selects."""
     logits = lm.model(input_ids=ids, use_cache=False).logits[:, :-1][mask]
     return torch.log_softmax(logits.float(), dim=-1)
+
+
+def eval_tokens(
+    lm: LoadedModel, windows: TokenWindows, hookpoint: str, cfg: EvalConfig
+) -> Iterator[torch.Tensor]:
+    """The hookpoint's activations [n, D] at the kept positions of the held-out windows, one forward batch at a
+    time (each forward stopped at the hookpoint)."""
+    idx = windows.eval_idx[: cfg.n_windows]
+    for batch, a_BTD in iter_window_batches(lm, windows, idx, hookpoint, cfg.batch_size, "eval recon"):
+        yield a_BTD[torch.as_tensor(windows.keep[batch], device=a_BTD.device)]
 
 
 def evaluate(lm: LoadedModel, sae: SAE, windows: TokenWindows, hookpoint: str, cfg: EvalConfig) -> EvalResult:
@@ -233,11 +264,11 @@ def evaluate_many(
                 f"SAE d_in={sae.cfg.d_in} does not match the model's d_model={lm.d_model} at {hookpoint}; "
                 "evaluate it with the model and hookpoint it was trained on"
             )
-    idx = windows.eval_idx[: cfg.n_windows]
-    batches = []
-    for batch, a_BTD in iter_window_batches(lm, windows, idx, hookpoint, cfg.batch_size, "eval recon"):
-        batches.append(a_BTD[torch.as_tensor(windows.keep[batch], device=a_BTD.device)])
-    recon = [reconstruction_metrics(sae, batches, cfg.dense_threshold) for sae in saes]
+    stats = [ReconstructionStats(sae, cfg.dense_threshold) for sae in saes]
+    for x in eval_tokens(lm, windows, hookpoint, cfg):
+        for s in stats:
+            s.add(x)
+    recon = [s.result() for s in stats]
     ce_idx = windows.eval_idx[: cfg.n_ce_windows]
     down = downstream_scores(lm, saes, windows, ce_idx, hookpoint, cfg.ce_batch_size)
     excluded = "leading positions and special tokens (see data config: exclude_first, exclude_special)"

@@ -382,10 +382,9 @@ def _eval_chunks(
     if start >= n:
         return
     idx = windows.eval_idx
-    rows_per_batch = np.add.reduceat(windows.keep[idx].sum(axis=1), np.arange(0, len(idx), batch))
-    before = np.concatenate([[0], np.cumsum(rows_per_batch)])
+    before = windows.kept_before_batches(idx, batch)
     first = int(np.searchsorted(before, start))
-    if before[first] != start:
+    if first == len(before) or before[first] != start:
         raise CacheError(f"token {start} does not begin a batch of held-out windows; rebuild without resume")
     done = start
     for idx_b, a_BTD in iter_window_batches(

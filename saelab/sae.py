@@ -18,8 +18,9 @@ and differs only in how the latents z are chosen from the pre-activations and in
 - `jumprelu`: z = pre * H(pre - theta_i), a learned per-latent threshold (fp32, log-parametrised), an L0 penalty,
   and straight-through pseudo-derivatives with a rectangle kernel (Rajamanoharan et al. 2024, "Jumping Ahead").
 
-Interface (`SAE`): `encode(x) -> SparseCode`, `decode(code) -> x_hat`, `forward(x) -> ForwardOutput` (inference;
-`forward(x).x_hat_BD == decode(encode(x))`), and `training_loss(x, inputs) -> TrainLoss`, the objective `train.py`
+Interface (`SAE`): `encode(x) -> SparseCode`, `decode(code) -> x_hat`, `reconstruct(x) -> (x_hat, code)` and
+`forward(x) -> ForwardOutput` (inference; `forward(x).x_hat_BD == decode(encode(x))`, forward also returns every
+latent's pre-activation), and `training_loss(x, inputs) -> TrainLoss`, the objective `train.py`
 minimises. Shapes carry suffixes: B batch, D d_in, F d_sae (latents), K active-latent slots.
 """
 
@@ -277,6 +278,12 @@ class SAE(nn.Module):
 
     def decode_dense(self, z_BF: torch.Tensor) -> torch.Tensor:
         return z_BF @ self.W_dec_FD + self.b_dec_D
+
+    def reconstruct(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, SparseCode]:
+        """(x_hat, code) at inference, `decode(encode(x))`: what evaluation and splicing use. Unlike `forward` it
+        does not keep the pre-activations of all F latents (an architecture's `encode` may skip them)."""
+        code = self.encode(x_BD)
+        return self.decode(code), code
 
     def forward(self, x_BD: torch.Tensor) -> ForwardOutput:
         pre_BF = self.pre_acts(x_BD)

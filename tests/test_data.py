@@ -30,6 +30,17 @@ def test_windows_mask_and_split(tokenizer, corpus_file) -> None:
     assert w.sha256() == same.sha256()
 
 
+def test_kept_before_batches(tokenizer, corpus_file) -> None:
+    w = build_windows(DataConfig(dataset=str(corpus_file), ctx_len=16, exclude_first=2), tokenizer, seed=3)
+    for idx in (w.train_idx, w.eval_idx[::-1], w.eval_idx[:1], w.eval_idx[:0]):
+        for batch in (1, 3, len(idx) + 5):
+            before = w.kept_before_batches(idx, batch)
+            by_hand = [int(w.keep[idx[:b]].sum()) for b in range(0, len(idx), batch)] + [
+                int(w.keep[idx].sum())
+            ]
+            assert before.tolist() == by_hand
+
+
 def test_save_load(tokenizer, corpus_file, tmp_path: Path) -> None:
     w = build_windows(DataConfig(dataset=str(corpus_file), ctx_len=16), tokenizer, seed=0)
     w.save(tmp_path / "w.npz")

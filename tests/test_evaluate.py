@@ -53,8 +53,8 @@ def test_shrinkage_metrics_of_a_halved_reconstruction() -> None:
     """x_hat = x / 2: the L2 ratio is 1/2, and the relative reconstruction bias E||x_hat||^2 / E[x . x_hat] too."""
 
     class Half(TopKSAE):
-        def forward(self, x):  # type: ignore[override]
-            return super().forward(x)._replace(x_hat_BD=x / 2)
+        def reconstruct(self, x):  # type: ignore[override]
+            return x / 2, super().reconstruct(x)[1]
 
     x = torch.randn(300, 10) * 3 + 1
     m = reconstruction_metrics(Half(SAEConfig("topk", 10, 40, 3)), [x[:100], x[100:]], 0.1)
@@ -71,14 +71,12 @@ def test_downstream_scores_bounds(tiny_model_dir, corpus_file) -> None:
     assert windows.keep[windows.eval_idx[:4]].all()
 
     class Identity(TopKSAE):
-        def forward(self, x):  # type: ignore[override]
-            out = super().forward(x)
-            return out._replace(x_hat_BD=x)
+        def reconstruct(self, x):  # type: ignore[override]
+            return x, super().reconstruct(x)[1]
 
     class Zero(TopKSAE):
-        def forward(self, x):  # type: ignore[override]
-            out = super().forward(x)
-            return out._replace(x_hat_BD=torch.zeros_like(x))
+        def reconstruct(self, x):  # type: ignore[override]
+            return torch.zeros_like(x), super().reconstruct(x)[1]
 
     cfg = SAEConfig("topk", lm.d_model, 4 * lm.d_model, 4)
     both = downstream_scores(

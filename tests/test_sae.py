@@ -46,6 +46,9 @@ def test_forward_equals_decode_of_encode_and_shapes(arch: str) -> None:
     out = s(x)
     code = s.encode(x)
     torch.testing.assert_close(out.x_hat_BD, s.decode(code))
+    x_hat, rcode = s.reconstruct(x)
+    torch.testing.assert_close(x_hat, out.x_hat_BD)
+    torch.testing.assert_close(s.decode(rcode), out.x_hat_BD)
     assert out.x_hat_BD.shape == (32, 16) and out.pre_acts_BF.shape == (32, 64)
     assert code.top_acts_BK.shape == code.top_idx_BK.shape and code.top_acts_BK.shape[0] == 32
     assert (code.top_acts_BK >= 0).all()
