@@ -142,7 +142,8 @@ def main() -> None:
         },
         "reconstruction_tokens": result.n_tokens,
         "ce_tokens": result.n_ce_tokens,
-        "forward_batches": len(range(0, n_windows, cfg.batch_size)) + len(range(0, 16, cfg.ce_batch_size)),
+        "forward_batches": len(range(0, n_windows, cfg.batch_size))
+        + len(range(0, cfg.n_ce_windows, cfg.ce_batch_size)),
         "passes": passes,
         "speed_ratio": float(np.median([x["ratio"] for x in passes])),
         "evaluate_call_s": round(whole, 2),

@@ -60,7 +60,7 @@ def per_input_loss(sae: SAE, x_ND: torch.Tensor, batch_size: int) -> torch.Tenso
     """Squared reconstruction error of each input (inference path)."""
     return torch.cat(
         [
-            (x - sae(x).x_hat_BD).pow(2).sum(dim=-1)
+            (x - sae.reconstruct(x)[0]).pow(2).sum(dim=-1)
             for x in x_ND.split(batch_size)  # bounded memory for the [B, F] pre-activations
         ]
     )
