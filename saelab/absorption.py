@@ -226,8 +226,9 @@ class AbsorptionResult:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
-    def save(self, path: Path) -> None:
-        atomic.write_json(path, self.to_json())
+    def save(self, path: Path, **provenance: str) -> None:
+        """Write `to_json()`, plus `provenance` (hashes of the SAE, data and model it was computed from)."""
+        atomic.write_json(path, {**self.to_json(), **provenance})
 
 
 # ----------------------------------------------------------------------------------------------- vocabulary

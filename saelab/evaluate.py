@@ -77,8 +77,9 @@ class EvalResult:
         d["log10_frequency"] = [None if not np.isfinite(v) else v for v in self.log10_frequency]
         return d
 
-    def save(self, path: Path) -> None:
-        atomic.write_json(path, self.to_json())
+    def save(self, path: Path, **provenance: str) -> None:
+        """Write `to_json()`, plus `provenance` (hashes of the SAE, data and model it was computed from)."""
+        atomic.write_json(path, {**self.to_json(), **provenance})
 
 
 class ReconstructionStats:

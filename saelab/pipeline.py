@@ -263,14 +263,18 @@ def stage_eval(s: Session) -> None:
         saes = [sae.to(lm.device) for _, sae in named]
         results = evaluate_many(lm, saes, windows, _hookpoint(s), s.cfg.eval)
         (s.folder / "eval").mkdir(exist_ok=True)
-        results[0].save(s.folder / METRICS)
+        # Each result file names what it was computed from, so it stays attributable when copied out of the run.
+        source = {"model_sha256": lm.weights_sha256, "hookpoint": _hookpoint(s)}
+        hashes = [sae_lib.params_sha256(sae) for sae in saes]
+        data_sha256 = windows.sha256()
+        results[0].save(s.folder / METRICS, **source, sae_sha256=hashes[0], data_sha256=data_sha256)
         rec["outputs"].append(METRICS)
         rec["summary"] = _summary(results[0])
         with _cli_names():
             absorption = _absorption(s, lm, saes) if s.cfg.eval.absorption else []
             probing = _probing(s, lm, saes[0]) if s.cfg.eval.probing else None
         if absorption:
-            absorption[0].save(s.folder / ABSORPTION)
+            absorption[0].save(s.folder / ABSORPTION, **source, sae_sha256=hashes[0])
             rec["outputs"].append(ABSORPTION)
             rec["summary"]["mean_absorption_fraction_score"] = absorption[0].mean_absorption_fraction_score
         if probing is not None:
@@ -278,12 +282,20 @@ def stage_eval(s: Session) -> None:
             rec["outputs"].append(PROBING)
         if len(named) > 1:
             entries = [
-                {"name": name, "architecture": sae.architecture, "d_sae": sae.cfg.d_sae, **_summary(r)}
-                for (name, sae), r in zip(named, results, strict=True)
+                {
+                    "name": name,
+                    "architecture": sae.architecture,
+                    "d_sae": sae.cfg.d_sae,
+                    "sae_sha256": h,
+                    **_summary(r),
+                }
+                for (name, sae), h, r in zip(named, hashes, results, strict=True)
             ]
             for entry, a in zip(entries, absorption, strict=False):
                 entry["mean_absorption_fraction_score"] = a.mean_absorption_fraction_score
-            atomic.write_json(s.folder / COMPARE, {"saes": mark_dominated(entries)})
+            atomic.write_json(
+                s.folder / COMPARE, {**source, "data_sha256": data_sha256, "saes": mark_dominated(entries)}
+            )
             rec["outputs"].append(COMPARE)
 
 

@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 
 from saelab import atomic
 from saelab.models import LoadedModel, capture, forward_until, package_file
-from saelab.sae import SAE
+from saelab.sae import SAE, params_sha256
 
 TaskName = Literal[
     "wiki_vs_bible", "wiki_people_vs_places", "wiki_biology_vs_physics", "wiki_topics5", "code_vs_prose"
@@ -559,15 +559,6 @@ class ProbingResult:
         atomic.write_json(path, self.to_json())
 
 
-def sae_sha256(sae: SAE) -> str:
-    """Hash of an SAE's config and parameters (any dtype), in a fixed order."""
-    h = hashlib.sha256(json.dumps(sae.cfg.to_json(), sort_keys=True).encode())
-    for name, t in sorted(sae.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def _task_sha256(task: ProbingTask, ids: Sequence[Sequence[int]], cfg: ProbingConfig) -> str:
     h = hashlib.sha256(json.dumps([task.name, task.classes, cfg.exclude_first, cfg.exclude_special]).encode())
     for x in ids:
@@ -642,4 +633,6 @@ def run_probing(
     excluded = f"the first {cfg.exclude_first} positions of every text, padding" + (
         ", special tokens" if cfg.exclude_special else ""
     )
-    return ProbingResult(tuple(results), cfg, hookpoint, lm.weights_sha256, sae_sha256(sae), seed, excluded)
+    return ProbingResult(
+        tuple(results), cfg, hookpoint, lm.weights_sha256, params_sha256(sae), seed, excluded
+    )

@@ -767,3 +767,13 @@ def _check_state_shapes(sae: SAE, state: dict[str, torch.Tensor], folder: Path) 
 def file_sha256(folder: Path) -> str:
     """Hash of an SAE's weight file, for provenance."""
     return hashlib.sha256((folder / "sae.safetensors").read_bytes()).hexdigest()
+
+
+def params_sha256(sae: SAE) -> str:
+    """Hash of an SAE's config and parameters (any dtype), in a fixed order: the same for an SAE whatever file format
+    it was loaded from, so results on SAEs from SAELens, sparsify or dictionary_learning folders carry one too."""
+    h = hashlib.sha256(json.dumps(sae.cfg.to_json(), sort_keys=True).encode())
+    for name, t in sorted(sae.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -168,9 +168,9 @@ def test_no_absorption_control_scores_zero() -> None:
 
 def test_result_is_json_serialisable(tmp_path: Path) -> None:
     r = run_planted(planted(absorbed_train=0, absorbed_test=5))
-    r.save(tmp_path / "absorption.json")
+    r.save(tmp_path / "absorption.json", sae_sha256="ab" * 32)
     back = json.loads((tmp_path / "absorption.json").read_text())
-    assert back == json.loads(json.dumps(r.to_json()))
+    assert back == {**json.loads(json.dumps(r.to_json())), "sae_sha256": "ab" * 32}
     assert back["letters"][0]["letter"] == "a" and back["letters"][0]["main_latents"] == list(
         r.letters[0].main_latents
     )

@@ -175,10 +175,12 @@ def test_sharded_store_and_variants_trained_in_one_pass(
     tmp_path: Path, tiny_model_dir: Path, corpus_file: Path
 ) -> None:
     """collect --collect.format store writes shards that train streams; train.variants trains further SAEs on
-    the same batches (each equal to training it alone) into sae-variants/; cache reads the store."""
+    the same batches (each equal to training it alone) into sae-variants/; cache reads the store; eval compares
+    them on the same tokens, each result naming the hashes of its SAE, data and model."""
     from saelab import sae as sae_lib
     from saelab.activations import ActivationStore
     from saelab.config import TrainConfig
+    from saelab.data import TokenWindows
     from saelab.train import train
 
     run = tmp_path / "r"
@@ -222,6 +224,18 @@ def test_sharded_store_and_variants_trained_in_one_pass(
     main_sae, exported = compared[0], compared[-1]
     for key in ("explained_variance", "l0", "ce_loss_score", "kl_score"):
         assert exported[key] == pytest.approx(main_sae[key], rel=1e-5, abs=1e-6), key
+    # every result file names the SAE, data and model it was computed from; the SAELens copy hashes as the original
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    record = json.loads((run / "eval" / "compare.json").read_text())
+    assert metrics["sae_sha256"] == sae_lib.params_sha256(sae_lib.load(run / "sae")) == main_sae["sae_sha256"]
+    assert (
+        metrics["data_sha256"]
+        == TokenWindows.load(run / "data" / "windows.npz").sha256()
+        == record["data_sha256"]
+    )
+    assert metrics["model_sha256"] == manifest["hashes"]["model"] == record["model_sha256"]
+    hashes = [e["sae_sha256"] for e in compared]
+    assert exported["sae_sha256"] == main_sae["sae_sha256"] and len(set(hashes)) == len(hashes) - 1
     assert main(["report", "--run-dir", str(run)]) == 0
     assert (run / "plots" / "pareto_explained_variance.png").stat().st_size > 10_000
     assert "SAEs compared on the same tokens" in (run / "report.md").read_text()
