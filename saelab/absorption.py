@@ -69,7 +69,7 @@ from tqdm.auto import tqdm
 
 from saelab import atomic
 from saelab.metrics import confusion, f1, precision, recall
-from saelab.models import LoadedModel, capture, forward_until, resolve_hookpoint
+from saelab.models import LoadedModel, capture, forward_until, hookpoint_width, resolve_hookpoint
 from saelab.sae import SAE, SAEError
 
 log = logging.getLogger(__name__)
@@ -776,14 +776,6 @@ def _summarise(letters: list[LetterAbsorption], probes: LetterProbes) -> Absorpt
         hookpoint=probes.hookpoint,
         example_prompt=probes.example_prompt,
     )
-
-
-def hookpoint_width(lm: LoadedModel, hookpoint: str) -> int:
-    """Width of `hookpoint`'s output, from a one-token forward."""
-    ids = torch.tensor([[lm.tokenizer.bos_token_id or 0]], device=lm.device)
-    with torch.no_grad(), capture(lm.model, [hookpoint]) as store:
-        forward_until(lm.model, ids)
-    return int(store[hookpoint].shape[-1])
 
 
 def split_vocab(

@@ -32,7 +32,7 @@ from saelab import atomic
 from saelab.activations import iter_window_batches
 from saelab.config import EvalConfig
 from saelab.data import TokenWindows
-from saelab.models import LoadedModel, replace_output
+from saelab.models import LoadedModel, hookpoint_width, replace_output
 from saelab.sae import SAE, SAEError
 
 
@@ -259,10 +259,11 @@ def evaluate_many(
 ) -> list[EvalResult]:
     """`evaluate` for several SAEs on the same tokens: the activations are collected once, and the clean and
     zero-ablation forwards of the CE/KL scores run once for all SAEs."""
+    width = hookpoint_width(lm, hookpoint)
     for sae in saes:
-        if sae.cfg.d_in != lm.d_model:
+        if sae.cfg.d_in != width:
             raise SAEError(
-                f"SAE d_in={sae.cfg.d_in} does not match the model's d_model={lm.d_model} at {hookpoint}; "
+                f"SAE d_in={sae.cfg.d_in} does not match the width {width} of {hookpoint}; "
                 "evaluate it with the model and hookpoint it was trained on"
             )
     stats = [ReconstructionStats(sae, cfg.dense_threshold) for sae in saes]

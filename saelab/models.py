@@ -266,6 +266,15 @@ def forward_until(
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
 
 
+def hookpoint_width(lm: LoadedModel, hookpoint: str) -> int:
+    """Width of `hookpoint`'s output (d_model on the residual stream, other widths elsewhere, e.g. an MLP's hidden
+    activation), from a one-token forward stopped there."""
+    ids = torch.full((1, 1), lm.tokenizer.bos_token_id or lm.tokenizer.eos_token_id or 0, device=lm.device)
+    with torch.inference_mode(), capture(lm.model, [hookpoint]) as store:
+        forward_until(lm.model, ids)
+    return int(store[hookpoint].shape[-1])
+
+
 @contextmanager
 def replace_output(model: nn.Module, hookpoint: str, fn: Any) -> Iterator[None]:
     """Replace the output tensor of `hookpoint` by `fn(tensor)` during the forwards inside the block."""

@@ -48,7 +48,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saelab import atomic
-from saelab.models import LoadedModel, capture, forward_until, package_file
+from saelab.models import LoadedModel, capture, forward_until, hookpoint_width, package_file
 from saelab.sae import SAE, params_sha256
 
 TaskName = Literal[
@@ -580,13 +580,6 @@ def check_task_sizes(task: ProbingTask) -> None:
             )
 
 
-def _hookpoint_width(lm: LoadedModel, hookpoint: str) -> int:
-    ids = torch.full((1, 4), lm.tokenizer.eos_token_id or 0, dtype=torch.long, device=lm.device)
-    with torch.inference_mode(), capture(lm.model, [hookpoint]) as store:
-        forward_until(lm.model, ids)
-    return int(store[hookpoint].shape[-1])
-
-
 def run_probing(
     lm: LoadedModel,
     sae: SAE,
@@ -596,7 +589,7 @@ def run_probing(
     tasks: Sequence[ProbingTask] | None = None,
 ) -> ProbingResult:
     """Sparse probing of `sae` at `hookpoint` on `cfg.tasks` (or on the given `tasks`); see module docstring."""
-    width = _hookpoint_width(lm, hookpoint)
+    width = hookpoint_width(lm, hookpoint)
     if width != sae.cfg.d_in:
         raise ProbingError(
             f"SAE d_in={sae.cfg.d_in} does not match the width {width} of {hookpoint}; probe the SAE at the "

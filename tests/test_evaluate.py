@@ -94,8 +94,23 @@ def test_downstream_scores_bounds(tiny_model_dir, corpus_file) -> None:
 def test_sae_of_another_width_is_refused(tiny_model_dir, corpus_file) -> None:
     lm = load_model(str(tiny_model_dir))
     windows = build_windows(DataConfig(dataset=str(corpus_file), ctx_len=32), lm.tokenizer, seed=0)
-    with pytest.raises(SAEError, match="does not match the model's d_model"):
+    with pytest.raises(SAEError, match="d_in=48 does not match the width 32 of model.layers.2"):
         evaluate(lm, build(SAEConfig("topk", 48, 96, 4)), windows, "model.layers.2", EvalConfig(n_windows=2))
+    # a residual-width SAE at the MLP's hidden activation (width 64) is refused too
+    with pytest.raises(SAEError, match="d_in=32 does not match the width 64 of model.layers.1.mlp.act_fn"):
+        evaluate(lm, build(SAEConfig("topk", 32, 96, 4)), windows, "model.layers.1.mlp.act_fn", EvalConfig())
+
+
+def test_sae_at_a_hookpoint_narrower_or_wider_than_d_model(tiny_model_dir, corpus_file) -> None:
+    """Eval follows the hookpoint's own width: an SAE on the MLP's hidden activation (64 wide in a d_model 32
+    model) gets every metric, its reconstruction spliced into the MLP for the CE/KL scores."""
+    lm = load_model(str(tiny_model_dir))
+    windows = build_windows(DataConfig(dataset=str(corpus_file), ctx_len=32), lm.tokenizer, seed=0)
+    cfg = EvalConfig(n_windows=4, n_ce_windows=2)
+    result = evaluate(lm, build(SAEConfig("topk", 64, 128, 8)), windows, "model.layers.1.mlp.act_fn", cfg)
+    assert result.n_tokens == int(windows.keep[windows.eval_idx[:4]].sum())
+    assert np.isfinite(result.explained_variance) and np.isfinite(result.ce_loss_score)
+    assert result.ce_sae != result.ce_clean and 0 < result.l0 <= 8
 
 
 def test_excluded_positions_never_reach_metrics(tiny_model_dir, corpus_file) -> None:
