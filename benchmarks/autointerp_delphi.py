@@ -128,7 +128,7 @@ def run_saelab(samples: Any, url: str, parallel: int, work: Path) -> dict[str, A
     client = CachedClient(
         OpenAIClient(url, "smollm2", concurrency=parallel, timeout_s=600, max_retries=1), None
     )
-    run_sync(client.inner.check(), client)
+    run_sync(client.check(), client)
     t0 = time.perf_counter()
     records = run_explain(
         samples, ExplainConfig(explainers=("default",)), client, work / "explanations.jsonl"

@@ -37,12 +37,12 @@ from peer_training import (
 )
 
 if TYPE_CHECKING:
-    from saelab.config import TrainConfig
+    from saelab.config import Architecture, TrainConfig
     from saelab.sae import SAE
 
 
 class Point(NamedTuple):
-    architecture: str
+    architecture: Architecture
     label: str
     """The sparsity setting, as shown beside the point."""
     overrides: dict[str, Any]

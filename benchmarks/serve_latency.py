@@ -142,7 +142,9 @@ def score_rows(samples: SampleSet, rng: np.random.Generator) -> list[ScoreRow]:
                     for e, y in exs
                 ]
                 m = binary_metrics(
-                    [p.label for p in preds], [p.pred for p in preds], [p.score for p in preds]
+                    np.array([p.label for p in preds], dtype=np.int64),
+                    np.array([p.pred for p in preds], dtype=np.int64),
+                    np.array([p.score for p in preds], dtype=np.float64),
                 )
                 rows.append(
                     ScoreRow(le.latent, explainer, scorer, f"{explainer} {le.latent}", m, None, preds)

@@ -109,11 +109,15 @@ class CollectConfig:
         _check(self.shard_rows > 0, "collect.shard_rows must be > 0")
 
 
+Architecture = Literal["topk", "relu", "batchtopk", "jumprelu", "matryoshka"]
+"""The SAE architectures `train` builds."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Sparse autoencoder training: TopK (Gao et al. 2024) with AuxK by default, or another architecture."""
 
-    architecture: Literal["topk", "relu", "batchtopk", "jumprelu", "matryoshka"] = "topk"
+    architecture: Architecture = "topk"
     """SAE architecture (registry in sae.py): `topk` (Gao et al. 2024), `relu` (L1 on f_i * ||W_dec_i||,
     Anthropic April 2024), `batchtopk` (Bussmann et al. 2024), `jumprelu` (Rajamanoharan et al. 2024),
     `matryoshka` (nested BatchTopK, Bussmann et al. 2025)."""

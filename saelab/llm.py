@@ -83,7 +83,10 @@ class ChatResponse:
 class LLMClient(Protocol):
     """What explainers and scorers need from an LLM."""
 
-    model_name: str
+    @property
+    def model_name(self) -> str:
+        """The model the requests name (a cache key and a provenance field)."""
+        ...
 
     async def chat(
         self, messages: Messages, *, max_tokens: int, temperature: float = 0.0, logprobs: int = 0

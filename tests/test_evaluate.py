@@ -94,10 +94,12 @@ def test_downstream_scores_bounds(tiny_model_dir, corpus_file) -> None:
 def test_sae_of_another_width_is_refused(tiny_model_dir, corpus_file) -> None:
     lm = load_model(str(tiny_model_dir))
     windows = build_windows(DataConfig(dataset=str(corpus_file), ctx_len=32), lm.tokenizer, seed=0)
-    with pytest.raises(SAEError, match="d_in=48 does not match the width 32 of model.layers.2"):
+    with pytest.raises(SAEError, match=r"d_in=48 does not match the width 32 of model\.layers\.2"):
         evaluate(lm, build(SAEConfig("topk", 48, 96, 4)), windows, "model.layers.2", EvalConfig(n_windows=2))
     # a residual-width SAE at the MLP's hidden activation (width 64) is refused too
-    with pytest.raises(SAEError, match="d_in=32 does not match the width 64 of model.layers.1.mlp.act_fn"):
+    with pytest.raises(
+        SAEError, match=r"d_in=32 does not match the width 64 of model\.layers\.1\.mlp\.act_fn"
+    ):
         evaluate(lm, build(SAEConfig("topk", 32, 96, 4)), windows, "model.layers.1.mlp.act_fn", EvalConfig())
 
 
