@@ -77,8 +77,9 @@ class EvalResult:
         d["log10_frequency"] = [None if not np.isfinite(v) else v for v in self.log10_frequency]
         return d
 
-    def save(self, path: Path, **provenance: str) -> None:
-        """Write `to_json()`, plus `provenance` (hashes of the SAE, data and model it was computed from)."""
+    def save(self, path: Path, **provenance: Any) -> None:
+        """Write `to_json()`, plus `provenance`: what it was computed from (the SAE's name and config, hashes of
+        the SAE, data and model)."""
         atomic.write_json(path, {**self.to_json(), **provenance})
 
 

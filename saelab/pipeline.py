@@ -251,10 +251,15 @@ def _load_sae(s: Session) -> sae_lib.SAE:
 
 
 def stage_eval(s: Session) -> None:
-    """Core metrics of the run's SAE; with train.variants or eval.compare, of every SAE on the same tokens."""
-    named = [("sae", _load_sae(s))]
-    for v in s.run.require("train", "train").get("variants", []):
-        named.append((v["folder"], sae_lib.load(s.folder / v["folder"])))
+    """Core metrics of the run's SAE; with train.variants or eval.compare, of every SAE on the same tokens. A run
+    that was collected but not trained evaluates the `eval.compare` SAEs alone (SAEs trained elsewhere)."""
+    named = []
+    if "train" in s.run.stages or not s.cfg.eval.compare:
+        named.append(("sae", _load_sae(s)))
+        for v in s.run.require("train", "train").get("variants", []):
+            named.append((v["folder"], sae_lib.load(s.folder / v["folder"])))
+    else:
+        s.run.verify("collect", "collect")
     for folder in s.cfg.eval.compare:
         named.append((folder, import_sae(Path(folder))))
     lm = s.lm()
@@ -267,7 +272,14 @@ def stage_eval(s: Session) -> None:
         source = {"model_sha256": lm.weights_sha256, "hookpoint": _hookpoint(s)}
         hashes = [sae_lib.params_sha256(sae) for sae in saes]
         data_sha256 = windows.sha256()
-        results[0].save(s.folder / METRICS, **source, sae_sha256=hashes[0], data_sha256=data_sha256)
+        results[0].save(
+            s.folder / METRICS,
+            sae=named[0][0],
+            sae_config=saes[0].cfg.to_json(),
+            **source,
+            sae_sha256=hashes[0],
+            data_sha256=data_sha256,
+        )
         rec["outputs"].append(METRICS)
         rec["summary"] = _summary(results[0])
         with _cli_names():

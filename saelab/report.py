@@ -227,9 +227,10 @@ def _sae_section(run: Run, doc: Doc, plots: PlotDir) -> list[Path]:
     if metrics is None:
         doc.para("The eval stage has not run: `saelab eval --run-dir RUN`.")
         return []
-    sae_cfg = _read_json(run.folder / "sae" / "cfg.json") or {}
+    sae_cfg = metrics.get("sae_config") or _read_json(run.folder / "sae" / "cfg.json") or {}
+    name = f" `{metrics['sae']}`" if metrics.get("sae", "sae") != "sae" else ""
     doc.para(
-        f"{sae_cfg.get('architecture', '?')} SAE, d_in {sae_cfg.get('d_in')}, {sae_cfg.get('d_sae')} latents, "
+        f"{sae_cfg.get('architecture', '?')} SAE{name}, d_in {sae_cfg.get('d_in')}, {sae_cfg.get('d_sae')} latents, "
         f"k {sae_cfg.get('k')}. Reconstruction metrics over {metrics['n_tokens']} tokens, CE/KL over "
         f"{metrics['n_ce_tokens']}; excluded: {metrics['excluded']}."
     )

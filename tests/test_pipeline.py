@@ -241,6 +241,41 @@ def test_sharded_store_and_variants_trained_in_one_pass(
     assert "SAEs compared on the same tokens" in (run / "report.md").read_text()
 
 
+def test_eval_of_outside_saes_on_an_untrained_run(
+    tmp_path: Path, tiny_model_dir: Path, corpus_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SAEs trained elsewhere are evaluated on a run that was only collected: `--eval.compare` alone, no `train`;
+    the first is the run's record (metrics.json names it), the rest are compared with it on the same tokens."""
+    from saelab import sae as sae_lib
+    from saelab.formats import export_sae
+
+    run = tmp_path / "r"
+    collect = ["collect", "--run-dir", str(run), *SMALL["collect"], "--model.name", str(tiny_model_dir)]
+    assert main([*collect, "--data.dataset", str(corpus_file)]) == 0
+    assert main(["eval", "--run-dir", str(run), *SMALL["eval"]]) == 1  # nothing to evaluate: says to train
+    assert "saelab train" in error_line(capsys.readouterr().err)
+    torch.manual_seed(0)
+    folders = [tmp_path / "wide-saelens", tmp_path / "narrow-saelab"]
+    export_sae(sae_lib.build(sae_lib.SAEConfig("topk", 32, 128, 8)), folders[0], "saelens")
+    sae_lib.save(sae_lib.build(sae_lib.SAEConfig("relu", 32, 64)), folders[1])
+    assert main(["eval", "--run-dir", str(run), *SMALL["eval"], "--eval.compare", *map(str, folders)]) == 0
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert metrics["sae"] == str(folders[0]) and metrics["sae_config"]["d_sae"] == 128
+    assert 0 < metrics["l0"] <= 8
+    compared = json.loads((run / "eval" / "compare.json").read_text())["saes"]
+    assert [(e["name"], e["architecture"]) for e in compared] == [
+        (str(folders[0]), "topk"),
+        (str(folders[1]), "relu"),
+    ]
+    assert compared[0]["l0"] == metrics["l0"]
+    assert main(["report", "--run-dir", str(run)]) == 0
+    report = (run / "report.md").read_text()
+    assert (
+        f"topk SAE `{folders[0]}`, d_in 32, 128 latents" in report
+        and "SAEs compared on the same tokens" in report
+    )
+
+
 def test_train_under_torchrun(tmp_path: Path, tiny_model_dir: Path, corpus_file: Path) -> None:
     """`torchrun --nproc-per-node 2 -m saelab.cli train`: two data-parallel ranks (gloo), one log, one manifest
     record, one SAE, and the SAE the one-process run makes from the same activations."""
