@@ -340,8 +340,8 @@ class EvalConfig:
     compare: tuple[str, ...] = ()
     """Further SAE folders (saelab, SAELens, sparsify or dictionary_learning format) evaluated on the same tokens
     as this run's SAE and its `train.variants`, for the matched-sparsity comparison (`eval/compare.json` and
-    Pareto plots of EV and CE-loss score against L0). On a run that was collected but not trained, these SAEs
-    alone are evaluated, the first as the run's record (`eval/metrics.json`)."""
+    Pareto plots of EV, CE-loss score and, with `eval.absorption`, absorption against L0). On a run that was
+    collected but not trained, these SAEs alone are evaluated, the first as the run's record (`eval/metrics.json`)."""
 
     def __post_init__(self) -> None:
         _finite(self, "eval")
