@@ -74,9 +74,10 @@ def assert_same_outputs(
 ) -> None:
     active = (ref_latents > 0).float().mean()
     assert 0 < active < 1, "inputs leave every latent on or off: the comparison would prove little"
-    # Folding a bias or a norm into the weights reorders float sums: equal up to rounding.
-    torch.testing.assert_close(latents, ref_latents, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x_hat, ref_x_hat, rtol=1e-5, atol=1e-5)
+    # Folding a bias or a norm into the weights reorders float32 sums: equal up to rounding, which scales with the
+    # size of the summed terms, not of the result (an output near 0 from terms near 100 carries their rounding).
+    for got, ref in ((latents, ref_latents), (x_hat, ref_x_hat)):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
 
 
 # --- our format -> format -> our format ------------------------------------------------------------------------
