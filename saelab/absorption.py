@@ -70,7 +70,7 @@ from tqdm.auto import tqdm
 from saelab import atomic
 from saelab.metrics import confusion, f1, precision, recall
 from saelab.models import LoadedModel, capture, forward_until, hookpoint_width, resolve_hookpoint
-from saelab.sae import SAE, SAEError
+from saelab.sae import SAE, check_width
 
 log = logging.getLogger(__name__)
 
@@ -693,11 +693,7 @@ def collect_letter_probes(lm: LoadedModel, hookpoint: str, cfg: AbsorptionConfig
 
 def score_absorption(probes: LetterProbes, sae: SAE, cfg: AbsorptionConfig, seed: int) -> AbsorptionResult:
     """Steps 3 (probe quality) to 5 for one SAE."""
-    if probes.x_train_ND.shape[1] != sae.cfg.d_in:
-        raise SAEError(
-            f"SAE d_in={sae.cfg.d_in} does not match the width {probes.x_train_ND.shape[1]} of "
-            f"{probes.hookpoint or 'the activations'}; evaluate it with the model and hookpoint it was trained on"
-        )
+    check_width(sae, probes.x_train_ND.shape[1], probes.hookpoint or "the activations")
     device = sae.W_dec_FD.device
     W_CD, b_C = probes.W_CD.to(device), probes.b_C.to(device)
     x_test_ND = probes.x_test_ND.to(device)
@@ -799,10 +795,5 @@ def run_absorption(
     """First-letter feature absorption of `sae` at `hookpoint` of `lm` (see the module docstring). To score several
     SAEs of one hookpoint, call `collect_letter_probes` once and `score_absorption` per SAE."""
     hookpoint = resolve_hookpoint(lm.model, hookpoint)
-    width = hookpoint_width(lm, hookpoint)
-    if width != sae.cfg.d_in:
-        raise SAEError(
-            f"SAE d_in={sae.cfg.d_in} does not match the width {width} of {hookpoint}; "
-            "evaluate it with the model and hookpoint it was trained on"
-        )
+    check_width(sae, hookpoint_width(lm, hookpoint), hookpoint)
     return score_absorption(collect_letter_probes(lm, hookpoint, cfg, seed), sae, cfg, seed)

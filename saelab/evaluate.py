@@ -33,7 +33,7 @@ from saelab.activations import iter_window_batches
 from saelab.config import EvalConfig
 from saelab.data import TokenWindows
 from saelab.models import LoadedModel, hookpoint_width, replace_output
-from saelab.sae import SAE, SAEError
+from saelab.sae import SAE, SAEError, check_width
 
 
 @dataclass(frozen=True)
@@ -262,11 +262,7 @@ def evaluate_many(
     zero-ablation forwards of the CE/KL scores run once for all SAEs."""
     width = hookpoint_width(lm, hookpoint)
     for sae in saes:
-        if sae.cfg.d_in != width:
-            raise SAEError(
-                f"SAE d_in={sae.cfg.d_in} does not match the width {width} of {hookpoint}; "
-                "evaluate it with the model and hookpoint it was trained on"
-            )
+        check_width(sae, width, hookpoint)
     stats = [ReconstructionStats(sae, cfg.dense_threshold) for sae in saes]
     for x in eval_tokens(lm, windows, hookpoint, cfg):
         for s in stats:

@@ -769,6 +769,15 @@ def file_sha256(folder: Path) -> str:
     return hashlib.sha256((folder / "sae.safetensors").read_bytes()).hexdigest()
 
 
+def check_width(sae: SAE, width: int, where: str) -> None:
+    """Raise SAEError unless `sae` reads activations of `width` (the output width of `where`, a hookpoint)."""
+    if sae.cfg.d_in != width:
+        raise SAEError(
+            f"SAE d_in={sae.cfg.d_in} does not match the width {width} of {where}; "
+            "evaluate it with the model and hookpoint it was trained on"
+        )
+
+
 def params_sha256(sae: SAE) -> str:
     """Hash of an SAE's config and parameters (any dtype), in a fixed order: the same for an SAE whatever file format
     it was loaded from, so results on SAEs from SAELens, sparsify or dictionary_learning folders carry one too."""
