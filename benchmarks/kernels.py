@@ -27,8 +27,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: it reads 
 from machine import machine_facts
 
 from saelab.config import Architecture, TrainConfig
-from saelab.sae import SAE, TrainLoss
-from saelab.train import train
+from saelab.sae.base import SAE, TrainLoss
+from saelab.train.trainer import train
 
 ARCHS: tuple[Architecture, ...] = ("topk", "batchtopk", "matryoshka")
 

@@ -31,9 +31,9 @@ from machine import machine_facts
 from safetensors.numpy import load_file
 
 from saelab.config import CacheConfig
-from saelab.latent_build import Chunk, build_cache
-from saelab.latents import LatentCache
-from saelab.sae import SAEConfig, build
+from saelab.latents.build import Chunk, build_cache
+from saelab.latents.cache import LatentCache
+from saelab.sae.base import SAEConfig, build
 
 
 def chunks(n_tokens: int, d_in: int, batch: int) -> Iterator[Chunk]:

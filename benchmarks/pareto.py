@@ -38,7 +38,7 @@ from peer_training import (
 
 if TYPE_CHECKING:
     from saelab.config import Architecture, TrainConfig
-    from saelab.sae import SAE
+    from saelab.sae.base import SAE
 
 
 class Point(NamedTuple):
@@ -79,7 +79,7 @@ def saelab_forward(sae: SAE) -> Forward:
 
 
 def run_point(p: Point, base: TrainConfig, train_ND: torch.Tensor, eval_ND: torch.Tensor) -> dict[str, Any]:
-    from saelab.train import train
+    from saelab.train.trainer import train
 
     cfg = replace(base, architecture=p.architecture, **p.overrides)
     start = time.perf_counter()

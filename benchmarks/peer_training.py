@@ -101,10 +101,10 @@ def load_or_collect(spec: ActsSpec) -> Acts:
 
 def collect_split(spec: ActsSpec) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Collect training and held-out activations from disjoint documents with saelab's data and collect stages."""
-    from saelab.activations import collect
+    from saelab.activations.store import collect
     from saelab.config import DataConfig
-    from saelab.data import BUNDLED_WIKIPEDIA, build_windows, iter_documents
-    from saelab.models import load_model, resolve_hookpoint
+    from saelab.data.windows import BUNDLED_WIKIPEDIA, build_windows, iter_documents
+    from saelab.models.loading import load_model, resolve_hookpoint
 
     lm = load_model(spec.model)
     hookpoint = resolve_hookpoint(lm.model, spec.hookpoint)

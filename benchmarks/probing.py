@@ -25,12 +25,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/probing.json")
     args = p.parse_args()
-    from saelab.activations import collect
+    from saelab.activations.store import collect
     from saelab.config import DataConfig, TrainConfig
-    from saelab.data import build_windows
-    from saelab.models import BUNDLED_SMOLLM2, default_hookpoint, load_model
-    from saelab.probing import ProbingConfig, run_probing
-    from saelab.train import train
+    from saelab.data.windows import build_windows
+    from saelab.eval.probing import ProbingConfig, run_probing
+    from saelab.models.loading import BUNDLED_SMOLLM2, default_hookpoint, load_model
+    from saelab.train.trainer import train
 
     times: dict[str, float] = {}
     start = time.perf_counter()

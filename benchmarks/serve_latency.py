@@ -34,14 +34,14 @@ import torch
 from machine import machine_facts
 from safetensors.numpy import save_file
 
-from saelab import sae as sae_lib
+from saelab.autointerp.explain import ExplanationRecord, write_explanations
+from saelab.autointerp.score import Prediction, ScoreRow, ScoreSummary, write_scores
 from saelab.config import CacheConfig
-from saelab.explain import ExplanationRecord, write_explanations
-from saelab.latent_build import Chunk, build_cache
-from saelab.latents import LatentCache
+from saelab.latents.build import Chunk, build_cache
+from saelab.latents.cache import LatentCache
+from saelab.latents.sampling import Example, LatentExamples, SampleSet
 from saelab.metrics import binary_metrics
-from saelab.sampling import Example, LatentExamples, SampleSet
-from saelab.score import Prediction, ScoreRow, ScoreSummary, write_scores
+from saelab.sae import base as sae_lib
 from saelab.web.data import RunData
 from saelab.web.server import make_server, serve_in_thread, url_of
 

@@ -41,7 +41,7 @@ from saelab.config import (
     ServeConfig,
     TrainConfig,
 )
-from saelab.distributed import init_from_env
+from saelab.train.distributed import init_from_env
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ class ReportArgs(_RunArgs):
 
 
 CheckpointFormat = Literal["saelab", "saelens", "sparsify", "dictionary_learning"]
-"""saelab.formats.FORMATS, named here so that `--help` does not import torch."""
+"""saelab.sae.formats.FORMATS, named here so that `--help` does not import torch."""
 
 
 @dataclass(frozen=True)
@@ -254,7 +254,7 @@ def _error_line(err: Exception) -> str | None:
 
 
 def _convert(args: ConvertArgs) -> int:
-    from saelab.formats import convert
+    from saelab.sae.formats import convert
 
     read_as = convert(Path(args.src), Path(args.dst), args.to, args.from_)
     logging.getLogger("saelab").info("%s (%s) written to %s as %s", args.src, read_as, args.dst, args.to)
@@ -262,7 +262,7 @@ def _convert(args: ConvertArgs) -> int:
 
 
 def _runs(args: RunsArgs) -> int:
-    from saelab.runs import query_runs
+    from saelab.run.manifest import query_runs
 
     if not Path(args.root).is_dir():
         raise FileNotFoundError(f"{args.root} is not a folder; pass --root with the folder holding your runs")
@@ -308,7 +308,7 @@ def format_rows(columns: list[str], rows: list[tuple[Any, ...]], fmt: str) -> st
 
 
 def _compare(args: CompareArgs) -> int:
-    from saelab.compare import write_compare
+    from saelab.report.comparison import write_compare
 
     folders = [Path(r) for r in args.runs]
     default = folders[-1].parent / f"compare-{folders[0].name}-vs-{folders[-1].name}"
@@ -319,7 +319,7 @@ def _compare(args: CompareArgs) -> int:
 
 
 def _predictions_report(args: ReportArgs) -> int:
-    from saelab.predictions import write_predictions_report
+    from saelab.report.predictions import write_predictions_report
 
     assert args.predictions is not None
     src = Path(args.predictions)
@@ -338,14 +338,14 @@ def _dispatch(args: Any) -> int:
     start = time.perf_counter()
     if isinstance(args, RunConfig):
         pipeline.run_all(cfg)
-        from saelab.report import print_summary
+        from saelab.report.run_report import print_summary
 
         print_summary(Path(cfg.run_dir), time.perf_counter() - start)
         return 0
     name = _stage_name(args)
     session = pipeline.open_session(cfg, new=name == "collect")
     if name == "report":
-        from saelab.report import print_summary
+        from saelab.report.run_report import print_summary
 
         pipeline.stage_report(session)
         print_summary(Path(cfg.run_dir), time.perf_counter() - start)

@@ -37,28 +37,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from saelab import atomic
-from saelab import sae as sae_lib
-from saelab.absorption import (
-    AbsorptionConfig,
-    AbsorptionError,
-    AbsorptionResult,
-    collect_letter_probes,
-    score_absorption,
-)
-from saelab.activations import (
+from saelab.activations.store import (
     Activations,
     ActivationStore,
     CollectProgress,
     collect_to_store,
     iter_window_batches,
 )
+from saelab.autointerp.llm.cache import CachedClient, ResponseCache
 from saelab.config import CollectConfig, RunConfig, from_dict, to_dict
-from saelab.data import TokenWindows, build_windows
-from saelab.distributed import DistInfo
-from saelab.evaluate import EvalResult, evaluate_many, mark_dominated
-from saelab.formats import import_sae
-from saelab.latent_build import (
+from saelab.data.windows import TokenWindows, build_windows
+from saelab.eval.absorption import (
+    AbsorptionConfig,
+    AbsorptionError,
+    AbsorptionResult,
+    collect_letter_probes,
+    score_absorption,
+)
+from saelab.eval.core import EvalResult, evaluate_many, mark_dominated
+from saelab.eval.probing import ProbingConfig, ProbingError, ProbingResult, run_probing
+from saelab.latents.build import (
     CacheProgress,
     Chunk,
     build_cache,
@@ -66,13 +64,15 @@ from saelab.latent_build import (
     chunks_from_file,
     chunks_from_store,
 )
-from saelab.latents import MANIFEST, STATS, TOKENS, CacheError, LatentCache
-from saelab.llm_cache import CachedClient, ResponseCache
-from saelab.models import LoadedModel, load_model, resolve_hookpoint
-from saelab.probing import ProbingConfig, ProbingError, ProbingResult, run_probing
-from saelab.runs import Run
-from saelab.sampling import SampleSet, sample
-from saelab.train import TrainResult, train_many
+from saelab.latents.cache import MANIFEST, STATS, TOKENS, CacheError, LatentCache
+from saelab.latents.sampling import SampleSet, sample
+from saelab.models.loading import LoadedModel, load_model, resolve_hookpoint
+from saelab.run import atomic
+from saelab.run.manifest import Run
+from saelab.sae import base as sae_lib
+from saelab.sae.formats import import_sae
+from saelab.train.distributed import DistInfo
+from saelab.train.trainer import TrainResult, train_many
 
 log = logging.getLogger(__name__)
 
@@ -436,7 +436,7 @@ def stage_sample(s: Session) -> None:
 
     embed = None
     if s.cfg.sample.non_activating_source == "similar":
-        from saelab.embed import Embedder
+        from saelab.autointerp.embed import Embedder
 
         embed = Embedder().embed
     with s.run.stage("sample", {"sample": to_dict(s.cfg.sample)}) as rec:
@@ -452,7 +452,7 @@ def _tokenizer(s: Session) -> Any:
         return s._lm.tokenizer
     from transformers import AutoTokenizer
 
-    from saelab.models import _bundled_cache
+    from saelab.models.loading import _bundled_cache
 
     name = s.cfg.model.name
     source = str(_bundled_cache(name)) if name.startswith("bundled:") else name
@@ -460,7 +460,7 @@ def _tokenizer(s: Session) -> Any:
 
 
 def _client(s: Session) -> Any:
-    from saelab.llm import make_client, run_sync
+    from saelab.autointerp.llm.client import make_client, run_sync
 
     cfg = s.cfg.llm
     shared = None
@@ -486,7 +486,7 @@ def _llm_counts(client: Any) -> dict[str, int]:
 
 
 def stage_explain(s: Session) -> None:
-    from saelab.explain import run_explain
+    from saelab.autointerp.explain import run_explain
 
     s.run.verify("sample", "sample")
     samples = SampleSet.load(s.folder / SAMPLES)
@@ -506,8 +506,8 @@ def stage_explain(s: Session) -> None:
 
 
 def stage_score(s: Session) -> None:
-    from saelab.explain import load_explanations
-    from saelab.score import LLM_SCORERS, run_score
+    from saelab.autointerp.explain import load_explanations
+    from saelab.autointerp.score import LLM_SCORERS, run_score
 
     s.run.verify("sample", "sample")
     s.run.verify("explain", "explain")
@@ -526,7 +526,7 @@ def stage_score(s: Session) -> None:
 
 
 def stage_report(s: Session) -> Path:
-    from saelab.report import write_report
+    from saelab.report.run_report import write_report
 
     with s.run.stage("report", {"report": to_dict(s.cfg.report)}) as rec:
         paths = write_report(s.run, s.cfg.report)

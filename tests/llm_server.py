@@ -15,7 +15,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from saelab.llm import LLMError, LocalChatClient
+from saelab.autointerp.llm.client import LLMError, LocalChatClient
 
 
 class LocalOpenAIServer:
@@ -113,7 +113,7 @@ class LocalOpenAIServer:
 if __name__ == "__main__":
     import argparse
 
-    from saelab.models import BUNDLED_SMOLLM2, load_model
+    from saelab.models.loading import BUNDLED_SMOLLM2, load_model
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=8080)

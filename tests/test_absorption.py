@@ -1,4 +1,4 @@
-"""First-letter feature absorption (saelab.absorption): planted absorption and splitting recovered exactly, a
+"""First-letter feature absorption (saelab.eval.absorption): planted absorption and splitting recovered exactly, a
 no-absorption control, the per-word formulas by hand, scikit-learn parity of the k-sparse probes, the vocabulary
 and prompts on real tokenizers, the clear errors, and (slow) the bundled model end to end."""
 
@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import WORDS
 
-from saelab.absorption import (
+from saelab.eval.absorption import (
     LETTERS,
     AbsorptionConfig,
     AbsorptionError,
@@ -34,8 +34,8 @@ from saelab.absorption import (
     word_absorption,
     word_activations,
 )
-from saelab.models import load_model
-from saelab.sae import SAE, SAEConfig, SAEError, build
+from saelab.models.loading import load_model
+from saelab.sae.base import SAE, SAEConfig, SAEError, build
 
 
 @pytest.fixture(autouse=True)
@@ -333,7 +333,7 @@ def test_prompts_end_at_the_query_word(bpe_tokenizer: Any) -> None:
 
 def test_activations_at_the_word_equal_the_full_prompt_forward(tiny_model_dir: Path) -> None:
     """Batched, right-padded forwards that stop at the word equal one unpadded forward of the whole prompt."""
-    from saelab.models import capture, forward_until
+    from saelab.models.loading import capture, forward_until
 
     lm = load_model(str(tiny_model_dir), device="cpu")
     ids = [[1, 5, 6, 7], [1, 8, 9], [1, 10, 11, 12, 13, 14]]
@@ -420,11 +420,11 @@ def test_run_absorption_on_a_vocabulary_too_small_for_the_letters(tiny_model_dir
 @pytest.mark.slow
 def test_bundled_model_first_letters_are_linearly_decodable() -> None:
     """SmolLM2-135M at its middle layer, with a TopK SAE trained for seconds on ~2k corpus tokens."""
-    from saelab.activations import collect
+    from saelab.activations.store import collect
     from saelab.config import DataConfig, TrainConfig
-    from saelab.data import build_windows
-    from saelab.models import BUNDLED_SMOLLM2
-    from saelab.train import train
+    from saelab.data.windows import build_windows
+    from saelab.models.loading import BUNDLED_SMOLLM2
+    from saelab.train.trainer import train
 
     start = time.time()
     lm = load_model(BUNDLED_SMOLLM2, device="cpu")

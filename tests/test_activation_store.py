@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest_train import planted, same_state
+from support_train import planted, same_state
 
-from saelab.activations import (
+from saelab.activations.store import (
     ActivationError,
     Activations,
     ActivationStore,
@@ -20,10 +20,10 @@ from saelab.activations import (
     collect_to_store,
 )
 from saelab.config import DataConfig, TrainConfig
-from saelab.data import build_windows
-from saelab.evaluate import reconstruction_metrics
-from saelab.models import load_model, resolve_hookpoint
-from saelab.train import train
+from saelab.data.windows import build_windows
+from saelab.eval.core import reconstruction_metrics
+from saelab.models.loading import load_model, resolve_hookpoint
+from saelab.train.trainer import train
 
 
 def numbered_store(folder: Path, n: int, shard_rows: int, d: int = 3) -> ActivationStore:
@@ -167,7 +167,7 @@ def test_collect_to_store_equals_collect(tmp_path: Path, tiny_model_dir: Path, c
 def test_finite_check_sees_opposite_infinities_and_passes_huge_finite_values() -> None:
     """The fast path sums the rows: +inf and -inf must not cancel into a pass, nor a sum that overflows to inf
     refuse finite data."""
-    from saelab.activations import ActivationError, check_finite
+    from saelab.activations.store import ActivationError, check_finite
 
     x = torch.zeros(64, 8)
     x[0, 0], x[1, 0] = 3e38, 3e38  # finite, but their float32 sum is inf

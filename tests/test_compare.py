@@ -11,7 +11,7 @@ import pytest
 
 from saelab.cli import main
 from saelab.metrics import paired_bootstrap_delta
-from saelab.runs import Run
+from saelab.run.manifest import Run
 
 N_LATENTS = 40
 
@@ -176,7 +176,7 @@ def test_explainers_ranked_with_cost_and_saes_at_matched_l0(tmp_path: Path) -> N
 
 
 def test_mark_dominated() -> None:
-    from saelab.evaluate import mark_dominated
+    from saelab.eval.core import mark_dominated
 
     entries = [
         {"l0": 10.0, "explained_variance": 0.7, "ce_loss_score": 0.9},

@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from saelab.config import ConfigError, DataConfig
-from saelab.data import DataError, build_windows, iter_documents
+from saelab.data.windows import DataError, build_windows, iter_documents
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_kept_before_batches(tokenizer, corpus_file) -> None:
 def test_save_load(tokenizer, corpus_file, tmp_path: Path) -> None:
     w = build_windows(DataConfig(dataset=str(corpus_file), ctx_len=16), tokenizer, seed=0)
     w.save(tmp_path / "w.npz")
-    from saelab.data import TokenWindows
+    from saelab.data.windows import TokenWindows
 
     assert TokenWindows.load(tmp_path / "w.npz").sha256() == w.sha256()
 

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest_train import ddp_worker, planted
+from support_train import ddp_worker, planted
 
 from saelab.config import TrainConfig
-from saelab.distributed import DistInfo, free_port
-from saelab.train import TrainError, train
+from saelab.train.distributed import DistInfo, free_port
+from saelab.train.trainer import TrainError, train
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
@@ -64,7 +64,7 @@ def test_batch_must_split_evenly_over_ranks(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_rank_parts_tile_each_batch() -> None:
     """The ranks' slices of every batch are disjoint and together the one-process batch."""
-    from saelab.activations import TensorSource
+    from saelab.activations.store import TensorSource
 
     src = TensorSource(torch.arange(1000.0)[:, None])
     whole = list(src.epoch(torch.Generator().manual_seed(3), 100))

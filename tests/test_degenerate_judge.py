@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest_llm import RuleClient
 from llm_server import LocalOpenAIServer
+from support_llm import RuleClient
 from test_pipeline import SMALL
 
 from saelab.cli import main

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from test_pipeline import SMALL, error_line
 
-from saelab import atomic
 from saelab.cli import main
+from saelab.run import atomic
 
 pytestmark = pytest.mark.fault
 

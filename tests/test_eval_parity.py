@@ -52,13 +52,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from saelab.activations import iter_window_batches
+from saelab.activations.store import iter_window_batches
 from saelab.config import DataConfig, EvalConfig
-from saelab.data import BUNDLED_WIKIPEDIA, TokenWindows, build_windows
-from saelab.evaluate import downstream_scores, reconstruction_metrics
-from saelab.formats import import_sae
-from saelab.models import BUNDLED_SMOLLM2, LoadedModel, load_model, replace_output
-from saelab.sae import SAE
+from saelab.data.windows import BUNDLED_WIKIPEDIA, TokenWindows, build_windows
+from saelab.eval.core import downstream_scores, reconstruction_metrics
+from saelab.models.loading import BUNDLED_SMOLLM2, LoadedModel, load_model, replace_output
+from saelab.sae.base import SAE
+from saelab.sae.formats import import_sae
 
 pytestmark = [pytest.mark.slow, pytest.mark.peers]
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from saelab.config import DataConfig, EvalConfig
-from saelab.data import build_windows
-from saelab.evaluate import downstream_scores, evaluate, reconstruction_metrics
-from saelab.models import load_model
-from saelab.sae import SAEConfig, SAEError, TopKSAE, build
+from saelab.data.windows import build_windows
+from saelab.eval.core import downstream_scores, evaluate, reconstruction_metrics
+from saelab.models.loading import load_model
+from saelab.sae.base import SAEConfig, SAEError, TopKSAE, build
 
 
 class MeanPredictor(TopKSAE):
@@ -130,7 +130,7 @@ def test_excluded_positions_never_reach_metrics(tiny_model_dir, corpus_file) -> 
 
 
 def test_mark_dominated_flags_sae_beaten_at_no_higher_l0() -> None:
-    from saelab.evaluate import mark_dominated
+    from saelab.eval.core import mark_dominated
 
     saes = [
         {"l0": 10, "explained_variance": 0.8, "ce_loss_score": 0.90},

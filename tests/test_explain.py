@@ -8,10 +8,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest_llm import PLANTED, RuleClient, synthetic_samples
+from support_llm import PLANTED, RuleClient, synthetic_samples
 
-from saelab.config import ExplainConfig
-from saelab.explain import (
+from saelab.autointerp.explain import (
     DefaultExplainer,
     TokenStatsExplainer,
     contrastive_prompt,
@@ -23,8 +22,9 @@ from saelab.explain import (
     render_tokens,
     run_explain,
 )
-from saelab.llm import LLMError
-from saelab.sampling import Example
+from saelab.autointerp.llm.client import LLMError
+from saelab.config import ExplainConfig
+from saelab.latents.sampling import Example
 
 ROW_KEYS = {
     "latent",

@@ -24,9 +24,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from saelab import cli
-from saelab import sae as sae_lib
-from saelab.formats import FORMATS, detect_format, export_sae, import_sae
-from saelab.sae import REGISTRY, SAEConfig, SAEError, build
+from saelab.sae import base as sae_lib
+from saelab.sae.base import REGISTRY, SAEConfig, SAEError, build
+from saelab.sae.formats import FORMATS, detect_format, export_sae, import_sae
 
 ROOT = Path(__file__).resolve().parent.parent
 D, F = 16, 64

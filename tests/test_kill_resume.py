@@ -29,14 +29,14 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import make_corpus
-from conftest_llm import RuleClient
 from llm_server import LocalOpenAIServer
 from safetensors.numpy import load_file
+from support_llm import RuleClient
 from test_pipeline import SMALL
 
+from saelab.autointerp.llm.cache import request_key
+from saelab.autointerp.llm.client import ChatResponse
 from saelab.cli import main
-from saelab.llm import ChatResponse
-from saelab.llm_cache import request_key
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault, pytest.mark.resume]
 

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from saelab.activations import Activations
+from saelab.activations.store import Activations
 from saelab.config import CacheConfig, ConfigError, SampleConfig
-from saelab.latent_build import CacheProgress, Chunk, build_cache, chunks_from_activations
-from saelab.latents import CacheError, CacheMismatchError, LatentCache
-from saelab.sae import SAE, SAEConfig, build
-from saelab.sampling import SampleSet, choose_latents, sample
+from saelab.latents.build import CacheProgress, Chunk, build_cache, chunks_from_activations
+from saelab.latents.cache import CacheError, CacheMismatchError, LatentCache
+from saelab.latents.sampling import SampleSet, choose_latents, sample
+from saelab.sae.base import SAE, SAEConfig, build
 
 SMALL = CacheConfig(buffer_nnz=256, shard_nnz=1024)
 """Buffers small enough that the fixture spills several runs, writes several shards and has latents with more
@@ -314,7 +314,7 @@ WORDS = " ".join(TOPICS).split()
 def test_similar_negatives_are_nearer_on_real_minilm(tmp_path: Path) -> None:
     """Latent 0 fires on "goal" only, which occurs in football windows: MiniLM's nearest non-activating examples
     are football text without "goal" (hard negatives), nearer to the activating ones than random negatives."""
-    from saelab.embed import Embedder
+    from saelab.autointerp.embed import Embedder
 
     rng = np.random.default_rng(0)
     n_windows, ctx = 160, 32

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest_llm import ScriptedServer, completion_body, synthetic_samples, tiny_chat_model
+from support_llm import ScriptedServer, completion_body, synthetic_samples, tiny_chat_model
 
-from saelab import llm
-from saelab.config import ExplainConfig, LLMConfig, ScoreConfig
-from saelab.llm import (
+from saelab.autointerp.llm import client as llm
+from saelab.autointerp.llm.client import (
     LLMError,
     LocalChatClient,
     OpenAIClient,
@@ -21,7 +20,8 @@ from saelab.llm import (
     make_client,
     run_sync,
 )
-from saelab.models import LoadedModel
+from saelab.config import ExplainConfig, LLMConfig, ScoreConfig
+from saelab.models.loading import LoadedModel
 
 MSG = [{"role": "user", "content": "hello"}]
 
@@ -267,7 +267,7 @@ def test_make_client_reuses_loaded_model(tiny: LoadedModel) -> None:
 
 @pytest.fixture(scope="module")
 def smollm() -> LoadedModel:
-    from saelab.models import BUNDLED_SMOLLM2, load_model
+    from saelab.models.loading import BUNDLED_SMOLLM2, load_model
 
     return load_model(BUNDLED_SMOLLM2, device="cpu")
 
@@ -308,8 +308,8 @@ def test_real_http_server_explain_and_detection(smollm: LoadedModel, tmp_path: P
     """OpenAIClient -> a real HTTP server on 127.0.0.1 -> LocalChatClient with the bundled SmolLM2."""
     from llm_server import LocalOpenAIServer
 
-    from saelab.explain import run_explain
-    from saelab.score import run_score
+    from saelab.autointerp.explain import run_explain
+    from saelab.autointerp.score import run_score
 
     samples = synthetic_samples(n_latents=2, n_train=4, n_test=2)
     with LocalOpenAIServer(LocalChatClient(smollm)) as srv:
@@ -328,7 +328,7 @@ def test_real_http_server_explain_and_detection(smollm: LoadedModel, tmp_path: P
 
 
 def test_prefix_groups_follow_explanations() -> None:
-    from saelab.llm import _prefix_groups, _Request
+    from saelab.autointerp.llm.client import _prefix_groups, _Request
 
     def req(ids: list[int]) -> _Request:
         return _Request(ids, 1, 0.0, 0, None)  # type: ignore[arg-type]

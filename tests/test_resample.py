@@ -10,19 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest_train import planted, same_state
+from support_train import planted, same_state
 
-from saelab import sae as sae_lib
 from saelab.config import TrainConfig
-from saelab.resample import (
+from saelab.sae import base as sae_lib
+from saelab.sae.base import TrainLoss
+from saelab.train.resample import (
     ConsistencyResampler,
     encoder_scale,
     latent_dim,
     reinit_latents_,
     sample_by_loss,
 )
-from saelab.sae import TrainLoss
-from saelab.train import train
+from saelab.train.trainer import train
 
 BLOCK = 32  # latents 0..31 of 96 are forced dead
 BASE = {

@@ -16,15 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest_train import StepCounter, Stopped, planted, same_state, train_stopped_then_resumed
+from support_train import StepCounter, Stopped, planted, same_state, train_stopped_then_resumed
 
-from saelab import sae as sae_lib
-from saelab.activations import Activations, StoreSource
-from saelab.checkpoint import checkpoint_sae, latest_checkpoint, load_checkpoint
+from saelab.activations.store import Activations, StoreSource
 from saelab.cli import main
 from saelab.config import TrainConfig
-from saelab.sae import TrainLoss
-from saelab.train import TrainError, TrainResult, train
+from saelab.sae import base as sae_lib
+from saelab.sae.base import TrainLoss
+from saelab.train.checkpoint import checkpoint_sae, latest_checkpoint, load_checkpoint
+from saelab.train.trainer import TrainError, TrainResult, train
 
 SMALL = {"expansion": 4, "k": 3, "lr": 3e-3, "batch_size": 128, "epochs": 3, "dead_tokens": 1000}
 # 2000 rows, batch 128: 15 steps per epoch, 45 in all.

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from saelab import sae as sae_lib
-from saelab.sae import REGISTRY, LossInputs, SAEConfig, SAEError, build
+from saelab.sae import base as sae_lib
+from saelab.sae.base import REGISTRY, LossInputs, SAEConfig, SAEError, build
 
 ARCHS = sorted(REGISTRY)
 PARAMS: dict[str, dict[str, Any]] = {

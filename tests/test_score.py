@@ -12,13 +12,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest_llm import PLANTED, RuleClient, synthetic_samples
+from support_llm import PLANTED, RuleClient, synthetic_samples
 
-from saelab.config import ScoreConfig
-from saelab.explain import ExplanationRecord
-from saelab.llm import ChatResponse, LLMError
-from saelab.metrics import binary_metrics
-from saelab.score import (
+from saelab.autointerp.explain import ExplanationRecord
+from saelab.autointerp.llm.client import ChatResponse, LLMError
+from saelab.autointerp.score import (
     DetectionScorer,
     EmbeddingScorer,
     FuzzingScorer,
@@ -28,6 +26,8 @@ from saelab.score import (
     score_async,
     yes_probability,
 )
+from saelab.config import ScoreConfig
+from saelab.metrics import binary_metrics
 
 
 class BagOfWords:
@@ -316,7 +316,7 @@ def test_shuffled_control_and_paired_comparisons(tmp_path: Path) -> None:
 
 @pytest.mark.bad_input
 def test_llm_scorer_without_client_is_an_error(tmp_path: Path) -> None:
-    from saelab.llm import LLMError
+    from saelab.autointerp.llm.client import LLMError
 
     with pytest.raises(LLMError, match="needs an LLM client"):
         run_score(
@@ -329,7 +329,7 @@ def test_llm_scorer_without_client_is_an_error(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_minilm_embeddings() -> None:
-    from saelab.embed import Embedder
+    from saelab.autointerp.embed import Embedder
 
     emb = Embedder()
     texts = ["The capital of France is Paris.", "Paris is the French capital.", "Photosynthesis in plants."]
@@ -344,8 +344,8 @@ def test_minilm_embeddings() -> None:
 
 @pytest.mark.slow
 def test_run_score_with_bundled_model_and_minilm(tmp_path: Path) -> None:
-    from saelab.llm import LocalChatClient
-    from saelab.models import BUNDLED_SMOLLM2, load_model
+    from saelab.autointerp.llm.client import LocalChatClient
+    from saelab.models.loading import BUNDLED_SMOLLM2, load_model
 
     samples = synthetic_samples(n_latents=2, n_train=4, n_test=3)
     client = LocalChatClient(load_model(BUNDLED_SMOLLM2, device="cpu"))

@@ -23,10 +23,10 @@ import pytest
 from browser import chromium_page
 from test_pipeline import run_stages
 
+from saelab.autointerp.explain import load_explanations, write_explanations
 from saelab.cli import ServeArgs, main
 from saelab.config import ServeConfig
-from saelab.explain import load_explanations, write_explanations
-from saelab.sampling import SampleSet
+from saelab.latents.sampling import SampleSet
 from saelab.web.data import RunData
 from saelab.web.server import make_server, serve_in_thread, url_of
 

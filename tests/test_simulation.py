@@ -7,13 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest_llm import RuleClient, synthetic_samples
+from support_llm import RuleClient, synthetic_samples
 from test_score import explanations
 
+from saelab.autointerp.llm.client import run_sync
+from saelab.autointerp.score import run_score
+from saelab.autointerp.simulation import (
+    MAX_VALUE,
+    SimulationScorer,
+    correlation,
+    parse_simulation,
+    simulation_messages,
+)
 from saelab.config import ScoreConfig
-from saelab.llm import run_sync
-from saelab.score import run_score
-from saelab.simulation import MAX_VALUE, SimulationScorer, correlation, parse_simulation, simulation_messages
 
 
 @pytest.mark.parametrize(

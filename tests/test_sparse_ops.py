@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saelab import sae as sae_lib
-from saelab.sparse_ops import Entries, decode_entries, entry_preacts
+from saelab.sae import base as sae_lib
+from saelab.sae.sparse_ops import Entries, decode_entries, entry_preacts
 
 TOL = {"rtol": 1e-4, "atol": 1e-5}
 

@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 import torch
-from conftest_train import planted, planted_directions
+from support_train import planted, planted_directions
 
-from saelab import sae as sae_lib
-from saelab.activations import ActivationError
+from saelab.activations.store import ActivationError
 from saelab.config import ConfigError, TrainConfig
-from saelab.evaluate import reconstruction_metrics
-from saelab.sae import SAEError
-from saelab.train import (
+from saelab.eval.core import reconstruction_metrics
+from saelab.sae import base as sae_lib
+from saelab.sae.base import SAEError
+from saelab.train.trainer import (
     TrainError,
     auxk_loss,
     geometric_median,

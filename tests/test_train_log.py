@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest_train import planted
+from support_train import planted
 
 from saelab.config import ConfigError, TrainConfig
-from saelab.train import train
-from saelab.train_log import LogSinkError
+from saelab.train.log import LogSinkError
+from saelab.train.trainer import train
 
 FIELDS = {"step", "tokens", "loss", "mse", "auxk", "sparsity", "l0", "ev", "dead_fraction", "lr"}
 CFG = TrainConfig(expansion=2, k=3, batch_size=100, epochs=2, log_every=4)  # 2000 rows: 40 steps

@@ -1,4 +1,4 @@
-"""saelab's trainer (`saelab.train.train`) on the shared tokens; run in saelab's own environment (.venv).
+"""saelab's trainer (`saelab.train.trainer.train`) on the shared tokens; run in saelab's own environment (.venv).
 
     .venv/bin/python benchmarks/peers/saelab_train.py --acts ACTS --tokens N --out DIR [--arch topk|batchtopk]
 
@@ -16,7 +16,7 @@ import torch
 
 import saelab
 from saelab.config import TrainConfig
-from saelab.train import train
+from saelab.train.trainer import train
 
 
 def main() -> None:

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from saelab.explain import ExplanationRecord
-from saelab.latents import LatentCache
-from saelab.sampling import LatentExamples
+from saelab.autointerp.explain import ExplanationRecord
+from saelab.latents.cache import LatentCache
+from saelab.latents.sampling import LatentExamples
 
 SAMPLES = "samples/samples.json"
 EXPLANATIONS = "explain/explanations.jsonl"

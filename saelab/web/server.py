@@ -31,8 +31,8 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 import numpy as np
 
-from saelab.latents import CacheError
-from saelab.sampling import Example
+from saelab.latents.cache import CacheError
+from saelab.latents.sampling import Example
 from saelab.web.data import LIST_METRICS, METRIC, REPORT, RunData, ScoreResult
 from saelab.web.listing import FIXED_SORTS, ListQuery, QueryError, models, run_query
 from saelab.web.templates import environment

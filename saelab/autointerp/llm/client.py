@@ -1,0 +1,648 @@
+"""LLM clients for explainers and scorers: one small async interface, two real implementations.
+
+- `OpenAIClient` talks to any OpenAI-compatible server (vLLM, llama.cpp `llama-server`, Ollama, OpenRouter) over
+  httpx: a semaphore bounds requests in flight; connection errors, timeouts, HTTP 429 and 5xx and malformed bodies
+  are retried with exponential backoff, then raise `LLMError`. `check()` asks `GET /models` once before any work so
+  a wrong URL fails in one line instead of hundreds of retries.
+- `LocalChatClient` runs a transformers chat model in-process (default: the bundled SmolLM2-135M-Instruct, or the
+  already-loaded subject model). Concurrent `chat` calls are micro-batched: pending requests are collected and run
+  together in a worker thread. Tokens shared by several prompts run once (the chat template and instructions
+  common to a batch, then each explanation's part shared by its examples), prompts are prefilled a few rows at a
+  time (large forwards are slower per token on a CPU) and then decoded together from their joined KV caches. A
+  `max_tokens=1` request (yes/no judging with log-probabilities) needs the prefill only, no generation.
+
+Nothing here falls back to another backend: a configured server that cannot be reached is an error.
+Run the unit tests with `pytest tests/test_llm.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import Awaitable, Coroutine, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import httpx
+import torch
+from tqdm.auto import tqdm
+
+from saelab.config import LLMConfig
+
+if TYPE_CHECKING:
+    from saelab.models.loading import LoadedModel
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Messages = list[dict[str, str]]
+
+LOCAL_BATCH = 96
+"""Requests per micro-batch of the local backend (LLMConfig.concurrency if larger). A decoding step costs about
+the same for 1 or 32 rows on a CPU (it reads all the weights once) and shared prefixes run once per batch, so
+batches are wide; their prefill is cut into forwards of `PREFILL_TOKENS`."""
+MIN_SHARED_PREFIX = 8
+"""A batch runs a shared prefix separately only when that saves at least this many tokens."""
+PREFILL_TOKENS = 2048
+"""Most tokens (rows x padded length) in one forward. On a 2-core CPU larger forwards run slower per token
+(SmolLM2-135M, fp32: 4 x 484 tokens ~640 tok/s, 20 x 484 ~380 tok/s), so long prompts are run a few rows at a
+time and their KV caches joined for decoding."""
+
+
+class LLMError(RuntimeError):
+    """A request to the LLM failed for good (after retries); the message says what happened and how to fix it."""
+
+
+@dataclass(frozen=True)
+class ChatResponse:
+    """One chat completion."""
+
+    text: str
+    """The generated text (special tokens removed)."""
+    prompt_tokens: int
+    """Tokens in the prompt (as reported by the server; 0 when it reports no usage)."""
+    completion_tokens: int
+    """Generated tokens."""
+    latency_s: float
+    """Wall time from the call to the answer, queueing and retries included."""
+    top_logprobs: dict[str, float] | None
+    """The first generated token's most likely alternatives (token string -> log-probability), when asked for
+    with `logprobs > 0` and the backend provides them; else None."""
+    model: str
+    """Name of the model that answered."""
+    cached: bool = False
+    """Read from a run's answer cache (`saelab.autointerp.llm.cache`) instead of asked again; the token counts and latency
+    are those of the call that produced it."""
+
+
+class LLMClient(Protocol):
+    """What explainers and scorers need from an LLM."""
+
+    @property
+    def model_name(self) -> str:
+        """The model the requests name (a cache key and a provenance field)."""
+        ...
+
+    async def chat(
+        self, messages: Messages, *, max_tokens: int, temperature: float = 0.0, logprobs: int = 0
+    ) -> ChatResponse:
+        """Answer a chat; `logprobs > 0` asks for that many top alternatives of the first generated token."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------------------- HTTP
+
+
+class OpenAIClient:
+    """Client of an OpenAI-compatible `/chat/completions` endpoint."""
+
+    def __init__(
+        self,
+        url: str,
+        model: str = "",
+        *,
+        api_key: str | None = None,
+        concurrency: int = 4,
+        timeout_s: float = 120.0,
+        max_retries: int = 3,
+        backoff_s: float = 1.0,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.model_name = model
+        """Model name sent to the server; `check()` fills it from `/models` when empty."""
+        self.api_key = api_key
+        self.concurrency = concurrency
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        # httpx clients and asyncio semaphores belong to one event loop; keep one pair per loop so the same
+        # client works across `asyncio.run` calls (check, then explain, then score).
+        self._session: tuple[asyncio.AbstractEventLoop, httpx.AsyncClient, asyncio.Semaphore] | None = None
+
+    @classmethod
+    def from_config(cls, cfg: LLMConfig) -> OpenAIClient:
+        key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+        return cls(
+            cfg.url,
+            cfg.model,
+            api_key=key or None,
+            concurrency=cfg.concurrency,
+            timeout_s=cfg.timeout_s,
+            max_retries=cfg.max_retries,
+        )
+
+    def _http(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._session[0] is not loop:
+            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+            client = httpx.AsyncClient(
+                headers=headers,
+                timeout=httpx.Timeout(self.timeout_s, connect=min(10.0, self.timeout_s)),
+                limits=httpx.Limits(max_connections=self.concurrency),
+            )
+            self._session = (loop, client, asyncio.Semaphore(self.concurrency))
+        return self._session[1], self._session[2]
+
+    async def aclose(self) -> None:
+        """Close this event loop's connections (a later call opens new ones)."""
+        if self._session is not None and self._session[0] is asyncio.get_running_loop():
+            await self._session[1].aclose()
+        self._session = None
+
+    async def check(self) -> list[str]:
+        """`GET {url}/models` once; raise a one-line `LLMError` when the server cannot be used. Returns the
+        served model ids and, when no model name was configured, uses the first."""
+        http, _ = self._http()
+        where = f"the LLM server at {self.url}"
+        try:
+            r = await http.get(f"{self.url}/models")
+        except httpx.TimeoutException:
+            raise LLMError(f"cannot reach {where} (timed out); start it or fix --llm.url") from None
+        except httpx.TransportError as err:
+            raise LLMError(f"cannot reach {where} ({_reason(err)}); start it or fix --llm.url") from None
+        if r.status_code in (401, 403):
+            raise LLMError(
+                f"{where} refused the API key (HTTP {r.status_code}); set the variable named by --llm.api-key-env"
+            )
+        if r.status_code != 200:
+            raise LLMError(
+                f"{where} answered HTTP {r.status_code} to GET /models; is --llm.url the API base (…/v1)?"
+            )
+        try:
+            ids = [str(m["id"]) for m in r.json()["data"]]
+        except (ValueError, KeyError, TypeError) as err:
+            raise LLMError(f"{where} sent a malformed /models answer ({err!r}): {r.text[:200]!r}") from None
+        if not self.model_name:
+            if not ids:
+                raise LLMError(f"{where} serves no models; pass --llm.model")
+            self.model_name = ids[0]
+        elif ids and self.model_name not in ids:
+            log.warning(
+                "model %r is not among the served models %s; the server may reject it", self.model_name, ids
+            )
+        return ids
+
+    async def chat(
+        self, messages: Messages, *, max_tokens: int, temperature: float = 0.0, logprobs: int = 0
+    ) -> ChatResponse:
+        body: dict[str, Any] = {
+            "model": self.model_name,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+        }
+        if logprobs > 0:
+            body.update(logprobs=True, top_logprobs=min(logprobs, 20))
+        t0 = time.perf_counter()
+        data = await self._post(body)
+        text, usage, top, model = _parse_completion(data, logprobs > 0)
+        return ChatResponse(
+            text=text,
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            latency_s=time.perf_counter() - t0,
+            top_logprobs=top,
+            model=model or self.model_name,
+        )
+
+    async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST with retries; returns the decoded JSON of a well-formed answer."""
+        http, sem = self._http()
+        endpoint = f"{self.url}/chat/completions"
+        problem = ""
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
+            try:
+                async with sem:
+                    r = await http.post(endpoint, json=body)
+            except httpx.TimeoutException:
+                problem = f"timed out after {self.timeout_s:g} s"
+                continue
+            except httpx.TransportError as err:
+                problem = f"connection error ({_reason(err)})"
+                continue
+            if r.status_code == 429 or r.status_code >= 500:
+                problem = f"HTTP {r.status_code}: {r.text[:200]!r}"
+                continue
+            if r.status_code >= 400:  # a request the server will never accept: retrying cannot help
+                raise LLMError(f"POST {endpoint} answered HTTP {r.status_code}: {r.text[:300]!r}")
+            try:
+                data = r.json()
+                _parse_completion(data, "logprobs" in body)
+                return data
+            except (ValueError, KeyError, TypeError, IndexError) as err:
+                problem = f"malformed answer ({err.__class__.__name__}: {err}): {r.text[:200]!r}"
+        raise LLMError(f"POST {endpoint} failed after {self.max_retries + 1} attempts: {problem}")
+
+
+def _parse_completion(
+    data: Any, want_logprobs: bool
+) -> tuple[str, dict[str, Any], dict[str, float] | None, str | None]:
+    """(text, usage, first-token top logprobs, model) of a chat completion body; raises on a malformed one."""
+    choice = data["choices"][0]
+    content = choice["message"]["content"]
+    if content is None:
+        content = ""
+    if not isinstance(content, str):
+        raise TypeError(f"message.content is {type(content).__name__}, not a string")
+    usage = data.get("usage") or {}
+    top: dict[str, float] | None = None
+    if want_logprobs and (lp := choice.get("logprobs")) and lp.get("content"):
+        top = {}
+        for alt in lp["content"][0]["top_logprobs"]:
+            top[str(alt["token"])] = _logaddexp(top.get(str(alt["token"])), float(alt["logprob"]))
+    return content, usage, top, data.get("model")
+
+
+def _logaddexp(a: float | None, b: float) -> float:
+    return b if a is None else float(max(a, b) + math.log1p(math.exp(-abs(a - b))))
+
+
+def _reason(err: BaseException) -> str:
+    """A short cause of a transport error (httpx wraps the OS error several levels deep)."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(cause, socket.gaierror):
+            return "unknown host"
+        cause = cause.__cause__ or cause.__context__
+    return str(err) or err.__class__.__name__
+
+
+# --------------------------------------------------------------------------------------------------- local
+
+
+@dataclass
+class _Request:
+    ids: list[int]
+    max_tokens: int
+    temperature: float
+    logprobs: int
+    future: asyncio.Future[ChatResponse]
+    t0: float = field(default_factory=time.perf_counter)
+
+    @property
+    def key(self) -> tuple[int, float]:
+        """Requests with equal keys can share a batch (one forward for max_tokens=1)."""
+        return (1, self.temperature) if self.max_tokens == 1 else (self.max_tokens, self.temperature)
+
+
+@dataclass
+class _Rows:
+    """Token rows already run through the model: their KV cache (one row each), attention mask and lengths."""
+
+    cache: Any
+    """A transformers DynamicCache, or None before anything has run."""
+    mask: torch.Tensor
+    length: torch.Tensor
+
+    @classmethod
+    def empty(cls, device: torch.device) -> _Rows:
+        """One row holding nothing."""
+        zeros = torch.zeros(1, dtype=torch.long, device=device)
+        return cls(None, torch.zeros(1, 0, dtype=torch.long, device=device), zeros)
+
+    def select(self, rows: torch.Tensor) -> _Rows:
+        """New rows copying `rows` of these (repeats allowed); these stay untouched."""
+        cache = None
+        if self.cache is not None:
+            cache = _new_cache([(layer.keys[rows], layer.values[rows]) for layer in self.cache.layers])
+        return _Rows(cache, self.mask[rows], self.length[rows])
+
+    @staticmethod
+    def concat(parts: Sequence[_Rows]) -> _Rows:
+        """All rows of `parts`, left-padded to the longest (padding masked out)."""
+        width = max(p.mask.shape[1] for p in parts)
+
+        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            shape = list(t.shape)
+            shape[dim] = width - t.shape[dim]
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        layers = zip(*(p.cache.layers for p in parts))
+        kv = [
+            (torch.cat([pad(x.keys, 2) for x in ls]), torch.cat([pad(x.values, 2) for x in ls]))
+            for ls in layers
+        ]
+        mask = torch.cat([pad(p.mask, 1) for p in parts])
+        return _Rows(_new_cache(kv), mask, torch.cat([p.length for p in parts]))
+
+
+def _new_cache(kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=kv)
+
+
+class LocalChatClient:
+    """A transformers chat model in this process, micro-batching concurrent requests (see module docstring)."""
+
+    def __init__(self, loaded: LoadedModel, *, batch_size: int = LOCAL_BATCH) -> None:
+        self.loaded = loaded
+        self.model_name = loaded.name
+        self.batch_size = batch_size
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saelab-llm")
+        self._pending: list[_Request] = []
+        self._worker: asyncio.Task[None] | None = None
+        tok = loaded.tokenizer
+        self._pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        eos = loaded.model.generation_config.eos_token_id
+        self._eos_ids = {int(e) for e in ([eos] if isinstance(eos, int) else eos or [])} | {
+            int(tok.eos_token_id)
+        }
+        self._max_len = int(getattr(loaded.model.config, "max_position_embeddings", 1 << 30))
+        self.batches_run = 0
+        """Batches run so far; tests read it to see that requests were batched."""
+        self._last_root: tuple[list[int], _Rows] | None = None
+        self.tokens_run = 0
+        """Token positions run through the model so far, padding included (a machine-independent cost)."""
+
+    @classmethod
+    def from_config(cls, cfg: LLMConfig, loaded: LoadedModel | None = None) -> LocalChatClient:
+        """Reuse `loaded` when it is the configured chat model, else load `cfg.local_model`."""
+        if loaded is None or loaded.name != cfg.local_model:
+            from saelab.models.loading import load_model
+
+            loaded = load_model(cfg.local_model)
+        return cls(loaded, batch_size=max(cfg.concurrency, LOCAL_BATCH))
+
+    def encode(self, messages: Messages) -> list[int]:
+        """Token ids of the chat template applied to `messages`, ready for the assistant's answer."""
+        enc = self.loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = enc["input_ids"] if hasattr(enc, "keys") else enc
+        return [int(i) for i in ids]
+
+    async def chat(
+        self, messages: Messages, *, max_tokens: int, temperature: float = 0.0, logprobs: int = 0
+    ) -> ChatResponse:
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        ids = self.encode(messages)
+        if len(ids) + max_tokens > self._max_len:
+            raise LLMError(
+                f"prompt of {len(ids)} tokens + {max_tokens} new exceeds the model's {self._max_len}"
+            )
+        loop = asyncio.get_running_loop()
+        req = _Request(ids, max_tokens, temperature, logprobs, loop.create_future())
+        self._pending.append(req)
+        if self._worker is None or self._worker.done() or self._worker.get_loop() is not loop:
+            self._worker = loop.create_task(self._drain())
+        return await req.future
+
+    async def _drain(self) -> None:
+        """Run pending requests batch by batch until none is left."""
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            await asyncio.sleep(0)  # let callers started in the same step enqueue first
+            groups = self._next_batch()
+            batch = [r for g in groups for r in g]
+            try:
+                results = await loop.run_in_executor(self._executor, self._run_batch, groups)
+            except Exception as err:  # a failed batch fails its requests, not the worker
+                for r in batch:
+                    if not r.future.done():
+                        r.future.set_exception(
+                            LLMError(f"local model failed: {err.__class__.__name__}: {err}")
+                        )
+                continue
+            for r, res in zip(batch, results):
+                if not r.future.done():
+                    r.future.set_result(res)
+
+    def _next_batch(self) -> list[list[_Request]]:
+        """Up to `batch_size` requests of the first request's kind, as groups that share a token prefix.
+
+        Sorting by token ids puts requests with a common prefix (one explanation's examples) side by side.
+        """
+        key = self._pending[0].key
+        same = sorted((r for r in self._pending if r.key == key), key=lambda r: r.ids)
+        groups = _prefix_groups(same[: self.batch_size])
+        if len(groups) > 1 and len(same) > self.batch_size:
+            # A last group that continues past the batch waits whole for the next one.
+            last, before, after = groups[-1][0].ids, groups[-2][-1].ids, same[self.batch_size].ids
+            if _common_prefix(last, after) > _common_prefix(before, last):
+                groups.pop()
+        taken = {id(r) for g in groups for r in g}
+        self._pending = [r for r in self._pending if id(r) not in taken]
+        return groups
+
+    @torch.inference_mode()
+    def _run_batch(self, groups: list[list[_Request]]) -> list[ChatResponse]:
+        """Prefill every request (shared prefixes once), then decode greedily or by sampling, all rows together;
+        a `max_tokens=1` request needs the prefill only."""
+        self.batches_run += 1
+        batch = [r for g in groups for r in g]
+        max_tokens = batch[0].max_tokens
+        state, logits_BV = self._prefill(groups, keep=max_tokens > 1)
+        first_BV = torch.log_softmax(logits_BV.float(), dim=-1)
+        generated = [[self._pick(first_BV[i], r.temperature)] for i, r in enumerate(batch)]
+        done = [g[-1] in self._eos_ids for g in generated]
+        for _ in range(max_tokens - 1):
+            if all(done):
+                break
+            assert state is not None
+            state, logits_BV = self._run(state, [[g[-1]] for g in generated])
+            step_BV = torch.log_softmax(logits_BV.float(), dim=-1)
+            for i, r in enumerate(batch):
+                if not done[i]:
+                    generated[i].append(self._pick(step_BV[i], r.temperature))
+                    done[i] = generated[i][-1] in self._eos_ids
+        return [self._response(r, first_BV[i], generated[i]) for i, r in enumerate(batch)]
+
+    def _prefill(self, groups: list[list[_Request]], keep: bool) -> tuple[_Rows | None, torch.Tensor]:
+        """Last-position logits of every request (and, with `keep`, their rows for decoding). Shared tokens run
+        once: the prefix common to all groups (chat template, instructions), then each group's own prefix (one
+        row per group), then each request's remaining tokens on top of its group's KV cache rows."""
+        device = self.loaded.device
+        batch = [r for g in groups for r in g]
+        shared = [_shared_prefix(g) for g in groups]
+        root = min(_common_prefix_all([g[0].ids for g in groups]), min(shared) - 1) if len(groups) > 1 else 0
+        state = _Rows.empty(device)
+        if root * (len(groups) - 1) >= MIN_SHARED_PREFIX:
+            state = self._root(groups[0][0].ids[:root])
+        else:
+            root = 0
+        group_row = torch.zeros(len(groups), dtype=torch.long, device=device)
+        starts = [root] * len(groups)
+        if sum((len(g) - 1) * (n - root) for g, n in zip(groups, shared)) >= MIN_SHARED_PREFIX:
+            parts = [g[0].ids[root:n] for g, n in zip(groups, shared)]
+            grouped, _ = self._run_chunked(state, group_row, parts, keep=True)
+            assert grouped is not None
+            state, group_row, starts = grouped, torch.arange(len(groups), device=device), shared
+        rows = torch.cat([group_row[gi].repeat(len(g)) for gi, g in enumerate(groups)])
+        row_start = [starts[gi] for gi, g in enumerate(groups) for _ in g]
+        return self._run_chunked(state, rows, [r.ids[n:] for r, n in zip(batch, row_start)], keep)
+
+    def _root(self, ids: list[int]) -> _Rows:
+        """The rows of a prefix common to a whole batch, kept for the next batch (a scorer's batches all start
+        with the same instructions). Callers only `select` from it, so the kept rows stay intact."""
+        if self._last_root is None or self._last_root[0] != ids:
+            state, _ = self._run(_Rows.empty(self.loaded.device), [ids])
+            self._last_root = (ids, state)
+        return self._last_root[1]
+
+    def _run_chunked(
+        self, state: _Rows, rows: torch.Tensor, seqs: list[list[int]], keep: bool
+    ) -> tuple[_Rows | None, torch.Tensor]:
+        """`_run` of `seqs[i]` after state row `rows[i]`, in forwards of at most `PREFILL_TOKENS` (padded)
+        tokens, similar lengths together; `state` is left untouched. Results are in the order of `seqs`."""
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        n_chunks = math.ceil(len(seqs) * len(seqs[order[-1]]) / PREFILL_TOKENS)
+        size = math.ceil(len(seqs) / n_chunks)  # equal chunks: no small leftover forward
+        chunks = [order[i : i + size] for i in range(0, len(order), size)]
+        parts, logits = [], []
+        for chunk in chunks:
+            part, lg = self._run(state.select(rows[chunk]), [seqs[i] for i in chunk])
+            parts.append(part)
+            logits.append(lg)
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        inverse = inverse.to(rows.device)
+        merged = _Rows.concat(parts).select(inverse) if keep else None
+        return merged, torch.cat(logits)[inverse]
+
+    def _run(self, state: _Rows, seqs: list[list[int]]) -> tuple[_Rows, torch.Tensor]:
+        """Run `seqs[i]` after the tokens of state row i, left-padded (the padding sits between the cached and
+        the new tokens, masked out). Extends `state`'s cache in place; returns the rows and last logits."""
+        ids_BS, new_BS = _left_pad(seqs, self._pad_id, self.loaded.device)
+        self.tokens_run += ids_BS.numel()
+        mask_BT = torch.cat([state.mask, new_BS], dim=1)
+        out = self.loaded.model(
+            input_ids=ids_BS,
+            attention_mask=mask_BT,
+            position_ids=state.length[:, None] + (new_BS.cumsum(-1) - 1).clamp(min=0),
+            past_key_values=state.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return _Rows(out.past_key_values, mask_BT, state.length + new_BS.sum(-1)), out.logits[:, -1, :]
+
+    @staticmethod
+    def _pick(logprobs_V: torch.Tensor, temperature: float) -> int:
+        if temperature > 0:
+            return int(torch.multinomial(torch.softmax(logprobs_V / temperature, dim=-1), 1))
+        return int(logprobs_V.argmax())
+
+    def _response(self, r: _Request, first_V: torch.Tensor, generated: list[int]) -> ChatResponse:
+        tok = self.loaded.tokenizer
+        top: dict[str, float] | None = None
+        if r.logprobs > 0:
+            values, idx = first_V.topk(r.logprobs)
+            top = {}
+            for v, i in zip(values.tolist(), idx.tolist()):
+                s = tok.decode([i])
+                top[s] = _logaddexp(top.get(s), v)  # two ids can decode to the same string
+        return ChatResponse(
+            text=tok.decode(generated, skip_special_tokens=True),
+            prompt_tokens=len(r.ids),
+            completion_tokens=len(generated),
+            latency_s=time.perf_counter() - r.t0,
+            top_logprobs=top,
+            model=self.model_name,
+        )
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _shared_prefix(group: Sequence[_Request]) -> int:
+    """Leading tokens every request of the group shares, leaving each at least one token to run."""
+    return max(1, min(_common_prefix_all([r.ids for r in group]), min(len(r.ids) for r in group) - 1))
+
+
+def _prefix_groups(reqs: Sequence[_Request]) -> list[list[_Request]]:
+    """Split requests sorted by ids into runs that each run their shared prefix once, minimising the tokens
+    processed. The prefix common to all of them runs once anyway (see `_prefill`), so a run of n requests
+    sharing P tokens saves (n - 1) * (P - common). Dynamic programming over the cut points (a run's shared
+    prefix is the minimum of its neighbours' common prefixes)."""
+    n = len(reqs)
+    adjacent = [_common_prefix(reqs[i].ids, reqs[i + 1].ids) for i in range(n - 1)]
+    common = min(adjacent, default=0)
+    best = [0] * (n + 1)  # best[j]: most tokens saved on the first j requests
+    start_of = [0] * (n + 1)
+    for j in range(1, n + 1):
+        best[j], start_of[j] = best[j - 1], j - 1  # request j-1 alone
+        shared, shortest = 1 << 30, len(reqs[j - 1].ids)
+        for i in range(j - 2, -1, -1):  # the run reqs[i:j]
+            shared = min(shared, adjacent[i])
+            shortest = min(shortest, len(reqs[i].ids))
+            saved = best[i] + (j - 1 - i) * (min(shared, shortest - 1) - common)
+            if saved > best[j]:
+                best[j], start_of[j] = saved, i
+    groups: list[list[_Request]] = []
+    j = n
+    while j > 0:
+        groups.append(list(reqs[start_of[j] : j]))
+        j = start_of[j]
+    return groups[::-1]
+
+
+def _common_prefix_all(seqs: Sequence[Sequence[int]]) -> int:
+    return min(_common_prefix(seqs[0], s) for s in seqs)
+
+
+def _left_pad(
+    seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), both [batch, longest], padded on the left so every row ends at the last column."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+
+def make_client(cfg: LLMConfig, loaded: LoadedModel | None = None) -> LLMClient:
+    """The configured client: `OpenAIClient` when `cfg.url` is set, else `LocalChatClient` (reusing `loaded`
+    when it is the configured local model). No I/O for HTTP: call `check()` before the work."""
+    if cfg.url:
+        return OpenAIClient.from_config(cfg)
+    if cfg.backend == "openai":
+        raise LLMError("llm.backend is 'openai' but llm.url is empty; pass --llm.url http://HOST:PORT/v1")
+    return LocalChatClient.from_config(cfg, loaded)
+
+
+async def gather_with_progress(
+    aws: Iterable[Awaitable[T]], desc: str, disable: bool | None = None
+) -> list[T]:
+    """Run awaitables concurrently with a tqdm bar (hidden when stderr is not a terminal); results in order."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    with tqdm(total=len(tasks), desc=desc, disable=disable, leave=False) as bar:
+        for t in tasks:
+            t.add_done_callback(lambda _t: bar.update(1))
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for t in tasks:
+                t.cancel()  # no-op for finished tasks; stops the rest when one raised
+
+
+def run_sync(coro: Coroutine[Any, Any, T], client: object | None = None) -> T:
+    """`asyncio.run(coro)`, closing the client's connections of that loop afterwards."""
+
+    async def main() -> T:
+        try:
+            return await coro
+        finally:
+            close = getattr(client, "aclose", None)
+            if close is not None:
+                await close()
+
+    return asyncio.run(main())

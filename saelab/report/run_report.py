@@ -1,0 +1,595 @@
+"""Reports: `report.md` and a self-contained `report.html` (plots embedded) for one run folder.
+
+Sections: provenance (models, hashes, seed, code version), SAE metrics, feature-density histogram, explainer and
+scorer models with the token-statistics baseline beside the LLM explainer, overall and per-latent scores, skipped
+and failed latents, time per stage. `print_summary` writes the short summary shown at the end of `saelab demo`.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib import ticker
+
+from saelab.config import ReportConfig
+from saelab.report.flags import Flag, TargetGap, classifier_flags, target_flags, target_gaps
+from saelab.run import atomic
+from saelab.run.manifest import Run
+
+REPORT_INPUTS = ("eval", "sample", "explain", "score")
+"""Stages whose artifacts the report reads (their hashes are checked first)."""
+CLASS_METRICS = ("balanced_accuracy", "f1", "precision", "recall", "specificity", "accuracy")
+WEAK_JUDGE_NOTE = (
+    "The explainer and judge here is a {model}. A small model explains and judges poorly: compare its scores "
+    "with the token-statistics baseline (no LLM) beside it before reading them as a property of the SAE."
+)
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
+    return str(v)
+
+
+class Doc:
+    """Builds the Markdown and the HTML of a report side by side."""
+
+    def __init__(self, title: str) -> None:
+        self.md: list[str] = [f"# {title}", ""]
+        self.html: list[str] = [f"<h1>{html.escape(title)}</h1>"]
+
+    def heading(self, text: str) -> None:
+        self.md += [f"## {text}", ""]
+        self.html.append(f"<h2>{html.escape(text)}</h2>")
+
+    def para(self, text: str) -> None:
+        self.md += [text, ""]
+        self.html.append(f"<p>{html.escape(text)}</p>")
+
+    def table(self, header: list[str], rows: list[list[Any]]) -> None:
+        cells = [[_fmt(c) for c in r] for r in rows]
+        self.md.append("| " + " | ".join(header) + " |")
+        self.md.append("|" + "---|" * len(header))
+        self.md += [
+            "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in r) + " |" for r in cells
+        ]
+        self.md.append("")
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in cells)
+        self.html.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+
+    def image(self, path: Path, rel: str, alt: str) -> None:
+        self.md += [f"![{alt}]({rel})", ""]
+        data = base64.b64encode(path.read_bytes()).decode()
+        self.html.append(
+            f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></figure>'
+        )
+
+
+def save_figure(fig: Any, path: Path, pdf: bool = False) -> Path:
+    """Save `fig` as PNG at `path` (and as PDF beside it when `pdf`), close it, return the PNG's path."""
+    fig.tight_layout()
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    if pdf:
+        with atomic.atomic_path(path.with_suffix(".pdf")) as tmp:
+            fig.savefig(tmp, format="pdf")
+    plt.close(fig)
+    return path
+
+
+class PlotDir:
+    """The report's plots/ folder: every figure saved as PNG there (and as PDF beside it when `pdf`)."""
+
+    def __init__(self, folder: Path, pdf: bool = False) -> None:
+        self.folder = folder
+        self.pdf = pdf
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def save(self, fig: Any, name: str) -> Path:
+        return save_figure(fig, self.folder / name, self.pdf)
+
+
+def write_documents(doc: Doc, folder: Path) -> list[Path]:
+    """report.md and the self-contained report.html of `doc` in `folder`."""
+    md_path, html_path = folder / "report.md", folder / "report.html"
+    atomic.write_text(md_path, "\n".join(doc.md))
+    atomic.write_text(
+        html_path,
+        f"<!doctype html><html><head><meta charset='utf-8'><title>saelab report</title>{HTML_STYLE}</head>"
+        f"<body>{''.join(doc.html)}</body></html>",
+    )
+    return [md_path, html_path]
+
+
+def flags_section(doc: Doc, flags: list[Flag], gaps: list[TargetGap]) -> None:
+    """The flags and the target-gap table (every report ends its findings with these)."""
+    doc.heading("Flags")
+    if flags:
+        doc.table(["flag", "subject", "detail"], [[f.kind, f.subject, f.message] for f in flags])
+    else:
+        doc.para("No flags: no one-class classifier, class imbalance, small set or missed target.")
+    if gaps:
+        doc.heading("Targets")
+        doc.para(
+            "gap = target − value (value − target for ECE and balance gap): positive means short of target."
+        )
+        doc.table(
+            ["subject", "metric", "value", "target", "gap", "% of target", "met"],
+            [
+                [g.subject, g.metric, g.value, g.target, g.gap, g.reached_pct,
+                 "–" if g.gap is None else ("yes" if g.gap <= 0 else "no")]
+                for g in gaps
+            ],
+        )  # fmt: skip
+
+
+HTML_STYLE = """<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
+th{background:#f3f3f3}figure img{max-width:100%}</style>"""
+
+
+def write_report(run: Run, cfg: ReportConfig | None = None) -> list[Path]:
+    """Write report.md, report.html and the plots of `run`; returns their paths."""
+    cfg = cfg or ReportConfig()
+    for stage in REPORT_INPUTS:  # the report reads these stages' artifacts: refuse any altered since
+        if stage in run.stages:
+            run.verify(stage, stage)
+    folder = run.folder
+    plots = PlotDir(folder / "plots", cfg.pdf)
+    doc = Doc(f"saelab report: {folder.name}")
+    written: list[Path] = []
+    _provenance(run, doc)
+    written += _sae_section(run, doc, plots)
+    written += _compare_section(run, doc, plots)
+    _probing_section(run, doc)
+    written += _absorption_section(run, doc, plots)
+    written += _interp_section(run, doc, plots)
+    flags, gaps = run_flags(run, cfg)
+    flags_section(doc, flags, gaps)
+    _timing(run, doc)
+    return [*write_documents(doc, folder), *written]
+
+
+def run_flags(run: Run, cfg: ReportConfig) -> tuple[list[Flag], list[TargetGap]]:
+    """Flags of every (explainer, scorer) over its pooled judgements, plus one-class judges per latent."""
+    summary = _read_json(run.folder / "score" / "scores_summary.json") or {}
+    flags: list[Flag] = []
+    gaps: list[TargetGap] = []
+    targets = cfg.target_values()
+    for o in summary.get("overall", []):
+        subject = f"{o['explainer']} / {o['scorer']}"
+        counts = {"positive": o["n_pos"], "negative": o["n_neg"]}
+        flags += classifier_flags(subject, o["recall"], o["specificity"], counts, cfg)
+        gaps += target_gaps(subject, o, targets)
+    tol = cfg.one_class_tolerance
+    rows = _read_jsonl(run.folder / "score" / "scores.jsonl")
+    for key in dict.fromkeys((r["explainer"], r["scorer"]) for r in rows):
+        group = [r for r in rows if (r["explainer"], r["scorer"]) == key]
+        one = [
+            r["latent"]
+            for r in group
+            if r["n_pos"] and r["n_neg"] and min(r["recall"], r["specificity"]) <= tol
+        ]
+        if one:
+            flags.append(
+                Flag("one_class", f"{key[0]} / {key[1]}", f"answers one class for every example of {len(one)} of "
+                     f"{len(group)} latents (latents {', '.join(map(str, one[:10]))}{'…' if len(one) > 10 else ''})")
+            )  # fmt: skip
+    return flags + target_flags(gaps), gaps
+
+
+def _provenance(run: Run, doc: Doc) -> None:
+    d = run.data
+    cfg = d.get("config", {})
+    collect = run.stages.get("collect", {})
+    doc.heading("Provenance")
+    doc.table(
+        ["field", "value"],
+        [
+            ["subject model", cfg.get("model", {}).get("name")],
+            ["hookpoint", collect.get("hookpoint")],
+            ["dataset", cfg.get("data", {}).get("dataset")],
+            ["seed", d.get("seed")],
+            ["saelab version", d.get("saelab_version")],
+            ["git commit", d.get("git_commit")],
+            ["created", d.get("created")],
+            *[[f"sha256 {k}", v] for k, v in d.get("hashes", {}).items()],
+        ],
+    )
+
+
+def _sae_section(run: Run, doc: Doc, plots: PlotDir) -> list[Path]:
+    metrics = _read_json(run.folder / "eval" / "metrics.json")
+    doc.heading("SAE metrics (held-out tokens)")
+    if metrics is None:
+        doc.para("The eval stage has not run: `saelab eval --run-dir RUN`.")
+        return []
+    sae_cfg = metrics.get("sae_config") or _read_json(run.folder / "sae" / "cfg.json") or {}
+    name = f" `{metrics['sae']}`" if metrics.get("sae", "sae") != "sae" else ""
+    doc.para(
+        f"{sae_cfg.get('architecture', '?')} SAE{name}, d_in {sae_cfg.get('d_in')}, {sae_cfg.get('d_sae')} latents, "
+        f"k {sae_cfg.get('k')}. Reconstruction metrics over {metrics['n_tokens']} tokens, CE/KL over "
+        f"{metrics['n_ce_tokens']}; excluded: {metrics['excluded']}."
+    )
+    keys = [
+        "explained_variance", "explained_variance_legacy", "mse", "cosine_similarity", "l0", "l1", "l2_ratio",
+        "relative_reconstruction_bias", "dead_fraction", "dense_fraction", "ce_loss_score", "ce_clean", "ce_sae", "ce_zero_ablation", "kl_score", "kl_sae",
+        "kl_zero_ablation",
+    ]  # fmt: skip
+    doc.table(["metric", "value"], [[k, metrics[k]] for k in keys])
+    freqs = np.array([v for v in metrics["log10_frequency"] if v is not None])
+    n_dead = sum(v is None for v in metrics["log10_frequency"])
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.hist(freqs, bins=40, color="#4477aa")
+    ax.set_xlabel("log10 firing frequency on held-out tokens")
+    ax.set_ylabel("latents")
+    ax.set_title(f"Feature density ({n_dead} dead latents not shown)")
+    path = plots.save(fig, "feature_density.png")
+    doc.image(path, "plots/feature_density.png", "feature density histogram")
+    return [path]
+
+
+def _compare_section(run: Run, doc: Doc, plots: PlotDir) -> list[Path]:
+    data = _read_json(run.folder / "eval" / "compare.json")
+    if data is None:
+        return []
+    saes = data["saes"]
+    doc.heading("SAEs compared on the same tokens")
+    doc.para(
+        "Every SAE below was evaluated on the same held-out tokens. An SAE is dominated when another has an L0 no "
+        "higher and a score no lower (one of them strictly); dominated SAEs are drawn hollow."
+    )
+    doc.table(
+        ["SAE", "architecture", "latents", "L0", "EV", "CE-loss score", "KL score", "dead", "dominated (EV / CE)"],
+        [
+            [
+                e["name"], e["architecture"], e["d_sae"], e["l0"], e["explained_variance"], e["ce_loss_score"],
+                e["kl_score"], e["dead_fraction"],
+                f"{'yes' if e['dominated_ev'] else 'no'} / {'yes' if e['dominated_ce'] else 'no'}",
+            ]
+            for e in sorted(saes, key=lambda e: e["l0"])
+        ],
+    )  # fmt: skip
+    written = []
+    panels = [
+        ("explained_variance", "dominated_ev", "explained variance"),
+        ("ce_loss_score", "dominated_ce", "CE-loss score"),
+        (
+            "mean_absorption_fraction_score",
+            "dominated_absorption",
+            "mean absorption fraction (lower is better)",
+        ),
+    ]
+    for metric, flag, label in panels:
+        if metric not in saes[0]:
+            continue
+        path = plots.save(pareto_plot(saes, metric, flag, label), f"pareto_{metric}.png")
+        doc.image(path, f"plots/{path.name}", f"{label} against L0")
+        written.append(path)
+    return written
+
+
+def pareto_plot(saes: list[dict[str, Any]], metric: str, flag: str, label: str) -> Any:
+    """`metric` against L0 (log scale), one colour per architecture, dominated SAEs hollow, the frontier drawn."""
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    archs = sorted({e["architecture"] for e in saes})
+    colours = {a: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(archs)}
+    for e in saes:
+        c = colours[e["architecture"]]
+        ax.scatter(e["l0"], e[metric], s=46, edgecolors=c, facecolors="none" if e[flag] else c, zorder=3)
+        name = Path(e["name"]).name
+        name = name if len(name) <= 24 else name[:23] + "…"
+        ax.annotate(name, (e["l0"], e[metric]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    front = sorted((e for e in saes if not e[flag]), key=lambda e: e["l0"])
+    ax.plot([e["l0"] for e in front], [e[metric] for e in front], color="#999", lw=1, zorder=2)
+    for a in archs:
+        ax.scatter([], [], color=colours[a], label=a)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.set_xlabel("L0 (active latents per token)")
+    ax.set_ylabel(label)
+    ax.legend(fontsize=8, loc="best", framealpha=0.7)
+    ax.set_title(f"{label} against L0 (hollow: dominated)")
+    return fig
+
+
+def _probing_section(run: Run, doc: Doc) -> None:
+    data = _read_json(run.folder / "eval" / "probing.json")
+    if data is None:
+        return
+    doc.heading("Sparse probing (test-split accuracy)")
+    doc.para(
+        "Logistic probes on mean-pooled LM activations (all features: the ceiling) against probes on the top-k SAE "
+        "latents chosen by class-mean difference on the train split, with LASSO and random-forest baselines on "
+        "the SAE latents (SAEBench definitions)."
+    )
+    columns = [("lm", "logreg", None), *[("sae", "logreg", k) for k in data["config"]["ks"]]]
+    columns += [("sae", "lasso", None), ("sae", "random_forest", None)]
+    header = ["task", "LM", *[f"SAE top-{k}" for k in data["config"]["ks"]], "SAE LASSO", "SAE forest"]
+    rows = []
+    for task in data["tasks"]:
+        by_key = {(sc["features"], sc["probe"], sc["k"]): sc["accuracy"] for sc in task["scores"]}
+        rows.append([task["name"], *[by_key.get(c) for c in columns]])
+    mean = {(m["features"], m["probe"], m["k"]): m["accuracy"] for m in data["mean"]}
+    rows.append(["mean", *[mean.get(c) for c in columns]])
+    doc.table(header, rows)
+
+
+def _absorption_section(run: Run, doc: Doc, plots: PlotDir) -> list[Path]:
+    data = _read_json(run.folder / "eval" / "absorption.json")
+    if data is None:
+        return []
+    doc.heading("Feature absorption (first-letter task)")
+    doc.para(
+        f"Mean absorption fraction {data['mean_absorption_fraction_score']:.3f}, full-absorption rate "
+        f"{data['mean_full_absorption_score']:.3f}, {data['mean_num_split_features']:.2f} split features per "
+        f"letter, over {data['n_letters_evaluated']} letters ({data['n_test_words']} test words; SAEBench "
+        "definitions). Higher absorption means the letter's main latents fail to fire on words a probe on the "
+        "LM activations gets right, while other latents take their place."
+    )
+    letters = [x for x in data["letters"] if x["evaluated"]]
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.bar([x["letter"] for x in letters], [x["mean_absorption_fraction"] for x in letters], color="#cc6677")
+    ax.set_ylabel("absorption fraction")
+    ax.set_title("Absorption per first letter")
+    path = plots.save(fig, "absorption_letters.png")
+    doc.image(path, "plots/absorption_letters.png", "absorption per letter")
+    return [path]
+
+
+def _interp_section(run: Run, doc: Doc, plots: PlotDir) -> list[Path]:
+    folder = run.folder
+    doc.heading("Explanations and scores")
+    samples = _read_json(folder / "samples" / "samples.json")
+    summary = _read_json(folder / "score" / "scores_summary.json")
+    if samples is None or summary is None:
+        doc.para("The sample / explain / score stages have not all run.")
+        return []
+    models = summary.get("models", {})
+    doc.table(["role", "model"], [[k, v] for k, v in models.items()])
+    llm_name = models.get("explainer_llm") or models.get("judge_llm") or "LLM"
+    doc.para(WEAK_JUDGE_NOTE.format(model=llm_name))
+    skipped = samples.get("skipped", {})
+    doc.para(
+        f"Latents studied: {len(samples['latents'])}; ineligible (fire on fewer tokens than min_examples, "
+        f"dead included): {samples.get('n_ineligible', 0)}; chosen but skipped: {len(skipped)}"
+        + (" (" + "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:10]) + ")" if skipped else "")
+        + f". Failed explanations (not scored, counted): {summary.get('failed_explanations', 0)}."
+        + (
+            f" Failed judgements (excluded from the metrics, counted): {summary['failed_requests']} requests the "
+            f"LLM did not answer (running `saelab score` again asks only these), {summary['unparseable_answers']} "
+            "answers that were no judgement."
+            if "failed_requests" in summary
+            else ""
+        )
+    )
+    overall = summary.get("overall", [])
+    doc.table(
+        ["explainer", "scorer", *CLASS_METRICS, "auc", "n_pos", "n_neg"],
+        [
+            [
+                o["explainer"],
+                o["scorer"],
+                *[o.get(m) for m in CLASS_METRICS],
+                o.get("auc"),
+                o.get("n_pos"),
+                o.get("n_neg"),
+            ]
+            for o in overall
+        ],
+    )
+    _latent_weighted(doc, overall)
+    _explainer_comparisons(doc, summary.get("comparisons", []))
+    written = [plots.save(_score_plot(overall), "scores.png")] if overall else []
+    if written:
+        doc.image(written[0], "plots/scores.png", "balanced accuracy per explainer and scorer")
+    rows = _read_jsonl(folder / "score" / "scores.jsonl")
+    _class_balance(doc, rows)
+    if rows:
+        written.append(plots.save(_distribution_plot(rows), "score_distributions.png"))
+        doc.image(written[-1], "plots/score_distributions.png", "per-latent score distributions per scorer")
+    _explainer_cost(doc, _read_jsonl(folder / "explain" / "explanations.jsonl"))
+    _per_latent(folder, samples, doc)
+    return written
+
+
+def _latent_weighted(doc: Doc, overall: list[dict[str, Any]]) -> None:
+    """Frequency-weighted F1, the simulation correlation and recall per activation quantile (0 = lowest)."""
+    if not overall:
+        return
+    n_q = max((len(o.get("quantile_recall", {})) for o in overall), default=0)
+    doc.table(
+        [
+            "explainer",
+            "scorer",
+            "frequency-weighted F1",
+            "mean correlation",
+            *[f"recall q{q}" for q in range(n_q)],
+        ],
+        [
+            [
+                o["explainer"],
+                o["scorer"],
+                o.get("frequency_weighted_f1"),
+                o.get("macro", {}).get("correlation"),
+                *[o.get("quantile_recall", {}).get(str(q)) for q in range(n_q)],
+            ]
+            for o in overall
+        ],
+    )
+
+
+def _explainer_comparisons(doc: Doc, comparisons: list[dict[str, Any]]) -> None:
+    """Per-latent differences between explainers (the shuffled control included), paired bootstrap 95% CIs."""
+    if not comparisons:
+        return
+    doc.heading("Explainers compared on the same latents")
+    doc.para(
+        "Mean per-latent difference a − b with a paired bootstrap 95% interval over latents; `shuffled` scores each "
+        "latent with another latent's explanation (chance). Only an interval that excludes 0 calls a difference."
+    )
+
+    def verdict(c: dict[str, Any]) -> str:
+        return f"{c['a']} higher" if c["lo"] > 0 else f"{c['b']} higher" if c["hi"] < 0 else "not shown"
+
+    doc.table(
+        ["scorer", "metric", "a", "b", "mean a", "mean b", "a − b", "95% CI", "latents", "difference"],
+        [
+            [c["scorer"], c["metric"], c["a"], c["b"], c["mean_a"], c["mean_b"], c["diff"],
+             f"[{_fmt(c['lo'])}, {_fmt(c['hi'])}]", c["n"], verdict(c)]
+            for c in comparisons
+        ],
+    )  # fmt: skip
+
+
+def _class_balance(doc: Doc, rows: list[dict[str, Any]]) -> None:
+    """Positives and negatives each scorer judged, and the failed judgements, summed over latents."""
+    doc.heading("Scoring sets: class balance and failed judgements")
+    table = []
+    for key in dict.fromkeys((r["explainer"], r["scorer"]) for r in rows):
+        group = [r for r in rows if (r["explainer"], r["scorer"]) == key]
+        pos, neg = sum(r["n_pos"] for r in group), sum(r["n_neg"] for r in group)
+        shares = [r["n_pos"] / (r["n_pos"] + r["n_neg"]) for r in group if r["n_pos"] + r["n_neg"]]
+        table.append(
+            [*key, len(group), pos, neg, pos / (pos + neg) if pos + neg else None,
+             min(shares, default=None), max(shares, default=None), sum(r["n_failed"] for r in group)]
+        )  # fmt: skip
+    doc.table(
+        ["explainer", "scorer", "latents", "positives", "negatives", "positive share", "min share per latent",
+         "max share per latent", "failed judgements"],
+        table,
+    )  # fmt: skip
+
+
+def _distribution_plot(rows: list[dict[str, Any]]) -> Any:
+    """Per-latent balanced accuracy and F1 per (explainer, scorer): violins with the box inside."""
+    keys = list(dict.fromkeys((r["explainer"], r["scorer"]) for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(max(6.5, 1.6 * len(keys) * 2), 3.6), sharey=True)
+    for ax, metric in zip(axes, ("balanced_accuracy", "f1")):
+        data = [[r[metric] for r in rows if (r["explainer"], r["scorer"]) == k] for k in keys]
+        pos = np.arange(1, len(keys) + 1)
+        spread = [i for i, d in enumerate(data) if len(set(d)) > 1]  # a violin needs more than one value
+        if spread:
+            ax.violinplot([data[i] for i in spread], positions=pos[spread], showextrema=False)
+        ax.boxplot(data, positions=pos, widths=0.15)
+        ax.set_xticks(pos, [f"{e}\n{s}" for e, s in keys], fontsize=7)
+        ax.set_title(f"per-latent {metric}", fontsize=9)
+        ax.set_ylim(-0.02, 1.02)
+    axes[0].axhline(0.5, color="gray", linestyle="--", linewidth=1)
+    return fig
+
+
+def _explainer_cost(doc: Doc, expl: list[dict[str, Any]]) -> None:
+    doc.heading("Explainers: tokens and latency")
+    table = []
+    for e, model in dict.fromkeys((r["explainer"], r.get("model")) for r in expl):
+        group = [r for r in expl if (r["explainer"], r.get("model")) == (e, model)]
+        lat = [r.get("latency_s", 0.0) for r in group]
+        table.append(
+            [e, model, len(group), sum(not r["ok"] for r in group), sum(r.get("prompt_tokens", 0) for r in group),
+             sum(r.get("completion_tokens", 0) for r in group), sum(lat), float(np.mean(lat)) if lat else None]
+        )  # fmt: skip
+    doc.table(
+        ["explainer", "model", "explanations", "failed", "prompt tokens", "completion tokens", "latency s (total)",
+         "latency s (mean)"],
+        table,
+    )  # fmt: skip
+
+
+def _score_plot(overall: list[dict[str, Any]]) -> Any:
+    scorers = sorted({o["scorer"] for o in overall})
+    explainers = sorted({o["explainer"] for o in overall})
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    width = 0.8 / max(1, len(explainers))
+    for i, e in enumerate(explainers):
+        vals = [
+            next(
+                (o["balanced_accuracy"] for o in overall if o["explainer"] == e and o["scorer"] == s), np.nan
+            )
+            for s in scorers
+        ]
+        ax.bar(np.arange(len(scorers)) + i * width, vals, width, label=e)
+    ax.axhline(0.5, color="gray", linestyle="--", linewidth=1, label="chance")
+    ax.set_xticks(np.arange(len(scorers)) + width * (len(explainers) - 1) / 2, scorers)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("balanced accuracy (pooled)")
+    ax.legend(fontsize=8)
+    ax.set_title("Scores per explainer: LLM vs token-statistics baseline")
+    return fig
+
+
+def _per_latent(folder: Path, samples: dict[str, Any], doc: Doc) -> None:
+    expl = _read_jsonl(folder / "explain" / "explanations.jsonl")
+    rows = _read_jsonl(folder / "score" / "scores.jsonl")
+    freq = {le["latent"]: le["frequency"] for le in samples["latents"]}
+    by_key = {(r["latent"], r["explainer"], r["scorer"]): r for r in rows}
+    scorers = sorted({r["scorer"] for r in rows})
+    doc.heading("Per latent")
+    table = []
+    for e in sorted(expl, key=lambda r: (freq.get(r["latent"], 0), r["explainer"])):
+        text = e["explanation"] if e["ok"] else f"FAILED: {e.get('error')}"
+        scores = [by_key.get((e["latent"], e["explainer"], s), {}).get("balanced_accuracy") for s in scorers]
+        table.append([e["latent"], freq.get(e["latent"]), e["explainer"], text, *scores])
+    doc.table(["latent", "frequency", "explainer", "explanation", *[f"{s} bal.acc" for s in scorers]], table)
+
+
+def _timing(run: Run, doc: Doc) -> None:
+    doc.heading("Time, memory and tokens per stage")
+    rows = [
+        [name, st.get("seconds"), st.get("peak_rss_mib"), st.get("peak_cuda_mib"), st.get("llm_calls"),
+         st.get("llm_cache_hits"), st.get("llm_prompt_tokens"), st.get("llm_completion_tokens")]
+        for name, st in run.stages.items()
+    ]  # fmt: skip
+    doc.para(
+        "Peak RSS is the stage's own peak where the OS allows resetting it (else the process's so far). LLM calls "
+        "and tokens count the requests the backend answered in this run; answers read from `llm/cache.sqlite` "
+        "are counted as cache hits instead."
+    )
+    doc.table(
+        ["stage", "seconds", "peak RSS (MiB)", "peak CUDA (MiB)", "LLM calls", "cache hits", "prompt tokens",
+         "completion tokens"],
+        rows,
+    )  # fmt: skip
+
+
+def print_summary(folder: Path, seconds: float) -> None:
+    """The short summary printed at the end of a run."""
+    run = Run.open(folder)
+    lines = [f"saelab: run {folder} finished in {seconds:.0f}s"]
+    m = run.stages.get("eval", {}).get("summary")
+    if m:
+        lines.append(
+            f"  SAE: EV {m['explained_variance']:.3f}  L0 {m['l0']:.1f}  dead {m['dead_fraction']:.1%}  "
+            f"CE score {m['ce_loss_score']:.3f}  KL score {m['kl_score']:.3f}"
+        )
+    summary = _read_json(folder / "score" / "scores_summary.json")
+    for o in (summary or {}).get("overall", []):
+        lines.append(
+            f"  {o['explainer']:>12} / {o['scorer']:<10} balanced accuracy {o['balanced_accuracy']:.3f}  F1 {o['f1']:.3f}"
+        )
+    lines.append(f"  report: {folder / 'report.md'} (and report.html)")
+    sys.stdout.write("\n".join(lines) + "\n")

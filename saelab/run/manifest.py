@@ -1,0 +1,344 @@
+"""Run records: the manifest of a run folder (config, seed, code version, hashes, time per stage).
+
+Each stage records its config, wall time, peak memory, and the sha256 of every artifact it wrote. A later stage
+verifies the hashes of the artifacts it reads against the manifest, so one run's results cannot be passed off as
+another's and an artifact altered after the fact is refused with its name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import saelab
+from saelab.run import atomic
+
+MANIFEST = "manifest.json"
+_PACKAGES = (
+    "torch", "transformers", "accelerate", "numpy", "safetensors", "tyro", "gguf", "scikit-learn", "matplotlib",
+    "httpx", "tokenizers", "duckdb",
+)  # fmt: skip
+
+
+class RunError(RuntimeError):
+    """The run folder is inconsistent: a missing stage, or an artifact whose hash does not match."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _git(*args: str) -> str | None:
+    """Output of a git command in the saelab checkout, or None when it does not run from one."""
+    root = Path(saelab.__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def git_commit() -> str | None:
+    """Commit of the saelab checkout, when it runs from one."""
+    out = _git("rev-parse", "HEAD")
+    return out.strip() or None if out is not None else None
+
+
+def git_dirty() -> bool | None:
+    """Whether the saelab checkout has uncommitted changes (then the commit alone does not pin the code)."""
+    out = _git("status", "--porcelain", "--untracked-files=no")
+    return bool(out.strip()) if out is not None else None
+
+
+def _reset_peak_memory() -> bool:
+    """Start a stage's peak-memory window: Linux resets VmHWM on `echo 5 > /proc/self/clear_refs`; CUDA keeps
+    its own counter. False where the reset is not possible (then the process-wide peak is recorded)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _peak_memory(stage_scoped: bool) -> dict[str, Any]:
+    """Peak resident memory of the stage (or of the process so far when not `stage_scoped`), and the CUDA peak
+    when CUDA is in use, in MiB."""
+    out: dict[str, Any] = {}
+    if stage_scoped:
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    out["peak_rss_mib"] = round(int(line.split()[1]) / 1024, 1)
+                    out["peak_rss_scope"] = "stage"
+    if "peak_rss_mib" not in out:
+        out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        out["peak_rss_scope"] = "process"
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for p in _PACKAGES:
+        try:
+            out[p] = importlib.metadata.version(p)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+class Run:
+    """A run folder and its manifest."""
+
+    def __init__(self, folder: Path | str) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / MANIFEST
+        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    @classmethod
+    def create(cls, folder: Path | str, config: dict[str, Any], seed: int) -> Run:
+        run = cls(folder)
+        run.folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(run.folder, os.W_OK):
+            raise RunError(f"run folder {run.folder} is not writable; pass another --run-dir")
+        if not run.data:
+            run.data = {
+                "saelab_version": saelab.__version__,
+                "git_commit": git_commit(),
+                "git_dirty": git_dirty(),
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "python": platform.python_version(),
+                "packages": _versions(),
+                "seed": seed,
+                "config": config,
+                "hashes": {},
+                "stages": {},
+            }
+        run.data["config"] = config
+        run.save()
+        return run
+
+    @classmethod
+    def open(cls, folder: Path | str) -> Run:
+        run = cls(folder)
+        if not run.data:
+            raise RunError(
+                f"{run.path} not found; start the run with `saelab collect --run-dir {folder}` (or demo)"
+            )
+        return run
+
+    def check_writable(self) -> None:
+        """Refuse, before any work, a stage whose run folder cannot be written."""
+        if not os.access(self.folder, os.W_OK):
+            raise RunError(
+                f"run folder {self.folder} is not writable; make it writable or copy the run to a writable place"
+            )
+
+    def check_free_space(self, need_bytes: int, what: str, fix: str) -> None:
+        """Refuse, before any work, a stage whose artifacts will not fit on the run folder's disk."""
+        free = shutil.disk_usage(self.folder).free
+        if need_bytes > free:
+            raise RunError(
+                f"{what} needs about {need_bytes / 2**30:.2f} GiB in {self.folder} but {free / 2**30:.2f} GiB "
+                f"are free; free space, {fix}, or pass another --run-dir"
+            )
+
+    def save(self) -> None:
+        atomic.write_json(self.path, self.data)
+
+    @property
+    def stages(self) -> dict[str, Any]:
+        return self.data.setdefault("stages", {})
+
+    def require(self, stage: str, hint: str) -> dict[str, Any]:
+        if stage not in self.stages:
+            raise RunError(
+                f"stage {stage!r} has not run in {self.folder}; run `saelab {hint} --run-dir {self.folder}`"
+            )
+        return self.stages[stage]
+
+    def verify(self, stage: str, hint: str) -> None:
+        """Check that the artifacts `stage` wrote are still the ones it recorded."""
+        for rel, digest in self.require(stage, hint)["outputs"].items():
+            path = self.folder / rel
+            if not path.exists():
+                raise RunError(f"artifact {rel} of stage {stage!r} is missing; rerun `saelab {hint}`")
+            if sha256_file(path) != digest:
+                raise RunError(
+                    f"artifact {rel} was altered after stage {stage!r} wrote it (sha256 differs from the manifest); "
+                    f"rerun `saelab {hint} --run-dir {self.folder}`"
+                )
+
+    @contextmanager
+    def stage(self, name: str, config: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Time a stage; the body fills `record['outputs']` (relative paths) and may add other keys.
+
+        `config` maps config sections to the values this stage ran with; they also replace those sections in
+        the manifest's `config`, which so always holds the configuration the artifacts were made with."""
+        record: dict[str, Any] = {"config": config, "outputs": []}
+        scoped = _reset_peak_memory()
+        start = time.perf_counter()
+        yield record
+        record["seconds"] = round(time.perf_counter() - start, 3)
+        record.update(_peak_memory(scoped))
+        # the code that ran this stage (a run's stages may run under different checkouts)
+        record["saelab_version"] = saelab.__version__
+        record["git_commit"] = git_commit()
+        record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        record["outputs"] = {rel: sha256_file(self.folder / rel) for rel in record["outputs"]}
+        self.stages[name] = record
+        self.data.setdefault("config", {}).update(config)
+        self.save()
+
+    def set_hash(self, key: str, value: str) -> None:
+        self.data.setdefault("hashes", {})[key] = value
+        self.save()
+
+
+# ---- The results store: DuckDB over every run's manifest and score records (`saelab runs`) ----
+
+STORE_DOC = """Tables of `open_store(root)` (one row per ...):
+  runs     run folder: run, name, created, seed, saelab_version, git_commit, git_dirty, model, dataset,
+           hookpoint, architecture, k, d_sae_expansion, stages, seconds, peak_rss_mib, ev, l0, dead_fraction,
+           ce_loss_score, kl_score, config (the full config as a STRUCT: config.train.lr), hashes (STRUCT)
+  stages   run and stage: run, stage, seconds, peak_rss_mib, finished, git_commit
+  overall  run, explainer and scorer (pooled over latents): accuracy, precision, recall, specificity, f1,
+           balanced_accuracy, auc, n_pos, n_neg, n_failed, n_latents
+  scores   run, latent, explainer and scorer, read from the runs' score/scores.jsonl (predictions left out)"""
+
+LIST_COLUMNS = (
+    "name, created, model, architecture, k, seed, stages, round(seconds, 1) AS seconds, round(ev, 4) AS ev, "
+    "round(l0, 2) AS l0, round(ce_loss_score, 4) AS ce_loss_score, run"
+)
+_EVAL_COLUMNS = ("explained_variance", "l0", "dead_fraction", "ce_loss_score", "kl_score")
+
+
+def find_runs(root: Path | str) -> list[Path]:
+    """Every run folder (a folder holding manifest.json) under `root`, `root` itself included."""
+    return sorted(p.parent for p in Path(root).rglob(MANIFEST))
+
+
+def _run_row(folder: Path, data: dict[str, Any]) -> dict[str, Any]:
+    cfg = data.get("config", {})
+    stages = data.get("stages", {})
+    summary = stages.get("eval", {}).get("summary", {})
+    row = {
+        "run": str(folder),
+        "name": folder.name,
+        "created": data.get("created"),
+        "seed": data.get("seed"),
+        "saelab_version": data.get("saelab_version"),
+        "git_commit": data.get("git_commit"),
+        "git_dirty": data.get("git_dirty"),
+        "model": cfg.get("model", {}).get("name"),
+        "dataset": cfg.get("data", {}).get("dataset"),
+        "hookpoint": stages.get("collect", {}).get("hookpoint"),
+        "architecture": cfg.get("train", {}).get("architecture") if "train" in stages else None,
+        "k": cfg.get("train", {}).get("k") if "train" in stages else None,
+        "d_sae_expansion": cfg.get("train", {}).get("expansion") if "train" in stages else None,
+        "stages": ",".join(stages),
+        "seconds": sum(float(st.get("seconds") or 0) for st in stages.values()),
+        "peak_rss_mib": max((float(st.get("peak_rss_mib") or 0) for st in stages.values()), default=None),
+        **{("ev" if k == "explained_variance" else k): summary.get(k) for k in _EVAL_COLUMNS},
+        "config": cfg,
+        "hashes": data.get("hashes", {}),
+    }
+    return row
+
+
+def _table_from_rows(con: Any, name: str, rows: list[dict[str, Any]], tmp: Path, schema: str) -> None:
+    """A table from JSON rows (DuckDB infers nested STRUCTs); `schema` makes the empty table."""
+    if not rows:
+        con.execute(f"CREATE TABLE {name} ({schema})")
+        return
+    path = tmp / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    con.execute(f"CREATE TABLE {name} AS SELECT * FROM read_json_auto(?, union_by_name = true)", [str(path)])
+    # times are recorded in UTC; plain TIMESTAMPs read back into Python without a time-zone library
+    for (col,) in con.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = ? AND data_type LIKE 'TIMESTAMP WITH%'",
+        [name],
+    ).fetchall():
+        con.execute(f'ALTER TABLE {name} ALTER "{col}" TYPE TIMESTAMP')
+
+
+def open_store(root: Path | str) -> Any:
+    """An in-memory DuckDB connection over every run under `root` (tables: see STORE_DOC), for SQL queries."""
+    import tempfile
+
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    runs, stages, overall, score_files = [], [], [], []
+    for folder in find_runs(root):
+        data = json.loads((folder / MANIFEST).read_text())
+        runs.append(_run_row(folder, data))
+        for name, st in data.get("stages", {}).items():
+            keys = ("seconds", "peak_rss_mib", "finished", "git_commit")
+            stages.append({"run": str(folder), "stage": name, **{k: st.get(k) for k in keys}})
+        summary = folder / "score" / "scores_summary.json"
+        if summary.exists():
+            for o in json.loads(summary.read_text()).get("overall", []):
+                overall.append({"run": str(folder), **{k: v for k, v in o.items() if k != "macro"}})
+        if (folder / "score" / "scores.jsonl").exists():
+            score_files.append(
+                {"run": str(folder), "path": str((folder / "score" / "scores.jsonl").resolve())}
+            )
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        _table_from_rows(con, "runs", runs, t, "run VARCHAR, name VARCHAR, created VARCHAR")
+        _table_from_rows(con, "stages", stages, t, "run VARCHAR, stage VARCHAR, seconds DOUBLE")
+        _table_from_rows(con, "overall", overall, t, "run VARCHAR, explainer VARCHAR, scorer VARCHAR")
+        _table_from_rows(con, "_score_files", score_files, t, "run VARCHAR, path VARCHAR")
+    if score_files:
+        con.execute(
+            "CREATE TABLE scores AS SELECT f.run, s.* EXCLUDE (predictions, filename) FROM read_json_auto(?, "
+            "filename = true, union_by_name = true) s JOIN _score_files f ON s.filename = f.path",
+            [[f["path"] for f in score_files]],
+        )
+    else:
+        con.execute("CREATE TABLE scores (run VARCHAR, latent BIGINT, explainer VARCHAR, scorer VARCHAR)")
+    return con
+
+
+def query_runs(
+    root: Path | str, where: str | None = None, sql: str | None = None
+) -> tuple[list[str], list[tuple]]:
+    """Column names and rows of `sql` over the store, or of the run listing filtered by `where`."""
+    import duckdb
+
+    con = open_store(root)
+    query = (
+        sql or f"SELECT {LIST_COLUMNS} FROM runs" + (f" WHERE {where}" if where else "") + " ORDER BY created"
+    )
+    try:
+        rel = con.execute(query)
+    except duckdb.Error as err:
+        raise RunError(f"query failed: {err}\n{STORE_DOC}") from None
+    return [d[0] for d in rel.description], rel.fetchall()
