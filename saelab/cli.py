@@ -369,7 +369,7 @@ def _train_distributed(session: Any) -> bool:
 
     info = init_from_env()
     try:
-        pipeline.stage_train(session)
+        pipeline.STAGES["train"](session)
         if info.world > 1:
             # the ranks leave together: a rank that tears its gloo group down while rank 0 still writes the SAE
             # and manifest can abort at exit ("terminate called without an active exception")

@@ -337,9 +337,9 @@ class EvalConfig:
     SAE then takes seconds."""
     absorption_vocab_size: int = 4000
     """Absorption: words sampled from the tokenizer's vocabulary (0 = all); the forwards scale with it."""
-    compare: tuple[str, ...] = ()
+    extra_saes: tuple[str, ...] = ()
     """Further SAE folders (saelab, SAELens, sparsify or dictionary_learning format) evaluated on the same tokens
-    as this run's SAE and its `train.variants`, for the matched-sparsity comparison (`eval/compare.json` and
+    as this run's SAE and its `train.variants`, for the matched-sparsity comparison (`eval/matched_l0.json` and
     Pareto plots of EV, CE-loss score and, with `eval.absorption`, absorption against L0). On a run that was
     collected but not trained, these SAEs alone are evaluated, the first as the run's record (`eval/metrics.json`)."""
 

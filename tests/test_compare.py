@@ -3,6 +3,7 @@ changed parameters, and refusal of an altered score artifact."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from saelab.cli import main
+from saelab.eval.core import METRICS, EvalResult, Provenance
 from saelab.metrics import paired_bootstrap_delta
 from saelab.run.manifest import Run
 
@@ -60,10 +62,22 @@ def fake_run(
         (folder / "score" / "scores_summary.json").write_text(json.dumps(summary))
         rec["outputs"] += ["score/scores.jsonl", "score/scores_summary.json"]
     if sae is not None:
-        (folder / "sae").mkdir()
-        (folder / "sae" / "cfg.json").write_text(json.dumps({"architecture": "topk", "d_sae": 64}))
+        (folder / "eval").mkdir()
         with run.stage("eval", {}) as rec:
+            fields = {f.name: 0.0 for f in dataclasses.fields(EvalResult)}
             summary = {"l0": sae[0], "explained_variance": sae[1], "ce_loss_score": sae[1], "kl_score": 0.9}
+            result = EvalResult(
+                **{
+                    **fields,
+                    **summary,
+                    "n_tokens": 100,
+                    "n_ce_tokens": 10,
+                    "excluded": "",
+                    "log10_frequency": [],
+                }
+            )
+            result.save(folder / METRICS, Provenance(sae_config={"architecture": "topk", "d_sae": 64}))
+            rec["outputs"].append(METRICS)
             rec["summary"] = {**summary, "dead_fraction": 0.0}
     return folder
 
@@ -176,7 +190,7 @@ def test_explainers_ranked_with_cost_and_saes_at_matched_l0(tmp_path: Path) -> N
 
 
 def test_mark_dominated() -> None:
-    from saelab.eval.core import mark_dominated
+    from saelab.eval.matched_l0 import mark_dominated
 
     entries = [
         {"l0": 10.0, "explained_variance": 0.7, "ce_loss_score": 0.9},

@@ -130,7 +130,7 @@ def test_excluded_positions_never_reach_metrics(tiny_model_dir, corpus_file) -> 
 
 
 def test_mark_dominated_flags_sae_beaten_at_no_higher_l0() -> None:
-    from saelab.eval.core import mark_dominated
+    from saelab.eval.matched_l0 import mark_dominated
 
     saes = [
         {"l0": 10, "explained_variance": 0.8, "ce_loss_score": 0.90},

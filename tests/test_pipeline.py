@@ -217,16 +217,16 @@ def test_sharded_store_and_variants_trained_in_one_pass(
     from saelab.sae.formats import export_sae
 
     export_sae(sae_lib.load(run / "sae"), tmp_path / "as-saelens", "saelens")
-    evals = ["eval", "--run-dir", str(run), *SMALL["eval"], "--eval.compare", str(tmp_path / "as-saelens")]
+    evals = ["eval", "--run-dir", str(run), *SMALL["eval"], "--eval.extra-saes", str(tmp_path / "as-saelens")]
     assert main(evals) == 0
-    compared = json.loads((run / "eval" / "compare.json").read_text())["saes"]
+    compared = json.loads((run / "eval" / "matched_l0.json").read_text())["saes"]
     assert [e["name"] for e in compared] == ["sae", *folders, str(tmp_path / "as-saelens")]
     main_sae, exported = compared[0], compared[-1]
     for key in ("explained_variance", "l0", "ce_loss_score", "kl_score"):
         assert exported[key] == pytest.approx(main_sae[key], rel=1e-5, abs=1e-6), key
     # every result file names the SAE, data and model it was computed from; the SAELens copy hashes as the original
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
-    record = json.loads((run / "eval" / "compare.json").read_text())
+    record = json.loads((run / "eval" / "matched_l0.json").read_text())
     assert metrics["sae_sha256"] == sae_lib.params_sha256(sae_lib.load(run / "sae")) == main_sae["sae_sha256"]
     assert (
         metrics["data_sha256"]
@@ -244,7 +244,7 @@ def test_sharded_store_and_variants_trained_in_one_pass(
 def test_eval_of_outside_saes_on_an_untrained_run(
     tmp_path: Path, tiny_model_dir: Path, corpus_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """SAEs trained elsewhere are evaluated on a run that was only collected: `--eval.compare` alone, no `train`;
+    """SAEs trained elsewhere are evaluated on a run that was only collected: `--eval.extra-saes` alone, no `train`;
     the first is the run's record (metrics.json names it), the rest are compared with it on the same tokens."""
     from saelab.sae import base as sae_lib
     from saelab.sae.formats import export_sae
@@ -258,11 +258,11 @@ def test_eval_of_outside_saes_on_an_untrained_run(
     folders = [tmp_path / "wide-saelens", tmp_path / "narrow-saelab"]
     export_sae(sae_lib.build(sae_lib.SAEConfig("topk", 32, 128, 8)), folders[0], "saelens")
     sae_lib.save(sae_lib.build(sae_lib.SAEConfig("relu", 32, 64)), folders[1])
-    assert main(["eval", "--run-dir", str(run), *SMALL["eval"], "--eval.compare", *map(str, folders)]) == 0
+    assert main(["eval", "--run-dir", str(run), *SMALL["eval"], "--eval.extra-saes", *map(str, folders)]) == 0
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert metrics["sae"] == str(folders[0]) and metrics["sae_config"]["d_sae"] == 128
     assert 0 < metrics["l0"] <= 8
-    compared = json.loads((run / "eval" / "compare.json").read_text())["saes"]
+    compared = json.loads((run / "eval" / "matched_l0.json").read_text())["saes"]
     assert [(e["name"], e["architecture"]) for e in compared] == [
         (str(folders[0]), "topk"),
         (str(folders[1]), "relu"),

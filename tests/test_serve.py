@@ -143,10 +143,10 @@ def test_samples_index_matches_the_file(runs: tuple[Path, Path]) -> None:
     """The byte-offset index reads back every latent exactly as SampleSet.load does."""
     data = RunData("a", runs[0])
     samples = SampleSet.load(runs[0] / "samples" / "samples.json").latents
-    assert sorted(data.index.sample_spans) == sorted(le.latent for le in samples)
+    assert sorted(data.index.samples.spans) == sorted(le.latent for le in samples)
     for le in samples:
         assert data.examples(le.latent) == le
-    assert data.examples(max(data.index.sample_spans) + 1) is None
+    assert data.examples(max(data.index.samples.spans) + 1) is None
 
 
 def test_opening_reads_nothing(tmp_path: Path) -> None:

@@ -376,3 +376,13 @@ def load_explanations(path: Path) -> list[ExplanationRecord]:
         raise FileNotFoundError(f"{path} is missing; run `saelab explain` first")
     lines = path.read_text(encoding="utf-8").splitlines()
     return [ExplanationRecord.from_dict(json.loads(line)) for line in lines if line.strip()]
+
+
+EXPLANATIONS = "explain/explanations.jsonl"
+"""The run's explanations, relative to the run folder."""
+
+
+def load_run_explanations(run_folder: Path) -> list[ExplanationRecord]:
+    """The run's explanations (empty when the explain stage has not run)."""
+    path = run_folder / EXPLANATIONS
+    return load_explanations(path) if path.exists() else []

@@ -94,6 +94,10 @@ def _iter_hf_dataset(path: Path, text_field: str) -> Iterator[str]:
             yield text
 
 
+WINDOWS = "data/windows.npz"
+"""The run's token windows, relative to the run folder (written by collect, read by every later stage)."""
+
+
 @dataclass(frozen=True)
 class TokenWindows:
     """Token windows and their split; `keep` marks positions that enter training and metrics."""
@@ -131,6 +135,17 @@ class TokenWindows:
     def load(cls, path: Path) -> TokenWindows:
         with np.load(path) as f:
             return cls(f["tokens"], f["keep"], f["eval_idx"], f["train_idx"])
+
+    def save_run(self, run_folder: Path) -> str:
+        """Save as the run's windows; returns the path relative to the run folder."""
+        (run_folder / WINDOWS).parent.mkdir(parents=True, exist_ok=True)
+        self.save(run_folder / WINDOWS)
+        return WINDOWS
+
+    @classmethod
+    def load_run(cls, run_folder: Path) -> TokenWindows:
+        """The run's windows."""
+        return cls.load(run_folder / WINDOWS)
 
 
 def build_windows(cfg: DataConfig, tokenizer: Any, seed: int) -> TokenWindows:

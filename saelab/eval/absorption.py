@@ -70,6 +70,7 @@ from tqdm.auto import tqdm
 from saelab.metrics import confusion, f1, precision, recall
 from saelab.models.loading import LoadedModel, capture, forward_until, hookpoint_width, resolve_hookpoint
 from saelab.run import atomic
+from saelab.run.records import load_json
 from saelab.sae.base import SAE, check_width
 
 log = logging.getLogger(__name__)
@@ -229,6 +230,19 @@ class AbsorptionResult:
     def save(self, path: Path, **provenance: str) -> None:
         """Write `to_json()`, plus `provenance` (hashes of the SAE, data and model it was computed from)."""
         atomic.write_json(path, {**self.to_json(), **provenance})
+
+    @classmethod
+    def load(cls, path: Path) -> AbsorptionResult:
+        return load_json(path, cls)
+
+
+ABSORPTION = "eval/absorption.json"
+"""The run's SAE's first-letter absorption, relative to the run folder."""
+
+
+def load_run_absorption(run_folder: Path) -> AbsorptionResult | None:
+    path = run_folder / ABSORPTION
+    return AbsorptionResult.load(path) if path.exists() else None
 
 
 # ----------------------------------------------------------------------------------------------- vocabulary

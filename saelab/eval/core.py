@@ -19,6 +19,7 @@ Downstream scores splice the SAE into the forward at the hookpoint (excluded pos
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +34,25 @@ from saelab.config import EvalConfig
 from saelab.data.windows import TokenWindows
 from saelab.models.loading import LoadedModel, hookpoint_width, replace_output
 from saelab.run import atomic
+from saelab.run.records import decode
 from saelab.sae.base import SAE, SAEError, check_width
+
+METRICS = "eval/metrics.json"
+"""The run's SAE's core metrics, relative to the run folder."""
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What an eval record was computed from, saved beside its metrics so a copied file stays attributable."""
+
+    sae: str = "sae"
+    """The SAE's name: `sae` for the run's own, else the folder it was loaded from."""
+    sae_config: dict[str, Any] | None = None
+    sae_sha256: str | None = None
+    """Hash of the SAE's config and parameters (`sae.params_sha256`), whatever format it was loaded from."""
+    data_sha256: str | None = None
+    model_sha256: str | None = None
+    hookpoint: str | None = None
 
 
 @dataclass(frozen=True)
@@ -77,10 +96,22 @@ class EvalResult:
         d["log10_frequency"] = [None if not np.isfinite(v) else v for v in self.log10_frequency]
         return d
 
-    def save(self, path: Path, **provenance: Any) -> None:
-        """Write `to_json()`, plus `provenance`: what it was computed from (the SAE's name and config, hashes of
-        the SAE, data and model)."""
-        atomic.write_json(path, {**self.to_json(), **provenance})
+    def save(self, path: Path, provenance: Provenance) -> None:
+        """Write `to_json()` and what it was computed from (the SAE's name and config, hashes of the SAE, data and
+        model)."""
+        atomic.write_json(path, {**self.to_json(), **asdict(provenance)})
+
+    @classmethod
+    def load(cls, path: Path) -> tuple[EvalResult, Provenance]:
+        """The metrics and provenance `save` wrote."""
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return decode(cls, data, path.name), decode(Provenance, data, path.name)
+
+
+def load_run_metrics(run_folder: Path) -> tuple[EvalResult, Provenance] | None:
+    """The run's eval metrics, or None when the eval stage has not written them."""
+    path = run_folder / METRICS
+    return EvalResult.load(path) if path.exists() else None
 
 
 class ReconstructionStats:
@@ -272,33 +303,3 @@ def evaluate_many(
     down = downstream_scores(lm, saes, windows, ce_idx, hookpoint, cfg.ce_batch_size)
     excluded = "leading positions and special tokens (see data config: exclude_first, exclude_special)"
     return [EvalResult(**r, **d, excluded=excluded) for r, d in zip(recon, down, strict=True)]
-
-
-DOMINANCE = (
-    ("explained_variance", "dominated_ev", 1),
-    ("ce_loss_score", "dominated_ce", 1),
-    ("mean_absorption_fraction_score", "dominated_absorption", -1),
-)
-"""(metric, flag, +1 if higher is better else -1) for the matched-sparsity comparison."""
-
-
-def mark_dominated(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Add `dominated_ev` / `dominated_ce` (and `dominated_absorption` where absorption was measured) to SAE
-    records with an `l0`: another SAE with that metric has an L0 no higher and a score no worse, one of them
-    strictly. Absorption is better lower; a metric an SAE lacks (or has as None) gets no flag."""
-    out = []
-    for e in entries:
-        flags = {}
-        for metric, key, sign in DOMINANCE:
-            if e.get(metric) is None:
-                continue
-            flags[key] = any(
-                o is not e
-                and o.get(metric) is not None
-                and o["l0"] <= e["l0"]
-                and sign * o[metric] >= sign * e[metric]
-                and (o["l0"] < e["l0"] or sign * o[metric] > sign * e[metric])
-                for o in entries
-            )
-        out.append({**e, **flags})
-    return out

@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 
 from saelab.models.loading import LoadedModel, capture, forward_until, hookpoint_width, package_file
 from saelab.run import atomic
+from saelab.run.records import load_json
 from saelab.sae.base import SAE, params_sha256
 
 TaskName = Literal[
@@ -557,6 +558,20 @@ class ProbingResult:
 
     def save(self, path: Path) -> None:
         atomic.write_json(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: Path) -> ProbingResult:
+        """The result `save` wrote (the task means are recomputed from the tasks)."""
+        return load_json(path, cls)
+
+
+PROBING = "eval/probing.json"
+"""The run's sparse-probing result, relative to the run folder."""
+
+
+def load_run_probing(run_folder: Path) -> ProbingResult | None:
+    path = run_folder / PROBING
+    return ProbingResult.load(path) if path.exists() else None
 
 
 def _task_sha256(task: ProbingTask, ids: Sequence[Sequence[int]], cfg: ProbingConfig) -> str:

@@ -33,6 +33,8 @@ from safetensors.numpy import load_file, save_file
 log = logging.getLogger(__name__)
 
 FORMAT = "saelab-latent-cache/2"
+LATENTS = "latents"
+"""The run's latent cache folder, relative to the run folder."""
 MANIFEST = "cache.json"
 TOKENS = "tokens.safetensors"
 STATS = "stats.safetensors"

@@ -159,14 +159,21 @@ class SampleSet:
         }
 
     def save(self, path: Path) -> None:
-        data = {
+        """One JSON object, laid out one latent per line so the feature browser can read a single latent
+        (`SampleIndex`): the first line holds everything but the latents (and their ids, in order), each later
+        line one latent's object, the last line closes the list."""
+        meta = {
             "config": self.config,
             "cache": self.cache,
             **self.summary(),
             "skipped": {str(k): v for k, v in self.skipped.items()},
-            "latents": [{**asdict(le), "class_balance": le.class_balance._asdict()} for le in self.latents],
+            "latent_ids": [le.latent for le in self.latents],
         }
-        atomic.write_json(path, data, indent=None)
+        rows = [
+            json.dumps({**asdict(le), "class_balance": le.class_balance._asdict()}) for le in self.latents
+        ]
+        head = json.dumps(meta)[:-1] + ', "latents": [\n'
+        atomic.write_text(path, head + ",\n".join(rows) + ("\n" if rows else "") + "]}\n")
 
     @classmethod
     def load(cls, path: Path) -> SampleSet:
@@ -184,6 +191,55 @@ class SampleSet:
             data.get("n_dead", 0),
             data.get("cache", {}),
         )
+
+    def save_run(self, run_folder: Path) -> str:
+        """Save as the run's samples; returns the path relative to the run folder."""
+        (run_folder / SAMPLES).parent.mkdir(parents=True, exist_ok=True)
+        self.save(run_folder / SAMPLES)
+        return SAMPLES
+
+    @classmethod
+    def load_run(cls, run_folder: Path) -> SampleSet:
+        return cls.load(run_folder / SAMPLES)
+
+
+SAMPLES = "samples/samples.json"
+"""The run's example sets, relative to the run folder."""
+
+
+class SampleIndex:
+    """One latent's examples read from a samples file without parsing the rest (the layout `SampleSet.save`
+    writes: a first line of everything but the latents, then one latent per line)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.spans: dict[int, tuple[int, int]] = {}
+        """By latent: (offset, length) of its line."""
+        with path.open("rb") as fh:
+            head = fh.readline()
+            try:
+                meta = json.loads(head.decode("utf-8").rstrip().removesuffix("[") + "[]}")
+                ids = [int(i) for i in meta["latent_ids"]]
+            except (ValueError, KeyError, TypeError):
+                raise SampleError(
+                    f"{path} is not a samples file of this saelab version (no per-latent lines); "
+                    "rerun `saelab sample`"
+                ) from None
+            offset = len(head)
+            for latent in ids:
+                line = fh.readline()
+                self.spans[latent] = (offset, len(line))
+                offset += len(line)
+
+    def examples(self, latent: int) -> LatentExamples | None:
+        """The latent's examples, or None when it was not sampled."""
+        span = self.spans.get(latent)
+        if span is None:
+            return None
+        with self.path.open("rb") as fh:
+            fh.seek(span[0])
+            text = fh.read(span[1]).decode("utf-8").rstrip().removesuffix(",")
+        return LatentExamples.from_dict(json.loads(text))
 
 
 Embed = Callable[[list[str]], np.ndarray]

@@ -118,6 +118,14 @@ def load_model(name: str, dtype: str = "float32", device: str = "auto") -> Loade
     return LoadedModel(model, tokenizer, name, _weights_hash(Path(source)) if Path(source).is_dir() else name)
 
 
+def load_tokenizer(name: str) -> Any:
+    """The tokenizer of a subject model (`ModelConfig.name`), from local files only."""
+    from transformers import AutoTokenizer
+
+    source = str(_bundled_cache(name)) if name.startswith("bundled:") else name
+    return AutoTokenizer.from_pretrained(source, local_files_only=True)
+
+
 def _bundled_cache(name: str) -> Path:
     """Folder of the dequantised safetensors copy of a bundled GGUF; built on first use."""
     if name not in _BUNDLED:

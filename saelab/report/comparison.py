@@ -26,8 +26,9 @@ import numpy as np
 
 from saelab.config import CompareConfig, ReportConfig
 from saelab.metrics import paired_bootstrap_delta
+from saelab.report.doc import Doc, PlotDir, flags_section, write_documents
 from saelab.report.flags import Flag, TargetGap
-from saelab.report.run_report import Doc, PlotDir, flags_section, run_flags, write_documents
+from saelab.report.run_report import run_flags
 from saelab.report.sections import cost_section, ranking_section, sae_section
 from saelab.run import atomic
 from saelab.run.manifest import Run, RunError

@@ -28,8 +28,8 @@ import numpy as np
 
 from saelab.config import ReportConfig
 from saelab.metrics import ClassReport, class_report
+from saelab.report.doc import Doc, flags_section, save_figure, write_documents
 from saelab.report.flags import Flag, TargetGap, classifier_flags, target_flags, target_gaps
-from saelab.report.run_report import Doc, flags_section, save_figure, write_documents
 from saelab.run import atomic
 
 REQUIRED = ("id", "y_true", "y_pred")

@@ -7,10 +7,9 @@ and failed latents, time per stage. `print_summary` writes the short summary sho
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +18,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib import ticker
 
+from saelab.autointerp.explain import ExplanationRecord, load_run_explanations
 from saelab.config import ReportConfig
+from saelab.eval.absorption import load_run_absorption
+from saelab.eval.core import load_run_metrics
+from saelab.eval.matched_l0 import MatchedL0
+from saelab.eval.probing import load_run_probing
+from saelab.latents.sampling import SampleSet
+from saelab.report.doc import PLOTS, Doc, PlotDir, flags_section, fmt, pareto_plot, write_documents
 from saelab.report.flags import Flag, TargetGap, classifier_flags, target_flags, target_gaps
-from saelab.run import atomic
 from saelab.run.manifest import Run
 
 REPORT_INPUTS = ("eval", "sample", "explain", "score")
@@ -45,112 +49,6 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
-    return str(v)
-
-
-class Doc:
-    """Builds the Markdown and the HTML of a report side by side."""
-
-    def __init__(self, title: str) -> None:
-        self.md: list[str] = [f"# {title}", ""]
-        self.html: list[str] = [f"<h1>{html.escape(title)}</h1>"]
-
-    def heading(self, text: str) -> None:
-        self.md += [f"## {text}", ""]
-        self.html.append(f"<h2>{html.escape(text)}</h2>")
-
-    def para(self, text: str) -> None:
-        self.md += [text, ""]
-        self.html.append(f"<p>{html.escape(text)}</p>")
-
-    def table(self, header: list[str], rows: list[list[Any]]) -> None:
-        cells = [[_fmt(c) for c in r] for r in rows]
-        self.md.append("| " + " | ".join(header) + " |")
-        self.md.append("|" + "---|" * len(header))
-        self.md += [
-            "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in r) + " |" for r in cells
-        ]
-        self.md.append("")
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in cells)
-        self.html.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-
-    def image(self, path: Path, rel: str, alt: str) -> None:
-        self.md += [f"![{alt}]({rel})", ""]
-        data = base64.b64encode(path.read_bytes()).decode()
-        self.html.append(
-            f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></figure>'
-        )
-
-
-def save_figure(fig: Any, path: Path, pdf: bool = False) -> Path:
-    """Save `fig` as PNG at `path` (and as PDF beside it when `pdf`), close it, return the PNG's path."""
-    fig.tight_layout()
-    with atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    if pdf:
-        with atomic.atomic_path(path.with_suffix(".pdf")) as tmp:
-            fig.savefig(tmp, format="pdf")
-    plt.close(fig)
-    return path
-
-
-class PlotDir:
-    """The report's plots/ folder: every figure saved as PNG there (and as PDF beside it when `pdf`)."""
-
-    def __init__(self, folder: Path, pdf: bool = False) -> None:
-        self.folder = folder
-        self.pdf = pdf
-        folder.mkdir(parents=True, exist_ok=True)
-
-    def save(self, fig: Any, name: str) -> Path:
-        return save_figure(fig, self.folder / name, self.pdf)
-
-
-def write_documents(doc: Doc, folder: Path) -> list[Path]:
-    """report.md and the self-contained report.html of `doc` in `folder`."""
-    md_path, html_path = folder / "report.md", folder / "report.html"
-    atomic.write_text(md_path, "\n".join(doc.md))
-    atomic.write_text(
-        html_path,
-        f"<!doctype html><html><head><meta charset='utf-8'><title>saelab report</title>{HTML_STYLE}</head>"
-        f"<body>{''.join(doc.html)}</body></html>",
-    )
-    return [md_path, html_path]
-
-
-def flags_section(doc: Doc, flags: list[Flag], gaps: list[TargetGap]) -> None:
-    """The flags and the target-gap table (every report ends its findings with these)."""
-    doc.heading("Flags")
-    if flags:
-        doc.table(["flag", "subject", "detail"], [[f.kind, f.subject, f.message] for f in flags])
-    else:
-        doc.para("No flags: no one-class classifier, class imbalance, small set or missed target.")
-    if gaps:
-        doc.heading("Targets")
-        doc.para(
-            "gap = target − value (value − target for ECE and balance gap): positive means short of target."
-        )
-        doc.table(
-            ["subject", "metric", "value", "target", "gap", "% of target", "met"],
-            [
-                [g.subject, g.metric, g.value, g.target, g.gap, g.reached_pct,
-                 "–" if g.gap is None else ("yes" if g.gap <= 0 else "no")]
-                for g in gaps
-            ],
-        )  # fmt: skip
-
-
-HTML_STYLE = """<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
-th{background:#f3f3f3}figure img{max-width:100%}</style>"""
-
-
 def write_report(run: Run, cfg: ReportConfig | None = None) -> list[Path]:
     """Write report.md, report.html and the plots of `run`; returns their paths."""
     cfg = cfg or ReportConfig()
@@ -158,7 +56,7 @@ def write_report(run: Run, cfg: ReportConfig | None = None) -> list[Path]:
         if stage in run.stages:
             run.verify(stage, stage)
     folder = run.folder
-    plots = PlotDir(folder / "plots", cfg.pdf)
+    plots = PlotDir(folder / PLOTS, cfg.pdf)
     doc = Doc(f"saelab report: {folder.name}")
     written: list[Path] = []
     _provenance(run, doc)
@@ -222,12 +120,13 @@ def _provenance(run: Run, doc: Doc) -> None:
 
 
 def _sae_section(run: Run, doc: Doc, plots: PlotDir) -> list[Path]:
-    metrics = _read_json(run.folder / "eval" / "metrics.json")
+    loaded = load_run_metrics(run.folder)
     doc.heading("SAE metrics (held-out tokens)")
-    if metrics is None:
+    if loaded is None:
         doc.para("The eval stage has not run: `saelab eval --run-dir RUN`.")
         return []
-    sae_cfg = metrics.get("sae_config") or _read_json(run.folder / "sae" / "cfg.json") or {}
+    metrics = {**loaded[0].to_json(), **asdict(loaded[1])}
+    sae_cfg = loaded[1].sae_config or {}
     name = f" `{metrics['sae']}`" if metrics.get("sae", "sae") != "sae" else ""
     doc.para(
         f"{sae_cfg.get('architecture', '?')} SAE{name}, d_in {sae_cfg.get('d_in')}, {sae_cfg.get('d_sae')} latents, "
@@ -253,10 +152,10 @@ def _sae_section(run: Run, doc: Doc, plots: PlotDir) -> list[Path]:
 
 
 def _compare_section(run: Run, doc: Doc, plots: PlotDir) -> list[Path]:
-    data = _read_json(run.folder / "eval" / "compare.json")
-    if data is None:
+    compared = MatchedL0.load_run(run.folder)
+    if compared is None:
         return []
-    saes = data["saes"]
+    saes = compared.saes
     doc.heading("SAEs compared on the same tokens")
     doc.para(
         "Every SAE below was evaluated on the same held-out tokens. An SAE is dominated when another has an L0 no "
@@ -292,35 +191,11 @@ def _compare_section(run: Run, doc: Doc, plots: PlotDir) -> list[Path]:
     return written
 
 
-def pareto_plot(saes: list[dict[str, Any]], metric: str, flag: str, label: str) -> Any:
-    """`metric` against L0 (log scale), one colour per architecture, dominated SAEs hollow, the frontier drawn."""
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    archs = sorted({e["architecture"] for e in saes})
-    colours = {a: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(archs)}
-    for e in saes:
-        c = colours[e["architecture"]]
-        ax.scatter(e["l0"], e[metric], s=46, edgecolors=c, facecolors="none" if e[flag] else c, zorder=3)
-        name = Path(e["name"]).name
-        name = name if len(name) <= 24 else name[:23] + "…"
-        ax.annotate(name, (e["l0"], e[metric]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    front = sorted((e for e in saes if not e[flag]), key=lambda e: e["l0"])
-    ax.plot([e["l0"] for e in front], [e[metric] for e in front], color="#999", lw=1, zorder=2)
-    for a in archs:
-        ax.scatter([], [], color=colours[a], label=a)
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
-    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-    ax.set_xlabel("L0 (active latents per token)")
-    ax.set_ylabel(label)
-    ax.legend(fontsize=8, loc="best", framealpha=0.7)
-    ax.set_title(f"{label} against L0 (hollow: dominated)")
-    return fig
-
-
 def _probing_section(run: Run, doc: Doc) -> None:
-    data = _read_json(run.folder / "eval" / "probing.json")
-    if data is None:
+    probing = load_run_probing(run.folder)
+    if probing is None:
         return
+    data = probing.to_json()
     doc.heading("Sparse probing (test-split accuracy)")
     doc.para(
         "Logistic probes on mean-pooled LM activations (all features: the ceiling) against probes on the top-k SAE "
@@ -340,9 +215,10 @@ def _probing_section(run: Run, doc: Doc) -> None:
 
 
 def _absorption_section(run: Run, doc: Doc, plots: PlotDir) -> list[Path]:
-    data = _read_json(run.folder / "eval" / "absorption.json")
-    if data is None:
+    absorption = load_run_absorption(run.folder)
+    if absorption is None:
         return []
+    data = absorption.to_json()
     doc.heading("Feature absorption (first-letter task)")
     doc.para(
         f"Mean absorption fraction {data['mean_absorption_fraction_score']:.3f}, full-absorption rate "
@@ -364,19 +240,19 @@ def _absorption_section(run: Run, doc: Doc, plots: PlotDir) -> list[Path]:
 def _interp_section(run: Run, doc: Doc, plots: PlotDir) -> list[Path]:
     folder = run.folder
     doc.heading("Explanations and scores")
-    samples = _read_json(folder / "samples" / "samples.json")
     summary = _read_json(folder / "score" / "scores_summary.json")
-    if samples is None or summary is None:
+    if "sample" not in run.stages or summary is None:
         doc.para("The sample / explain / score stages have not all run.")
         return []
     models = summary.get("models", {})
     doc.table(["role", "model"], [[k, v] for k, v in models.items()])
     llm_name = models.get("explainer_llm") or models.get("judge_llm") or "LLM"
     doc.para(WEAK_JUDGE_NOTE.format(model=llm_name))
-    skipped = samples.get("skipped", {})
+    samples = SampleSet.load_run(folder)
+    skipped = samples.skipped
     doc.para(
-        f"Latents studied: {len(samples['latents'])}; ineligible (fire on fewer tokens than min_examples, "
-        f"dead included): {samples.get('n_ineligible', 0)}; chosen but skipped: {len(skipped)}"
+        f"Latents studied: {len(samples.latents)}; ineligible (fire on fewer tokens than min_examples, "
+        f"dead included): {samples.n_ineligible}; chosen but skipped: {len(skipped)}"
         + (" (" + "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:10]) + ")" if skipped else "")
         + f". Failed explanations (not scored, counted): {summary.get('failed_explanations', 0)}."
         + (
@@ -412,7 +288,7 @@ def _interp_section(run: Run, doc: Doc, plots: PlotDir) -> list[Path]:
     if rows:
         written.append(plots.save(_distribution_plot(rows), "score_distributions.png"))
         doc.image(written[-1], "plots/score_distributions.png", "per-latent score distributions per scorer")
-    _explainer_cost(doc, _read_jsonl(folder / "explain" / "explanations.jsonl"))
+    _explainer_cost(doc, load_run_explanations(folder))
     _per_latent(folder, samples, doc)
     return written
 
@@ -460,7 +336,7 @@ def _explainer_comparisons(doc: Doc, comparisons: list[dict[str, Any]]) -> None:
         ["scorer", "metric", "a", "b", "mean a", "mean b", "a − b", "95% CI", "latents", "difference"],
         [
             [c["scorer"], c["metric"], c["a"], c["b"], c["mean_a"], c["mean_b"], c["diff"],
-             f"[{_fmt(c['lo'])}, {_fmt(c['hi'])}]", c["n"], verdict(c)]
+             f"[{fmt(c['lo'])}, {fmt(c['hi'])}]", c["n"], verdict(c)]
             for c in comparisons
         ],
     )  # fmt: skip
@@ -503,15 +379,15 @@ def _distribution_plot(rows: list[dict[str, Any]]) -> Any:
     return fig
 
 
-def _explainer_cost(doc: Doc, expl: list[dict[str, Any]]) -> None:
+def _explainer_cost(doc: Doc, expl: list[ExplanationRecord]) -> None:
     doc.heading("Explainers: tokens and latency")
     table = []
-    for e, model in dict.fromkeys((r["explainer"], r.get("model")) for r in expl):
-        group = [r for r in expl if (r["explainer"], r.get("model")) == (e, model)]
-        lat = [r.get("latency_s", 0.0) for r in group]
+    for e, model in dict.fromkeys((r.explainer, r.model) for r in expl):
+        group = [r for r in expl if (r.explainer, r.model) == (e, model)]
+        lat = [r.latency_s for r in group]
         table.append(
-            [e, model, len(group), sum(not r["ok"] for r in group), sum(r.get("prompt_tokens", 0) for r in group),
-             sum(r.get("completion_tokens", 0) for r in group), sum(lat), float(np.mean(lat)) if lat else None]
+            [e, model, len(group), sum(not r.ok for r in group), sum(r.prompt_tokens for r in group),
+             sum(r.completion_tokens for r in group), sum(lat), float(np.mean(lat)) if lat else None]
         )  # fmt: skip
     doc.table(
         ["explainer", "model", "explanations", "failed", "prompt tokens", "completion tokens", "latency s (total)",
@@ -542,18 +418,18 @@ def _score_plot(overall: list[dict[str, Any]]) -> Any:
     return fig
 
 
-def _per_latent(folder: Path, samples: dict[str, Any], doc: Doc) -> None:
-    expl = _read_jsonl(folder / "explain" / "explanations.jsonl")
+def _per_latent(folder: Path, samples: SampleSet, doc: Doc) -> None:
+    expl = load_run_explanations(folder)
     rows = _read_jsonl(folder / "score" / "scores.jsonl")
-    freq = {le["latent"]: le["frequency"] for le in samples["latents"]}
+    freq = {le.latent: le.frequency for le in samples.latents}
     by_key = {(r["latent"], r["explainer"], r["scorer"]): r for r in rows}
     scorers = sorted({r["scorer"] for r in rows})
     doc.heading("Per latent")
     table = []
-    for e in sorted(expl, key=lambda r: (freq.get(r["latent"], 0), r["explainer"])):
-        text = e["explanation"] if e["ok"] else f"FAILED: {e.get('error')}"
-        scores = [by_key.get((e["latent"], e["explainer"], s), {}).get("balanced_accuracy") for s in scorers]
-        table.append([e["latent"], freq.get(e["latent"]), e["explainer"], text, *scores])
+    for e in sorted(expl, key=lambda r: (freq.get(r.latent, 0), r.explainer)):
+        text = e.explanation if e.ok else f"FAILED: {e.error}"
+        scores = [by_key.get((e.latent, e.explainer, s), {}).get("balanced_accuracy") for s in scorers]
+        table.append([e.latent, freq.get(e.latent), e.explainer, text, *scores])
     doc.table(["latent", "frequency", "explainer", "explanation", *[f"{s} bal.acc" for s in scorers]], table)
 
 

@@ -2,13 +2,12 @@
 
 - Model against model: every (run, explainer) scored by each scorer on the latents all of them scored, ranked per
   metric and score type; the explainers' token usage and latency; a cost-against-quality plot.
-- SAE against SAE: each run's evaluated SAE (and the SAEs of its `eval/compare.json`) in matched-L0 groups, and
+- SAE against SAE: each run's evaluated SAE (and the SAEs of its `eval/matched_l0.json`) in matched-L0 groups, and
   explained variance / CE-loss score against L0 with the Pareto frontier (`report.pareto_plot`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
@@ -18,32 +17,30 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from saelab.eval.core import mark_dominated
-from saelab.report.run_report import Doc, PlotDir, pareto_plot
+from saelab.autointerp.explain import load_run_explanations
+from saelab.eval.core import load_run_metrics
+from saelab.eval.matched_l0 import MatchedL0, mark_dominated
+from saelab.report.doc import Doc, PlotDir, pareto_plot
 from saelab.run.manifest import Run
 
 RANK_METRICS = ("balanced_accuracy", "f1", "precision", "recall")
-
-
-def _jsonl(path: Any) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
 
 
 def explainer_costs(names: list[str], runs: list[Run]) -> dict[str, dict[str, Any]]:
     """Per "run: explainer": model, explanations, failures, tokens and latency (from explanations.jsonl)."""
     out: dict[str, dict[str, Any]] = {}
     for name, run in zip(names, runs):
-        expl = _jsonl(run.folder / "explain" / "explanations.jsonl")
-        for e in dict.fromkeys(r["explainer"] for r in expl):
-            group = [r for r in expl if r["explainer"] == e]
-            tokens = sum(r.get("prompt_tokens", 0) + r.get("completion_tokens", 0) for r in group)
+        expl = load_run_explanations(run.folder)
+        for e in dict.fromkeys(r.explainer for r in expl):
+            group = [r for r in expl if r.explainer == e]
+            tokens = sum(r.prompt_tokens + r.completion_tokens for r in group)
             out[f"{name}: {e}"] = {
-                "model": group[0].get("model"),
+                "model": group[0].model,
                 "n": len(group),
-                "failed": sum(not r["ok"] for r in group),
+                "failed": sum(not r.ok for r in group),
                 "tokens": tokens,
                 "tokens_per_latent": tokens / len(group),
-                "latency_mean_s": float(np.mean([r.get("latency_s", 0.0) for r in group])),
+                "latency_mean_s": float(np.mean([r.latency_s for r in group])),
             }
     return out
 
@@ -129,19 +126,23 @@ def cost_section(
 
 
 def sae_entries(names: list[str], runs: list[Run]) -> list[dict[str, Any]]:
-    """Each run's evaluated SAE and the SAEs of its eval/compare.json, with L0 and the core metrics."""
+    """Each run's evaluated SAE and the SAEs of its eval/matched_l0.json, with L0 and the core metrics."""
     out: list[dict[str, Any]] = []
     for name, run in zip(names, runs):
         if "eval" not in run.stages:
             continue
         run.verify("eval", "eval")
-        compared = run.folder / "eval" / "compare.json"
-        if compared.exists():
-            for e in json.loads(compared.read_text())["saes"]:
+        compared = MatchedL0.load_run(run.folder)
+        if compared is not None:
+            for e in compared.saes:
                 out.append({**e, "name": f"{name}: {e['name']}", "run": name})
             continue
-        cfg = json.loads((run.folder / "sae" / "cfg.json").read_text())
-        summary = run.stages["eval"].get("summary", {})
+        loaded = load_run_metrics(run.folder)
+        if loaded is None:
+            continue
+        result, source = loaded
+        cfg = source.sae_config or {}
+        summary = {k: v for k, v in result.to_json().items() if k != "log10_frequency"}
         out.append(
             {
                 "name": name,

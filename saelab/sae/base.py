@@ -786,3 +786,13 @@ def params_sha256(sae: SAE) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae.safetensors"
+"""The two files of an SAE folder written by `save`."""
+
+
+def saved_files(folder: Path) -> list[Path]:
+    """The files `save` writes into `folder` (for a stage's manifest record)."""
+    return [folder / CFG_FILE, folder / WEIGHTS_FILE]

@@ -3,7 +3,7 @@
 Nothing is read when a run is opened. The first list page of a run builds its index: the latent statistics
 (`latents/stats.safetensors`, a few numbers per latent), the explanations (short texts), each score row's metrics
 (the part of a `score/scores.jsonl` line before its predictions) with the line's byte offset, and the byte offset
-of each latent's object in `samples/samples.json` (found by a byte search, never parsed whole). A latent page then
+of each latent's line in `samples/samples.json` (`SampleIndex`: the file is never parsed whole). A latent page then
 reads only its own slices: its cache slice (histogram), its samples object, its score lines, and one decoder row
 plus one pass over the memory-mapped decoder for its nearest latents.
 """
@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import mmap
-import re
 import threading
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -22,22 +20,21 @@ from typing import Any
 
 import numpy as np
 
-from saelab.autointerp.explain import ExplanationRecord
-from saelab.latents.cache import LatentCache
-from saelab.latents.sampling import LatentExamples
+from saelab.autointerp.explain import ExplanationRecord, load_run_explanations
+from saelab.latents.cache import LATENTS, LatentCache
+from saelab.latents.sampling import SAMPLES, LatentExamples, SampleIndex
+from saelab.report.doc import REPORT_HTML
+from saelab.sae.base import WEIGHTS_FILE
+from saelab.train.stage import SAE_DIR
 
-SAMPLES = "samples/samples.json"
-EXPLANATIONS = "explain/explanations.jsonl"
 SCORES = "score/scores.jsonl"
 SCORES_SUMMARY = "score/scores_summary.json"
-LATENTS = "latents"
-SAE_WEIGHTS = "sae/sae.safetensors"
-REPORT = "report.html"
+SAE_WEIGHTS = f"{SAE_DIR}/{WEIGHTS_FILE}"
+REPORT = REPORT_HTML
 
 METRIC = "f1"
 """The per-scorer score the list shows and sorts by unless asked for another of LIST_METRICS."""
 LIST_METRICS = ("f1", "balanced_accuracy", "auc", "precision", "recall", "accuracy", "correlation")
-_LATENT_OBJ = re.compile(rb'\{"latent": (\d+)')
 _PREDICTIONS = ', "predictions": ['
 _NP_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
 
@@ -92,8 +89,8 @@ class _Index:
 
     score_lines: dict[int, list[tuple[int, int]]]
     """By latent: (offset, length) of its lines in scores.jsonl."""
-    sample_spans: dict[int, tuple[int, int]]
-    """By latent: (start, end) bytes of its object in samples.json."""
+    samples: SampleIndex | None
+    """Each sampled latent's line in samples.json (None when the sample stage has not run)."""
 
 
 @dataclass
@@ -130,11 +127,8 @@ class RunData:
     def _build_index(self) -> _Index:
         stats = self.cache.stats
         explanations: dict[int, list[ExplanationRecord]] = {}
-        if path := self.file(EXPLANATIONS):
-            for line in path.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    rec = ExplanationRecord.from_dict(json.loads(line))
-                    explanations.setdefault(rec.latent, []).append(rec)
+        for rec in load_run_explanations(self.folder):
+            explanations.setdefault(rec.latent, []).append(rec)
         metrics, score_lines = self._index_scores(len(stats.count))
         return _Index(
             stats.frequency,
@@ -174,30 +168,15 @@ class RunData:
                 metrics[m][key] = col
         return metrics, lines
 
-    def _index_samples(self) -> dict[int, tuple[int, int]]:
-        """Byte span of each latent's object in samples.json. `{"latent": ` starts only those objects: inside
-        JSON strings a quote is escaped, and no other object has a `latent` key (SampleSet.save)."""
+    def _index_samples(self) -> SampleIndex | None:
         path = self.file(SAMPLES)
-        if path is None or path.stat().st_size == 0:
-            return {}
-        with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            starts = [(m.start(), int(m.group(1))) for m in _LATENT_OBJ.finditer(mm)]
-            size = len(mm)
-        ends = [s for s, _ in starts[1:]] + [size]
-        return {latent: (s, e) for (s, latent), e in zip(starts, ends)}
+        return SampleIndex(path) if path is not None else None
 
     # ------------------------------------------------------------------------------------------ one latent
 
     def examples(self, latent: int) -> LatentExamples | None:
-        span = self.index.sample_spans.get(latent)
-        path = self.file(SAMPLES)
-        if span is None or path is None:
-            return None
-        with path.open("rb") as fh:
-            fh.seek(span[0])
-            text = fh.read(span[1] - span[0]).decode("utf-8")
-        d, _ = json.JSONDecoder().raw_decode(text)
-        return LatentExamples.from_dict(d)
+        samples = self.index.samples
+        return samples.examples(latent) if samples is not None else None
 
     def scores(self, latent: int) -> list[ScoreResult]:
         path = self.file(SCORES)

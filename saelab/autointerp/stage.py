@@ -1,0 +1,84 @@
+"""The explain and score stages: an explanation per studied latent and explainer, then each explanation scored
+as a classifier of held-out examples.
+
+Artifacts (relative to the run folder): `explain/explanations.jsonl` (`saelab.autointerp.explain`), `score/`
+(`saelab.autointerp.score`), and `llm/cache.sqlite`, every LLM answer, so a rerun asks nothing twice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from saelab.autointerp.llm.cache import CachedClient, ResponseCache
+from saelab.config import to_dict
+from saelab.latents.sampling import SampleSet
+from saelab.run.session import Session
+
+LLM_CACHE = "llm/cache.sqlite"
+SCORE_DIR = "score"
+
+
+def _client(s: Session) -> Any:
+    from saelab.autointerp.llm.client import make_client, run_sync
+
+    cfg = s.cfg.llm
+    shared = None
+    if not cfg.url and cfg.local_model == s.cfg.model.name:
+        shared = s.lm()  # the bundled chat model is the subject model: load it once
+    client: Any = make_client(cfg, shared)
+    client = CachedClient(client, ResponseCache(s.folder / LLM_CACHE) if cfg.cache else None)
+    if hasattr(client, "check"):
+        run_sync(client.check(), client)  # before any work: an unreachable server is one clear error
+    return client
+
+
+def _llm_counts(client: Any) -> dict[str, int]:
+    """Real LLM requests, their tokens and the cache hits of a stage, for its manifest record."""
+    if isinstance(client, CachedClient):
+        return {
+            "llm_calls": client.calls,
+            "llm_cache_hits": client.hits,
+            "llm_prompt_tokens": client.prompt_tokens,
+            "llm_completion_tokens": client.completion_tokens,
+        }
+    return {}
+
+
+def stage_explain(s: Session) -> None:
+    from saelab.autointerp.explain import EXPLANATIONS, run_explain
+
+    s.run.verify("sample", "sample")
+    samples = SampleSet.load_run(s.folder)
+    needs_llm = any(e != "token_stats" for e in s.cfg.explain.explainers)
+    client = _client(s) if needs_llm else None
+    with s.run.stage("explain", {"explain": to_dict(s.cfg.explain), "llm": to_dict(s.cfg.llm)}) as rec:
+        (s.folder / EXPLANATIONS).parent.mkdir(exist_ok=True)
+        records = run_explain(samples, s.cfg.explain, client, s.folder / EXPLANATIONS, s.cfg.llm.temperature)
+        rec["outputs"].append(EXPLANATIONS)
+        rec.update(
+            n_explanations=len(records),
+            n_failed=sum(not r.ok for r in records),
+            n_failed_requests=sum(r.request_failed for r in records),
+            model=getattr(client, "model_name", "none"),
+            **_llm_counts(client),
+        )
+
+
+def stage_score(s: Session) -> None:
+    from saelab.autointerp.explain import load_run_explanations
+    from saelab.autointerp.score import LLM_SCORERS, run_score
+
+    s.run.verify("sample", "sample")
+    s.run.verify("explain", "explain")
+    samples = SampleSet.load_run(s.folder)
+    explanations = load_run_explanations(s.folder)
+    needs_llm = any(x in LLM_SCORERS for x in s.cfg.score.scorers)
+    client = _client(s) if needs_llm else None
+    with s.run.stage("score", {"score": to_dict(s.cfg.score), "llm": to_dict(s.cfg.llm)}) as rec:
+        out = s.folder / SCORE_DIR
+        out.mkdir(exist_ok=True)
+        summary = run_score(samples, explanations, s.cfg.score, client, out, s.cfg.seed)
+        rec.update(summary.failures())
+        rec["outputs"] += [f"{SCORE_DIR}/scores.jsonl", f"{SCORE_DIR}/scores_summary.json"]
+        rec["model"] = getattr(client, "model_name", "none")
+        rec.update(_llm_counts(client))

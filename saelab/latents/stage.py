@@ -1,0 +1,119 @@
+"""The cache and sample stages: the SAE's sparse latents over a split, then example sets per latent.
+
+Artifacts (relative to the run folder): `latents/` (`saelab.latents.cache`: `cache.json`, shards, tokens,
+statistics) and `samples/samples.json` (`saelab.latents.sampling`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+
+from saelab.activations.stage import ACTS, STORE, CollectRecord
+from saelab.activations.store import ActivationStore, iter_window_batches
+from saelab.config import to_dict
+from saelab.data.windows import TokenWindows
+from saelab.latents.build import (
+    CacheProgress,
+    Chunk,
+    build_cache,
+    check_n_tokens,
+    chunks_from_file,
+    chunks_from_store,
+)
+from saelab.latents.cache import LATENTS, MANIFEST, STATS, TOKENS, CacheError, LatentCache
+from saelab.latents.sampling import sample
+from saelab.models.loading import LoadedModel
+from saelab.run.session import Session
+from saelab.train.stage import load_run_sae, run_sae_sha256
+
+log = logging.getLogger(__name__)
+
+
+def stage_cache(s: Session) -> None:
+    """Cache the SAE's latents over `cache.n_tokens` tokens of `cache.dataset_split`, in bounded memory;
+    `--cache.resume` continues a killed build from its last spilled run."""
+    sae = load_run_sae(s.run)
+    s.run.verify("collect", "collect")
+    c = s.cfg.cache
+    windows = TokenWindows.load_run(s.folder)
+    with s.run.stage("cache", {"cache": to_dict(c)}) as rec:
+        progress = CacheProgress()
+        cache = build_cache(
+            sae, _cache_chunks(s, windows), s.folder / LATENTS, c, run_sae_sha256(s.folder), windows.sha256(),
+            progress,
+        )  # fmt: skip
+        if progress.resumed_tokens:
+            log.info("cache: resumed with %d tokens already encoded", progress.resumed_tokens)
+        rec["outputs"] += [f"{LATENTS}/{name}" for name in (MANIFEST, STATS, TOKENS)]
+        rec["outputs"] += [f"{LATENTS}/{shard.file}" for shard in cache.info.shards]
+        rec.update(cache.summary())
+        rec.update(resumed_tokens=progress.resumed_tokens, encoded_chunks=progress.encoded_chunks)
+
+
+def _cache_chunks(s: Session, windows: TokenWindows) -> Callable[[int], Iterator[Chunk]]:
+    """The cached split's activations in chunks from a token on: collect's artifacts for `train`, the model
+    for `eval`."""
+    c = s.cfg.cache
+    collected = CollectRecord.of(s.run)
+    if c.dataset_split == "train":
+        if collected.format == "store":
+            store = ActivationStore(s.folder / STORE)
+            return functools.partial(chunks_from_store, store, c.batch_size, c.n_tokens)
+        return functools.partial(chunks_from_file, s.folder / ACTS, c.batch_size, c.n_tokens)
+    available = int(windows.keep[windows.eval_idx].sum())
+    n = check_n_tokens(c.n_tokens, available, "eval", "raise --data.eval-fraction or use a larger corpus")
+    batch = s.cfg.collect.batch_size
+    return lambda start: eval_chunks(s.lm(), windows, collected.hookpoint, n, batch, start)
+
+
+def eval_chunks(
+    lm: LoadedModel, windows: TokenWindows, hookpoint: str, n: int, batch: int, start: int = 0
+) -> Iterator[Chunk]:
+    """Kept positions of the held-out windows, in order, until `n` tokens; from token `start` on, which must
+    begin a batch of windows (where a resumed cache build stops): the batches before it are not run."""
+    if start >= n:
+        return
+    idx = windows.eval_idx
+    before = windows.kept_before_batches(idx, batch)
+    first = int(np.searchsorted(before, start))
+    if first == len(before) or before[first] != start:
+        raise CacheError(f"token {start} does not begin a batch of held-out windows; rebuild without resume")
+    done = start
+    for idx_b, a_BTD in iter_window_batches(
+        lm, windows, idx[first * batch :], hookpoint, batch, "cache (eval)"
+    ):
+        keep = windows.keep[idx_b]
+        w, p = keep.nonzero()
+        take = min(len(w), n - done)
+        acts = a_BTD[torch.as_tensor(keep, device=a_BTD.device)]
+        yield acts[:take], idx_b[w[:take]].astype(np.int32), p[:take].astype(np.int32)
+        done += take
+        if done >= n:
+            return
+
+
+def stage_sample(s: Session) -> None:
+    """Example sets for `sample.n_latents` latents of the cache (see `saelab.latents.sampling`)."""
+    s.run.verify("cache", "cache")
+    windows = TokenWindows.load_run(s.folder)
+    cache = LatentCache.open(s.folder / LATENTS, run_sae_sha256(s.folder), windows.sha256())
+    tokenizer = s.tokenizer()
+
+    @functools.cache
+    def token_str(t: int) -> str:
+        return str(tokenizer.decode([t]))
+
+    embed = None
+    if s.cfg.sample.non_activating_source == "similar":
+        from saelab.autointerp.embed import Embedder
+
+        embed = Embedder().embed
+    with s.run.stage("sample", {"sample": to_dict(s.cfg.sample)}) as rec:
+        samples = sample(cache, windows.tokens, token_str, s.cfg.sample, s.cfg.seed, embed)
+        rec["outputs"].append(samples.save_run(s.folder))
+        rec.update(samples.summary())

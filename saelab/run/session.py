@@ -1,0 +1,69 @@
+"""The run context shared by stages run in one process: the run folder's manifest, the config, the subject model.
+
+`saelab demo` runs every stage in one session (the subject model is loaded once); `saelab <stage> --run-dir R`
+opens a session on the artifacts already in R. Each stage lives in its own package (`saelab.<package>.stage`)
+and takes a `Session`; `saelab.pipeline` holds their order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from saelab.config import RunConfig, from_dict, to_dict
+from saelab.run.manifest import Run
+
+if TYPE_CHECKING:
+    from saelab.models.loading import LoadedModel
+
+
+@dataclass
+class Session:
+    """State shared by stages run in one process (the loaded subject model)."""
+
+    cfg: RunConfig
+    run: Run
+    _lm: LoadedModel | None = field(default=None, repr=False)
+
+    @property
+    def folder(self) -> Path:
+        return self.run.folder
+
+    def lm(self) -> LoadedModel:
+        """The subject model, loaded on first use; its weights' hash is recorded in the manifest."""
+        if self._lm is None:
+            import torch
+
+            from saelab.models.loading import load_model
+
+            m = self.cfg.model
+            if m.threads:
+                torch.set_num_threads(m.threads)
+            self._lm = load_model(m.name, m.dtype, m.device)
+            self.run.set_hash("model", self._lm.weights_sha256)
+        return self._lm
+
+    def tokenizer(self) -> Any:
+        """The subject model's tokenizer, without loading the model when it is not loaded yet."""
+        if self._lm is not None:
+            return self._lm.tokenizer
+        from saelab.models.loading import load_tokenizer
+
+        return load_tokenizer(self.cfg.model.name)
+
+
+def open_session(cfg: RunConfig, *, new: bool) -> Session:
+    """A session on `cfg.run_dir`. A new run records `cfg`; otherwise the model and data config come from the
+    manifest (so a later stage always uses the model the activations came from), and `cfg`'s own sections for
+    the later stages are kept."""
+    if new:
+        return Session(cfg, Run.create(cfg.run_dir, to_dict(cfg), cfg.seed))
+    run = Run.open(cfg.run_dir)
+    run.check_writable()
+    recorded: RunConfig = from_dict(RunConfig, run.data["config"])
+    merged = dataclasses.replace(
+        cfg, seed=recorded.seed, model=recorded.model, data=recorded.data, collect=recorded.collect
+    )
+    return Session(merged, run)
