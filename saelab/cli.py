@@ -262,7 +262,7 @@ def _convert(args: ConvertArgs) -> int:
 
 
 def _runs(args: RunsArgs) -> int:
-    from saelab.run.manifest import query_runs
+    from saelab.run.store import query_runs
 
     if not Path(args.root).is_dir():
         raise FileNotFoundError(f"{args.root} is not a folder; pass --root with the folder holding your runs")

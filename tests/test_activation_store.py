@@ -10,12 +10,12 @@ import pytest
 import torch
 from support_train import planted, same_state
 
+from saelab.activations.sources import StoreSource
 from saelab.activations.store import (
     ActivationError,
     Activations,
     ActivationStore,
     ActivationStoreWriter,
-    StoreSource,
     collect,
     collect_to_store,
 )

@@ -64,7 +64,7 @@ def test_batch_must_split_evenly_over_ranks(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_rank_parts_tile_each_batch() -> None:
     """The ranks' slices of every batch are disjoint and together the one-process batch."""
-    from saelab.activations.store import TensorSource
+    from saelab.activations.sources import TensorSource
 
     src = TensorSource(torch.arange(1000.0)[:, None])
     whole = list(src.epoch(torch.Generator().manual_seed(3), 100))

@@ -13,18 +13,20 @@ import pytest
 import torch
 
 from saelab.eval.probing import (
-    MIN_CHARS,
     ProbingConfig,
-    ProbingError,
-    ProbingTask,
-    bible_chapters,
-    build_task,
-    make_task,
     pooled_features,
     probe_scores,
     run_probing,
     tokenize,
     top_k_by_mean_diff,
+)
+from saelab.eval.probing_tasks import (
+    MIN_CHARS,
+    ProbingError,
+    ProbingTask,
+    bible_chapters,
+    build_task,
+    make_task,
     wikipedia_by_topic,
 )
 from saelab.models.loading import LoadedModel, capture, forward_until, load_model

@@ -18,7 +18,8 @@ import pytest
 import torch
 from support_train import StepCounter, Stopped, planted, same_state, train_stopped_then_resumed
 
-from saelab.activations.store import Activations, StoreSource
+from saelab.activations.sources import StoreSource
+from saelab.activations.store import Activations
 from saelab.cli import main
 from saelab.config import TrainConfig
 from saelab.sae import base as sae_lib

@@ -27,7 +27,8 @@ from saelab.eval.absorption import (
 )
 from saelab.eval.core import METRICS, EvalResult, Provenance, evaluate_many
 from saelab.eval.matched_l0 import MatchedL0, mark_dominated
-from saelab.eval.probing import PROBING, ProbingConfig, ProbingError, ProbingResult, run_probing
+from saelab.eval.probing import PROBING, ProbingConfig, ProbingResult, run_probing
+from saelab.eval.probing_tasks import ProbingError
 from saelab.models.loading import LoadedModel
 from saelab.run.session import Session
 from saelab.sae import base as sae_lib

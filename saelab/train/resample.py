@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from saelab.activations.store import BatchSource
+from saelab.activations.sources import BatchSource
 from saelab.config import TrainConfig
 from saelab.sae.base import SAE, JumpReLUSAE, TrainLoss
 

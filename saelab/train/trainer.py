@@ -32,14 +32,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from saelab.activations.store import (
-    ActivationStore,
-    BatchSource,
-    StoreSource,
-    TensorSource,
-    check_finite,
-    sample_ids,
-)
+from saelab.activations.sources import BatchSource, StoreSource, TensorSource, sample_ids
+from saelab.activations.store import ActivationStore, check_finite
 from saelab.config import TrainConfig, to_dict
 from saelab.sae.base import REGISTRY, SAE, KSparseSAE, LossInputs, SAEConfig, TrainLoss, auxk_loss, build
 from saelab.train import distributed as ddp
