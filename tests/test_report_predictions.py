@@ -40,7 +40,7 @@ def test_binary_report_with_models_probabilities_and_targets(tmp_path: Path) -> 
     args = ["report", "--predictions", str(csv), "--out", str(out), "--report.targets", "f1=0.8,ece=0.05"]
     assert main(args) == 0
     md = (out / "report.md").read_text()
-    record = json.loads((out / "metrics.json").read_text())["tasks"]["sentiment"]
+    record = json.loads((out / "classification.json").read_text())["tasks"]["sentiment"]
     # the numbers in the record are scikit-learn's
     y = [int(r.split(",")[1]) for r in csv.read_text().splitlines()[1:121]]
     pred = [int(r.split(",")[2]) for r in csv.read_text().splitlines()[1:121]]
@@ -68,7 +68,7 @@ def test_multiclass_strings_and_unseen_label(tmp_path: Path) -> None:
     csv = write_csv(tmp_path / "m.csv", "id,y_true,y_pred", rows)
     assert main(["report", "--predictions", str(csv), "--report.pdf"]) == 0
     out = tmp_path / "m-report"
-    rec = json.loads((out / "metrics.json").read_text())["tasks"]["task"]["model"]
+    rec = json.loads((out / "classification.json").read_text())["tasks"]["task"]["model"]
     assert rec["labels"] == ["cat", "dog", "eel", "fox"] and rec["unseen_predicted"] == ["fox"]
     y, p = ["cat", "dog", "eel"] * 4, ["cat", "cat", "fox"] * 4
     assert rec["weighted_f1"] == pytest.approx(skm.f1_score(y, p, average="weighted", zero_division=0))

@@ -36,6 +36,9 @@ REQUIRED = ("id", "y_true", "y_pred")
 OPTIONAL = ("probability", "score", "task", "model")
 MAJORITY = "majority-class baseline"
 
+CLASSIFICATION = "classification.json"
+"""Every number of a predictions report, beside its report.md and report.html."""
+
 
 class PredictionsError(ValueError):
     """The predictions CSV cannot be read; the message names the file, the line and the fix."""
@@ -209,8 +212,8 @@ def write_predictions_report(csv_path: Path, out: Path, cfg: ReportConfig) -> li
                 Flag("few_examples", task, "models were scored on different ids: compare with care")
             )
     flags_section(doc, _merge_task_flags(all_flags), all_gaps)
-    atomic.write_json(out / "metrics.json", record)
-    return [*write_documents(doc, out), out / "metrics.json", *written]
+    atomic.write_json(out / CLASSIFICATION, record)
+    return [*write_documents(doc, out), out / CLASSIFICATION, *written]
 
 
 def _merge_task_flags(flags: list[Flag]) -> list[Flag]:

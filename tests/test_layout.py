@@ -1,0 +1,93 @@
+"""The package's layout holds: no import circle between saelab's modules, and every run artifact's file name is
+spelt in its owner package alone (every other stage, the report and the browser read it through the owner)."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import saelab
+
+PACKAGE = Path(saelab.__file__).parent
+
+OWNERS = {
+    "windows.npz": "data",
+    "acts.safetensors": "activations",
+    "metrics.json": "eval",
+    "matched_l0.json": "eval",
+    "probing.json": "eval",
+    "absorption.json": "eval",
+    "cache.json": "latents",
+    "samples.json": "latents",
+    "explanations.jsonl": "autointerp",
+    "scores.jsonl": "autointerp",
+    "scores_summary.json": "autointerp",
+    "cache.sqlite": "autointerp",
+    "train_log.jsonl": "train",
+    "sae.safetensors": "sae",
+    "report.html": "report",
+}
+"""Artifact file name -> the package that defines it."""
+
+
+def _modules() -> dict[str, Path]:
+    return {
+        ".".join(("saelab", *p.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__"): p
+        for p in PACKAGE.rglob("*.py")
+    }
+
+
+def _module_level_imports(path: Path, modules: set[str]) -> set[str]:
+    """saelab modules imported at module level (imports under `if TYPE_CHECKING:` and in functions excluded)."""
+    out: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        names: list[str] = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        out |= {n for n in names if n in modules}
+    return out
+
+
+def test_no_import_circle() -> None:
+    modules = _modules()
+    graph = {m: _module_level_imports(p, set(modules)) - {m} for m, p in modules.items()}
+    # a package's __init__ is imported with any of its modules: count it as an edge too
+    for m in modules:
+        parent = m.rsplit(".", 1)[0]
+        if parent in modules and parent != m and parent != "saelab":
+            graph[m].add(parent)
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                raise AssertionError("import circle: " + " -> ".join([*stack[stack.index(n) :], n]))
+            if n not in state:
+                visit(n)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+
+
+def test_artifact_names_are_spelt_in_their_owner_only() -> None:
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        package = path.relative_to(PACKAGE).parts[0]
+        text = path.read_text()
+        for name, owner in OWNERS.items():
+            if package != owner and re.search(r"""["'/]""" + re.escape(name) + r"""["']""", text):
+                offenders.append(f"{path.relative_to(PACKAGE)} spells {name} (owner: {owner}/)")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_pipeline_holds_only_the_order_of_stages() -> None:
+    assert len((PACKAGE / "pipeline.py").read_text().splitlines()) < 200
