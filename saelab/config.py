@@ -303,6 +303,48 @@ def _typed(name: str, value: str, default: Any) -> Any:
 
 
 @dataclass(frozen=True)
+class EvalProbingConfig:
+    """Sparse probing (SAEBench definitions, `saelab.eval.probing`): logistic probes on mean-pooled LM activations
+    against probes on the top-k SAE latents, with LASSO and random-forest baselines."""
+
+    tasks: tuple[
+        Literal[
+            "wiki_vs_bible",
+            "wiki_people_vs_places",
+            "wiki_biology_vs_physics",
+            "wiki_topics5",
+            "code_vs_prose",
+        ],
+        ...,
+    ] = ()
+    """Tasks to run; none by default. Each takes about 2-3 minutes on 2 CPU cores at the default size."""
+    n_per_class: int = 128
+    """Texts per class (train and test together)."""
+
+    def __post_init__(self) -> None:
+        _check(
+            len(set(self.tasks)) == len(self.tasks), f"eval.probing.tasks names a task twice: {self.tasks}"
+        )
+        _check(
+            self.n_per_class >= 16, "eval.probing.n_per_class must be >= 16 (the probes need 4 test texts)"
+        )
+
+
+@dataclass(frozen=True)
+class EvalAbsorptionConfig:
+    """First-letter feature absorption (SAEBench definitions, `saelab.eval.absorption`)."""
+
+    enabled: bool = False
+    """Measure it, for every SAE evaluated. The model forwards and letter probes, about 9 minutes at the defaults
+    on 2 CPU cores, are shared by all SAEs; each SAE then takes seconds."""
+    vocab_size: int = 4000
+    """Words sampled from the tokenizer's vocabulary (0 = all); the forwards scale with it."""
+
+    def __post_init__(self) -> None:
+        _check(self.vocab_size >= 0, "eval.absorption.vocab_size must be >= 0")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """SAE evaluation on held-out windows (SAEBench core-metric definitions)."""
 
@@ -316,31 +358,14 @@ class EvalConfig:
     """Windows per forward pass for CE/KL (each keeps [batch, ctx_len, vocab] log-probabilities three times)."""
     dense_threshold: float = 0.1
     """A latent firing on more than this fraction of tokens counts as dense."""
-    probing: tuple[
-        Literal[
-            "wiki_vs_bible",
-            "wiki_people_vs_places",
-            "wiki_biology_vs_physics",
-            "wiki_topics5",
-            "code_vs_prose",
-        ],
-        ...,
-    ] = ()
-    """Sparse-probing tasks to run on the run's SAE (SAEBench definitions, probing.py); none by default. Each
-    takes about 2-3 minutes on 2 CPU cores at the default size: LM-activation probes against probes on the top-k
-    SAE latents, with LASSO and random-forest baselines."""
-    probing_n_per_class: int = 128
-    """Sparse probing: texts per class (train and test together)."""
-    absorption: bool = False
-    """First-letter feature absorption (SAEBench definitions, absorption.py) of every SAE evaluated. The model
-    forwards and letter probes, about 9 minutes at the defaults on 2 CPU cores, are shared by all SAEs; each
-    SAE then takes seconds."""
-    absorption_vocab_size: int = 4000
-    """Absorption: words sampled from the tokenizer's vocabulary (0 = all); the forwards scale with it."""
+    probing: EvalProbingConfig = field(default_factory=EvalProbingConfig)
+    """Sparse probing of the run's SAE (`eval/probing.json`)."""
+    absorption: EvalAbsorptionConfig = field(default_factory=EvalAbsorptionConfig)
+    """First-letter feature absorption of every SAE evaluated (`eval/absorption.json`)."""
     extra_saes: tuple[str, ...] = ()
     """Further SAE folders (saelab, SAELens, sparsify or dictionary_learning format) evaluated on the same tokens
     as this run's SAE and its `train.variants`, for the matched-sparsity comparison (`eval/matched_l0.json` and
-    Pareto plots of EV, CE-loss score and, with `eval.absorption`, absorption against L0). On a run that was
+    Pareto plots of EV, CE-loss score and, with `eval.absorption.enabled`, absorption against L0). On a run that was
     collected but not trained, these SAEs alone are evaluated, the first as the run's record (`eval/metrics.json`)."""
 
     def __post_init__(self) -> None:
@@ -350,14 +375,6 @@ class EvalConfig:
         _check(self.batch_size > 0, "eval.batch_size must be > 0")
         _check(self.ce_batch_size > 0, "eval.ce_batch_size must be > 0")
         _check(0 < self.dense_threshold <= 1, "eval.dense_threshold must be in (0, 1]")
-        _check(self.absorption_vocab_size >= 0, "eval.absorption_vocab_size must be >= 0")
-        _check(
-            len(set(self.probing)) == len(self.probing), f"eval.probing names a task twice: {self.probing}"
-        )
-        _check(
-            self.probing_n_per_class >= 16,
-            "eval.probing_n_per_class must be >= 16 (the probes need 4 test texts)",
-        )
 
 
 @dataclass(frozen=True)

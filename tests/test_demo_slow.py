@@ -43,7 +43,7 @@ def test_reduced_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 
 def test_absorption_through_the_cli_on_the_bundled_model(tmp_path: Path) -> None:
-    """`saelab eval --eval.absorption` at its default vocabulary on SmolLM2, into absorption.json and the report.
+    """`saelab eval --eval.absorption.enabled` at its default vocabulary on SmolLM2, into absorption.json and the report.
 
     At `model.layers.2`: the absorption forwards stop at the hookpoint, so they take a fifth of the time they take
     at the demo's middle layer (~9 min there on 2 CPU cores), and 21 of the 23 letters scored have a probe
@@ -55,7 +55,7 @@ def test_absorption_through_the_cli_on_the_bundled_model(tmp_path: Path) -> None
         == 0
     )
     assert main(["train", *base, "--train.epochs", "2"]) == 0
-    evals = ["eval", *base, "--eval.n-windows", "4", "--eval.n-ce-windows", "1", "--eval.absorption"]
+    evals = ["eval", *base, "--eval.n-windows", "4", "--eval.n-ce-windows", "1", "--eval.absorption.enabled"]
     assert main(evals) == 0
     absorption = json.loads((tmp_path / "absorption" / "eval" / "absorption.json").read_text())
     metrics = json.loads((tmp_path / "absorption" / "eval" / "metrics.json").read_text())

@@ -319,14 +319,14 @@ def test_train_under_torchrun(tmp_path: Path, tiny_model_dir: Path, corpus_file:
 
 
 def test_eval_with_probing(run_dir: Path, tmp_path: Path) -> None:
-    """--eval.probing writes probing.json beside the core metrics, recorded in the manifest and shown in the
+    """--eval.probing.tasks writes probing.json beside the core metrics, recorded in the manifest and shown in the
     report. (Absorption needs a real vocabulary: tests/test_demo_slow.py runs it on the bundled model.)"""
     import shutil
 
     run = tmp_path / "r"
     shutil.copytree(run_dir, run)
-    args = ["eval", "--run-dir", str(run), *SMALL["eval"], "--eval.probing", "wiki_vs_bible"]
-    assert main([*args, "--eval.probing-n-per-class", "16"]) == 0
+    args = ["eval", "--run-dir", str(run), *SMALL["eval"], "--eval.probing.tasks", "wiki_vs_bible"]
+    assert main([*args, "--eval.probing.n-per-class", "16"]) == 0
     probing = json.loads((run / "eval" / "probing.json").read_text())
     assert [t["name"] for t in probing["tasks"]] == ["wiki_vs_bible"]
     assert probing["config"]["n_per_class"] == 16
@@ -351,13 +351,13 @@ def test_absorption_error_names_the_eval_flag(
         "--run-dir",
         str(run),
         *SMALL["eval"],
-        "--eval.absorption",
-        "--eval.absorption-vocab-size",
+        "--eval.absorption.enabled",
+        "--eval.absorption.vocab-size",
         "3",
     ]
     assert main(args) == 1
     err = capsys.readouterr().err
-    assert "raise --eval.absorption-vocab-size" in err and "absorption.vocab_size" not in err
+    assert "raise --eval.absorption.vocab-size" in err and "absorption.vocab_size" not in err
     assert not (run / "eval" / "absorption.json").exists()
 
 

@@ -72,8 +72,8 @@ def stage_eval(s: Session) -> None:
         rec["outputs"].append(METRICS)
         rec["summary"] = _summary(results[0])
         with _cli_names():
-            absorption = _absorption(s, lm, saes, hookpoint) if s.cfg.eval.absorption else []
-            probing = _probing(s, lm, saes[0], hookpoint) if s.cfg.eval.probing else None
+            absorption = _absorption(s, lm, saes, hookpoint) if s.cfg.eval.absorption.enabled else []
+            probing = _probing(s, lm, saes[0], hookpoint) if s.cfg.eval.probing.tasks else None
         if absorption:
             absorption[0].save(
                 s.folder / ABSORPTION,
@@ -99,8 +99,8 @@ def stage_eval(s: Session) -> None:
 
 
 _CLI_NAMES = {
-    "probing.n_per_class": "--eval.probing-n-per-class",
-    "absorption.vocab_size": "--eval.absorption-vocab-size",
+    "probing.n_per_class": "--eval.probing.n-per-class",
+    "absorption.vocab_size": "--eval.absorption.vocab-size",
 }
 """Settings the library's probing/absorption errors name, as the eval stage's flags spell them."""
 
@@ -125,8 +125,8 @@ def _probing(s: Session, lm: LoadedModel, sae: sae_lib.SAE, hookpoint: str) -> P
     if len(ks) < len(ProbingConfig().ks):
         log.warning("probing: top-k probes with k <= %d only (the features are %d wide)", width, width)
     cfg = ProbingConfig(
-        tasks=s.cfg.eval.probing,
-        n_per_class=s.cfg.eval.probing_n_per_class,
+        tasks=s.cfg.eval.probing.tasks,
+        n_per_class=s.cfg.eval.probing.n_per_class,
         ctx_len=d.ctx_len,
         ks=ks,
         exclude_first=d.exclude_first,
@@ -139,7 +139,7 @@ def _absorption(
     s: Session, lm: LoadedModel, saes: list[sae_lib.SAE], hookpoint: str
 ) -> list[AbsorptionResult]:
     """First-letter absorption of every SAE; the forwards and letter probes are shared (one hookpoint)."""
-    cfg = AbsorptionConfig(vocab_size=s.cfg.eval.absorption_vocab_size)
+    cfg = AbsorptionConfig(vocab_size=s.cfg.eval.absorption.vocab_size)
     probes = collect_letter_probes(lm, hookpoint, cfg, s.cfg.seed)
     return [score_absorption(probes, sae, cfg, s.cfg.seed) for sae in saes]
 

@@ -62,8 +62,16 @@ def open_session(cfg: RunConfig, *, new: bool) -> Session:
         return Session(cfg, Run.create(cfg.run_dir, to_dict(cfg), cfg.seed))
     run = Run.open(cfg.run_dir)
     run.check_writable()
-    recorded: RunConfig = from_dict(RunConfig, run.data["config"])
+    # only the sections that decide the artifacts already there are read back: a later stage's section of an
+    # older saelab (renamed settings) does not stop this run's other stages
+    recorded = run.data.get("config", {})
     merged = dataclasses.replace(
-        cfg, seed=recorded.seed, model=recorded.model, data=recorded.data, collect=recorded.collect
+        cfg,
+        seed=recorded.get("seed", run.data.get("seed", cfg.seed)),
+        **{
+            name: from_dict(type(getattr(cfg, name)), recorded[name])
+            for name in ("model", "data", "collect")
+            if name in recorded
+        },
     )
     return Session(merged, run)
