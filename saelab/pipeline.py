@@ -460,7 +460,7 @@ def _tokenizer(s: Session) -> Any:
 
 
 def _client(s: Session) -> Any:
-    from saelab.autointerp.llm.client import make_client, run_sync
+    from saelab.autointerp.llm import make_client, run_sync
 
     cfg = s.cfg.llm
     shared = None

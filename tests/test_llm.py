@@ -11,15 +11,11 @@ import pytest
 import torch
 from support_llm import ScriptedServer, completion_body, synthetic_samples, tiny_chat_model
 
-from saelab.autointerp.llm import client as llm
-from saelab.autointerp.llm.client import (
-    LLMError,
-    LocalChatClient,
-    OpenAIClient,
-    gather_with_progress,
-    make_client,
-    run_sync,
-)
+from saelab.autointerp.llm import local as llm_local
+from saelab.autointerp.llm import make_client
+from saelab.autointerp.llm.base import LLMError, gather_with_progress, run_sync
+from saelab.autointerp.llm.local import LocalChatClient
+from saelab.autointerp.llm.openai import OpenAIClient
 from saelab.config import ExplainConfig, LLMConfig, ScoreConfig
 from saelab.models.loading import LoadedModel
 
@@ -206,7 +202,7 @@ def _check_against_reference(tiny: LoadedModel, prompts: list[list[dict[str, str
 @pytest.fixture(params=[2048, 24], ids=["one-forward", "chunked"])
 def prefill_tokens(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
     """Run with the default forward size and with one so small that every batch is split into chunks."""
-    monkeypatch.setattr(llm, "PREFILL_TOKENS", request.param)
+    monkeypatch.setattr(llm_local, "PREFILL_TOKENS", request.param)
     return int(request.param)
 
 
@@ -328,7 +324,7 @@ def test_real_http_server_explain_and_detection(smollm: LoadedModel, tmp_path: P
 
 
 def test_prefix_groups_follow_explanations() -> None:
-    from saelab.autointerp.llm.client import _prefix_groups, _Request
+    from saelab.autointerp.llm.local import _prefix_groups, _Request
 
     def req(ids: list[int]) -> _Request:
         return _Request(ids, 1, 0.0, 0, None)  # type: ignore[arg-type]

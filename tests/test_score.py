@@ -15,7 +15,7 @@ import pytest
 from support_llm import PLANTED, RuleClient, synthetic_samples
 
 from saelab.autointerp.explain import ExplanationRecord
-from saelab.autointerp.llm.client import ChatResponse, LLMError
+from saelab.autointerp.llm.base import ChatResponse, LLMError
 from saelab.autointerp.score import (
     DetectionScorer,
     EmbeddingScorer,
@@ -316,7 +316,7 @@ def test_shuffled_control_and_paired_comparisons(tmp_path: Path) -> None:
 
 @pytest.mark.bad_input
 def test_llm_scorer_without_client_is_an_error(tmp_path: Path) -> None:
-    from saelab.autointerp.llm.client import LLMError
+    from saelab.autointerp.llm.base import LLMError
 
     with pytest.raises(LLMError, match="needs an LLM client"):
         run_score(
@@ -344,7 +344,7 @@ def test_minilm_embeddings() -> None:
 
 @pytest.mark.slow
 def test_run_score_with_bundled_model_and_minilm(tmp_path: Path) -> None:
-    from saelab.autointerp.llm.client import LocalChatClient
+    from saelab.autointerp.llm.local import LocalChatClient
     from saelab.models.loading import BUNDLED_SMOLLM2, load_model
 
     samples = synthetic_samples(n_latents=2, n_train=4, n_test=3)

@@ -40,7 +40,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from saelab.autointerp.explain import ExplanationRecord, quote_example, render_tokens
-from saelab.autointerp.llm.client import LLMClient, LLMError, gather_with_progress, run_sync
+from saelab.autointerp.llm.base import LLMClient, LLMError, gather_with_progress, run_sync
 from saelab.autointerp.prompts import DETECTION_USER, FUZZING_USER, JUDGE_SYSTEM
 from saelab.config import ScoreConfig
 from saelab.latents.sampling import Example, LatentExamples, SampleSet

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from saelab.autointerp.llm.client import LLMClient, LLMError
+from saelab.autointerp.llm.base import LLMClient, LLMError
 from saelab.autointerp.prompts import SIMULATION_SYSTEM, SIMULATION_USER
 from saelab.autointerp.score import Failure, Prediction, ScorerOutput, quantiles_of, scoring_examples
 from saelab.latents.sampling import Example, LatentExamples
