@@ -59,7 +59,8 @@ class _Rows:
     """Token rows already run through the model: their KV cache (one row each), attention mask and lengths."""
 
     cache: Any
-    """A transformers DynamicCache, or None before anything has run."""
+    """A `transformers.DynamicCache` (per layer, keys and values [rows, heads, positions, head_dim]), or None
+    before anything has run."""
     mask: torch.Tensor
     length: torch.Tensor
 
@@ -96,6 +97,7 @@ class _Rows:
 
 
 def _new_cache(kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """A cache holding `kv`, one (keys, values) pair per layer, each [rows, heads, positions, head_dim]."""
     from transformers import DynamicCache
 
     return DynamicCache(ddp_cache_data=kv)
@@ -278,11 +280,11 @@ class LocalChatClient:
             input_ids=ids_BS,
             attention_mask=mask_BT,
             position_ids=state.length[:, None] + (new_BS.cumsum(-1) - 1).clamp(min=0),
-            past_key_values=state.cache,
+            cache=state.cache,  # transformers 5 renamed `past_key_values` (a FutureWarning, removed in 5.40)
             use_cache=True,
             logits_to_keep=1,
         )
-        return _Rows(out.past_key_values, mask_BT, state.length + new_BS.sum(-1)), out.logits[:, -1, :]
+        return _Rows(out.cache, mask_BT, state.length + new_BS.sum(-1)), out.logits[:, -1, :]
 
     @staticmethod
     def _pick(logprobs_V: torch.Tensor, temperature: float) -> int:
