@@ -507,13 +507,14 @@ def stage_explain(s: Session) -> None:
 
 def stage_score(s: Session) -> None:
     from saelab.autointerp.explain import load_explanations
-    from saelab.autointerp.score import LLM_SCORERS, run_score
+    from saelab.autointerp.score import run_score
+    from saelab.autointerp.scorers import llm_scorers
 
     s.run.verify("sample", "sample")
     s.run.verify("explain", "explain")
     samples = SampleSet.load(s.folder / SAMPLES)
     explanations = load_explanations(s.folder / EXPLANATIONS)
-    needs_llm = any(x in LLM_SCORERS for x in s.cfg.score.scorers)
+    needs_llm = any(x in llm_scorers() for x in s.cfg.score.scorers)
     client = _client(s) if needs_llm else None
     with s.run.stage("score", {"score": to_dict(s.cfg.score), "llm": to_dict(s.cfg.llm)}) as rec:
         out = s.folder / SCORES

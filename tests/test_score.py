@@ -16,16 +16,11 @@ from support_llm import PLANTED, RuleClient, synthetic_samples
 
 from saelab.autointerp.explain import ExplanationRecord
 from saelab.autointerp.llm.base import ChatResponse, LLMError
-from saelab.autointerp.score import (
-    DetectionScorer,
-    EmbeddingScorer,
-    FuzzingScorer,
-    fuzz_marks,
-    parse_yes_no,
-    run_score,
-    score_async,
-    yes_probability,
-)
+from saelab.autointerp.score import run_score, score_async
+from saelab.autointerp.scorers.base import parse_yes_no, yes_probability
+from saelab.autointerp.scorers.detection import DetectionScorer
+from saelab.autointerp.scorers.embedding import EmbeddingScorer
+from saelab.autointerp.scorers.fuzzing import FuzzingScorer, fuzz_marks
 from saelab.config import ScoreConfig
 from saelab.metrics import binary_metrics
 

@@ -12,7 +12,7 @@ from test_score import explanations
 
 from saelab.autointerp.llm.base import run_sync
 from saelab.autointerp.score import run_score
-from saelab.autointerp.simulation import (
+from saelab.autointerp.scorers.simulation import (
     MAX_VALUE,
     SimulationScorer,
     correlation,
