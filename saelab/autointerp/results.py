@@ -1,10 +1,13 @@
 """The score stage's results and their files: per-(latent, explainer, scorer) rows, the summary over latents, the
 shuffled-explanation control and the paired differences between explainers.
 
-Files, in the run's score folder (`write_scores`):
-- `scores.jsonl`: one `ScoreRow` a line, its metrics and then its per-example predictions.
-- `scores_summary.json`: micro (pooled over latents) and macro (mean over latents) metrics of each (explainer,
-  scorer), the failure counts, the models, and the explainers' paired differences.
+Files, in the run's score folder (`write_scores` / `load_scores`):
+- `scores.jsonl` (`SCORES_FILE`): one `ScoreRow` a line, its metrics and then its per-example predictions.
+- `scores_summary.json` (`SUMMARY_FILE`): micro (pooled over latents) and macro (mean over latents) metrics of
+  each (explainer, scorer), the failure counts, the models, and the explainers' paired differences.
+
+The feature browser reads one latent's rows without parsing the whole file: `index_score_lines` gives each line's
+identity, metrics and byte span, and `read_score_row` parses one span.
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -25,6 +28,22 @@ from saelab.metrics import BinaryMetrics, binary_metrics, macro_mean, paired_boo
 from saelab.run import atomic
 
 log = logging.getLogger(__name__)
+
+SCORES_FILE = "scores.jsonl"
+"""One ScoreRow a line, in the score folder."""
+SUMMARY_FILE = "scores_summary.json"
+"""The ScoreSummary without its rows, in the score folder."""
+
+METRIC_FIELDS = tuple(f.name for f in fields(BinaryMetrics))
+_IDENTITY = ("latent", "explainer", "scorer", "explanation")
+_ROW_KEYS = (*_IDENTITY, "threshold", "predictions")
+_PREDICTIONS = ', "predictions": ['
+"""Where a scores.jsonl line's predictions begin: `ScoreRow.to_dict` puts them last, so the part before is the
+line's metrics (a JSON string cannot hold this: its quotes would be escaped)."""
+
+
+def _metrics(d: dict[str, Any]) -> BinaryMetrics:
+    return BinaryMetrics(**{k: d[k] for k in METRIC_FIELDS})
 
 
 @dataclass(frozen=True)
@@ -42,6 +61,7 @@ class ScoreRow:
     """Scorer-specific scores (see `ScorerOutput.extra`)."""
 
     def to_dict(self) -> dict[str, Any]:
+        """The row flat, predictions last (`index_score_lines` relies on that)."""
         return {
             "latent": self.latent,
             "explainer": self.explainer,
@@ -52,6 +72,20 @@ class ScoreRow:
             "threshold": self.threshold,
             "predictions": [asdict(p) for p in self.predictions],
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ScoreRow:
+        extra = {k: v for k, v in d.items() if k not in METRIC_FIELDS and k not in _ROW_KEYS}
+        return cls(
+            d["latent"],
+            d["explainer"],
+            d["scorer"],
+            d["explanation"],
+            _metrics(d),
+            d["threshold"],
+            [Prediction.from_dict(p) for p in d["predictions"]],
+            extra,
+        )
 
 
 @dataclass(frozen=True)
@@ -80,6 +114,18 @@ class OverallScore:
             "frequency_weighted_f1": self.frequency_weighted_f1,
             "quantile_recall": {str(q): r for q, r in self.quantile_recall.items()},
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> OverallScore:
+        return cls(
+            d["explainer"],
+            d["scorer"],
+            _metrics(d),
+            d["macro"],
+            d["n_latents"],
+            d["frequency_weighted_f1"],
+            {int(q): r for q, r in d["quantile_recall"].items()},
+        )
 
 
 @dataclass(frozen=True)
@@ -233,7 +279,66 @@ def paired_explainer_deltas(rows: Sequence[ScoreRow], seed: int) -> list[dict[st
 
 
 def write_scores(summary: ScoreSummary, out_dir: Path) -> None:
-    """`scores.jsonl` and `scores_summary.json` under `out_dir` (the run's score folder), each atomically."""
+    """`SCORES_FILE` and `SUMMARY_FILE` under `out_dir` (the run's score folder), each written atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(out_dir / "scores.jsonl", "".join(json.dumps(r.to_dict()) + "\n" for r in summary.rows))
-    atomic.write_text(out_dir / "scores_summary.json", json.dumps(summary.to_dict(), indent=2) + "\n")
+    atomic.write_text(out_dir / SCORES_FILE, "".join(json.dumps(r.to_dict()) + "\n" for r in summary.rows))
+    atomic.write_text(out_dir / SUMMARY_FILE, json.dumps(summary.to_dict(), indent=2) + "\n")
+
+
+def load_scores(out_dir: Path) -> ScoreSummary:
+    """The summary `write_scores` wrote under `out_dir`, rows included."""
+    paths = [out_dir / SCORES_FILE, out_dir / SUMMARY_FILE]
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing; run `saelab score` first")
+    lines = paths[0].read_text(encoding="utf-8").splitlines()
+    rows = [ScoreRow.from_dict(json.loads(line)) for line in lines if line.strip()]
+    d = json.loads(paths[1].read_text(encoding="utf-8"))
+    return ScoreSummary(
+        rows,
+        [OverallScore.from_dict(o) for o in d["overall"]],
+        d["failed_explanations"],
+        d["models"],
+        d["comparisons"],
+    )
+
+
+class ScoreLine(NamedTuple):
+    """One line of a scores.jsonl, indexed without parsing its predictions."""
+
+    latent: int
+    explainer: str
+    scorer: str
+    metrics: dict[str, Any]
+    """The row's metrics, scorer-specific scores and threshold (`ScoreRow.to_dict` without the identity,
+    explanation and predictions)."""
+    offset: int
+    """Byte offset of the line in the file."""
+    length: int
+    """Bytes of the line, its newline included (`read_score_row` reads them back)."""
+
+
+def index_score_lines(path: Path) -> list[ScoreLine]:
+    """Every row of the scores.jsonl at `path` with its byte span, parsing only the part before the predictions
+    (they hold nearly all of a line's bytes)."""
+    out: list[ScoreLine] = []
+    offset = 0
+    with path.open("rb") as fh:
+        for raw in fh:
+            text = raw.decode("utf-8")
+            if text.strip():
+                cut = text.find(_PREDICTIONS)
+                head = json.loads(text[:cut] + "}" if cut >= 0 else text)
+                metrics = {k: v for k, v in head.items() if k not in _IDENTITY and k != "predictions"}
+                out.append(
+                    ScoreLine(head["latent"], head["explainer"], head["scorer"], metrics, offset, len(raw))
+                )
+            offset += len(raw)
+    return out
+
+
+def read_score_row(path: Path, offset: int, length: int) -> ScoreRow:
+    """The row on the line at (`offset`, `length`) of the scores.jsonl at `path` (a `ScoreLine`'s span)."""
+    with path.open("rb") as fh:
+        fh.seek(offset)
+        return ScoreRow.from_dict(json.loads(fh.read(length).decode("utf-8")))

@@ -19,7 +19,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from saelab.autointerp.explain import quote_example, render_tokens
 from saelab.autointerp.llm.base import LLMClient, LLMError
@@ -50,6 +50,10 @@ class Prediction:
     failure: Failure | None = None
     """Why the judgement failed: `request` (no answer from the LLM; asked again on a rerun) or `unparseable` (an
     answer that is not a judgement; cached, so a rerun gets the same)."""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Prediction:
+        return cls(**d)
 
 
 @dataclass(frozen=True)
