@@ -48,8 +48,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from machine import machine_facts  # noqa: E402
 
+from saelab.autointerp.llm.base import run_sync  # noqa: E402
 from saelab.autointerp.llm.cache import CachedClient  # noqa: E402
-from saelab.autointerp.llm.client import OpenAIClient, run_sync  # noqa: E402
+from saelab.autointerp.llm.openai import OpenAIClient  # noqa: E402
 from saelab.config import ExplainConfig, ScoreConfig  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / ".cache"

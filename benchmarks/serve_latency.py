@@ -35,7 +35,8 @@ from machine import machine_facts
 from safetensors.numpy import save_file
 
 from saelab.autointerp.explain import ExplanationRecord, write_explanations
-from saelab.autointerp.score import Prediction, ScoreRow, ScoreSummary, write_scores
+from saelab.autointerp.results import ScoreRow, ScoreSummary, write_scores
+from saelab.autointerp.scorers.base import Prediction
 from saelab.config import CacheConfig
 from saelab.latents.build import Chunk, build_cache
 from saelab.latents.cache import LatentCache

@@ -331,10 +331,12 @@ def _predictions_report(args: ReportArgs) -> int:
 
 def _dispatch(args: Any) -> int:
     from saelab import pipeline
+    from saelab.autointerp.scorers import check_scorer_names
 
     if isinstance(args, ReportArgs) and args.predictions:
         return _predictions_report(args)
     cfg = to_run_config(args)
+    check_scorer_names(cfg.score.scorers)  # against the registry (built-ins and any registered since)
     start = time.perf_counter()
     if isinstance(args, RunConfig):
         pipeline.run_all(cfg)

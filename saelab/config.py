@@ -517,15 +517,13 @@ class ExplainConfig:
 class ScoreConfig:
     """Scorers: each explanation is used as a classifier of held-out examples."""
 
-    scorers: tuple[Literal["detection", "fuzzing", "embedding", "simulation"], ...] = (
-        "detection",
-        "fuzzing",
-        "embedding",
-    )
-    """`detection`: does the example match the explanation? `fuzzing`: are the marked tokens the ones the
-    explanation describes? `embedding`: MiniLM similarity of explanation and example. `simulation`: the LLM
-    predicts each token's activation from the explanation; correlation with the true ones (Bills et al. 2023;
-    one generation per example, so slower than the yes/no judges)."""
+    scorers: tuple[str, ...] = ("detection", "fuzzing", "embedding")
+    """Names registered in `saelab.autointerp.scorers` (checked against that registry by the CLI and the score
+    stage, so a scorer registered there is accepted). Built in: `detection`: does the example match the
+    explanation? `fuzzing`: are the marked tokens the ones the explanation describes? `embedding`: MiniLM
+    similarity of explanation and example. `simulation`: the LLM predicts each token's activation from the
+    explanation; correlation with the true ones (Bills et al. 2023; one generation per example, so slower than
+    the yes/no judges)."""
     fuzz_threshold: float = 0.3
     """Fuzzing marks tokens with activation >= this fraction of the example's max."""
     shuffled_control: bool = True

@@ -15,7 +15,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from saelab.autointerp.llm.client import LLMError, LocalChatClient
+from saelab.autointerp.llm.base import LLMError
+from saelab.autointerp.llm.local import LocalChatClient
 
 
 class LocalOpenAIServer:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from saelab.autointerp.explain import prompt_examples
-from saelab.autointerp.llm.client import ChatResponse, LLMError
+from saelab.autointerp.llm.base import ChatResponse, LLMError
 from saelab.latents.sampling import Example, LatentExamples, SampleSet
 from saelab.models.loading import LoadedModel
 

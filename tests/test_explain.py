@@ -22,7 +22,7 @@ from saelab.autointerp.explain import (
     render_tokens,
     run_explain,
 )
-from saelab.autointerp.llm.client import LLMError
+from saelab.autointerp.llm.base import LLMError
 from saelab.config import ExplainConfig
 from saelab.latents.sampling import Example
 

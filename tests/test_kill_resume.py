@@ -34,8 +34,8 @@ from safetensors.numpy import load_file
 from support_llm import RuleClient
 from test_pipeline import SMALL
 
+from saelab.autointerp.llm.base import ChatResponse
 from saelab.autointerp.llm.cache import request_key
-from saelab.autointerp.llm.client import ChatResponse
 from saelab.cli import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault, pytest.mark.resume]

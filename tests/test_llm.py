@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import socket
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from support_llm import ScriptedServer, completion_body, synthetic_samples, tiny_chat_model
 
-from saelab.autointerp.llm import client as llm
-from saelab.autointerp.llm.client import (
-    LLMError,
-    LocalChatClient,
-    OpenAIClient,
-    gather_with_progress,
-    make_client,
-    run_sync,
-)
+from saelab.autointerp.llm import local as llm_local
+from saelab.autointerp.llm import make_client
+from saelab.autointerp.llm.base import LLMError, gather_with_progress, run_sync
+from saelab.autointerp.llm.local import LocalChatClient
+from saelab.autointerp.llm.openai import OpenAIClient
 from saelab.config import ExplainConfig, LLMConfig, ScoreConfig
 from saelab.models.loading import LoadedModel
 
@@ -206,7 +204,7 @@ def _check_against_reference(tiny: LoadedModel, prompts: list[list[dict[str, str
 @pytest.fixture(params=[2048, 24], ids=["one-forward", "chunked"])
 def prefill_tokens(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
     """Run with the default forward size and with one so small that every batch is split into chunks."""
-    monkeypatch.setattr(llm, "PREFILL_TOKENS", request.param)
+    monkeypatch.setattr(llm_local, "PREFILL_TOKENS", request.param)
     return int(request.param)
 
 
@@ -240,14 +238,61 @@ def test_local_batched_generation_equals_generate(tiny: LoadedModel, prefill_tok
     assert client.batches_run == 1
     assert max(r.completion_tokens for r in responses) == 6  # decoding ran several steps
     for msgs, resp in zip(prompts, responses):
-        ids = torch.tensor([client.encode(msgs)])
-        with torch.inference_mode():  # transformers' own greedy decoding of the prompt alone
-            out = tiny.model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=3)
-        new = out[0, ids.shape[1] :].tolist()
-        new = new[: new.index(2) + 1] if 2 in new else new  # up to and including EOS
+        new = _greedy(tiny, client, msgs, 6)
         assert resp.text == tiny.tokenizer.decode(new, skip_special_tokens=True)
         assert resp.completion_tokens == len(new)
         assert resp.top_logprobs is not None and len(resp.top_logprobs) <= 3
+
+
+def _greedy(tiny: LoadedModel, client: LocalChatClient, msgs: list[dict[str, str]], n: int) -> list[int]:
+    """transformers' own greedy decoding of the prompt alone: up to `n` new ids, up to and including EOS."""
+    ids = torch.tensor([client.encode(msgs)])
+    with torch.inference_mode():
+        out = tiny.model.generate(input_ids=ids, max_new_tokens=n, do_sample=False, pad_token_id=3)
+    new = out[0, ids.shape[1] :].tolist()
+    return new[: new.index(2) + 1] if 2 in new else new
+
+
+class _Warnings(logging.Handler):
+    """Collects the messages of warning records."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_local_engine_uses_the_current_cache_api(tiny: LoadedModel, prefill_tokens: int) -> None:
+    """No deprecation of the KV-cache API on prefill (shared prefixes, joined caches) and decoding: no
+    FutureWarning (an error here, in the engine's worker thread too) and no deprecation line from transformers'
+    logger; the answers are still transformers' own greedy continuations and unbatched next-token log-probs."""
+    prompts = _prompts()
+    client = LocalChatClient(tiny, batch_size=8)
+    caught = _Warnings()
+    hf_log = logging.getLogger("transformers")
+    hf_log.addHandler(caught)
+    logging.Logger.warning_once.cache_clear()  # type: ignore[attr-defined]  # transformers logs each line once
+
+    async def run() -> tuple[list, list]:
+        judged = await asyncio.gather(*(client.chat(m, max_tokens=1, logprobs=5) for m in prompts))
+        generated = await asyncio.gather(*(client.chat(m, max_tokens=6) for m in prompts))
+        return judged, generated
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            judged, generated = asyncio.run(run())
+    finally:
+        hf_log.removeHandler(caught)
+    assert not [m for m in caught.messages if "deprecated" in m], caught.messages
+    assert client.batches_run == 2
+    for msgs, one, resp in zip(prompts, judged, generated):
+        ref = _reference_logprobs(tiny, client, msgs)
+        assert one.top_logprobs is not None
+        assert max(one.top_logprobs.values()) == pytest.approx(float(ref.max()), abs=1e-4)
+        assert resp.text == tiny.tokenizer.decode(_greedy(tiny, client, msgs, 6), skip_special_tokens=True)
 
 
 @pytest.mark.bad_input
@@ -328,7 +373,7 @@ def test_real_http_server_explain_and_detection(smollm: LoadedModel, tmp_path: P
 
 
 def test_prefix_groups_follow_explanations() -> None:
-    from saelab.autointerp.llm.client import _prefix_groups, _Request
+    from saelab.autointerp.llm.local import _prefix_groups, _Request
 
     def req(ids: list[int]) -> _Request:
         return _Request(ids, 1, 0.0, 0, None)  # type: ignore[arg-type]

@@ -10,8 +10,9 @@ import pytest
 from support_llm import ScriptedServer, completion_body
 from test_pipeline import run_stages
 
+from saelab.autointerp.llm.base import LLMError, run_sync
 from saelab.autointerp.llm.cache import CachedClient, ResponseCache, request_key
-from saelab.autointerp.llm.client import LLMError, OpenAIClient, run_sync
+from saelab.autointerp.llm.openai import OpenAIClient
 from saelab.cli import main
 
 MODELS = '{"object": "list", "data": [{"id": "scripted"}]}'

@@ -15,17 +15,12 @@ import pytest
 from support_llm import PLANTED, RuleClient, synthetic_samples
 
 from saelab.autointerp.explain import ExplanationRecord
-from saelab.autointerp.llm.client import ChatResponse, LLMError
-from saelab.autointerp.score import (
-    DetectionScorer,
-    EmbeddingScorer,
-    FuzzingScorer,
-    fuzz_marks,
-    parse_yes_no,
-    run_score,
-    score_async,
-    yes_probability,
-)
+from saelab.autointerp.llm.base import ChatResponse, LLMError
+from saelab.autointerp.score import run_score, score_async
+from saelab.autointerp.scorers.base import parse_yes_no, yes_probability
+from saelab.autointerp.scorers.detection import DetectionScorer
+from saelab.autointerp.scorers.embedding import EmbeddingScorer
+from saelab.autointerp.scorers.fuzzing import FuzzingScorer, fuzz_marks
 from saelab.config import ScoreConfig
 from saelab.metrics import binary_metrics
 
@@ -316,7 +311,7 @@ def test_shuffled_control_and_paired_comparisons(tmp_path: Path) -> None:
 
 @pytest.mark.bad_input
 def test_llm_scorer_without_client_is_an_error(tmp_path: Path) -> None:
-    from saelab.autointerp.llm.client import LLMError
+    from saelab.autointerp.llm.base import LLMError
 
     with pytest.raises(LLMError, match="needs an LLM client"):
         run_score(
@@ -344,7 +339,7 @@ def test_minilm_embeddings() -> None:
 
 @pytest.mark.slow
 def test_run_score_with_bundled_model_and_minilm(tmp_path: Path) -> None:
-    from saelab.autointerp.llm.client import LocalChatClient
+    from saelab.autointerp.llm.local import LocalChatClient
     from saelab.models.loading import BUNDLED_SMOLLM2, load_model
 
     samples = synthetic_samples(n_latents=2, n_train=4, n_test=3)

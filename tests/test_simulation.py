@@ -10,9 +10,9 @@ import pytest
 from support_llm import RuleClient, synthetic_samples
 from test_score import explanations
 
-from saelab.autointerp.llm.client import run_sync
+from saelab.autointerp.llm.base import run_sync
 from saelab.autointerp.score import run_score
-from saelab.autointerp.simulation import (
+from saelab.autointerp.scorers.simulation import (
     MAX_VALUE,
     SimulationScorer,
     correlation,

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from saelab.autointerp.llm.client import LLMClient, LLMError, gather_with_progress, run_sync
+from saelab.autointerp.llm.base import LLMClient, LLMError, gather_with_progress, run_sync
 from saelab.autointerp.prompts import (
     CONTRASTIVE_USER,
     COUNTER_LINE,

@@ -10,16 +10,16 @@ from __future__ import annotations
 from typing import Any
 
 from saelab.autointerp.llm.cache import CachedClient, ResponseCache
+from saelab.autointerp.results import SCORE_DIR, SCORES_FILE, SUMMARY_FILE
 from saelab.config import to_dict
 from saelab.latents.sampling import SampleSet
 from saelab.run.session import Session
 
 LLM_CACHE = "llm/cache.sqlite"
-SCORE_DIR = "score"
 
 
 def _client(s: Session) -> Any:
-    from saelab.autointerp.llm.client import make_client, run_sync
+    from saelab.autointerp.llm import make_client, run_sync
 
     cfg = s.cfg.llm
     shared = None
@@ -66,19 +66,20 @@ def stage_explain(s: Session) -> None:
 
 def stage_score(s: Session) -> None:
     from saelab.autointerp.explain import load_run_explanations
-    from saelab.autointerp.score import LLM_SCORERS, run_score
+    from saelab.autointerp.score import run_score
+    from saelab.autointerp.scorers import llm_scorers
 
     s.run.verify("sample", "sample")
     s.run.verify("explain", "explain")
     samples = SampleSet.load_run(s.folder)
     explanations = load_run_explanations(s.folder)
-    needs_llm = any(x in LLM_SCORERS for x in s.cfg.score.scorers)
+    needs_llm = any(x in llm_scorers() for x in s.cfg.score.scorers)
     client = _client(s) if needs_llm else None
     with s.run.stage("score", {"score": to_dict(s.cfg.score), "llm": to_dict(s.cfg.llm)}) as rec:
         out = s.folder / SCORE_DIR
         out.mkdir(exist_ok=True)
         summary = run_score(samples, explanations, s.cfg.score, client, out, s.cfg.seed)
         rec.update(summary.failures())
-        rec["outputs"] += [f"{SCORE_DIR}/scores.jsonl", f"{SCORE_DIR}/scores_summary.json"]
+        rec["outputs"] += [f"{SCORE_DIR}/{SCORES_FILE}", f"{SCORE_DIR}/{SUMMARY_FILE}"]
         rec["model"] = getattr(client, "model_name", "none")
         rec.update(_llm_counts(client))

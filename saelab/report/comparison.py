@@ -24,6 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from saelab.autointerp.results import load_run_scores
 from saelab.config import CompareConfig, ReportConfig
 from saelab.metrics import paired_bootstrap_delta
 from saelab.report.doc import Doc, PlotDir, flags_section, write_documents
@@ -67,10 +68,9 @@ def load_latent_scores(run: Run) -> dict[Key, dict[int, dict[str, float]]]:
     """Per (explainer, scorer), each latent's metrics, after checking the score artifacts' hashes."""
     run.verify("score", "score")
     out: dict[Key, dict[int, dict[str, float]]] = {}
-    for line in (run.folder / "score" / "scores.jsonl").read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            out.setdefault((r["explainer"], r["scorer"]), {})[r["latent"]] = {m: r[m] for m in METRICS}
+    scores = load_run_scores(run.folder)
+    for r in (row.to_dict() for row in (scores.rows if scores is not None else [])):
+        out.setdefault((r["explainer"], r["scorer"]), {})[r["latent"]] = {m: r[m] for m in METRICS}
     return out
 
 

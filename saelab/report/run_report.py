@@ -7,7 +7,6 @@ and failed latents, time per stage. `print_summary` writes the short summary sho
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -20,6 +19,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from saelab.autointerp.explain import ExplanationRecord, load_run_explanations
+from saelab.autointerp.results import load_run_overall, load_run_scores
 from saelab.config import ReportConfig
 from saelab.eval.absorption import load_run_absorption
 from saelab.eval.core import load_run_metrics
@@ -37,16 +37,6 @@ WEAK_JUDGE_NOTE = (
     "The explainer and judge here is a {model}. A small model explains and judges poorly: compare its scores "
     "with the token-statistics baseline (no LLM) beside it before reading them as a property of the SAE."
 )
-
-
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def write_report(run: Run, cfg: ReportConfig | None = None) -> list[Path]:
@@ -73,7 +63,8 @@ def write_report(run: Run, cfg: ReportConfig | None = None) -> list[Path]:
 
 def run_flags(run: Run, cfg: ReportConfig) -> tuple[list[Flag], list[TargetGap]]:
     """Flags of every (explainer, scorer) over its pooled judgements, plus one-class judges per latent."""
-    summary = _read_json(run.folder / "score" / "scores_summary.json") or {}
+    scores = load_run_scores(run.folder)
+    summary = scores.to_dict() if scores is not None else {}
     flags: list[Flag] = []
     gaps: list[TargetGap] = []
     targets = cfg.target_values()
@@ -83,7 +74,7 @@ def run_flags(run: Run, cfg: ReportConfig) -> tuple[list[Flag], list[TargetGap]]
         flags += classifier_flags(subject, o["recall"], o["specificity"], counts, cfg)
         gaps += target_gaps(subject, o, targets)
     tol = cfg.one_class_tolerance
-    rows = _read_jsonl(run.folder / "score" / "scores.jsonl")
+    rows = [r.to_dict() for r in scores.rows] if scores is not None else []
     for key in dict.fromkeys((r["explainer"], r["scorer"]) for r in rows):
         group = [r for r in rows if (r["explainer"], r["scorer"]) == key]
         one = [
@@ -240,10 +231,11 @@ def _absorption_section(run: Run, doc: Doc, plots: PlotDir) -> list[Path]:
 def _interp_section(run: Run, doc: Doc, plots: PlotDir) -> list[Path]:
     folder = run.folder
     doc.heading("Explanations and scores")
-    summary = _read_json(folder / "score" / "scores_summary.json")
-    if "sample" not in run.stages or summary is None:
+    scores = load_run_scores(folder)
+    if "sample" not in run.stages or scores is None:
         doc.para("The sample / explain / score stages have not all run.")
         return []
+    summary = scores.to_dict()
     models = summary.get("models", {})
     doc.table(["role", "model"], [[k, v] for k, v in models.items()])
     llm_name = models.get("explainer_llm") or models.get("judge_llm") or "LLM"
@@ -283,13 +275,13 @@ def _interp_section(run: Run, doc: Doc, plots: PlotDir) -> list[Path]:
     written = [plots.save(_score_plot(overall), "scores.png")] if overall else []
     if written:
         doc.image(written[0], "plots/scores.png", "balanced accuracy per explainer and scorer")
-    rows = _read_jsonl(folder / "score" / "scores.jsonl")
+    rows = [r.to_dict() for r in scores.rows]
     _class_balance(doc, rows)
     if rows:
         written.append(plots.save(_distribution_plot(rows), "score_distributions.png"))
         doc.image(written[-1], "plots/score_distributions.png", "per-latent score distributions per scorer")
     _explainer_cost(doc, load_run_explanations(folder))
-    _per_latent(folder, samples, doc)
+    _per_latent(load_run_explanations(folder), rows, samples, doc)
     return written
 
 
@@ -418,9 +410,9 @@ def _score_plot(overall: list[dict[str, Any]]) -> Any:
     return fig
 
 
-def _per_latent(folder: Path, samples: SampleSet, doc: Doc) -> None:
-    expl = load_run_explanations(folder)
-    rows = _read_jsonl(folder / "score" / "scores.jsonl")
+def _per_latent(
+    expl: list[ExplanationRecord], rows: list[dict[str, Any]], samples: SampleSet, doc: Doc
+) -> None:
     freq = {le.latent: le.frequency for le in samples.latents}
     by_key = {(r["latent"], r["explainer"], r["scorer"]): r for r in rows}
     scorers = sorted({r["scorer"] for r in rows})
@@ -462,8 +454,7 @@ def print_summary(folder: Path, seconds: float) -> None:
             f"  SAE: EV {m['explained_variance']:.3f}  L0 {m['l0']:.1f}  dead {m['dead_fraction']:.1%}  "
             f"CE score {m['ce_loss_score']:.3f}  KL score {m['kl_score']:.3f}"
         )
-    summary = _read_json(folder / "score" / "scores_summary.json")
-    for o in (summary or {}).get("overall", []):
+    for o in (o.to_dict() for o in load_run_overall(folder) or []):
         lines.append(
             f"  {o['explainer']:>12} / {o['scorer']:<10} balanced accuracy {o['balanced_accuracy']:.3f}  F1 {o['f1']:.3f}"
         )

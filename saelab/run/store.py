@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from saelab.autointerp.results import load_run_overall, run_score_files
 from saelab.run.manifest import MANIFEST, RunError
 
 STORE_DOC = """Tables of `open_store(root)` (one row per ...):
@@ -88,14 +89,11 @@ def open_store(root: Path | str) -> Any:
         for name, st in data.get("stages", {}).items():
             keys = ("seconds", "peak_rss_mib", "finished", "git_commit")
             stages.append({"run": str(folder), "stage": name, **{k: st.get(k) for k in keys}})
-        summary = folder / "score" / "scores_summary.json"
-        if summary.exists():
-            for o in json.loads(summary.read_text()).get("overall", []):
-                overall.append({"run": str(folder), **{k: v for k, v in o.items() if k != "macro"}})
-        if (folder / "score" / "scores.jsonl").exists():
-            score_files.append(
-                {"run": str(folder), "path": str((folder / "score" / "scores.jsonl").resolve())}
-            )
+        for o in load_run_overall(folder) or []:
+            overall.append({"run": str(folder), **{k: v for k, v in o.to_dict().items() if k != "macro"}})
+        scores, _ = run_score_files(folder)
+        if scores.exists():
+            score_files.append({"run": str(folder), "path": str(scores.resolve())})
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         _table_from_rows(con, "runs", runs, t, "run VARCHAR, name VARCHAR, created VARCHAR")

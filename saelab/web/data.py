@@ -10,7 +10,6 @@ plus one pass over the memory-mapped decoder for its nearest latents.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 from dataclasses import dataclass, field
@@ -21,21 +20,20 @@ from typing import Any
 import numpy as np
 
 from saelab.autointerp.explain import ExplanationRecord, load_run_explanations
+from saelab.autointerp.results import SCORE_DIR, SCORES_FILE, index_score_lines, read_score_row
 from saelab.latents.cache import LATENTS, LatentCache
 from saelab.latents.sampling import SAMPLES, LatentExamples, SampleIndex
 from saelab.report.doc import REPORT_HTML
 from saelab.sae.base import WEIGHTS_FILE
 from saelab.train.stage import SAE_DIR
 
-SCORES = "score/scores.jsonl"
-SCORES_SUMMARY = "score/scores_summary.json"
+SCORES = f"{SCORE_DIR}/{SCORES_FILE}"
 SAE_WEIGHTS = f"{SAE_DIR}/{WEIGHTS_FILE}"
 REPORT = REPORT_HTML
 
 METRIC = "f1"
 """The per-scorer score the list shows and sorts by unless asked for another of LIST_METRICS."""
 LIST_METRICS = ("f1", "balanced_accuracy", "auc", "precision", "recall", "accuracy", "correlation")
-_PREDICTIONS = ', "predictions": ['
 _NP_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
 
 
@@ -147,19 +145,10 @@ class RunData:
         found: dict[str, list[tuple[int, list[float]]]] = {}
         lines: dict[int, list[tuple[int, int]]] = {}
         path = self.file(SCORES)
-        offset = 0
-        with path.open("rb") if path else contextlib.nullcontext(()) as fh:
-            for raw in fh:
-                text = raw.decode("utf-8")
-                cut = text.find(_PREDICTIONS)  # the predictions come last (ScoreRow.to_dict): not parsed here
-                if text.strip():
-                    head = json.loads(text[:cut] + "}" if cut >= 0 else text)
-                    values = [np.nan if head.get(m) is None else float(head[m]) for m in LIST_METRICS]
-                    found.setdefault(f"{head['explainer']}/{head['scorer']}", []).append(
-                        (head["latent"], values)
-                    )
-                    lines.setdefault(head["latent"], []).append((offset, len(raw)))
-                offset += len(raw)
+        for line in index_score_lines(path) if path else []:
+            values = [np.nan if line.metrics.get(m) is None else float(line.metrics[m]) for m in LIST_METRICS]
+            found.setdefault(f"{line.explainer}/{line.scorer}", []).append((line.latent, values))
+            lines.setdefault(line.latent, []).append((line.offset, line.length))
         metrics: dict[str, dict[str, np.ndarray]] = {m: {} for m in LIST_METRICS}
         for key, rows in found.items():
             table = np.full((len(LIST_METRICS), d_sae), np.nan)
@@ -184,21 +173,19 @@ class RunData:
         if path is None or not spans:
             return []
         out = []
-        with path.open("rb") as fh:
-            for offset, length in spans:
-                fh.seek(offset)
-                r = json.loads(fh.read(length).decode("utf-8"))
-                preds = {p["example_id"]: p for p in r.pop("predictions")}
-                keep = ("latent", "explainer", "scorer", "explanation")
-                out.append(
-                    ScoreResult(
-                        r["explainer"],
-                        r["scorer"],
-                        r["explanation"],
-                        {k: v for k, v in r.items() if k not in keep},
-                        preds,
-                    )
+        for offset, length in spans:
+            r = read_score_row(path, offset, length).to_dict()
+            preds = {p["example_id"]: p for p in r.pop("predictions")}
+            keep = ("latent", "explainer", "scorer", "explanation")
+            out.append(
+                ScoreResult(
+                    r["explainer"],
+                    r["scorer"],
+                    r["explanation"],
+                    {k: v for k, v in r.items() if k not in keep},
+                    preds,
                 )
+            )
         return out
 
     def histogram(self, latent: int, bins: int = 30) -> tuple[np.ndarray, np.ndarray]:

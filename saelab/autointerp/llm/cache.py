@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from saelab.autointerp.llm.client import ChatResponse, LLMClient, LLMError, Messages
+from saelab.autointerp.llm.base import ChatResponse, LLMClient, LLMError, Messages
 
 SCHEMA_VERSION = 1
 

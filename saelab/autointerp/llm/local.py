@@ -1,46 +1,31 @@
-"""LLM clients for explainers and scorers: one small async interface, two real implementations.
+"""The local backend: `LocalChatClient` runs a transformers chat model in this process (default: the bundled
+SmolLM2-135M-Instruct, or the already-loaded subject model).
 
-- `OpenAIClient` talks to any OpenAI-compatible server (vLLM, llama.cpp `llama-server`, Ollama, OpenRouter) over
-  httpx: a semaphore bounds requests in flight; connection errors, timeouts, HTTP 429 and 5xx and malformed bodies
-  are retried with exponential backoff, then raise `LLMError`. `check()` asks `GET /models` once before any work so
-  a wrong URL fails in one line instead of hundreds of retries.
-- `LocalChatClient` runs a transformers chat model in-process (default: the bundled SmolLM2-135M-Instruct, or the
-  already-loaded subject model). Concurrent `chat` calls are micro-batched: pending requests are collected and run
-  together in a worker thread. Tokens shared by several prompts run once (the chat template and instructions
-  common to a batch, then each explanation's part shared by its examples), prompts are prefilled a few rows at a
-  time (large forwards are slower per token on a CPU) and then decoded together from their joined KV caches. A
-  `max_tokens=1` request (yes/no judging with log-probabilities) needs the prefill only, no generation.
-
-Nothing here falls back to another backend: a configured server that cannot be reached is an error.
+Concurrent `chat` calls are micro-batched: pending requests are collected and run together in a worker thread.
+Tokens shared by several prompts run once (the chat template and instructions common to a batch, then each
+explanation's part shared by its examples), prompts are prefilled a few rows at a time (large forwards are slower
+per token on a CPU) and then decoded together from their joined KV caches (`transformers.DynamicCache`). A
+`max_tokens=1` request (yes/no judging with log-probabilities) needs the prefill only, no generation.
 Run the unit tests with `pytest tests/test_llm.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
-import os
-import socket
 import time
-from collections.abc import Awaitable, Coroutine, Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import torch
-from tqdm.auto import tqdm
 
+from saelab.autointerp.llm.base import ChatResponse, LLMError, Messages, logaddexp
 from saelab.config import LLMConfig
 
 if TYPE_CHECKING:
     from saelab.models.loading import LoadedModel
-
-log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-Messages = list[dict[str, str]]
 
 LOCAL_BATCH = 96
 """Requests per micro-batch of the local backend (LLMConfig.concurrency if larger). A decoding step costs about
@@ -52,231 +37,6 @@ PREFILL_TOKENS = 2048
 """Most tokens (rows x padded length) in one forward. On a 2-core CPU larger forwards run slower per token
 (SmolLM2-135M, fp32: 4 x 484 tokens ~640 tok/s, 20 x 484 ~380 tok/s), so long prompts are run a few rows at a
 time and their KV caches joined for decoding."""
-
-
-class LLMError(RuntimeError):
-    """A request to the LLM failed for good (after retries); the message says what happened and how to fix it."""
-
-
-@dataclass(frozen=True)
-class ChatResponse:
-    """One chat completion."""
-
-    text: str
-    """The generated text (special tokens removed)."""
-    prompt_tokens: int
-    """Tokens in the prompt (as reported by the server; 0 when it reports no usage)."""
-    completion_tokens: int
-    """Generated tokens."""
-    latency_s: float
-    """Wall time from the call to the answer, queueing and retries included."""
-    top_logprobs: dict[str, float] | None
-    """The first generated token's most likely alternatives (token string -> log-probability), when asked for
-    with `logprobs > 0` and the backend provides them; else None."""
-    model: str
-    """Name of the model that answered."""
-    cached: bool = False
-    """Read from a run's answer cache (`saelab.autointerp.llm.cache`) instead of asked again; the token counts and latency
-    are those of the call that produced it."""
-
-
-class LLMClient(Protocol):
-    """What explainers and scorers need from an LLM."""
-
-    @property
-    def model_name(self) -> str:
-        """The model the requests name (a cache key and a provenance field)."""
-        ...
-
-    async def chat(
-        self, messages: Messages, *, max_tokens: int, temperature: float = 0.0, logprobs: int = 0
-    ) -> ChatResponse:
-        """Answer a chat; `logprobs > 0` asks for that many top alternatives of the first generated token."""
-        ...
-
-
-# ---------------------------------------------------------------------------------------------------- HTTP
-
-
-class OpenAIClient:
-    """Client of an OpenAI-compatible `/chat/completions` endpoint."""
-
-    def __init__(
-        self,
-        url: str,
-        model: str = "",
-        *,
-        api_key: str | None = None,
-        concurrency: int = 4,
-        timeout_s: float = 120.0,
-        max_retries: int = 3,
-        backoff_s: float = 1.0,
-    ) -> None:
-        self.url = url.rstrip("/")
-        self.model_name = model
-        """Model name sent to the server; `check()` fills it from `/models` when empty."""
-        self.api_key = api_key
-        self.concurrency = concurrency
-        self.timeout_s = timeout_s
-        self.max_retries = max_retries
-        self.backoff_s = backoff_s
-        # httpx clients and asyncio semaphores belong to one event loop; keep one pair per loop so the same
-        # client works across `asyncio.run` calls (check, then explain, then score).
-        self._session: tuple[asyncio.AbstractEventLoop, httpx.AsyncClient, asyncio.Semaphore] | None = None
-
-    @classmethod
-    def from_config(cls, cfg: LLMConfig) -> OpenAIClient:
-        key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
-        return cls(
-            cfg.url,
-            cfg.model,
-            api_key=key or None,
-            concurrency=cfg.concurrency,
-            timeout_s=cfg.timeout_s,
-            max_retries=cfg.max_retries,
-        )
-
-    def _http(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
-        loop = asyncio.get_running_loop()
-        if self._session is None or self._session[0] is not loop:
-            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-            client = httpx.AsyncClient(
-                headers=headers,
-                timeout=httpx.Timeout(self.timeout_s, connect=min(10.0, self.timeout_s)),
-                limits=httpx.Limits(max_connections=self.concurrency),
-            )
-            self._session = (loop, client, asyncio.Semaphore(self.concurrency))
-        return self._session[1], self._session[2]
-
-    async def aclose(self) -> None:
-        """Close this event loop's connections (a later call opens new ones)."""
-        if self._session is not None and self._session[0] is asyncio.get_running_loop():
-            await self._session[1].aclose()
-        self._session = None
-
-    async def check(self) -> list[str]:
-        """`GET {url}/models` once; raise a one-line `LLMError` when the server cannot be used. Returns the
-        served model ids and, when no model name was configured, uses the first."""
-        http, _ = self._http()
-        where = f"the LLM server at {self.url}"
-        try:
-            r = await http.get(f"{self.url}/models")
-        except httpx.TimeoutException:
-            raise LLMError(f"cannot reach {where} (timed out); start it or fix --llm.url") from None
-        except httpx.TransportError as err:
-            raise LLMError(f"cannot reach {where} ({_reason(err)}); start it or fix --llm.url") from None
-        if r.status_code in (401, 403):
-            raise LLMError(
-                f"{where} refused the API key (HTTP {r.status_code}); set the variable named by --llm.api-key-env"
-            )
-        if r.status_code != 200:
-            raise LLMError(
-                f"{where} answered HTTP {r.status_code} to GET /models; is --llm.url the API base (…/v1)?"
-            )
-        try:
-            ids = [str(m["id"]) for m in r.json()["data"]]
-        except (ValueError, KeyError, TypeError) as err:
-            raise LLMError(f"{where} sent a malformed /models answer ({err!r}): {r.text[:200]!r}") from None
-        if not self.model_name:
-            if not ids:
-                raise LLMError(f"{where} serves no models; pass --llm.model")
-            self.model_name = ids[0]
-        elif ids and self.model_name not in ids:
-            log.warning(
-                "model %r is not among the served models %s; the server may reject it", self.model_name, ids
-            )
-        return ids
-
-    async def chat(
-        self, messages: Messages, *, max_tokens: int, temperature: float = 0.0, logprobs: int = 0
-    ) -> ChatResponse:
-        body: dict[str, Any] = {
-            "model": self.model_name,
-            "messages": messages,
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-        }
-        if logprobs > 0:
-            body.update(logprobs=True, top_logprobs=min(logprobs, 20))
-        t0 = time.perf_counter()
-        data = await self._post(body)
-        text, usage, top, model = _parse_completion(data, logprobs > 0)
-        return ChatResponse(
-            text=text,
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            completion_tokens=int(usage.get("completion_tokens") or 0),
-            latency_s=time.perf_counter() - t0,
-            top_logprobs=top,
-            model=model or self.model_name,
-        )
-
-    async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
-        """POST with retries; returns the decoded JSON of a well-formed answer."""
-        http, sem = self._http()
-        endpoint = f"{self.url}/chat/completions"
-        problem = ""
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
-            try:
-                async with sem:
-                    r = await http.post(endpoint, json=body)
-            except httpx.TimeoutException:
-                problem = f"timed out after {self.timeout_s:g} s"
-                continue
-            except httpx.TransportError as err:
-                problem = f"connection error ({_reason(err)})"
-                continue
-            if r.status_code == 429 or r.status_code >= 500:
-                problem = f"HTTP {r.status_code}: {r.text[:200]!r}"
-                continue
-            if r.status_code >= 400:  # a request the server will never accept: retrying cannot help
-                raise LLMError(f"POST {endpoint} answered HTTP {r.status_code}: {r.text[:300]!r}")
-            try:
-                data = r.json()
-                _parse_completion(data, "logprobs" in body)
-                return data
-            except (ValueError, KeyError, TypeError, IndexError) as err:
-                problem = f"malformed answer ({err.__class__.__name__}: {err}): {r.text[:200]!r}"
-        raise LLMError(f"POST {endpoint} failed after {self.max_retries + 1} attempts: {problem}")
-
-
-def _parse_completion(
-    data: Any, want_logprobs: bool
-) -> tuple[str, dict[str, Any], dict[str, float] | None, str | None]:
-    """(text, usage, first-token top logprobs, model) of a chat completion body; raises on a malformed one."""
-    choice = data["choices"][0]
-    content = choice["message"]["content"]
-    if content is None:
-        content = ""
-    if not isinstance(content, str):
-        raise TypeError(f"message.content is {type(content).__name__}, not a string")
-    usage = data.get("usage") or {}
-    top: dict[str, float] | None = None
-    if want_logprobs and (lp := choice.get("logprobs")) and lp.get("content"):
-        top = {}
-        for alt in lp["content"][0]["top_logprobs"]:
-            top[str(alt["token"])] = _logaddexp(top.get(str(alt["token"])), float(alt["logprob"]))
-    return content, usage, top, data.get("model")
-
-
-def _logaddexp(a: float | None, b: float) -> float:
-    return b if a is None else float(max(a, b) + math.log1p(math.exp(-abs(a - b))))
-
-
-def _reason(err: BaseException) -> str:
-    """A short cause of a transport error (httpx wraps the OS error several levels deep)."""
-    cause: BaseException | None = err
-    while cause is not None:
-        if isinstance(cause, ConnectionRefusedError):
-            return "connection refused"
-        if isinstance(cause, socket.gaierror):
-            return "unknown host"
-        cause = cause.__cause__ or cause.__context__
-    return str(err) or err.__class__.__name__
-
-
-# --------------------------------------------------------------------------------------------------- local
 
 
 @dataclass
@@ -299,7 +59,8 @@ class _Rows:
     """Token rows already run through the model: their KV cache (one row each), attention mask and lengths."""
 
     cache: Any
-    """A transformers DynamicCache, or None before anything has run."""
+    """A `transformers.DynamicCache` (per layer, keys and values [rows, heads, positions, head_dim]), or None
+    before anything has run."""
     mask: torch.Tensor
     length: torch.Tensor
 
@@ -336,6 +97,7 @@ class _Rows:
 
 
 def _new_cache(kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """A cache holding `kv`, one (keys, values) pair per layer, each [rows, heads, positions, head_dim]."""
     from transformers import DynamicCache
 
     return DynamicCache(ddp_cache_data=kv)
@@ -518,11 +280,11 @@ class LocalChatClient:
             input_ids=ids_BS,
             attention_mask=mask_BT,
             position_ids=state.length[:, None] + (new_BS.cumsum(-1) - 1).clamp(min=0),
-            past_key_values=state.cache,
+            cache=state.cache,  # transformers 5 renamed `past_key_values` (a FutureWarning, removed in 5.40)
             use_cache=True,
             logits_to_keep=1,
         )
-        return _Rows(out.past_key_values, mask_BT, state.length + new_BS.sum(-1)), out.logits[:, -1, :]
+        return _Rows(out.cache, mask_BT, state.length + new_BS.sum(-1)), out.logits[:, -1, :]
 
     @staticmethod
     def _pick(logprobs_V: torch.Tensor, temperature: float) -> int:
@@ -538,7 +300,7 @@ class LocalChatClient:
             top = {}
             for v, i in zip(values.tolist(), idx.tolist()):
                 s = tok.decode([i])
-                top[s] = _logaddexp(top.get(s), v)  # two ids can decode to the same string
+                top[s] = logaddexp(top.get(s), v)  # two ids can decode to the same string
         return ChatResponse(
             text=tok.decode(generated, skip_special_tokens=True),
             prompt_tokens=len(r.ids),
@@ -604,45 +366,3 @@ def _left_pad(
         ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
         mask[i, width - len(s) :] = 1
     return ids.to(device), mask.to(device)
-
-
-# ------------------------------------------------------------------------------------------------- helpers
-
-
-def make_client(cfg: LLMConfig, loaded: LoadedModel | None = None) -> LLMClient:
-    """The configured client: `OpenAIClient` when `cfg.url` is set, else `LocalChatClient` (reusing `loaded`
-    when it is the configured local model). No I/O for HTTP: call `check()` before the work."""
-    if cfg.url:
-        return OpenAIClient.from_config(cfg)
-    if cfg.backend == "openai":
-        raise LLMError("llm.backend is 'openai' but llm.url is empty; pass --llm.url http://HOST:PORT/v1")
-    return LocalChatClient.from_config(cfg, loaded)
-
-
-async def gather_with_progress(
-    aws: Iterable[Awaitable[T]], desc: str, disable: bool | None = None
-) -> list[T]:
-    """Run awaitables concurrently with a tqdm bar (hidden when stderr is not a terminal); results in order."""
-    tasks = [asyncio.ensure_future(a) for a in aws]
-    with tqdm(total=len(tasks), desc=desc, disable=disable, leave=False) as bar:
-        for t in tasks:
-            t.add_done_callback(lambda _t: bar.update(1))
-        try:
-            return list(await asyncio.gather(*tasks))
-        finally:
-            for t in tasks:
-                t.cancel()  # no-op for finished tasks; stops the rest when one raised
-
-
-def run_sync(coro: Coroutine[Any, Any, T], client: object | None = None) -> T:
-    """`asyncio.run(coro)`, closing the client's connections of that loop afterwards."""
-
-    async def main() -> T:
-        try:
-            return await coro
-        finally:
-            close = getattr(client, "aclose", None)
-            if close is not None:
-                await close()
-
-    return asyncio.run(main())

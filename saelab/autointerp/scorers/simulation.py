@@ -1,4 +1,4 @@
-"""Simulation scorer (Bills et al. 2023, "Language models can explain neurons in language models"): from the
+"""The `simulation` scorer (Bills et al. 2023, "Language models can explain neurons in language models"): from the
 explanation alone, the LLM predicts the latent's activation on every token of each scoring example; the score is
 the correlation of predicted and true activations over all tokens of the latent's scoring examples (positives
 from every activation quantile and the non-activating examples, as OpenAI's "all at once" correlation score).
@@ -22,10 +22,18 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from saelab.autointerp.llm.client import LLMClient, LLMError
+from saelab.autointerp.llm.base import LLMClient, LLMError
 from saelab.autointerp.prompts import SIMULATION_SYSTEM, SIMULATION_USER
-from saelab.autointerp.score import Failure, Prediction, ScorerOutput, quantiles_of, scoring_examples
-from saelab.latents.sampling import Example, LatentExamples
+from saelab.autointerp.scorers.base import (
+    Failure,
+    Prediction,
+    ScorerOutput,
+    quantiles_of,
+    require_llm,
+    scoring_examples,
+)
+from saelab.config import ScoreConfig
+from saelab.latents.sampling import Example, LatentExamples, SampleSet
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +83,12 @@ class SimulationScorer:
         self.client = client
         self.tokens_per_line = tokens_per_line
         """Generation budget per example token (an `index: value` line is ~4-6 tokens)."""
+
+    @classmethod
+    def from_config(
+        cls, cfg: ScoreConfig, client: LLMClient | None, samples: SampleSet, seed: int
+    ) -> SimulationScorer:
+        return cls(require_llm(client, cls.name))
 
     async def simulate(self, explanation: str, ex: Example) -> np.ndarray | Failure:
         try:
