@@ -10,9 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from saelab.autointerp.results import (
+    SCORE_DIR,
+    OverallScore,
+    ScoreRow,
+    ScoreSummary,
+    run_score_files,
+    write_scores,
+)
 from saelab.cli import main
 from saelab.eval.core import METRICS, EvalResult, Provenance
-from saelab.metrics import paired_bootstrap_delta
+from saelab.metrics import BinaryMetrics, paired_bootstrap_delta
 from saelab.run.manifest import Run
 
 N_LATENTS = 40
@@ -41,13 +49,12 @@ def fake_run(
         (folder / "explain" / "explanations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
         rec["outputs"].append("explain/explanations.jsonl")
     with run.stage("score", {"score": {"scorers": ["detection"]}}) as rec:
-        (folder / "score").mkdir()
         rows, overall = [], []
         for e, (v, _) in explainers.items():
-            base = {"explainer": e, "scorer": "detection", "accuracy": 0.0, "specificity": 0.6, "auc": None}
+            base = {"accuracy": 0.0, "specificity": 0.6, "auc": None, "n_failed": 0}
             rows += [
-                {**base, "latent": i, "f1": x, "precision": x, "recall": x, "balanced_accuracy": x, "n_pos": 20,
-                 "n_neg": 20, "n_failed": 0}
+                ScoreRow(i, e, "detection", "x", BinaryMetrics(**{**base, "f1": x, "precision": x, "recall": x,
+                         "balanced_accuracy": x, "n_pos": 20, "n_neg": 20}), None, [])
                 for i, x in enumerate(v)
             ]  # fmt: skip
             pooled = {
@@ -56,11 +63,10 @@ def fake_run(
                 "recall": float(v.mean()),
                 "balanced_accuracy": 0.5,
             }
-            overall.append({**base, **pooled, "n_pos": 800, "n_neg": 800})
-        (folder / "score" / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        summary = {"models": {}, "overall": overall}
-        (folder / "score" / "scores_summary.json").write_text(json.dumps(summary))
-        rec["outputs"] += ["score/scores.jsonl", "score/scores_summary.json"]
+            micro = BinaryMetrics(**{**base, **pooled, "n_pos": 800, "n_neg": 800})
+            overall.append(OverallScore(e, "detection", micro, {}, len(v), None, {}))
+        write_scores(ScoreSummary(rows, overall, 0, {}), folder / SCORE_DIR)
+        rec["outputs"] += [str(p.relative_to(folder)) for p in run_score_files(folder)]
     if sae is not None:
         (folder / "eval").mkdir()
         with run.stage("eval", {}) as rec:

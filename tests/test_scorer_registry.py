@@ -13,8 +13,9 @@ from support_llm import synthetic_samples
 from test_pipeline import SMALL
 from test_score import explanations
 
-from saelab.autointerp.explain import load_explanations, quote_example
+from saelab.autointerp.explain import EXPLANATIONS, load_explanations, quote_example
 from saelab.autointerp.llm.base import LLMClient
+from saelab.autointerp.results import SCORE_DIR as SCORES
 from saelab.autointerp.results import load_scores
 from saelab.autointerp.score import run_score
 from saelab.autointerp.scorers import (
@@ -28,8 +29,7 @@ from saelab.autointerp.scorers.base import Prediction, ScorerOutput, scoring_exa
 from saelab.autointerp.scorers.detection import DetectionScorer
 from saelab.cli import main
 from saelab.config import ConfigError, ScoreConfig
-from saelab.latents.sampling import LatentExamples, SampleSet
-from saelab.pipeline import EXPLANATIONS, SAMPLES, SCORES
+from saelab.latents.sampling import SAMPLES, LatentExamples, SampleSet
 
 
 class QuotedTokenScorer:

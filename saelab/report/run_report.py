@@ -448,8 +448,9 @@ def print_summary(folder: Path, seconds: float) -> None:
     """The short summary printed at the end of a run."""
     run = Run.open(folder)
     lines = [f"saelab: run {folder} finished in {seconds:.0f}s"]
-    m = run.stages.get("eval", {}).get("summary")
-    if m:
+    loaded = load_run_metrics(folder) if "eval" in run.stages else None
+    if loaded is not None:
+        m = loaded[0].to_json()
         lines.append(
             f"  SAE: EV {m['explained_variance']:.3f}  L0 {m['l0']:.1f}  dead {m['dead_fraction']:.1%}  "
             f"CE score {m['ce_loss_score']:.3f}  KL score {m['kl_score']:.3f}"
