@@ -27,6 +27,8 @@ from saelab import cli
 from saelab.sae import base as sae_lib
 from saelab.sae.base import REGISTRY, SAEConfig, SAEError, build
 from saelab.sae.formats import FORMATS, detect_format, export_sae, import_sae
+from saelab.sae.jumprelu import JumpReLUSAE
+from saelab.sae.topk import BatchTopKSAE
 
 ROOT = Path(__file__).resolve().parent.parent
 D, F = 16, 64
@@ -52,9 +54,9 @@ def random_sae(arch: str, seed: int = 0) -> sae_lib.SAE:
     with torch.no_grad():
         for p in (s.W_enc_DF, s.W_dec_FD, s.b_enc_F, s.b_dec_D):
             p.normal_(0.0, 0.5)
-        if isinstance(s, sae_lib.BatchTopKSAE):
+        if isinstance(s, BatchTopKSAE):
             s.threshold.fill_(1.5)
-        if isinstance(s, sae_lib.JumpReLUSAE):
+        if isinstance(s, JumpReLUSAE):
             s.log_threshold_F.copy_((torch.rand(F) * 2 + 0.5).log())
     return s.eval()
 
@@ -125,7 +127,7 @@ def test_untrained_batchtopk_threshold_survives(tmp_path: Path) -> None:
     for fmt in ("saelens", "dictionary_learning"):
         export_sae(s, tmp_path / fmt, fmt)
         back = import_sae(tmp_path / fmt)
-        assert isinstance(back, sae_lib.BatchTopKSAE) and float(back.threshold) == 0.0
+        assert isinstance(back, BatchTopKSAE) and float(back.threshold) == 0.0
         assert_same_outputs(*outputs(back, inputs()), *outputs(s, inputs()))
 
 

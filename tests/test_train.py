@@ -19,6 +19,7 @@ from saelab.config import ConfigError, TrainConfig
 from saelab.eval.core import reconstruction_metrics
 from saelab.sae import base as sae_lib
 from saelab.sae.base import SAEError
+from saelab.sae.jumprelu import JumpReLUSAE
 from saelab.train.trainer import (
     TrainError,
     auxk_loss,
@@ -131,7 +132,7 @@ def test_threshold_learns_and_stays_fp32(monkeypatch: pytest.MonkeyPatch) -> Non
         architecture="jumprelu", expansion=2, lr=3e-3, epochs=8, batch_size=256, jumprelu_init_threshold=1.0
     )
     s, trained, _ = train_capturing_fold(planted(n=2000), cfg, monkeypatch)
-    assert isinstance(s, sae_lib.JumpReLUSAE) and isinstance(trained, sae_lib.JumpReLUSAE)
+    assert isinstance(s, JumpReLUSAE) and isinstance(trained, JumpReLUSAE)
     assert s.log_threshold_F.dtype == torch.float32
     moved = trained.log_threshold_F.detach() - math.log(1.0)
     assert moved.abs().max() > 0.05 and moved.std() > 0.01  # thresholds learned, each its own way

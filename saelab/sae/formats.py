@@ -41,6 +41,8 @@ from safetensors.torch import load_file, save_file
 
 from saelab.sae import base as sae_lib
 from saelab.sae.base import SAE, SAEConfig, SAEError
+from saelab.sae.jumprelu import JumpReLUSAE
+from saelab.sae.topk import BatchTopKSAE, prefix_sizes
 
 
 @dataclass(frozen=True)
@@ -62,9 +64,9 @@ def weights_of(sae: SAE) -> Weights:
         return t.detach().cpu().clone(memory_format=torch.contiguous_format)
 
     threshold = None
-    if isinstance(sae, sae_lib.BatchTopKSAE):
+    if isinstance(sae, BatchTopKSAE):
         threshold = copy(sae.threshold)
-    elif isinstance(sae, sae_lib.JumpReLUSAE):
+    elif isinstance(sae, JumpReLUSAE):
         threshold = copy(sae.threshold_F)
     return Weights(copy(sae.W_enc_DF), copy(sae.b_enc_F), copy(sae.W_dec_FD), copy(sae.b_dec_D), threshold)
 
@@ -87,12 +89,12 @@ def assemble(cfg: SAEConfig, w: Weights) -> SAE:
         sae.b_enc_F.copy_(w.b_enc_F)
         sae.W_dec_FD.copy_(w.W_dec_FD)
         sae.b_dec_D.copy_(w.b_dec_D)
-        if isinstance(sae, (sae_lib.BatchTopKSAE, sae_lib.JumpReLUSAE)):
+        if isinstance(sae, (BatchTopKSAE, JumpReLUSAE)):
             if w.threshold is None:
                 raise SAEError(f"a {cfg.architecture} SAE needs a threshold; the checkpoint has none")
             # Latents are ReLU'd before the threshold test, so a threshold below 0 acts as 0.
             threshold = w.threshold.float().clamp_min(0.0)
-            if isinstance(sae, sae_lib.BatchTopKSAE):
+            if isinstance(sae, BatchTopKSAE):
                 sae.threshold.copy_(threshold)
             else:
                 sae.log_threshold_F.copy_(threshold.expand(F).log())
@@ -136,7 +138,7 @@ def _write_saelens(sae: SAE, folder: Path) -> None:
     if cfg.architecture in ("batchtopk", "matryoshka"):
         details["k"] = cfg.k
     if cfg.architecture == "matryoshka":
-        details["matryoshka_widths"] = sae_lib.prefix_sizes(cfg.matryoshka_prefix_fractions, cfg.d_sae)
+        details["matryoshka_widths"] = prefix_sizes(cfg.matryoshka_prefix_fractions, cfg.d_sae)
     if cfg.architecture == "jumprelu":
         details = {
             "jumprelu_bandwidth": cfg.jumprelu_bandwidth,
@@ -357,7 +359,7 @@ def _dl_state(sae: SAE) -> dict[str, torch.Tensor]:
     threshold = torch.tensor(-1.0) if w.threshold is None else w.threshold.float()
     k = torch.tensor(cfg.k, dtype=torch.int32)
     if arch == "matryoshka":
-        sizes = sae_lib.prefix_sizes(cfg.matryoshka_prefix_fractions, cfg.d_sae)
+        sizes = prefix_sizes(cfg.matryoshka_prefix_fractions, cfg.d_sae)
         group_sizes = torch.tensor(sizes).diff(prepend=torch.tensor([0]))
         return {
             "k": k,

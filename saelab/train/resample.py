@@ -33,7 +33,8 @@ import torch
 
 from saelab.activations.store import BatchSource
 from saelab.config import TrainConfig
-from saelab.sae.base import SAE, JumpReLUSAE, TrainLoss
+from saelab.sae.base import SAE, TrainLoss
+from saelab.sae.jumprelu import JumpReLUSAE
 
 ANTHROPIC_ENCODER_SCALE = 0.2
 """Re-initialised encoder norm relative to the mean norm of the kept latents (Anthropic 2023, a ReLU SAE)."""

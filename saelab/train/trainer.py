@@ -41,7 +41,8 @@ from saelab.activations.store import (
     sample_ids,
 )
 from saelab.config import TrainConfig, to_dict
-from saelab.sae.base import REGISTRY, SAE, KSparseSAE, LossInputs, SAEConfig, TrainLoss, auxk_loss, build
+from saelab.sae.base import REGISTRY, SAE, LossInputs, SAEConfig, TrainLoss, auxk_loss, build
+from saelab.sae.topk import KSparseSAE
 from saelab.train import distributed as ddp
 from saelab.train.checkpoint import (
     CheckpointError,
