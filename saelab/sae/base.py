@@ -23,7 +23,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -42,6 +42,9 @@ from saelab.sae.registry import (
     architecture_names,
     register,
 )
+
+if TYPE_CHECKING:
+    from saelab.config import TrainConfig
 
 __all__ = [
     "REGISTRY",
@@ -184,14 +187,23 @@ def auxk_error(
 
 
 class SAE(nn.Module):
-    """Shared encoder/decoder and the inference and training templates; subclasses choose the latents."""
+    """Shared encoder/decoder and the inference and training templates; subclasses choose the latents and answer
+    for their own state: which `SAEConfig` parameters they take (`params`, `params_from`), Adam's parameter groups,
+    what resetting a latent touches, whether they train with sparse kernels, and their inference threshold (what
+    a checkpoint format must hold)."""
 
     architecture: ClassVar[str] = ""
+    """The registry name (`registry.register`), also `--train.architecture`."""
     params: ClassVar[tuple[str, ...]] = ()
-    """`SAEConfig` fields this architecture takes (TrainConfig has fields of the same names)."""
+    """`SAEConfig` fields this architecture takes (the keys of `params_from`)."""
     uses_auxk: ClassVar[bool] = True
     unit_norm_decoder: ClassVar[bool] = True
     decoder_init_norm: ClassVar[float] = 1.0
+    resample_encoder_scale: ClassVar[float] = 1.0
+    """Resampling's norm of a re-initialised encoder column relative to the kept latents' mean, when
+    `TrainConfig` leaves it at 0 (auto): 1.0 where a latent must win a top-k slot or clear a threshold to fire."""
+    has_threshold: ClassVar[bool] = False
+    """Inference compares latents with a learned threshold (`threshold_values`, `load_threshold_`)."""
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
@@ -216,6 +228,11 @@ class SAE(nn.Module):
                     f"{name}={getattr(cfg, name)!r} is not a parameter of a {cls.architecture} SAE; "
                     "was this config written for another architecture?"
                 )
+
+    @classmethod
+    def params_from(cls, train: TrainConfig) -> dict[str, Any]:
+        """This architecture's `SAEConfig` parameters (the names in `params`) from the training config."""
+        return {}
 
     # --- inference -------------------------------------------------------------------------------------------
     def select(self, pre_BF: torch.Tensor) -> SparseCode:
@@ -278,6 +295,13 @@ class SAE(nn.Module):
         return out.scatter_(1, code.top_idx_BK, code.top_acts_BK)
 
     # --- training ---------------------------------------------------------------------------------------------
+    def param_groups(self, train: TrainConfig) -> list[dict[str, Any]]:
+        """Adam's parameter groups, each with the `base_lr` the trainer's schedule scales."""
+        return [{"params": list(self.parameters()), "base_lr": train.lr}]
+
+    def use_sparse_kernels(self, on: bool) -> None:
+        """Train with the sparse kernels of `sparse_ops` where this architecture has them (no-op otherwise)."""
+
     def train_latents(self, raw_BF: torch.Tensor) -> torch.Tensor:
         """Dense latents [B, F] the training objective sees, from raw pre-activations (differentiable)."""
         raise NotImplementedError
@@ -326,6 +350,24 @@ class SAE(nn.Module):
         g = self.W_dec_FD.grad
         if self.unit_norm_decoder and g is not None:
             g -= (g * self.W_dec_FD).sum(dim=1, keepdim=True) * self.W_dec_FD
+
+    @torch.no_grad()
+    def reset_latents_(self, idx_K: torch.Tensor, W_dec_KD: torch.Tensor, W_enc_DK: torch.Tensor) -> None:
+        """Give latents `idx_K` new decoder rows and encoder columns and restart the rest of their state (encoder
+        bias 0; subclasses: thresholds): what resampling a latent touches (`saelab.train.resample`)."""
+        self.W_dec_FD[idx_K] = W_dec_KD
+        self.W_enc_DF[:, idx_K] = W_enc_DK
+        self.b_enc_F[idx_K] = 0.0
+
+    # --- inference threshold (what a checkpoint format must hold beside the weights) --------------------------
+    def threshold_values(self) -> torch.Tensor | None:
+        """The inference threshold as values: a scalar or one per latent [F]; None without one."""
+        return None
+
+    @torch.no_grad()
+    def load_threshold_(self, threshold: torch.Tensor) -> None:
+        """Set the inference threshold from values (non-negative: latents are ReLU'd before the test)."""
+        raise SAEError(f"a {self.architecture} SAE has no threshold to load")
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:

@@ -41,8 +41,7 @@ from safetensors.torch import load_file, save_file
 
 from saelab.sae import base as sae_lib
 from saelab.sae.base import SAE, SAEConfig, SAEError
-from saelab.sae.jumprelu import JumpReLUSAE
-from saelab.sae.topk import BatchTopKSAE, prefix_sizes
+from saelab.sae.topk import prefix_sizes
 
 
 @dataclass(frozen=True)
@@ -63,11 +62,8 @@ def weights_of(sae: SAE) -> Weights:
     def copy(t: torch.Tensor) -> torch.Tensor:
         return t.detach().cpu().clone(memory_format=torch.contiguous_format)
 
-    threshold = None
-    if isinstance(sae, BatchTopKSAE):
-        threshold = copy(sae.threshold)
-    elif isinstance(sae, JumpReLUSAE):
-        threshold = copy(sae.threshold_F)
+    values = sae.threshold_values()
+    threshold = None if values is None else copy(values)
     return Weights(copy(sae.W_enc_DF), copy(sae.b_enc_F), copy(sae.W_dec_FD), copy(sae.b_dec_D), threshold)
 
 
@@ -89,15 +85,11 @@ def assemble(cfg: SAEConfig, w: Weights) -> SAE:
         sae.b_enc_F.copy_(w.b_enc_F)
         sae.W_dec_FD.copy_(w.W_dec_FD)
         sae.b_dec_D.copy_(w.b_dec_D)
-        if isinstance(sae, (BatchTopKSAE, JumpReLUSAE)):
+        if sae.has_threshold:
             if w.threshold is None:
                 raise SAEError(f"a {cfg.architecture} SAE needs a threshold; the checkpoint has none")
             # Latents are ReLU'd before the threshold test, so a threshold below 0 acts as 0.
-            threshold = w.threshold.float().clamp_min(0.0)
-            if isinstance(sae, BatchTopKSAE):
-                sae.threshold.copy_(threshold)
-            else:
-                sae.log_threshold_F.copy_(threshold.expand(F).log())
+            sae.load_threshold_(w.threshold.float().clamp_min(0.0))
     return sae.eval()
 
 

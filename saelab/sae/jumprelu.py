@@ -4,12 +4,15 @@ and straight-through pseudo-derivatives with a rectangle kernel (Rajamanoharan e
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from saelab.sae.base import SAE, LossInputs, SAEConfig, SAEError, SparseCode, register, sparse_code
+
+if TYPE_CHECKING:
+    from saelab.config import TrainConfig
 
 
 def _rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -58,12 +61,20 @@ class JumpReLUSAE(SAE):
     architecture = "jumprelu"
     params: ClassVar[tuple[str, ...]] = ("jumprelu_bandwidth", "jumprelu_init_threshold")
     uses_auxk = False
+    has_threshold = True
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
         # log-parametrised so the threshold stays positive; kept fp32 even if the module is cast (a bf16
         # threshold silently stops learning: its updates fall below bf16's resolution).
         self.log_threshold_F = nn.Parameter(torch.full((cfg.d_sae,), math.log(cfg.jumprelu_init_threshold)))
+
+    @classmethod
+    def params_from(cls, train: TrainConfig) -> dict[str, Any]:
+        return {
+            "jumprelu_bandwidth": train.jumprelu_bandwidth,
+            "jumprelu_init_threshold": train.jumprelu_init_threshold,
+        }
 
     @classmethod
     def check_config(cls, cfg: SAEConfig) -> None:
@@ -96,6 +107,27 @@ class JumpReLUSAE(SAE):
     def sparsity_penalty(self, raw_BF: torch.Tensor, z_BF: torch.Tensor, inputs: LossInputs) -> torch.Tensor:
         l0_B = _Step.apply(raw_BF, self.threshold_F, self.cfg.jumprelu_bandwidth).sum(dim=-1)
         return inputs.l0_coef * l0_B.mean()
+
+    def param_groups(self, train: TrainConfig) -> list[dict[str, Any]]:
+        """The thresholds learn at their own rate (`threshold_lr`; 0 = lr)."""
+        others = [p for name, p in self.named_parameters() if name != "log_threshold_F"]
+        return [
+            {"params": others, "base_lr": train.lr},
+            {"params": [self.log_threshold_F], "base_lr": train.threshold_lr or train.lr},
+        ]
+
+    @torch.no_grad()
+    def reset_latents_(self, idx_K: torch.Tensor, W_dec_KD: torch.Tensor, W_enc_DK: torch.Tensor) -> None:
+        """As every SAE's, and the thresholds restart at their initial value."""
+        super().reset_latents_(idx_K, W_dec_KD, W_enc_DK)
+        self.log_threshold_F[idx_K] = math.log(self.cfg.jumprelu_init_threshold)
+
+    def threshold_values(self) -> torch.Tensor:
+        return self.threshold_F
+
+    @torch.no_grad()
+    def load_threshold_(self, threshold: torch.Tensor) -> None:
+        self.log_threshold_F.copy_(threshold.expand(self.cfg.d_sae).log())
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:

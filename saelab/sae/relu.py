@@ -16,6 +16,7 @@ class ReLUSAE(SAE):
     uses_auxk = False
     unit_norm_decoder = False
     decoder_init_norm = 0.1  # Anthropic's April 2024 update: decoder rows start at norm 0.1
+    resample_encoder_scale = 0.2  # Anthropic 2023's resampling ("Towards Monosemanticity"), a ReLU SAE
 
     def select(self, pre_BF: torch.Tensor) -> SparseCode:
         return sparse_code(pre_BF)

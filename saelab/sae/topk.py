@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -33,6 +33,9 @@ from saelab.sae.base import (
     sq_err,
 )
 from saelab.sae.sparse_ops import Entries, decode_entries, entry_preacts
+
+if TYPE_CHECKING:
+    from saelab.config import TrainConfig
 
 
 def _check_k(cfg: SAEConfig) -> None:
@@ -57,6 +60,13 @@ class KSparseSAE(SAE):
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
         self.sparse_training = True
+
+    @classmethod
+    def params_from(cls, train: TrainConfig) -> dict[str, Any]:
+        return {"k": train.k}
+
+    def use_sparse_kernels(self, on: bool) -> None:
+        self.sparse_training = on
 
     @classmethod
     def check_config(cls, cfg: SAEConfig) -> None:
@@ -177,6 +187,7 @@ class BatchTopKSAE(KSparseSAE):
     """Exponential moving average of the smallest kept activation per training step."""
     threshold: torch.Tensor
     """Inference threshold (a buffer, saved with the weights)."""
+    has_threshold = True
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
@@ -200,6 +211,13 @@ class BatchTopKSAE(KSparseSAE):
         ema = torch.where(t > 0, self.threshold_decay * t + (1 - self.threshold_decay) * smallest, smallest)
         t.copy_(torch.where(torch.isfinite(smallest), ema, t))
 
+    def threshold_values(self) -> torch.Tensor:
+        return self.threshold
+
+    @torch.no_grad()
+    def load_threshold_(self, threshold: torch.Tensor) -> None:
+        self.threshold.copy_(threshold)
+
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:
         super().fold_input_scale(scale)
@@ -212,6 +230,13 @@ class MatryoshkaSAE(BatchTopKSAE):
 
     architecture = "matryoshka"
     params: ClassVar[tuple[str, ...]] = ("k", "matryoshka_prefix_fractions")
+
+    @classmethod
+    def params_from(cls, train: TrainConfig) -> dict[str, Any]:
+        return {
+            **super().params_from(train),
+            "matryoshka_prefix_fractions": train.matryoshka_prefix_fractions,
+        }
 
     @classmethod
     def check_config(cls, cfg: SAEConfig) -> None:

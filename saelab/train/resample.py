@@ -6,7 +6,8 @@ the square of that loss, and set the latent's decoder row to the input's directi
 encoder subtracts first), its encoder column to the same direction with norm 0.2 x the mean encoder norm of the
 latents kept, its encoder bias to 0, and its Adam moments to 0. The 0.2 suits Anthropic's ReLU SAE; where a latent
 must win a top-k slot or clear a threshold, such a weak encoder never fires, so those architectures default to 1.0
-(`TrainConfig.resample_encoder_scale`). JumpReLU thresholds restart at their initial value. The methods differ in
+(`TrainConfig.resample_encoder_scale`, `SAE.resample_encoder_scale`). What else a reset touches is the
+architecture's (`SAE.reset_latents_`: JumpReLU thresholds restart at their initial value). The methods differ in
 which latents they choose:
 
 - `anthropic`: latents that have not fired for `dead_tokens` training tokens;
@@ -33,8 +34,7 @@ import torch
 
 from saelab.activations.store import BatchSource
 from saelab.config import TrainConfig
-from saelab.sae.base import SAE, TrainLoss
-from saelab.sae.jumprelu import JumpReLUSAE
+from saelab.sae.base import SAE, TrainLoss, architecture_class
 
 ANTHROPIC_ENCODER_SCALE = 0.2
 """Re-initialised encoder norm relative to the mean norm of the kept latents (Anthropic 2023, a ReLU SAE)."""
@@ -110,19 +110,16 @@ def reinit_latents_(
     kept[idx] = False
     enc_norm = sae.W_enc_DF[:, kept].norm(dim=0).mean() if kept.any() else torch.tensor(1.0)
     dec_norm = 1.0 if sae.unit_norm_decoder else sae.W_dec_FD[kept].norm(dim=1).mean()
-    sae.W_dec_FD[idx] = dirs_KD * dec_norm
-    sae.W_enc_DF[:, idx] = (dirs_KD * enc_scale * enc_norm).T
-    sae.b_enc_F[idx] = 0.0
-    if isinstance(sae, JumpReLUSAE):
-        sae.log_threshold_F[idx] = math.log(sae.cfg.jumprelu_init_threshold)
+    sae.reset_latents_(idx, dirs_KD * dec_norm, (dirs_KD * enc_scale * enc_norm).T)
     reset_adam_(opt, sae, idx)
 
 
 def encoder_scale(cfg: TrainConfig) -> float:
-    """The configured encoder scale, or the architecture's default (0.2 for relu, else 1.0)."""
+    """The configured encoder scale, or the architecture's default (`SAE.resample_encoder_scale`: 0.2 for relu,
+    else 1.0)."""
     if cfg.resample_encoder_scale:
         return cfg.resample_encoder_scale
-    return ANTHROPIC_ENCODER_SCALE if cfg.architecture == "relu" else 1.0
+    return architecture_class(cfg.architecture).resample_encoder_scale
 
 
 class Resampler:

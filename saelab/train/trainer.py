@@ -41,8 +41,7 @@ from saelab.activations.store import (
     sample_ids,
 )
 from saelab.config import TrainConfig, to_dict
-from saelab.sae.base import REGISTRY, SAE, LossInputs, SAEConfig, TrainLoss, auxk_loss, build
-from saelab.sae.topk import KSparseSAE
+from saelab.sae.base import SAE, LossInputs, SAEConfig, TrainLoss, architecture_class, auxk_loss, build
 from saelab.train import distributed as ddp
 from saelab.train.checkpoint import (
     CheckpointError,
@@ -121,8 +120,8 @@ def sparsity_factor(step: int, total: int, warmup_fraction: float) -> float:
 
 
 def sae_config(cfg: TrainConfig, d_in: int, hookpoint: str = "", model: str = "") -> SAEConfig:
-    """The SAE's config: width from `expansion`, and the TrainConfig fields its architecture takes."""
-    params = {name: getattr(cfg, name) for name in REGISTRY[cfg.architecture].params}
+    """The SAE's config: width from `expansion`, and the parameters its architecture takes from `cfg`."""
+    params = architecture_class(cfg.architecture).params_from(cfg)
     return SAEConfig(cfg.architecture, d_in, d_in * cfg.expansion, hookpoint=hookpoint, model=model, **params)
 
 
@@ -300,22 +299,16 @@ class _Trainer:
         self.sae = build(sae_cfg).to(self.device).train()
         with torch.no_grad():
             self.sae.W_enc_DF.mul_(cfg.encoder_init_scale)
-        if isinstance(self.sae, KSparseSAE):
-            self.sae.sparse_training = cfg.kernels == "sparse" or (
-                cfg.kernels == "auto" and self.device.type == "cpu"
-            )
+        self.sae.use_sparse_kernels(
+            cfg.kernels == "sparse" or (cfg.kernels == "auto" and self.device.type == "cpu")
+        )
         self.scale = input_scale(head)
         with torch.no_grad():
             sample = source.rows(sample_ids(source.n_rows, 8192, self.gen)) * self.scale
             self.sae.b_dec_D.copy_(geometric_median(sample))
         # The fused implementation does the whole update in one pass per tensor (~40% less optimizer time on CPU).
         fused = self.device.type in ("cpu", "cuda")
-        named = dict(self.sae.named_parameters())
-        thresholds = [named.pop("log_threshold_F")] if "log_threshold_F" in named else []
-        groups = [{"params": list(named.values()), "base_lr": cfg.lr}]
-        if thresholds:
-            groups.append({"params": thresholds, "base_lr": cfg.threshold_lr or cfg.lr})
-        self.opt = torch.optim.Adam(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=fused)
+        self.opt = torch.optim.Adam(self.sae.param_groups(cfg), lr=cfg.lr, betas=(0.9, 0.999), fused=fused)
         self.steps_per_epoch = source.n_rows // cfg.batch_size
         self.total = self.steps_per_epoch * cfg.epochs
         self.k_aux = cfg.auxk_k or source.d_in // 2
