@@ -84,7 +84,10 @@ def register(cls: _S) -> _S:
 
 def architecture_class(name: str) -> type[SAE]:
     if name not in REGISTRY:
-        raise SAEError(f"unknown SAE architecture {name!r}; known: {sorted(REGISTRY)}")
+        raise SAEError(
+            f"unknown SAE architecture {name!r}; known: {', '.join(REGISTRY)} (an architecture of your own must be "
+            "registered, saelab.sae.registry.register, in the process that builds or loads it)"
+        )
     return REGISTRY[name]
 
 
