@@ -72,8 +72,8 @@ class JumpReLUSAE(SAE):
     @classmethod
     def params_from(cls, train: TrainConfig) -> dict[str, Any]:
         return {
-            "jumprelu_bandwidth": train.jumprelu_bandwidth,
-            "jumprelu_init_threshold": train.jumprelu_init_threshold,
+            "jumprelu_bandwidth": train.jumprelu.bandwidth,
+            "jumprelu_init_threshold": train.jumprelu.init_threshold,
         }
 
     @classmethod
@@ -109,11 +109,11 @@ class JumpReLUSAE(SAE):
         return inputs.l0_coef * l0_B.mean()
 
     def param_groups(self, train: TrainConfig) -> list[dict[str, Any]]:
-        """The thresholds learn at their own rate (`threshold_lr`; 0 = lr)."""
+        """The thresholds learn at their own rate (`train.jumprelu.threshold_lr`; 0 = train.lr)."""
         others = [p for name, p in self.named_parameters() if name != "log_threshold_F"]
         return [
             {"params": others, "base_lr": train.lr},
-            {"params": [self.log_threshold_F], "base_lr": train.threshold_lr or train.lr},
+            {"params": [self.log_threshold_F], "base_lr": train.jumprelu.threshold_lr or train.lr},
         ]
 
     @torch.no_grad()

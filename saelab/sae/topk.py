@@ -235,7 +235,7 @@ class MatryoshkaSAE(BatchTopKSAE):
     def params_from(cls, train: TrainConfig) -> dict[str, Any]:
         return {
             **super().params_from(train),
-            "matryoshka_prefix_fractions": train.matryoshka_prefix_fractions,
+            "matryoshka_prefix_fractions": train.matryoshka.prefix_fractions,
         }
 
     @classmethod

@@ -384,7 +384,9 @@ class _Trainer:
         step = self.step - 1  # records carry the index of the step they follow
         n = self.resampler.resample(step, self.sae, self.opt, self.source, self.scale, self.since_fired_F)
         if n:
-            sink.write({"step": step, "event": "resample", "method": self.cfg.resample, "resampled": n})
+            sink.write(
+                {"step": step, "event": "resample", "method": self.cfg.resample.method, "resampled": n}
+            )
 
     def _log_record(self, x_BD: torch.Tensor, loss: TrainLoss, dead_F: torch.Tensor) -> dict[str, Any]:
         """Loss parts, L0, explained variance (this batch), dead fraction, lr; averaged over ranks."""
