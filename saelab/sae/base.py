@@ -32,44 +32,15 @@ from torch import nn
 from torch.nn.functional import embedding_bag
 
 from saelab.run import atomic
-from saelab.sae.registry import (
-    ARCH_PARAMS,
-    DEFAULTS,
-    REGISTRY,
-    SAEConfig,
-    SAEError,
-    architecture_class,
-    architecture_names,
-    register,
-)
+from saelab.sae.registry import ARCH_PARAMS, DEFAULTS, SAEConfig, SAEError, architecture_class
+
+# Re-exported, so that `from saelab.sae import base as sae_lib` reaches the whole SAE API (sae_lib.REGISTRY, ...).
+from saelab.sae.registry import REGISTRY as REGISTRY
+from saelab.sae.registry import architecture_names as architecture_names
+from saelab.sae.registry import register as register
 
 if TYPE_CHECKING:
     from saelab.config import TrainConfig
-
-__all__ = [
-    "REGISTRY",
-    "SAE",
-    "ForwardOutput",
-    "LossInputs",
-    "SAEConfig",
-    "SAEError",
-    "SparseCode",
-    "TrainLoss",
-    "architecture_class",
-    "architecture_names",
-    "auxk_error",
-    "auxk_loss",
-    "build",
-    "check_input_finite",
-    "check_width",
-    "file_sha256",
-    "load",
-    "params_sha256",
-    "register",
-    "save",
-    "sparse_code",
-    "sq_err",
-]
 
 
 class SparseCode(NamedTuple):

@@ -1,4 +1,4 @@
-"""SAE training on collected activations, for every architecture in `sae.REGISTRY`.
+"""SAE training on collected activations, for every architecture in the registry (`saelab.sae.registry`).
 
 `train(data, TrainConfig(...), seed)` returns the trained SAE (taking raw activations) and a summary; `data` is an
 activation tensor in memory or an on-disk `ActivationStore` streamed through a bounded shuffle buffer. The CLI's
@@ -13,7 +13,8 @@ reconstruction, AuxK, L1 / L0 penalty); this module holds what every architectur
 - dead-latent tracking for AuxK (Appendix A.2): a latent that has not fired for `dead_tokens` tokens is dead;
 - Adam, 5% linear learning-rate warm-up, linear decay to 0 over the last 20% of steps; the L1 / L0 coefficient
   warms up linearly over `sparsity_warmup_fraction` of the steps (Anthropic, April 2024; Gemma Scope).
-Around that loop: optional dead-latent resampling (`resample.py`), log records every `log_every` steps
+Around that loop: optional dead-latent resampling (`resample.py`; what a reset touches is the architecture's,
+`SAE.reset_latents_`), log records every `log_every` steps
 (`train_log.py`), checkpoints every `checkpoint_every` steps that `resume=True` continues from bit-for-bit
 (`checkpoint.py`), and data-parallel training when a torch.distributed process group is initialised
 (`distributed.py`).
