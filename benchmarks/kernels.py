@@ -26,11 +26,11 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: it reads 
 
 from machine import machine_facts
 
-from saelab.config import Architecture, TrainConfig
+from saelab.config import TrainConfig
 from saelab.sae.base import SAE, TrainLoss
 from saelab.train.trainer import train
 
-ARCHS: tuple[Architecture, ...] = ("topk", "batchtopk", "matryoshka")
+ARCHS: tuple[str, ...] = ("topk", "batchtopk", "matryoshka")
 
 
 def step_seconds(x: torch.Tensor, cfg: TrainConfig) -> float:

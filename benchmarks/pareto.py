@@ -20,7 +20,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -37,15 +36,16 @@ from peer_training import (
 )
 
 if TYPE_CHECKING:
-    from saelab.config import Architecture, TrainConfig
+    from saelab.config import TrainConfig
     from saelab.sae.base import SAE
 
 
 class Point(NamedTuple):
-    architecture: Architecture
+    architecture: str
     label: str
     """The sparsity setting, as shown beside the point."""
     overrides: dict[str, Any]
+    """Settings as `train.variants` names them (`jumprelu.init_threshold`)."""
 
 
 GRID: list[Point] = [
@@ -56,7 +56,7 @@ GRID: list[Point] = [
     # In 70 steps at lr 4e-4 the threshold's log moves by at most ~0.03, so jumprelu's L0 is set by where the
     # threshold starts, not by l0_coef (0.03 and 0.3 gave the same L0 in a smoke run): the points vary the start.
     *(
-        Point("jumprelu", f"θ0={t:g}", {"jumprelu_init_threshold": t, "l0_coef": 0.1})
+        Point("jumprelu", f"θ0={t:g}", {"jumprelu.init_threshold": t, "l0_coef": 0.1})
         for t in (1.0, 1.3, 1.6)
     ),
 ]
@@ -81,7 +81,9 @@ def saelab_forward(sae: SAE) -> Forward:
 def run_point(p: Point, base: TrainConfig, train_ND: torch.Tensor, eval_ND: torch.Tensor) -> dict[str, Any]:
     from saelab.train.trainer import train
 
-    cfg = replace(base, architecture=p.architecture, **p.overrides)
+    cfg = base.with_overrides(
+        " ".join(f"{k}={v}" for k, v in {"architecture": p.architecture, **p.overrides}.items())
+    )
     start = time.perf_counter()
     result = train(train_ND, cfg, seed=0)
     seconds = time.perf_counter() - start

@@ -10,7 +10,9 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+import tyro
 
 
 class ConfigError(ValueError):
@@ -109,18 +111,109 @@ class CollectConfig:
         _check(self.shard_rows > 0, "collect.shard_rows must be > 0")
 
 
-Architecture = Literal["topk", "relu", "batchtopk", "jumprelu", "matryoshka"]
-"""The SAE architectures `train` builds."""
+_DEFAULT_ARCHITECTURE = "topk"
+
+
+def _registered_architectures() -> Any:
+    """The choices of `--train.architecture`: the registry's names when the CLI is built, so an architecture
+    registered before `saelab.cli.main` runs is one of them and `saelab train --help` lists them all."""
+    from saelab.sae.registry import architecture_names  # imports torch: when the CLI is built, not at import
+
+    return Literal.__getitem__(architecture_names())
+
+
+@dataclass(frozen=True)
+class JumpReLUConfig:
+    """jumprelu: the thresholds' start, pseudo-derivative and learning rate."""
+
+    bandwidth: float = 0.05
+    """Width epsilon of the rectangle kernel in the straight-through threshold gradient (units of scaled
+    pre-activations, whose scale is about 1)."""
+    init_threshold: float = 1.0
+    """Initial threshold of every latent (scaled units). Adam moves log(threshold) by about `lr` per step, so a
+    short run ends near its start: 1.0 gives L0 ~40 on the demo's activations (0.1 gave ~530)."""
+    threshold_lr: float = 0.0
+    """Learning rate of the thresholds (0 = train.lr). Thresholds move by at most ~lr per Adam step, so short runs
+    with thresholds far from their init may want a larger one."""
+
+    def __post_init__(self) -> None:
+        _finite(self, "train.jumprelu")
+        _check(self.bandwidth > 0, f"train.jumprelu.bandwidth must be > 0, got {self.bandwidth}")
+        _check(
+            self.init_threshold > 0, f"train.jumprelu.init_threshold must be > 0, got {self.init_threshold}"
+        )
+        _check(self.threshold_lr >= 0, f"train.jumprelu.threshold_lr must be >= 0, got {self.threshold_lr}")
+
+
+@dataclass(frozen=True)
+class MatryoshkaConfig:
+    """matryoshka: the nested dictionary prefixes."""
+
+    prefix_fractions: tuple[float, ...] = (0.0625, 0.25, 1.0)
+    """Nested dictionary prefixes as fractions of d_sae, increasing and ending at 1.0; each prefix is trained to
+    reconstruct the input on its own."""
+
+    def __post_init__(self) -> None:
+        fr = self.prefix_fractions
+        increasing = list(fr) == sorted(set(fr))
+        _check(
+            len(fr) > 0 and fr[0] > 0 and fr[-1] == 1.0 and increasing,
+            f"train.matryoshka.prefix_fractions must be increasing fractions in (0, 1] ending at 1.0, got {fr}",
+        )
+
+
+@dataclass(frozen=True)
+class ResampleConfig:
+    """Dead-latent resampling (`saelab/train/resample.py`), independent of AuxK (turn that off with auxk_coef 0)."""
+
+    method: Literal["none", "anthropic", "consistency"] = "none"
+    """Resampling every `every` steps (none in the learning-rate decay): `anthropic` re-initialises latents dead
+    for `train.dead_tokens` tokens from inputs drawn with probability proportional to their squared loss (Towards
+    Monosemanticity, 2023); `consistency` resamples latents whose EMA firing statistics say dead, too weak, or
+    unstable."""
+    every: int = 250
+    """Steps between resampling checks."""
+    tokens: int = 16_384
+    """Inputs scored to choose the new directions at each resampling (Anthropic used 819,200)."""
+    encoder_scale: float = 0.0
+    """Norm of a re-initialised encoder column relative to the mean of the other latents'. 0 = auto: Anthropic's
+    0.2 for relu; 1.0 for the others, where a latent must win a top-k slot or clear a threshold to fire (at 0.2,
+    0 of 32 forced-dead TopK latents revived on planted data; at 1.0, all 32)."""
+    consistency_min_freq: float = 1e-5
+    """consistency: a latent whose long-window firing frequency (EMA over `train.dead_tokens` tokens) is below
+    this counts as dead."""
+    consistency_z: float = 5.0
+    """consistency: a latent is unstable when its short-window firing count (a tenth of the long window) is this
+    many Poisson standard deviations, and tenfold, away from what its long-window frequency predicts."""
+
+    def __post_init__(self) -> None:
+        _finite(self, "train.resample")
+        _check(self.every > 0, f"train.resample.every must be > 0, got {self.every}")
+        _check(self.tokens > 0, f"train.resample.tokens must be > 0, got {self.tokens}")
+        _check(
+            self.encoder_scale >= 0, f"train.resample.encoder_scale must be >= 0, got {self.encoder_scale}"
+        )
+        _check(
+            0 < self.consistency_min_freq < 1,
+            f"train.resample.consistency_min_freq must be in (0, 1), got {self.consistency_min_freq}",
+        )
+        _check(self.consistency_z > 0, f"train.resample.consistency_z must be > 0, got {self.consistency_z}")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Sparse autoencoder training: TopK (Gao et al. 2024) with AuxK by default, or another architecture."""
 
-    architecture: Architecture = "topk"
-    """SAE architecture (registry in sae.py): `topk` (Gao et al. 2024), `relu` (L1 on f_i * ||W_dec_i||,
+    architecture: Annotated[
+        str,
+        tyro.conf.arg(
+            constructor_factory=_registered_architectures,
+            help_behavior_hint=f"(default: {_DEFAULT_ARCHITECTURE})",  # tyro shows a custom constructor's as a list
+        ),
+    ] = _DEFAULT_ARCHITECTURE
+    """SAE architecture (the registry, saelab/sae/): `topk` (Gao et al. 2024), `relu` (L1 on f_i * ||W_dec_i||,
     Anthropic April 2024), `batchtopk` (Bussmann et al. 2024), `jumprelu` (Rajamanoharan et al. 2024),
-    `matryoshka` (nested BatchTopK, Bussmann et al. 2025)."""
+    `matryoshka` (nested BatchTopK, Bussmann et al. 2025), or one registered by you (README, Extending saelab)."""
     expansion: int = 4
     """d_sae = expansion * d_in."""
     k: int = 48
@@ -147,34 +240,9 @@ class TrainConfig:
     of scaled inputs)."""
     sparsity_warmup_fraction: float = 0.05
     """relu and jumprelu: the L1 / L0 coefficient rises linearly from 0 over this fraction of the steps."""
-    jumprelu_bandwidth: float = 0.05
-    """jumprelu: width epsilon of the rectangle kernel in the straight-through threshold gradient (units of
-    scaled pre-activations, whose scale is about 1)."""
-    jumprelu_init_threshold: float = 1.0
-    """jumprelu: initial threshold of every latent (scaled units). Adam moves log(threshold) by about `lr` per
-    step, so a short run ends near its start: 1.0 gives L0 ~40 on the demo's activations (0.1 gave ~530)."""
-    matryoshka_prefix_fractions: tuple[float, ...] = (0.0625, 0.25, 1.0)
-    """matryoshka: nested dictionary prefixes as fractions of d_sae, increasing and ending at 1.0; each prefix
-    is trained to reconstruct the input on its own."""
-    resample: Literal["none", "anthropic", "consistency"] = "none"
-    """Dead-latent resampling every `resample_every` steps (none in the learning-rate decay): `anthropic`
-    re-initialises latents dead for `dead_tokens` tokens from inputs drawn with probability proportional to their
-    squared loss (Towards Monosemanticity, 2023); `consistency` resamples latents whose EMA firing statistics say
-    dead, too weak, or unstable (see resample.py). Independent of AuxK (turn that off with auxk_coef 0)."""
-    resample_every: int = 250
-    """Steps between resampling checks."""
-    resample_tokens: int = 16_384
-    """Inputs scored to choose the new directions at each resampling (Anthropic used 819,200)."""
-    resample_encoder_scale: float = 0.0
-    """Norm of a re-initialised encoder column relative to the mean of the other latents'. 0 = auto: Anthropic's
-    0.2 for relu; 1.0 for the others, where a latent must win a top-k slot or clear a threshold to fire (at 0.2,
-    0 of 32 forced-dead TopK latents revived on planted data; at 1.0, all 32)."""
-    consistency_min_freq: float = 1e-5
-    """consistency: a latent whose long-window firing frequency (EMA over `dead_tokens` tokens) is below this
-    counts as dead."""
-    consistency_z: float = 5.0
-    """consistency: a latent is unstable when its short-window firing count (a tenth of the long window) is this
-    many Poisson standard deviations, and tenfold, away from what its long-window frequency predicts."""
+    jumprelu: JumpReLUConfig = field(default_factory=JumpReLUConfig)
+    matryoshka: MatryoshkaConfig = field(default_factory=MatryoshkaConfig)
+    resample: ResampleConfig = field(default_factory=ResampleConfig)
     checkpoint_every: int = 100
     """Steps between checkpoints (SAE, optimizer, step, RNG and dead-latent state) in the train stage's
     `checkpoints/` folder, only the last kept; 0 = none."""
@@ -194,20 +262,25 @@ class TrainConfig:
     4608, k 32 on the bundled model: held-out EV 0.593 from 0.577 against 0.543 from 1, no dead latents either
     way; on the planted test data every architecture reached equal or higher EV at the same L0 (with more of
     the surplus latents idle: that data has half as many directions as latents)."""
-    threshold_lr: float = 0.0
-    """jumprelu: learning rate of the thresholds (0 = train.lr). Thresholds move by at most ~lr per Adam step,
-    so short runs with thresholds far from their init may want a larger one."""
     variants: tuple[str, ...] = ()
     """Further SAEs trained on the same batches (one pass over the activations for all), each given as
-    space-separated overrides of these settings, e.g. `"architecture=batchtopk k=64"` `"k=16 lr=1e-3"`;
-    tuples take commas (`matryoshka_prefix_fractions=0.25,0.5,1`). Saved under `train/variants/`."""
+    space-separated overrides of these settings named as their flags without `--train.` (or with underscores), e.g.
+    `"architecture=batchtopk k=64"` `"k=16 lr=1e-3"` `"architecture=jumprelu jumprelu.bandwidth=0.1"`; tuples take
+    commas (`matryoshka.prefix_fractions=0.25,0.5,1`). Saved under the run's `sae-variants/<i>-<overrides>/`."""
     kernels: Literal["auto", "sparse", "dense"] = "auto"
-    """topk, batchtopk, matryoshka: backward passes over the active entries only (`sparse`, sparse_ops.py) or
-    dense matmuls over all latents (`dense`). Both compute the same gradients. `auto`: sparse on CPU, where it
+    """topk, batchtopk, matryoshka: backward passes over the active entries only (`sparse`, saelab/sae/sparse_ops.py)
+    or dense matmuls over all latents (`dense`). Both compute the same gradients. `auto`: sparse on CPU, where it
     measured ~2.5x faster per step; dense on GPUs, where it has not been measured yet."""
 
     def __post_init__(self) -> None:
+        from saelab.sae.registry import architecture_names  # the registry imports torch
+
         _finite(self, "train")
+        names = architecture_names()
+        _check(
+            self.architecture in names,
+            f"train.architecture must be a registered architecture ({', '.join(names)}), got {self.architecture!r}",
+        )
         _check(self.expansion >= 1, f"train.expansion must be >= 1, got {self.expansion}")
         _check(self.k > 0, f"train.k must be > 0, got {self.k}")
         _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
@@ -223,37 +296,11 @@ class TrainConfig:
             f"train.sparsity_warmup_fraction must be in [0, 1), got {self.sparsity_warmup_fraction}",
         )
         _check(
-            self.jumprelu_bandwidth > 0,
-            f"train.jumprelu_bandwidth must be > 0, got {self.jumprelu_bandwidth}",
-        )
-        _check(
-            self.jumprelu_init_threshold > 0,
-            f"train.jumprelu_init_threshold must be > 0, got {self.jumprelu_init_threshold}",
-        )
-        fr = self.matryoshka_prefix_fractions
-        increasing = list(fr) == sorted(set(fr))
-        _check(
-            len(fr) > 0 and fr[0] > 0 and fr[-1] == 1.0 and increasing,
-            f"train.matryoshka_prefix_fractions must be increasing fractions in (0, 1] ending at 1.0, got {fr}",
-        )
-        _check(self.resample_every > 0, f"train.resample_every must be > 0, got {self.resample_every}")
-        _check(self.resample_tokens > 0, f"train.resample_tokens must be > 0, got {self.resample_tokens}")
-        _check(
-            self.resample_encoder_scale >= 0,
-            f"train.resample_encoder_scale must be >= 0, got {self.resample_encoder_scale}",
-        )
-        _check(
-            0 < self.consistency_min_freq < 1,
-            f"train.consistency_min_freq must be in (0, 1), got {self.consistency_min_freq}",
-        )
-        _check(self.consistency_z > 0, f"train.consistency_z must be > 0, got {self.consistency_z}")
-        _check(
             self.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {self.checkpoint_every}"
         )
         _check(self.log_every > 0, f"train.log_every must be > 0, got {self.log_every}")
         _check(len(set(self.log_to)) == len(self.log_to), f"train.log_to names a sink twice: {self.log_to}")
         _check(self.stream_buffer_rows > 0, "train.stream_buffer_rows must be > 0")
-        _check(self.threshold_lr >= 0, f"train.threshold_lr must be >= 0, got {self.threshold_lr}")
         _check(
             self.encoder_init_scale > 0,
             f"train.encoder_init_scale must be > 0, got {self.encoder_init_scale}",
@@ -262,31 +309,47 @@ class TrainConfig:
 
     def variant_configs(self) -> list[TrainConfig]:
         """The configs of `variants`: these settings with each variant's overrides."""
-        return [dataclasses.replace(self, variants=(), **_parse_overrides(v)) for v in self.variants]
+        return [self.with_overrides(v) for v in self.variants]
+
+    def with_overrides(self, text: str) -> TrainConfig:
+        """These settings with the overrides in `text` as a variant gives them (`"k=64 jumprelu.bandwidth=0.1"`),
+        without variants."""
+        return _with_overrides(self, text)
 
 
 # Settings every SAE of one stream shares (train_many), so a variant cannot override them.
 _SHARED_STREAM = frozenset({"batch_size", "epochs", "stream_buffer_rows", "resume", "variants"})
+_SECTIONS = frozenset({"jumprelu", "matryoshka", "resample"})
+"""TrainConfig's nested settings; a variant names theirs as SECTION.NAME."""
 
 
-def _parse_overrides(text: str) -> dict[str, Any]:
-    """`"k=64 architecture=relu"` -> {"k": 64, "architecture": "relu"}, typed by TrainConfig's fields."""
-    types = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    out: dict[str, Any] = {}
+def _with_overrides(cfg: TrainConfig, text: str) -> TrainConfig:
+    """`cfg` with the overrides in `text` (`"k=64 architecture=relu jumprelu.bandwidth=0.1"`), each typed by the
+    setting it names; nested settings not named keep `cfg`'s values."""
+    top: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
     for item in text.split():
         name, sep, value = item.partition("=")
+        name = name.replace("-", "_")  # the flag's spelling (init-threshold) or the field's (init_threshold)
+        section, _, leaf = name.rpartition(".")
+        owner = getattr(cfg, section) if section in _SECTIONS else cfg if not section else None
+        known = owner is not None and leaf in {f.name for f in dataclasses.fields(owner)}
         _check(
-            bool(sep) and name in types and name not in _SHARED_STREAM,
-            f"train.variants: {item!r} in {text!r} is not NAME=VALUE of a TrainConfig field that a variant may "
-            f"change (all SAEs share {', '.join(sorted(_SHARED_STREAM - {'variants'}))})",
+            bool(sep) and known and name not in _SHARED_STREAM | _SECTIONS,
+            f"train.variants: {item!r} in {text!r} is not NAME=VALUE of a setting a variant may change (NAME as "
+            "its flag without `--train.`, e.g. k, lr, jumprelu.bandwidth, resample.method; all SAEs share "
+            f"{', '.join(sorted(_SHARED_STREAM - {'variants'}))})",
         )
-        out[name] = _typed(name, value, types[name])
-    _check(bool(out), f"train.variants: {text!r} changes nothing; give NAME=VALUE overrides")
-    return out
+        typed = _typed(name, value, type(owner), leaf, getattr(owner, leaf))
+        (nested.setdefault(section, {}) if section else top)[leaf] = typed
+    _check(bool(top or nested), f"train.variants: {text!r} changes nothing; give NAME=VALUE overrides")
+    for section, changes in nested.items():
+        top[section] = dataclasses.replace(getattr(cfg, section), **changes)
+    return dataclasses.replace(cfg, variants=(), **top)
 
 
-def _typed(name: str, value: str, default: Any) -> Any:
-    choices = typing.get_args(typing.get_type_hints(TrainConfig)[name])
+def _typed(name: str, value: str, owner: type, leaf: str, default: Any) -> Any:
+    choices = typing.get_args(typing.get_type_hints(owner)[leaf])
     if choices and all(isinstance(c, str) for c in choices):
         _check(value in choices, f"train.variants: {name} must be one of {', '.join(choices)}, got {value!r}")
         return value
@@ -663,7 +726,11 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         default = getattr(cls(), name) if _has_default(cls) else None
-        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):  # e.g. a manifest from before the setting became a section
+                raise ConfigError(
+                    f"{cls.__name__}.{name} is a section of settings ({type(default).__name__}), got {value!r}"
+                )
             kwargs[name] = from_dict(type(default), value)
         elif isinstance(value, list):
             kwargs[name] = tuple(value)

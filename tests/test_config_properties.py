@@ -17,7 +17,18 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from saelab.cli import main
-from saelab.config import CacheConfig, ConfigError, RunConfig, SampleConfig, TrainConfig, from_dict, to_dict
+from saelab.config import (
+    CacheConfig,
+    ConfigError,
+    JumpReLUConfig,
+    MatryoshkaConfig,
+    ResampleConfig,
+    RunConfig,
+    SampleConfig,
+    TrainConfig,
+    from_dict,
+    to_dict,
+)
 
 pytestmark = pytest.mark.bad_input
 
@@ -34,6 +45,14 @@ FIELDS: list[tuple[str, str, str, str, Callable[[float], bool]]] = [
     ("train", "--train.lr", "train.lr", "float", lambda v: finite(v) and v > 0),
     ("train", "--train.auxk-coef", "train.auxk_coef", "float", lambda v: finite(v) and v >= 0),
     ("train", "--train.l1-coef", "train.l1_coef", "float", lambda v: finite(v) and v >= 0),
+    (
+        "train",
+        "--train.jumprelu.bandwidth",
+        "train.jumprelu.bandwidth",
+        "float",
+        lambda v: finite(v) and v > 0,
+    ),
+    ("train", "--train.resample.every", "train.resample.every", "int", lambda v: v > 0),
     ("cache", "--cache.n-tokens", "cache.n_tokens", "int", lambda v: v >= 0),
     ("cache", "--cache.buffer-nnz", "cache.buffer_nnz", "int", lambda v: v >= 16),
     ("sample", "--sample.n-latents", "sample.n_latents", "int", lambda v: v > 0),
@@ -106,7 +125,9 @@ def test_a_value_on_the_command_line_is_taken_or_refused_by_name(
         batch_size=st.integers(1, 8192),
         epochs=st.integers(1, 10),
         l1_coef=st.floats(0, 10),
-        resample=st.sampled_from(["none", "anthropic", "consistency"]),
+        resample=st.builds(ResampleConfig, method=st.sampled_from(["none", "anthropic", "consistency"])),
+        jumprelu=st.builds(JumpReLUConfig, bandwidth=st.floats(1e-4, 1.0)),
+        matryoshka=st.sampled_from([MatryoshkaConfig(), MatryoshkaConfig((0.25, 1.0))]),
     ),
     st.builds(
         CacheConfig,
@@ -130,4 +151,21 @@ def test_an_unknown_setting_in_a_manifest_is_named() -> None:
     data = to_dict(RunConfig())
     data["train"]["learning_rate"] = 1e-3
     with pytest.raises(ConfigError, match="learning_rate"):
+        from_dict(RunConfig, data)
+
+
+def test_a_manifest_with_flat_architecture_settings_is_named() -> None:
+    """A manifest from before the per-architecture sections (train.jumprelu_bandwidth, train.resample_every):
+    a ConfigError naming the keys, as for any unknown setting, and one inside a section names it too."""
+    data = to_dict(RunConfig())
+    data["train"]["jumprelu_bandwidth"] = 0.05
+    with pytest.raises(ConfigError, match=r"unknown TrainConfig fields \['jumprelu_bandwidth'\]"):
+        from_dict(RunConfig, data)
+    data = to_dict(RunConfig())
+    data["train"]["resample"] = "anthropic"
+    with pytest.raises(ConfigError, match=r"TrainConfig\.resample is a section of settings .*'anthropic'"):
+        from_dict(RunConfig, data)
+    data = to_dict(RunConfig())
+    data["train"]["resample"]["every_steps"] = 10
+    with pytest.raises(ConfigError, match=r"unknown ResampleConfig fields \['every_steps'\]"):
         from_dict(RunConfig, data)

@@ -10,7 +10,8 @@ from saelab.config import DataConfig, EvalConfig
 from saelab.data.windows import build_windows
 from saelab.eval.core import downstream_scores, evaluate, reconstruction_metrics
 from saelab.models.loading import load_model
-from saelab.sae.base import SAEConfig, SAEError, TopKSAE, build
+from saelab.sae.base import SAEConfig, SAEError, build
+from saelab.sae.topk import TopKSAE
 
 
 class MeanPredictor(TopKSAE):

@@ -1,4 +1,4 @@
-"""Other libraries' checkpoint formats (saelab/formats.py).
+"""Other libraries' checkpoint formats (saelab/sae/formats/).
 
 Fast tests run in our own environment: every (architecture, format) pair survives a round trip with the same
 latents and reconstructions, the pairs a format cannot hold and the peer kinds we cannot read are clear errors.
@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,10 @@ from safetensors.torch import load_file, save_file
 
 from saelab import cli
 from saelab.sae import base as sae_lib
-from saelab.sae.base import REGISTRY, SAEConfig, SAEError, build
-from saelab.sae.formats import FORMATS, detect_format, export_sae, import_sae
+from saelab.sae.base import REGISTRY, SAEConfig, SAEError, build, register
+from saelab.sae.formats import FORMATS, convert, detect_format, export_sae, import_sae
+from saelab.sae.jumprelu import JumpReLUSAE
+from saelab.sae.topk import BatchTopKSAE, TopKSAE
 
 ROOT = Path(__file__).resolve().parent.parent
 D, F = 16, 64
@@ -52,9 +55,9 @@ def random_sae(arch: str, seed: int = 0) -> sae_lib.SAE:
     with torch.no_grad():
         for p in (s.W_enc_DF, s.W_dec_FD, s.b_enc_F, s.b_dec_D):
             p.normal_(0.0, 0.5)
-        if isinstance(s, sae_lib.BatchTopKSAE):
+        if isinstance(s, BatchTopKSAE):
             s.threshold.fill_(1.5)
-        if isinstance(s, sae_lib.JumpReLUSAE):
+        if isinstance(s, JumpReLUSAE):
             s.log_threshold_F.copy_((torch.rand(F) * 2 + 0.5).log())
     return s.eval()
 
@@ -81,13 +84,18 @@ def assert_same_outputs(
 
 
 # --- our format -> format -> our format ------------------------------------------------------------------------
+BUILT_IN = {"topk", "batchtopk", "matryoshka", "relu", "jumprelu"}
+
+
 def test_support_matrix() -> None:
-    """The matrix the README and formats.py document: sparsify holds TopK only."""
+    """The matrix the README and the format modules document: sparsify holds TopK only; saelab's own format holds
+    every registered architecture, the peers' formats the built-in ones they have a place for."""
+    assert set(REGISTRY) == BUILT_IN
     assert {fmt: set(spec.architectures) for fmt, spec in FORMATS.items()} == {
-        "saelab": set(REGISTRY),
-        "saelens": set(REGISTRY),
+        "saelab": BUILT_IN,
+        "saelens": BUILT_IN,
         "sparsify": {"topk"},
-        "dictionary_learning": set(REGISTRY),
+        "dictionary_learning": BUILT_IN,
     }
 
 
@@ -113,9 +121,56 @@ def test_round_trip_keeps_outputs_and_config(arch: str, fmt: str, tmp_path: Path
 @pytest.mark.bad_input
 @pytest.mark.parametrize(("arch", "fmt"), UNSUPPORTED)
 def test_unsupported_pairs_are_refused_and_write_nothing(arch: str, fmt: str, tmp_path: Path) -> None:
-    with pytest.raises(SAEError, match=f"the {fmt} format cannot store a {arch} SAE; it stores topk"):
+    line = f"the {fmt} format cannot hold a {arch} SAE (it holds topk); formats that can: saelab, saelens, dictionary_learning"
+    with pytest.raises(SAEError, match=f"^{re.escape(line)}$"):
         export_sae(random_sae(arch), tmp_path / "out", fmt)
     assert not (tmp_path / "out").exists()
+
+
+class ToySAE(TopKSAE):
+    """An architecture registered from outside saelab: only saelab's own format can hold it."""
+
+    architecture = "toy_format"
+
+
+@pytest.fixture
+def toy_registered() -> Iterator[type[ToySAE]]:
+    register(ToySAE)
+    yield ToySAE
+    del REGISTRY[ToySAE.architecture]
+
+
+@pytest.mark.bad_input
+def test_a_registered_architecture_is_refused_by_name_where_no_format_has_a_place_for_it(
+    toy_registered: type[ToySAE], tmp_path: Path
+) -> None:
+    """Export: each peer format refuses the new architecture in one line (naming it, the format and the formats
+    that can hold it) and writes nothing; saelab's own holds it and reads it back. Import: a checkpoint of an
+    architecture this process has not registered is refused by name."""
+    torch.manual_seed(0)
+    toy = build(SAEConfig("toy_format", D, F, k=4)).eval()
+    for fmt in ("saelens", "sparsify", "dictionary_learning"):
+        held = ", ".join(FORMATS[fmt].architectures)
+        line = f"the {fmt} format cannot hold a toy_format SAE (it holds {held}); formats that can: saelab"
+        with pytest.raises(SAEError, match=f"^{re.escape(line)}$"):
+            export_sae(toy, tmp_path / fmt, fmt)
+        assert not (tmp_path / fmt).exists()
+    export_sae(toy, tmp_path / "saelab", "saelab")
+    back = import_sae(tmp_path / "saelab")
+    assert isinstance(back, ToySAE) and back.cfg == toy.cfg
+    assert_same_outputs(*outputs(back, inputs()), *outputs(toy, inputs()))
+    with pytest.raises(SAEError, match="cannot hold a toy_format SAE"):
+        convert(tmp_path / "saelab", tmp_path / "as-saelens", "saelens")
+    assert not (tmp_path / "as-saelens").exists()
+    del REGISTRY["toy_format"]  # a process that does not register it
+    try:
+        with pytest.raises(
+            SAEError,
+            match=f"saelab checkpoint in {re.escape(str(tmp_path))}/saelab: unknown SAE architecture 'toy_format'",
+        ):
+            import_sae(tmp_path / "saelab")
+    finally:
+        register(ToySAE)
 
 
 def test_untrained_batchtopk_threshold_survives(tmp_path: Path) -> None:
@@ -125,7 +180,7 @@ def test_untrained_batchtopk_threshold_survives(tmp_path: Path) -> None:
     for fmt in ("saelens", "dictionary_learning"):
         export_sae(s, tmp_path / fmt, fmt)
         back = import_sae(tmp_path / fmt)
-        assert isinstance(back, sae_lib.BatchTopKSAE) and float(back.threshold) == 0.0
+        assert isinstance(back, BatchTopKSAE) and float(back.threshold) == 0.0
         assert_same_outputs(*outputs(back, inputs()), *outputs(s, inputs()))
 
 
@@ -172,7 +227,7 @@ def _edit_json(path: Path, **changes: Any) -> None:
             "saelens",
             "topk",
             {"architecture": "gated"},
-            "SAELens architecture 'gated' has no saelab equivalent",
+            "SAELens architecture 'gated' has no saelab equivalent; saelab reads SAELens standard, topk, jumprelu",
         ),
         ("saelens", "relu", {"normalize_activations": "layer_norm"}, "normalize_activations='layer_norm'"),
         ("saelens", "relu", {"reshape_activations": "hook_z"}, "reshape_activations='hook_z'"),
@@ -305,7 +360,10 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     argv = ["convert", "--src", str(tmp_path / "ours"), "--dst", str(tmp_path / "sp"), "--to", "sparsify"]
     assert cli.main(argv) == 1
     err = capsys.readouterr().err
-    assert err == "saelab: SAEError: the sparsify format cannot store a relu SAE; it stores topk\n"
+    assert err == (
+        "saelab: SAEError: the sparsify format cannot hold a relu SAE (it holds topk); "
+        "formats that can: saelab, saelens, dictionary_learning\n"
+    )
     argv = ["convert", "--src", str(tmp_path / "ours"), "--dst", str(tmp_path / "x"), "--to", "saelens"]
     assert cli.main([*argv, "--from", "dictionary_learning"]) == 1
     assert capsys.readouterr().err.endswith("is not a dictionary_learning checkpoint: ae.pt missing\n")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from support_train import planted, same_state
 
-from saelab.config import TrainConfig
+from saelab.config import ResampleConfig, TrainConfig
 from saelab.sae import base as sae_lib
 from saelab.sae.base import TrainLoss
 from saelab.train.resample import (
@@ -62,8 +62,11 @@ def test_forced_dead_latents_are_revived_only_by_resampling(
 ) -> None:
     x = planted()
     cfg = TrainConfig(
-        architecture=arch, resample=resample, resample_every=20, resample_tokens=2048, **BASE, **extra
-    )  # type: ignore[arg-type]
+        architecture=arch,
+        resample=ResampleConfig(method=resample, every=20, tokens=2048),  # type: ignore[arg-type]
+        **BASE,
+        **extra,
+    )
     result = train(x[:5000], cfg, seed=0, step_hook=kill_block, log_path=tmp_path / "log.jsonl")
     fired = block_fired(result.sae, x[5000:])  # held-out tokens, inference path
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -91,9 +94,10 @@ def test_healthy_training_is_left_alone(resample: str) -> None:
     (The encoder starts tied at scale 1: from the default 0.577 the surplus latents of this data go idle.)"""
     x = planted(n=3000)
     healthy = {**BASE, "auxk_coef": 1 / 32, "encoder_init_scale": 1.0}
-    cfg = TrainConfig(resample_every=10, resample_tokens=1024, **healthy)  # type: ignore[arg-type]
+    cfg = TrainConfig(resample=ResampleConfig(every=10, tokens=1024), **healthy)  # type: ignore[arg-type]
     plain = train(x, cfg, seed=0)
-    with_resampling = train(x, dataclasses.replace(cfg, resample=resample), seed=0)  # type: ignore[arg-type]
+    resampling = dataclasses.replace(cfg.resample, method=resample)  # type: ignore[arg-type]
+    with_resampling = train(x, dataclasses.replace(cfg, resample=resampling), seed=0)
     assert with_resampling.resample_events == ()
     assert same_state(plain.sae, with_resampling.sae)
 
@@ -154,7 +158,7 @@ def test_latent_dimension_from_the_shape_suffix() -> None:
     ]
     assert encoder_scale(TrainConfig(architecture="relu")) == 0.2
     assert encoder_scale(TrainConfig(architecture="topk")) == 1.0
-    assert encoder_scale(TrainConfig(resample_encoder_scale=0.5)) == 0.5
+    assert encoder_scale(TrainConfig(resample=ResampleConfig(encoder_scale=0.5))) == 0.5
 
 
 def fake_loss(z_BF: torch.Tensor) -> TrainLoss:
@@ -166,8 +170,12 @@ def fake_loss(z_BF: torch.Tensor) -> TrainLoss:
 def test_consistency_score_flags_dead_weak_and_collapsing_latents() -> None:
     """Latents: 0 steady (5%), 1 never fires, 2 fires at 5% with a tiny activation, 3 fires at 20% then stops,
     4 steady and dense (50%). After the collapse, 3 is flagged at once by the short window, long before its
-    long-window frequency falls below `consistency_min_freq`."""
-    cfg = TrainConfig(batch_size=200, dead_tokens=4000, consistency_min_freq=1e-4, consistency_z=3.0)
+    long-window frequency falls below `resample.consistency_min_freq`."""
+    cfg = TrainConfig(
+        batch_size=200,
+        dead_tokens=4000,
+        resample=ResampleConfig(consistency_min_freq=1e-4, consistency_z=3.0),
+    )
     r = ConsistencyResampler(cfg, 5, torch.device("cpu"), seed=0)
     gen = torch.Generator().manual_seed(0)
     for step in range(60):
@@ -182,7 +190,7 @@ def test_consistency_score_flags_dead_weak_and_collapsing_latents() -> None:
     assert scores[0] < 0 and scores[4] < 0
     assert scores[1] > 0 and scores[2] > 0 and scores[3] > 0
     f_long_3 = float(r.f_long_F[3] / (1 - (1 - r.a_long) ** r.steps_F[3]))
-    assert f_long_3 > 10 * cfg.consistency_min_freq  # flagged as unstable, not (yet) as dead
+    assert f_long_3 > 10 * cfg.resample.consistency_min_freq  # flagged as unstable, not (yet) as dead
     assert r.choose(torch.zeros(5, dtype=torch.long)).tolist() == [False, True, True, True, False]
 
 

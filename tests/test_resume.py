@@ -21,7 +21,7 @@ from support_train import StepCounter, Stopped, planted, same_state, train_stopp
 from saelab.activations.sources import StoreSource
 from saelab.activations.store import Activations
 from saelab.cli import main
-from saelab.config import TrainConfig
+from saelab.config import MatryoshkaConfig, ResampleConfig, TrainConfig
 from saelab.sae import base as sae_lib
 from saelab.sae.base import TrainLoss
 from saelab.train.checkpoint import checkpoint_sae, latest_checkpoint, load_checkpoint
@@ -48,10 +48,10 @@ def assert_same_run(a: TrainResult, b: TrainResult) -> None:
 )
 def test_resume_after_a_crash_is_bit_for_bit(tmp_path: Path, arch: str, resample: str) -> None:
     x = planted(n=2000, d=16)
-    extra = {"matryoshka_prefix_fractions": (0.25, 1.0)} if arch == "matryoshka" else {}
+    resampling = ResampleConfig(method=resample, every=10, tokens=512, consistency_min_freq=1e-3)  # type: ignore[arg-type]
     cfg = TrainConfig(
-        architecture=arch, checkpoint_every=7, resample=resample, resample_every=10, resample_tokens=512,
-        log_every=3, consistency_min_freq=1e-3, **SMALL, **extra,  # type: ignore[arg-type]
+        architecture=arch, checkpoint_every=7, resample=resampling, log_every=3,
+        matryoshka=MatryoshkaConfig((0.25, 1.0)), **SMALL,  # type: ignore[arg-type]
     )  # fmt: skip
 
     def kill_block(step: int, sae: sae_lib.SAE, loss: TrainLoss) -> None:  # dead latents for AuxK, resampling
@@ -204,8 +204,8 @@ def test_store_source_checkpoint_refuses_another_buffer(tmp_path: Path) -> None:
 
 TRAIN_ARGS = [
     "--train.expansion", "4", "--train.k", "4", "--train.batch-size", "32", "--train.epochs", "60",
-    "--train.checkpoint-every", "25", "--train.log-every", "5", "--train.resample", "anthropic",
-    "--train.resample-every", "100", "--train.dead-tokens", "2000",
+    "--train.checkpoint-every", "25", "--train.log-every", "5", "--train.resample.method", "anthropic",
+    "--train.resample.every", "100", "--train.dead-tokens", "2000",
 ]  # fmt: skip
 
 

@@ -13,6 +13,7 @@ import torch
 
 from saelab.sae import base as sae_lib
 from saelab.sae.base import REGISTRY, LossInputs, SAEConfig, SAEError, build
+from saelab.sae.topk import BatchTopKSAE, TopKSAE
 
 ARCHS = sorted(REGISTRY)
 PARAMS: dict[str, dict[str, Any]] = {
@@ -30,7 +31,7 @@ def make(arch: str = "topk", d_in: int = 16, d_sae: int = 64, **params: Any) -> 
     with torch.no_grad():
         s.b_enc_F.normal_()
         s.b_dec_D.normal_()
-        if isinstance(s, sae_lib.BatchTopKSAE):
+        if isinstance(s, BatchTopKSAE):
             s.threshold.fill_(1.0)  # as if trained: inference uses the threshold
     return s
 
@@ -279,7 +280,7 @@ def test_save_load_round_trip(arch: str, tmp_path: Path) -> None:
 @pytest.mark.bad_input
 def test_loading_as_another_architecture_is_an_error(tmp_path: Path) -> None:
     sae_lib.save(make("topk"), tmp_path)
-    assert isinstance(sae_lib.load(tmp_path, architecture="topk"), sae_lib.TopKSAE)
+    assert isinstance(sae_lib.load(tmp_path, architecture="topk"), TopKSAE)
     with pytest.raises(SAEError, match="is a topk SAE, not relu"):
         sae_lib.load(tmp_path, architecture="relu")
 

@@ -8,6 +8,7 @@ import torch
 
 from saelab.sae import base as sae_lib
 from saelab.sae.sparse_ops import Entries, decode_entries, entry_preacts
+from saelab.sae.topk import KSparseSAE, batch_topk
 
 TOL = {"rtol": 1e-4, "atol": 1e-5}
 
@@ -68,11 +69,11 @@ def test_kernels_match_dense_autograd(need_x_grad: bool) -> None:
         torch.testing.assert_close(g, r, **TOL)
 
 
-def make(arch: str) -> sae_lib.KSparseSAE:
+def make(arch: str) -> KSparseSAE:
     extra = {"matryoshka_prefix_fractions": (0.25, 0.5, 1.0)} if arch == "matryoshka" else {}
     torch.manual_seed(3)
     sae = sae_lib.build(sae_lib.SAEConfig(arch, d_in=16, d_sae=64, k=4, **extra))
-    assert isinstance(sae, sae_lib.KSparseSAE)
+    assert isinstance(sae, KSparseSAE)
     with torch.no_grad():
         sae.b_enc_F.normal_(0, 0.3)
         sae.b_dec_D.normal_(0, 0.3)
@@ -119,7 +120,7 @@ def test_batch_topk_finds_the_flat_top_n(case: str) -> None:
     if case == "few positive":
         x = torch.where(x > 2.5, x, torch.zeros(()))
     n = 64 * 4
-    vals, flat = sae_lib.batch_topk(x, n)
+    vals, flat = batch_topk(x, n)
     want_vals, _ = x.flatten().topk(n)
     assert flat.unique().numel() == n
     torch.testing.assert_close(x.flatten()[flat], vals)

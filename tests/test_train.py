@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,11 @@ import torch
 from support_train import planted, planted_directions
 
 from saelab.activations.store import ActivationError
-from saelab.config import ConfigError, TrainConfig
+from saelab.config import ConfigError, JumpReLUConfig, MatryoshkaConfig, ResampleConfig, TrainConfig
 from saelab.eval.core import reconstruction_metrics
 from saelab.sae import base as sae_lib
 from saelab.sae.base import SAEError
+from saelab.sae.jumprelu import JumpReLUSAE
 from saelab.train.trainer import (
     TrainError,
     auxk_loss,
@@ -49,9 +51,9 @@ PLANTED_RUNS = {
     # architecture: (extra config, min EV, L0 range)
     "topk": ({}, 0.9, (3.9, 4.0)),
     "batchtopk": ({}, 0.85, (3.4, 4.6)),
-    "matryoshka": ({"matryoshka_prefix_fractions": (0.25, 1.0)}, 0.82, (3.4, 4.6)),
+    "matryoshka": ({"matryoshka": MatryoshkaConfig((0.25, 1.0))}, 0.82, (3.4, 4.6)),
     "relu": ({"l1_coef": 1.0, "epochs": 16}, 0.85, (3.0, 20.0)),
-    "jumprelu": ({"l0_coef": 0.3, "jumprelu_init_threshold": 1.0}, 0.8, (2.5, 5.0)),
+    "jumprelu": ({"l0_coef": 0.3, "jumprelu": JumpReLUConfig(init_threshold=1.0)}, 0.8, (2.5, 5.0)),
 }
 
 
@@ -112,7 +114,7 @@ def test_scale_is_folded_into_the_returned_sae(arch: str, monkeypatch: pytest.Mo
         epochs=1,
         batch_size=256,
         l1_coef=1.0,
-        jumprelu_init_threshold=1.0,
+        jumprelu=JumpReLUConfig(init_threshold=1.0),
     )
     s, trained, scale = train_capturing_fold(x, cfg, monkeypatch)
     assert scale == pytest.approx(float((x.shape[1] / x.pow(2).sum(1).mean()).sqrt()), rel=1e-5)
@@ -128,10 +130,15 @@ def test_scale_is_folded_into_the_returned_sae(arch: str, monkeypatch: pytest.Mo
 
 def test_threshold_learns_and_stays_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = TrainConfig(
-        architecture="jumprelu", expansion=2, lr=3e-3, epochs=8, batch_size=256, jumprelu_init_threshold=1.0
+        architecture="jumprelu",
+        expansion=2,
+        lr=3e-3,
+        epochs=8,
+        batch_size=256,
+        jumprelu=JumpReLUConfig(init_threshold=1.0),
     )
     s, trained, _ = train_capturing_fold(planted(n=2000), cfg, monkeypatch)
-    assert isinstance(s, sae_lib.JumpReLUSAE) and isinstance(trained, sae_lib.JumpReLUSAE)
+    assert isinstance(s, JumpReLUSAE) and isinstance(trained, JumpReLUSAE)
     assert s.log_threshold_F.dtype == torch.float32
     moved = trained.log_threshold_F.detach() - math.log(1.0)
     assert moved.abs().max() > 0.05 and moved.std() > 0.01  # thresholds learned, each its own way
@@ -182,9 +189,8 @@ def test_too_few_activations_and_too_large_k_are_refused() -> None:
 
 
 def test_sae_config_takes_the_architecture_parameters_from_the_train_config() -> None:
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
     for arch, cls in sae_lib.REGISTRY.items():
-        assert set(cls.params) <= fields, arch
+        assert set(cls.params_from(TrainConfig(architecture=arch))) == set(cls.params), arch  # type: ignore[arg-type]
     c = sae_config(TrainConfig(architecture="matryoshka", k=8, expansion=2), 16, "layers.3")
     assert (c.d_sae, c.k, c.matryoshka_prefix_fractions, c.hookpoint) == (
         32,
@@ -202,16 +208,69 @@ def test_sae_config_takes_the_architecture_parameters_from_the_train_config() ->
         ("l1_coef", -1.0),
         ("l0_coef", -0.1),
         ("sparsity_warmup_fraction", 1.0),
-        ("jumprelu_bandwidth", 0.0),
-        ("jumprelu_init_threshold", -0.1),
-        ("matryoshka_prefix_fractions", (0.5, 0.25, 1.0)),
-        ("matryoshka_prefix_fractions", (0.25, 0.5)),
-        ("matryoshka_prefix_fractions", ()),
+        ("jumprelu.bandwidth", 0.0),
+        ("jumprelu.init_threshold", -0.1),
+        ("jumprelu.threshold_lr", -1.0),
+        ("matryoshka.prefix_fractions", (0.5, 0.25, 1.0)),
+        ("matryoshka.prefix_fractions", (0.25, 0.5)),
+        ("matryoshka.prefix_fractions", ()),
+        ("resample.every", 0),
+        ("resample.tokens", 0),
+        ("resample.consistency_min_freq", 1.0),
+        ("architecture", "gated"),
     ],
 )
 def test_bad_train_config_names_the_field(field: str, value: object) -> None:
-    with pytest.raises(ConfigError, match=f"train.{field}"):
-        TrainConfig(**{field: value})  # type: ignore[arg-type]
+    """Nested settings are named by their path, as their flags are (`--train.jumprelu.bandwidth`)."""
+    section, _, leaf = field.rpartition(".")
+    with pytest.raises(ConfigError, match=f"train.{re.escape(field)} must be"):
+        if section:
+            TrainConfig(**{section: SECTIONS[section](**{leaf: value})})  # type: ignore[arg-type]
+        else:
+            TrainConfig(**{field: value})  # type: ignore[arg-type]
+
+
+SECTIONS: dict[str, Any] = {
+    "jumprelu": JumpReLUConfig,
+    "matryoshka": MatryoshkaConfig,
+    "resample": ResampleConfig,
+}
+
+
+def test_variants_override_nested_settings_by_their_path() -> None:
+    """`train.variants` names a nested setting as its flag does, without `--train.`; the settings a variant
+    does not name are the main SAE's, nested ones included."""
+    base = TrainConfig(
+        jumprelu=JumpReLUConfig(init_threshold=0.5),
+        variants=("architecture=jumprelu jumprelu.bandwidth=0.1 resample.method=anthropic", "k=8"),
+    )
+    jump, k8 = base.variant_configs()
+    assert jump.jumprelu == JumpReLUConfig(bandwidth=0.1, init_threshold=0.5)
+    assert (jump.architecture, jump.resample.method, jump.resample.every) == ("jumprelu", "anthropic", 250)
+    assert dataclasses.replace(k8, k=base.k) == dataclasses.replace(base, variants=())
+    fractions = base.with_overrides("matryoshka.prefix_fractions=0.25,1").matryoshka.prefix_fractions
+    assert fractions == (0.25, 1.0)
+    assert base.with_overrides("jumprelu.init-threshold=2 auxk-coef=0") == dataclasses.replace(
+        base, jumprelu=JumpReLUConfig(init_threshold=2.0), auxk_coef=0.0, variants=()
+    )
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("jumprelu_bandwidth=0.1", "'jumprelu_bandwidth=0.1' in .* is not NAME=VALUE of a setting"),
+        ("jumprelu.nope=1", "'jumprelu.nope=1' in .* is not NAME=VALUE"),
+        ("jumprelu=1", "'jumprelu=1' in .* is not NAME=VALUE"),
+        ("batch_size=64", "all SAEs share batch_size, epochs, resume, stream_buffer_rows"),
+        ("resample.method=sometimes", "resample.method must be one of none, anthropic, consistency"),
+        ("jumprelu.bandwidth=-1", "train.jumprelu.bandwidth must be > 0"),
+        ("architecture=gated", "train.architecture must be a registered architecture"),
+    ],
+)
+def test_bad_variants_are_named(override: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig(variants=(override,))
 
 
 def test_lr_schedule_warmup_and_decay() -> None:
@@ -243,7 +302,9 @@ def test_train_many_equals_training_each_alone(tmp_path: Path) -> None:
         dataclasses.replace(base, architecture="batchtopk", k=5, lr=1e-3),
         dataclasses.replace(base, architecture="relu", expansion=2, l1_coef=1.0),
         dataclasses.replace(base, architecture="jumprelu"),
-        dataclasses.replace(base, architecture="matryoshka", resample="anthropic", resample_every=8),
+        dataclasses.replace(
+            base, architecture="matryoshka", resample=ResampleConfig(method="anthropic", every=8)
+        ),
     ]
     logs = [tmp_path / f"{i}.jsonl" for i in range(len(cfgs))]
     together = train_many(x, cfgs, seed=0, log_paths=logs)
@@ -279,7 +340,7 @@ def test_threshold_lr_moves_jumprelu_thresholds_at_their_own_rate() -> None:
         sae = train(x, cfg, seed=0).sae
         return float((sae.threshold_F.log() + unfold - init.log()).abs().mean())
 
-    slow, fast = travel(base), travel(dataclasses.replace(base, threshold_lr=1e-2))
+    slow, fast = travel(base), travel(dataclasses.replace(base, jumprelu=JumpReLUConfig(threshold_lr=1e-2)))
     assert fast > 5 * slow > 0
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from support_train import planted
 
-from saelab.config import ConfigError, TrainConfig
+from saelab.config import ConfigError, ResampleConfig, TrainConfig
 from saelab.train.log import LogSinkError
 from saelab.train.trainer import train
 
@@ -57,7 +57,9 @@ def test_log_sinks_are_validated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 def test_tensorboard_gets_the_same_scalars(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = TrainConfig(**{**CFG.__dict__, "log_to": ("jsonl", "tensorboard"), "resample": "anthropic"})
+    cfg = TrainConfig(
+        **{**CFG.__dict__, "log_to": ("jsonl", "tensorboard"), "resample": ResampleConfig(method="anthropic")}
+    )
     train(planted(n=2000, d=16), cfg, seed=0, log_path=tmp_path / "log.jsonl")
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()

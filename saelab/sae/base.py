@@ -1,40 +1,29 @@
-"""Sparse autoencoders: five architectures behind one interface, a registry, and save/load (`cfg.json` +
+"""Sparse autoencoders: the interface every architecture shares, its typed results, and save/load (`cfg.json` +
 `sae.safetensors`).
 
 Every architecture shares the affine encoder and decoder
     pre = W_enc (x - b_dec) + b_enc,        x_hat = W_dec z + b_dec,
-and differs only in how the latents z are chosen from the pre-activations and in its training objective:
+and differs only in how the latents z are chosen from the pre-activations, in its training objective, and in the
+architecture-specific state the trainer, the resampler and the checkpoint formats ask it about (methods of `SAE`).
+The built-in architectures, one module each, registered by name in `registry.REGISTRY`:
 
-- `topk`: z = TopK(ReLU(pre)) per token, unit-norm decoder rows, AuxK for dead latents (Gao et al. 2024,
-  "Scaling and evaluating sparse autoencoders").
-- `batchtopk`: training keeps the k*B largest ReLU(pre) of the whole batch, so rows get varying numbers of
-  latents; inference replaces the batch by one learned threshold, the running mean of the smallest kept
-  activation (Bussmann, Leask & Nanda 2024, "BatchTopK Sparse Autoencoders").
-- `matryoshka`: BatchTopK whose nested dictionary prefixes each reconstruct x on their own; ONE global BatchTopK
-  selection is shared by all prefixes (Bussmann et al. 2025, "Learning Multi-Level Features with Matryoshka
-  Sparse Autoencoders"; Nabeshima 2024).
-- `relu`: z = ReLU(pre) with an L1 penalty on z_i * ||W_dec_i|| and an unconstrained decoder (Anthropic,
-  "Towards Monosemanticity", April 2024 update).
-- `jumprelu`: z = pre * H(pre - theta_i), a learned per-latent threshold (fp32, log-parametrised), an L0 penalty,
-  and straight-through pseudo-derivatives with a rectangle kernel (Rajamanoharan et al. 2024, "Jumping Ahead").
+- `topk.py`: `topk`, `batchtopk`, `matryoshka` (the k-sparse family, with sparse training kernels);
+- `relu.py`: `relu`, an L1 penalty and an unconstrained decoder;
+- `jumprelu.py`: `jumprelu`, learned per-latent thresholds and an L0 penalty.
 
 Interface (`SAE`): `encode(x) -> SparseCode`, `decode(code) -> x_hat`, `reconstruct(x) -> (x_hat, code)` and
 `forward(x) -> ForwardOutput` (inference; `forward(x).x_hat_BD == decode(encode(x))`, forward also returns every
-latent's pre-activation), and `training_loss(x, inputs) -> TrainLoss`, the objective `train.py`
+latent's pre-activation), and `training_loss(x, inputs) -> TrainLoss`, the objective `saelab.train.trainer`
 minimises. Shapes carry suffixes: B batch, D d_in, F d_sae (latents), K active-latent slots.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import itertools
 import json
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -43,49 +32,15 @@ from torch import nn
 from torch.nn.functional import embedding_bag
 
 from saelab.run import atomic
-from saelab.sae.sparse_ops import Entries, decode_entries, entry_preacts
+from saelab.sae.registry import ARCH_PARAMS, DEFAULTS, SAEConfig, SAEError, architecture_class
 
+# Re-exported, so that `from saelab.sae import base as sae_lib` reaches the whole SAE API (sae_lib.REGISTRY, ...).
+from saelab.sae.registry import REGISTRY as REGISTRY
+from saelab.sae.registry import architecture_names as architecture_names
+from saelab.sae.registry import register as register
 
-class SAEError(ValueError):
-    """An SAE checkpoint or input is unusable; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class SAEConfig:
-    """What is needed to rebuild an SAE; saved as `cfg.json` (with only the parameters its architecture takes)."""
-
-    architecture: str
-    d_in: int
-    d_sae: int
-    k: int = 0
-    """Active latents per token (topk) or per token on average (batchtopk, matryoshka); unused (0) otherwise."""
-    hookpoint: str = ""
-    model: str = ""
-    matryoshka_prefix_fractions: tuple[float, ...] = ()
-    """matryoshka: nested prefix sizes as fractions of d_sae, increasing, the last 1.0."""
-    jumprelu_bandwidth: float = 0.0
-    """jumprelu: width epsilon of the rectangle kernel in the threshold's pseudo-derivative."""
-    jumprelu_init_threshold: float = 0.0
-    """jumprelu: threshold every latent starts from."""
-
-    def __post_init__(self) -> None:
-        if self.d_in <= 0 or self.d_sae <= 0:
-            raise SAEError(f"d_in and d_sae must be > 0, got {self.d_in}, {self.d_sae}")
-        architecture_class(self.architecture).check_config(self)
-
-    def to_json(self) -> dict[str, Any]:
-        """The common fields plus the parameters of this architecture only."""
-        keep = {"architecture", "d_in", "d_sae", "hookpoint", "model", *REGISTRY[self.architecture].params}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k in keep}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> SAEConfig:
-        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return cls(**fields)
-
-
-_ARCH_PARAMS = ("k", "matryoshka_prefix_fractions", "jumprelu_bandwidth", "jumprelu_init_threshold")
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SAEConfig)}
+if TYPE_CHECKING:
+    from saelab.config import TrainConfig
 
 
 class SparseCode(NamedTuple):
@@ -203,14 +158,23 @@ def auxk_error(
 
 
 class SAE(nn.Module):
-    """Shared encoder/decoder and the inference and training templates; subclasses choose the latents."""
+    """Shared encoder/decoder and the inference and training templates; subclasses choose the latents and answer
+    for their own state: which `SAEConfig` parameters they take (`params`, `params_from`), Adam's parameter groups,
+    what resetting a latent touches, whether they train with sparse kernels, and their inference threshold (what
+    a checkpoint format must hold)."""
 
     architecture: ClassVar[str] = ""
+    """The registry name (`registry.register`), also `--train.architecture`."""
     params: ClassVar[tuple[str, ...]] = ()
-    """`SAEConfig` fields this architecture takes (TrainConfig has fields of the same names)."""
+    """`SAEConfig` fields this architecture takes (the keys of `params_from`)."""
     uses_auxk: ClassVar[bool] = True
     unit_norm_decoder: ClassVar[bool] = True
     decoder_init_norm: ClassVar[float] = 1.0
+    resample_encoder_scale: ClassVar[float] = 1.0
+    """Resampling's norm of a re-initialised encoder column relative to the kept latents' mean, when
+    `TrainConfig` leaves it at 0 (auto): 1.0 where a latent must win a top-k slot or clear a threshold to fire."""
+    has_threshold: ClassVar[bool] = False
+    """Inference compares latents with a learned threshold (`threshold_values`, `load_threshold_`)."""
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
@@ -229,12 +193,17 @@ class SAE(nn.Module):
     @classmethod
     def check_config(cls, cfg: SAEConfig) -> None:
         """Refuse parameters of other architectures (a mislabelled cfg.json); subclasses check their own."""
-        for name in _ARCH_PARAMS:
-            if name not in cls.params and getattr(cfg, name) != _DEFAULTS[name]:
+        for name in ARCH_PARAMS:
+            if name not in cls.params and getattr(cfg, name) != DEFAULTS[name]:
                 raise SAEError(
                     f"{name}={getattr(cfg, name)!r} is not a parameter of a {cls.architecture} SAE; "
                     "was this config written for another architecture?"
                 )
+
+    @classmethod
+    def params_from(cls, train: TrainConfig) -> dict[str, Any]:
+        """This architecture's `SAEConfig` parameters (the names in `params`) from the training config."""
+        return {}
 
     # --- inference -------------------------------------------------------------------------------------------
     def select(self, pre_BF: torch.Tensor) -> SparseCode:
@@ -242,7 +211,7 @@ class SAE(nn.Module):
         raise NotImplementedError
 
     def pre_acts(self, x_BD: torch.Tensor) -> torch.Tensor:
-        _check_finite(x_BD)
+        check_input_finite(x_BD)
         return torch.relu(self.linear(x_BD))
 
     def linear(self, x_BD: torch.Tensor) -> torch.Tensor:
@@ -297,6 +266,13 @@ class SAE(nn.Module):
         return out.scatter_(1, code.top_idx_BK, code.top_acts_BK)
 
     # --- training ---------------------------------------------------------------------------------------------
+    def param_groups(self, train: TrainConfig) -> list[dict[str, Any]]:
+        """Adam's parameter groups, each with the `base_lr` the trainer's schedule scales."""
+        return [{"params": list(self.parameters()), "base_lr": train.lr}]
+
+    def use_sparse_kernels(self, on: bool) -> None:
+        """Train with the sparse kernels of `sparse_ops` where this architecture has them (no-op otherwise)."""
+
     def train_latents(self, raw_BF: torch.Tensor) -> torch.Tensor:
         """Dense latents [B, F] the training objective sees, from raw pre-activations (differentiable)."""
         raise NotImplementedError
@@ -347,6 +323,24 @@ class SAE(nn.Module):
             g -= (g * self.W_dec_FD).sum(dim=1, keepdim=True) * self.W_dec_FD
 
     @torch.no_grad()
+    def reset_latents_(self, idx_K: torch.Tensor, W_dec_KD: torch.Tensor, W_enc_DK: torch.Tensor) -> None:
+        """Give latents `idx_K` new decoder rows and encoder columns and restart the rest of their state (encoder
+        bias 0; subclasses: thresholds): what resampling a latent touches (`saelab.train.resample`)."""
+        self.W_dec_FD[idx_K] = W_dec_KD
+        self.W_enc_DF[:, idx_K] = W_enc_DK
+        self.b_enc_F[idx_K] = 0.0
+
+    # --- inference threshold (what a checkpoint format must hold beside the weights) --------------------------
+    def threshold_values(self) -> torch.Tensor | None:
+        """The inference threshold as values: a scalar or one per latent [F]; None without one."""
+        return None
+
+    @torch.no_grad()
+    def load_threshold_(self, threshold: torch.Tensor) -> None:
+        """Set the inference threshold from values (non-negative: latents are ReLU'd before the test)."""
+        raise SAEError(f"a {self.architecture} SAE has no threshold to load")
+
+    @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:
         """Make an SAE trained on `x * scale` take raw x: pre-activations, latents and x_hat all shrink by `scale`,
         so biases (and thresholds, in subclasses) are divided by it; weights stay."""
@@ -361,349 +355,11 @@ class SAE(nn.Module):
             )
 
 
-def _check_finite(x_BD: torch.Tensor) -> None:
+def check_input_finite(x_BD: torch.Tensor) -> None:
     if not bool(torch.isfinite(x_BD).all()):
         raise SAEError(
             "input contains NaN/inf activations; check the model dtype (try --model.dtype float32)"
         )
-
-
-def _check_k(cfg: SAEConfig) -> None:
-    if not 0 < cfg.k < cfg.d_sae:
-        raise SAEError(
-            f"k must be in (0, d_sae={cfg.d_sae}) for a {cfg.architecture} SAE, got {cfg.k}; "
-            "lower k or widen the SAE"
-        )
-
-
-class KSparseSAE(SAE):
-    """The training path shared by the k-sparse architectures (topk, batchtopk, matryoshka).
-
-    The dense encoder matmul runs without autograd and only chooses the active entries (`train_entries`); the
-    loss is then built from those entries with the kernels of `sparse_ops`, whose backward passes touch the
-    B*k entries instead of all B*F latents. `sparse_training = False` takes the dense reference path
-    (`SAE.training_loss` on `train_latents`), which computes the same loss and gradients; tests compare the
-    two."""
-
-    params: ClassVar[tuple[str, ...]] = ("k",)
-
-    def __init__(self, cfg: SAEConfig) -> None:
-        super().__init__(cfg)
-        self.sparse_training = True
-
-    @classmethod
-    def check_config(cls, cfg: SAEConfig) -> None:
-        super().check_config(cfg)
-        _check_k(cfg)
-
-    def train_entries(self, raw_BF: torch.Tensor) -> tuple[Entries, torch.Tensor]:
-        """The entries the training objective keeps, from raw pre-activations (no autograd), and their raw
-        values in CSR order. Entries whose value is <= 0 stay in the pattern and add nothing after the ReLU."""
-        raise NotImplementedError
-
-    def train_latents(self, raw_BF: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            entries, _ = self.train_entries(raw_BF)
-        rows, cols = entries.rows_N(), entries.col_N
-        return torch.zeros_like(raw_BF).index_put((rows, cols), raw_BF[rows, cols].relu())
-
-    def entry_reconstruction_loss(
-        self, x_BD: torch.Tensor, vals_N: torch.Tensor, entries: Entries
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`reconstruction_loss` from the active entries."""
-        x_hat_BD = decode_entries(vals_N, self.W_dec_FD, entries) + self.b_dec_D
-        return sq_err(x_BD, x_hat_BD), x_hat_BD
-
-    def training_loss(self, x_BD: torch.Tensor, inputs: LossInputs) -> TrainLoss:
-        if not self.sparse_training:
-            return super().training_loss(x_BD, inputs)
-        with torch.no_grad():
-            raw_BF = self.linear(x_BD)
-        entries, pre_N = self.train_entries(raw_BF)
-        vals_N = self._entry_acts(x_BD, pre_N, entries)
-        recon, x_hat_BD = self.entry_reconstruction_loss(x_BD, vals_N, entries)
-        resid_BD = (x_BD - x_hat_BD).detach()
-        aux = recon.new_zeros(())
-        if inputs.auxk_coef > 0 and bool(inputs.dead_F.any()):
-            aux = self._entry_auxk(x_BD, raw_BF, resid_BD, inputs)
-        vals_N = vals_N.detach()
-        zeros_F = vals_N.new_zeros(self.cfg.d_sae)
-        count_F = zeros_F.index_add(0, entries.col_N, (vals_N > 0).to(vals_N.dtype))
-        return TrainLoss(
-            total=recon + inputs.auxk_coef * aux,
-            mse=resid_BD.pow(2).sum(dim=-1).mean(),
-            aux=aux.detach(),
-            sparsity=recon.new_zeros(()),
-            l0=count_F.sum() / x_BD.shape[0],
-            count_F=count_F,
-            act_sum_F=zeros_F.index_add(0, entries.col_N, vals_N),
-        )
-
-    def _entry_acts(self, x_BD: torch.Tensor, pre_N: torch.Tensor, entries: Entries) -> torch.Tensor:
-        return entry_preacts(pre_N, x_BD, self.W_enc_DF, self.b_enc_F, self.b_dec_D, entries).relu()
-
-    def _entry_auxk(
-        self, x_BD: torch.Tensor, raw_BF: torch.Tensor, resid_BD: torch.Tensor, inputs: LossInputs
-    ) -> torch.Tensor:
-        """`auxk_loss` over the dead latents' columns only."""
-        dead_idx = inputs.dead_F.nonzero().flatten()
-        pre, j = raw_BF.index_select(1, dead_idx).topk(
-            min(inputs.k_aux, dead_idx.numel()), dim=-1, sorted=False
-        )
-        entries = Entries.rectangle(dead_idx[j], self.cfg.d_sae)
-        vals_N = self._entry_acts(x_BD, pre.reshape(-1), entries)
-        return auxk_error(decode_entries(vals_N, self.W_dec_FD, entries), resid_BD, inputs.sum_ranks)
-
-
-class TopKSAE(KSparseSAE):
-    """TopK sparse autoencoder with unit-norm decoder rows."""
-
-    architecture = "topk"
-
-    def select(self, pre_BF: torch.Tensor) -> SparseCode:
-        acts, idx = pre_BF.topk(self.cfg.k, dim=-1, sorted=False)
-        return SparseCode(acts, idx)
-
-    def encode(self, x_BD: torch.Tensor) -> SparseCode:
-        # TopK of the raw pre-activations, then ReLU on the K kept values: the code of TopK(ReLU(pre)) (a kept
-        # value below 0 is an inactive 0 either way) without a ReLU pass over all F latents.
-        _check_finite(x_BD)
-        acts, idx = self.linear(x_BD).topk(self.cfg.k, dim=-1, sorted=False)
-        return SparseCode(acts.relu(), idx)
-
-    def train_entries(self, raw_BF: torch.Tensor) -> tuple[Entries, torch.Tensor]:
-        # TopK of the raw values equals TopK after the ReLU wherever the kept values are positive.
-        vals, idx = raw_BF.topk(self.cfg.k, dim=-1, sorted=False)
-        return Entries.rectangle(idx, self.cfg.d_sae), vals.reshape(-1)
-
-
-def batch_topk(x_BF: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The n largest values of x and their flat indices, like `x.flatten().topk(n)`, without a top-n over all
-    B*F values: a threshold below the n-th value is estimated from an evenly spread sample, the values above it
-    are gathered in one pass, and the exact top-n runs on those. Exact: when fewer than n values clear the
-    threshold (a misjudged sample, ties), the full flat top-n runs instead. Measured on 2 busy CPU cores (4096 x
-    4608, n = 32 per row): ~4x faster than the flat top-n."""
-    flat = x_BF.flatten()
-    N = flat.numel()
-    if n * 20 > N:  # a large share of the values: nothing to gain
-        return flat.topk(n, sorted=False)
-    stride = max(1, N // 65536)
-    while math.gcd(stride, x_BF.shape[-1]) != 1:  # a stride sharing a factor with F would sample few columns
-        stride += 1
-    sample = flat[::stride]
-    keep = min(1.0, 1.5 * n / N + 64 / sample.numel())  # a margin above the expected share
-    threshold = sample.kthvalue(max(1, sample.numel() - math.ceil(keep * sample.numel()))).values
-    cand = (flat > threshold).nonzero().squeeze(1)
-    if cand.numel() < n:
-        return flat.topk(n, sorted=False)
-    vals, pos = flat[cand].topk(n, sorted=False)
-    return vals, cand[pos]
-
-
-class BatchTopKSAE(KSparseSAE):
-    """BatchTopK in training; a single learned threshold at inference (Bussmann et al. 2024)."""
-
-    architecture = "batchtopk"
-    threshold_decay: ClassVar[float] = 0.9
-    """Exponential moving average of the smallest kept activation per training step."""
-    threshold: torch.Tensor
-    """Inference threshold (a buffer, saved with the weights)."""
-
-    def __init__(self, cfg: SAEConfig) -> None:
-        super().__init__(cfg)
-        # 0 until the first training step: every positive pre-activation is active.
-        self.register_buffer("threshold", torch.zeros(()))
-
-    def select(self, pre_BF: torch.Tensor) -> SparseCode:
-        return sparse_code(pre_BF * (pre_BF > self.threshold))
-
-    def train_entries(self, raw_BF: torch.Tensor) -> tuple[Entries, torch.Tensor]:
-        """The k*B largest pre-activations of the batch; updates the running inference threshold."""
-        vals, flat = batch_topk(raw_BF, self.cfg.k * raw_BF.shape[0])
-        self._update_threshold(vals.relu())
-        entries, order = Entries.from_flat(flat, raw_BF.shape[0], self.cfg.d_sae)
-        return entries, vals[order]
-
-    @torch.no_grad()
-    def _update_threshold(self, kept: torch.Tensor) -> None:
-        smallest = kept.masked_fill(kept <= 0, math.inf).min()
-        t = self.threshold
-        ema = torch.where(t > 0, self.threshold_decay * t + (1 - self.threshold_decay) * smallest, smallest)
-        t.copy_(torch.where(torch.isfinite(smallest), ema, t))
-
-    @torch.no_grad()
-    def fold_input_scale(self, scale: float) -> None:
-        super().fold_input_scale(scale)
-        self.threshold.div_(scale)
-
-
-class MatryoshkaSAE(BatchTopKSAE):
-    """Matryoshka BatchTopK: every nested prefix of the dictionary reconstructs x on its own."""
-
-    architecture = "matryoshka"
-    params: ClassVar[tuple[str, ...]] = ("k", "matryoshka_prefix_fractions")
-
-    @classmethod
-    def check_config(cls, cfg: SAEConfig) -> None:
-        super().check_config(cfg)
-        fr = cfg.matryoshka_prefix_fractions
-        sizes = prefix_sizes(fr, cfg.d_sae)
-        if not fr or fr[-1] != 1.0 or sizes[0] < 1 or any(a >= b for a, b in itertools.pairwise(sizes)):
-            raise SAEError(
-                f"matryoshka_prefix_fractions {fr} must be increasing fractions of d_sae={cfg.d_sae} ending "
-                f"at 1.0, giving distinct non-empty prefixes (got sizes {sizes})"
-            )
-
-    def reconstruction_loss(
-        self, x_BD: torch.Tensor, z_BF: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sum over prefixes m of ||x - (z[:, :m] W_dec[:m] + b_dec)||^2, built up group by group so the whole
-        costs one decoder matmul; the last prefix is the whole dictionary."""
-        x_hat_BD = self.b_dec_D.expand_as(x_BD)
-        total, start = x_BD.new_zeros(()), 0
-        for end in prefix_sizes(self.cfg.matryoshka_prefix_fractions, self.cfg.d_sae):
-            x_hat_BD = x_hat_BD + z_BF[:, start:end] @ self.W_dec_FD[start:end]
-            total = total + sq_err(x_BD, x_hat_BD)
-            start = end
-        return total, x_hat_BD
-
-    def entry_reconstruction_loss(
-        self, x_BD: torch.Tensor, vals_N: torch.Tensor, entries: Entries
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """As `reconstruction_loss`, each group decoding only its own entries."""
-        x_hat_BD = self.b_dec_D.expand_as(x_BD)
-        total, start = x_BD.new_zeros(()), 0
-        for end in prefix_sizes(self.cfg.matryoshka_prefix_fractions, self.cfg.d_sae):
-            group, pos = entries.select((entries.col_N >= start) & (entries.col_N < end))
-            x_hat_BD = x_hat_BD + decode_entries(vals_N[pos], self.W_dec_FD, group)
-            total = total + sq_err(x_BD, x_hat_BD)
-            start = end
-        return total, x_hat_BD
-
-
-def prefix_sizes(fractions: tuple[float, ...], d_sae: int) -> list[int]:
-    """Matryoshka prefix lengths: round(fraction * d_sae)."""
-    return [round(f * d_sae) for f in fractions]
-
-
-class ReLUSAE(SAE):
-    """ReLU SAE with the decoder-norm-weighted L1 penalty and an unconstrained decoder (Anthropic, April 2024)."""
-
-    architecture = "relu"
-    uses_auxk = False
-    unit_norm_decoder = False
-    decoder_init_norm = 0.1  # Anthropic's April 2024 update: decoder rows start at norm 0.1
-
-    def select(self, pre_BF: torch.Tensor) -> SparseCode:
-        return sparse_code(pre_BF)
-
-    def train_latents(self, raw_BF: torch.Tensor) -> torch.Tensor:
-        return torch.relu(raw_BF)
-
-    def sparsity_penalty(self, raw_BF: torch.Tensor, z_BF: torch.Tensor, inputs: LossInputs) -> torch.Tensor:
-        """lambda * sum_i z_i ||W_dec_i||, averaged over tokens (the norm enters so shrinking z cannot pay)."""
-        return inputs.l1_coef * (z_BF * self.W_dec_FD.norm(dim=1)).sum(dim=-1).mean()
-
-
-def _rectangle(u: torch.Tensor) -> torch.Tensor:
-    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
-
-
-class _JumpReLU(torch.autograd.Function):
-    """z = pre * H(pre - theta). d/dpre = H(pre - theta); d/dtheta = -(theta/eps) K((pre - theta)/eps), with K the
-    rectangle kernel (Rajamanoharan et al. 2024). No other path reaches theta, so it is counted once."""
-
-    @staticmethod
-    def forward(ctx: Any, pre_BF: torch.Tensor, theta_F: torch.Tensor, eps: float) -> torch.Tensor:
-        ctx.save_for_backward(pre_BF, theta_F)
-        ctx.eps = eps
-        return pre_BF * (pre_BF > theta_F)
-
-    @staticmethod
-    def backward(ctx: Any, grad_BF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-        pre_BF, theta_F = ctx.saved_tensors
-        kernel_BF = _rectangle((pre_BF - theta_F) / ctx.eps)
-        grad_theta_F = -(theta_F / ctx.eps) * (kernel_BF * grad_BF).sum(dim=0)
-        return grad_BF * (pre_BF > theta_F), grad_theta_F.to(theta_F.dtype), None
-
-
-class _Step(torch.autograd.Function):
-    """H(pre - theta). d/dpre = 0; d/dtheta = -(1/eps) K((pre - theta)/eps) (Rajamanoharan et al. 2024)."""
-
-    @staticmethod
-    def forward(ctx: Any, pre_BF: torch.Tensor, theta_F: torch.Tensor, eps: float) -> torch.Tensor:
-        ctx.save_for_backward(pre_BF, theta_F)
-        ctx.eps = eps
-        return (pre_BF > theta_F).to(pre_BF.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, grad_BF: torch.Tensor) -> tuple[None, torch.Tensor, None]:
-        pre_BF, theta_F = ctx.saved_tensors
-        kernel_BF = _rectangle((pre_BF - theta_F) / ctx.eps)
-        grad_theta_F = -(1.0 / ctx.eps) * (kernel_BF * grad_BF).sum(dim=0)
-        return None, grad_theta_F.to(theta_F.dtype), None
-
-
-class JumpReLUSAE(SAE):
-    """JumpReLU SAE with an L0 penalty and straight-through threshold gradients (Rajamanoharan et al. 2024)."""
-
-    architecture = "jumprelu"
-    params: ClassVar[tuple[str, ...]] = ("jumprelu_bandwidth", "jumprelu_init_threshold")
-    uses_auxk = False
-
-    def __init__(self, cfg: SAEConfig) -> None:
-        super().__init__(cfg)
-        # log-parametrised so the threshold stays positive; kept fp32 even if the module is cast (a bf16
-        # threshold silently stops learning: its updates fall below bf16's resolution).
-        self.log_threshold_F = nn.Parameter(torch.full((cfg.d_sae,), math.log(cfg.jumprelu_init_threshold)))
-
-    @classmethod
-    def check_config(cls, cfg: SAEConfig) -> None:
-        super().check_config(cfg)
-        if not (cfg.jumprelu_bandwidth > 0 and cfg.jumprelu_init_threshold > 0):
-            raise SAEError(
-                "a jumprelu SAE needs jumprelu_bandwidth > 0 and jumprelu_init_threshold > 0, got "
-                f"{cfg.jumprelu_bandwidth} and {cfg.jumprelu_init_threshold}"
-            )
-
-    @property
-    def threshold_F(self) -> torch.Tensor:
-        return self.log_threshold_F.exp()
-
-    def _apply(self, fn: Any, recurse: bool = True) -> JumpReLUSAE:
-        """Casts and moves reach every tensor but the threshold, which only moves (its fp32 values kept exactly)."""
-        fp32 = self.log_threshold_F.data
-        super()._apply(fn, recurse)
-        self.log_threshold_F.data = fp32.to(self.log_threshold_F.device)
-        return self
-
-    def select(self, pre_BF: torch.Tensor) -> SparseCode:
-        return sparse_code(pre_BF * (pre_BF > self.threshold_F))
-
-    def train_latents(self, raw_BF: torch.Tensor) -> torch.Tensor:
-        # Raw pre-activations: a ReLU before would pile every negative one at 0, inside the kernel's window
-        # whenever theta < eps/2.
-        return _JumpReLU.apply(raw_BF, self.threshold_F, self.cfg.jumprelu_bandwidth)
-
-    def sparsity_penalty(self, raw_BF: torch.Tensor, z_BF: torch.Tensor, inputs: LossInputs) -> torch.Tensor:
-        l0_B = _Step.apply(raw_BF, self.threshold_F, self.cfg.jumprelu_bandwidth).sum(dim=-1)
-        return inputs.l0_coef * l0_B.mean()
-
-    @torch.no_grad()
-    def fold_input_scale(self, scale: float) -> None:
-        super().fold_input_scale(scale)
-        self.log_threshold_F.sub_(math.log(scale))
-
-
-REGISTRY: dict[str, type[SAE]] = {
-    cls.architecture: cls for cls in (TopKSAE, BatchTopKSAE, MatryoshkaSAE, ReLUSAE, JumpReLUSAE)
-}
-
-
-def architecture_class(name: str) -> type[SAE]:
-    if name not in REGISTRY:
-        raise SAEError(f"unknown SAE architecture {name!r}; known: {sorted(REGISTRY)}")
-    return REGISTRY[name]
 
 
 def build(cfg: SAEConfig) -> SAE:

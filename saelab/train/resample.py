@@ -6,7 +6,8 @@ the square of that loss, and set the latent's decoder row to the input's directi
 encoder subtracts first), its encoder column to the same direction with norm 0.2 x the mean encoder norm of the
 latents kept, its encoder bias to 0, and its Adam moments to 0. The 0.2 suits Anthropic's ReLU SAE; where a latent
 must win a top-k slot or clear a threshold, such a weak encoder never fires, so those architectures default to 1.0
-(`TrainConfig.resample_encoder_scale`). JumpReLU thresholds restart at their initial value. The methods differ in
+(`train.resample.encoder_scale`, `SAE.resample_encoder_scale`). What else a reset touches is the
+architecture's (`SAE.reset_latents_`: JumpReLU thresholds restart at their initial value). The methods differ in
 which latents they choose:
 
 - `anthropic`: latents that have not fired for `dead_tokens` training tokens;
@@ -19,7 +20,7 @@ which latents they choose:
   is positive, where z = (n_short - lambda) / sqrt(lambda + 1) compares the short window's firing count with the
   count the long-window frequency predicts (a Poisson standard score, so rare latents need several events to count).
 
-Resampling happens every `resample_every` steps until the learning-rate decay starts; latents re-initialised less
+Resampling happens every `train.resample.every` steps until the learning-rate decay starts; latents re-initialised less
 than `dead_tokens` tokens ago are left alone. Each event is recorded with how many of its latents fired since.
 """
 
@@ -33,7 +34,7 @@ import torch
 
 from saelab.activations.sources import BatchSource
 from saelab.config import TrainConfig
-from saelab.sae.base import SAE, JumpReLUSAE, TrainLoss
+from saelab.sae.base import SAE, TrainLoss, architecture_class
 
 ANTHROPIC_ENCODER_SCALE = 0.2
 """Re-initialised encoder norm relative to the mean norm of the kept latents (Anthropic 2023, a ReLU SAE)."""
@@ -109,19 +110,16 @@ def reinit_latents_(
     kept[idx] = False
     enc_norm = sae.W_enc_DF[:, kept].norm(dim=0).mean() if kept.any() else torch.tensor(1.0)
     dec_norm = 1.0 if sae.unit_norm_decoder else sae.W_dec_FD[kept].norm(dim=1).mean()
-    sae.W_dec_FD[idx] = dirs_KD * dec_norm
-    sae.W_enc_DF[:, idx] = (dirs_KD * enc_scale * enc_norm).T
-    sae.b_enc_F[idx] = 0.0
-    if isinstance(sae, JumpReLUSAE):
-        sae.log_threshold_F[idx] = math.log(sae.cfg.jumprelu_init_threshold)
+    sae.reset_latents_(idx, dirs_KD * dec_norm, (dirs_KD * enc_scale * enc_norm).T)
     reset_adam_(opt, sae, idx)
 
 
 def encoder_scale(cfg: TrainConfig) -> float:
-    """The configured encoder scale, or the architecture's default (0.2 for relu, else 1.0)."""
-    if cfg.resample_encoder_scale:
-        return cfg.resample_encoder_scale
-    return ANTHROPIC_ENCODER_SCALE if cfg.architecture == "relu" else 1.0
+    """The configured encoder scale, or the architecture's default (`SAE.resample_encoder_scale`: 0.2 for relu,
+    else 1.0)."""
+    if cfg.resample.encoder_scale:
+        return cfg.resample.encoder_scale
+    return architecture_class(cfg.architecture).resample_encoder_scale
 
 
 class Resampler:
@@ -150,7 +148,7 @@ class Resampler:
 
     def due(self, step: int, total: int) -> bool:
         """Resample after `step` completed steps? Not during the learning-rate decay (last 20%)."""
-        return step % self.cfg.resample_every == 0 and step < int(0.8 * total)
+        return step % self.cfg.resample.every == 0 and step < int(0.8 * total)
 
     def resample(
         self,
@@ -165,7 +163,7 @@ class Resampler:
         idx = self.choose(since_fired_F).nonzero().flatten()
         if len(idx) == 0:
             return 0
-        x_ND = source.sample(self.cfg.resample_tokens, self.gen) * scale
+        x_ND = source.sample(self.cfg.resample.tokens, self.gen) * scale
         reinit_latents_(sae, opt, idx, x_ND, self.gen, encoder_scale(self.cfg))
         since_fired_F[idx] = 0
         self.event_F[idx] = len(self.events)
@@ -240,15 +238,15 @@ class ConsistencyResampler(Resampler):
         f_long = self.f_long_F / corr_long.clamp_min(1e-12)
         f_short = self.f_short_F / corr_short.clamp_min(1e-12)
         mean_act = self.act_long_F / self.f_long_F.clamp_min(1e-12)
-        alive = f_long >= self.cfg.consistency_min_freq
-        dead = torch.log10(self.cfg.consistency_min_freq / f_long.clamp_min(1e-12))
+        alive = f_long >= self.cfg.resample.consistency_min_freq
+        dead = torch.log10(self.cfg.resample.consistency_min_freq / f_long.clamp_min(1e-12))
         median = mean_act[alive].median() if alive.any() else mean_act.new_ones(())
         weak = torch.log10(WEAK_RATIO * median / mean_act.clamp_min(1e-12)).masked_fill(~alive, -math.inf)
         window = SHORT_WINDOW * self.cfg.dead_tokens
         lam, n = f_long * window, f_short * window
         z = (n - lam) / (lam + 1).sqrt()
         ratio = torch.log10((f_short + 1 / window) / (f_long + 1 / window))
-        unstable = torch.minimum(z.abs() - self.cfg.consistency_z, ratio.abs() - 1)
+        unstable = torch.minimum(z.abs() - self.cfg.resample.consistency_z, ratio.abs() - 1)
         return torch.maximum(torch.maximum(dead, weak), unstable)
 
     def choose(self, since_fired_F: torch.Tensor) -> torch.Tensor:
@@ -272,4 +270,5 @@ RESAMPLERS: dict[str, type[Resampler]] = {c.method: c for c in (AnthropicResampl
 
 
 def make_resampler(cfg: TrainConfig, d_sae: int, device: torch.device, seed: int) -> Resampler | None:
-    return None if cfg.resample == "none" else RESAMPLERS[cfg.resample](cfg, d_sae, device, seed)
+    method = cfg.resample.method
+    return None if method == "none" else RESAMPLERS[method](cfg, d_sae, device, seed)

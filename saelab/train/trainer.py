@@ -1,4 +1,4 @@
-"""SAE training on collected activations, for every architecture in `sae.REGISTRY`.
+"""SAE training on collected activations, for every architecture in the registry (`saelab.sae.registry`).
 
 `train(data, TrainConfig(...), seed)` returns the trained SAE (taking raw activations) and a summary; `data` is an
 activation tensor in memory or an on-disk `ActivationStore` streamed through a bounded shuffle buffer. The CLI's
@@ -13,7 +13,8 @@ reconstruction, AuxK, L1 / L0 penalty); this module holds what every architectur
 - dead-latent tracking for AuxK (Appendix A.2): a latent that has not fired for `dead_tokens` tokens is dead;
 - Adam, 5% linear learning-rate warm-up, linear decay to 0 over the last 20% of steps; the L1 / L0 coefficient
   warms up linearly over `sparsity_warmup_fraction` of the steps (Anthropic, April 2024; Gemma Scope).
-Around that loop: optional dead-latent resampling (`resample.py`), log records every `log_every` steps
+Around that loop: optional dead-latent resampling (`resample.py`; what a reset touches is the architecture's,
+`SAE.reset_latents_`), log records every `log_every` steps
 (`train_log.py`), checkpoints every `checkpoint_every` steps that `resume=True` continues from bit-for-bit
 (`checkpoint.py`), and data-parallel training when a torch.distributed process group is initialised
 (`distributed.py`).
@@ -35,7 +36,7 @@ from tqdm.auto import tqdm
 from saelab.activations.sources import BatchSource, StoreSource, TensorSource, sample_ids
 from saelab.activations.store import ActivationStore, check_finite
 from saelab.config import TrainConfig, to_dict
-from saelab.sae.base import REGISTRY, SAE, KSparseSAE, LossInputs, SAEConfig, TrainLoss, auxk_loss, build
+from saelab.sae.base import SAE, LossInputs, SAEConfig, TrainLoss, architecture_class, auxk_loss, build
 from saelab.train import distributed as ddp
 from saelab.train.checkpoint import (
     CheckpointError,
@@ -114,8 +115,8 @@ def sparsity_factor(step: int, total: int, warmup_fraction: float) -> float:
 
 
 def sae_config(cfg: TrainConfig, d_in: int, hookpoint: str = "", model: str = "") -> SAEConfig:
-    """The SAE's config: width from `expansion`, and the TrainConfig fields its architecture takes."""
-    params = {name: getattr(cfg, name) for name in REGISTRY[cfg.architecture].params}
+    """The SAE's config: width from `expansion`, and the parameters its architecture takes from `cfg`."""
+    params = architecture_class(cfg.architecture).params_from(cfg)
     return SAEConfig(cfg.architecture, d_in, d_in * cfg.expansion, hookpoint=hookpoint, model=model, **params)
 
 
@@ -293,22 +294,16 @@ class _Trainer:
         self.sae = build(sae_cfg).to(self.device).train()
         with torch.no_grad():
             self.sae.W_enc_DF.mul_(cfg.encoder_init_scale)
-        if isinstance(self.sae, KSparseSAE):
-            self.sae.sparse_training = cfg.kernels == "sparse" or (
-                cfg.kernels == "auto" and self.device.type == "cpu"
-            )
+        self.sae.use_sparse_kernels(
+            cfg.kernels == "sparse" or (cfg.kernels == "auto" and self.device.type == "cpu")
+        )
         self.scale = input_scale(head)
         with torch.no_grad():
             sample = source.rows(sample_ids(source.n_rows, 8192, self.gen)) * self.scale
             self.sae.b_dec_D.copy_(geometric_median(sample))
         # The fused implementation does the whole update in one pass per tensor (~40% less optimizer time on CPU).
         fused = self.device.type in ("cpu", "cuda")
-        named = dict(self.sae.named_parameters())
-        thresholds = [named.pop("log_threshold_F")] if "log_threshold_F" in named else []
-        groups = [{"params": list(named.values()), "base_lr": cfg.lr}]
-        if thresholds:
-            groups.append({"params": thresholds, "base_lr": cfg.threshold_lr or cfg.lr})
-        self.opt = torch.optim.Adam(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=fused)
+        self.opt = torch.optim.Adam(self.sae.param_groups(cfg), lr=cfg.lr, betas=(0.9, 0.999), fused=fused)
         self.steps_per_epoch = source.n_rows // cfg.batch_size
         self.total = self.steps_per_epoch * cfg.epochs
         self.k_aux = cfg.auxk_k or source.d_in // 2
@@ -384,7 +379,9 @@ class _Trainer:
         step = self.step - 1  # records carry the index of the step they follow
         n = self.resampler.resample(step, self.sae, self.opt, self.source, self.scale, self.since_fired_F)
         if n:
-            sink.write({"step": step, "event": "resample", "method": self.cfg.resample, "resampled": n})
+            sink.write(
+                {"step": step, "event": "resample", "method": self.cfg.resample.method, "resampled": n}
+            )
 
     def _log_record(self, x_BD: torch.Tensor, loss: TrainLoss, dead_F: torch.Tensor) -> dict[str, Any]:
         """Loss parts, L0, explained variance (this batch), dead fraction, lr; averaged over ranks."""

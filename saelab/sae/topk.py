@@ -1,0 +1,281 @@
+"""The k-sparse architectures: a fixed budget of k active latents per token (topk) or per token on average over
+a batch (batchtopk, matryoshka), with AuxK for dead latents and sparse training kernels (`sparse_ops.py`).
+
+- `topk`: z = TopK(ReLU(pre)) per token, unit-norm decoder rows, AuxK for dead latents (Gao et al. 2024,
+  "Scaling and evaluating sparse autoencoders").
+- `batchtopk`: training keeps the k*B largest ReLU(pre) of the whole batch, so rows get varying numbers of
+  latents; inference replaces the batch by one learned threshold, the running mean of the smallest kept
+  activation (Bussmann, Leask & Nanda 2024, "BatchTopK Sparse Autoencoders").
+- `matryoshka`: BatchTopK whose nested dictionary prefixes each reconstruct x on their own; ONE global BatchTopK
+  selection is shared by all prefixes (Bussmann et al. 2025, "Learning Multi-Level Features with Matryoshka
+  Sparse Autoencoders"; Nabeshima 2024).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from saelab.sae.base import (
+    SAE,
+    LossInputs,
+    SAEConfig,
+    SAEError,
+    SparseCode,
+    TrainLoss,
+    auxk_error,
+    check_input_finite,
+    register,
+    sparse_code,
+    sq_err,
+)
+from saelab.sae.sparse_ops import Entries, decode_entries, entry_preacts
+
+if TYPE_CHECKING:
+    from saelab.config import TrainConfig
+
+
+def _check_k(cfg: SAEConfig) -> None:
+    if not 0 < cfg.k < cfg.d_sae:
+        raise SAEError(
+            f"k must be in (0, d_sae={cfg.d_sae}) for a {cfg.architecture} SAE, got {cfg.k}; "
+            "lower k or widen the SAE"
+        )
+
+
+class KSparseSAE(SAE):
+    """The training path shared by the k-sparse architectures (topk, batchtopk, matryoshka).
+
+    The dense encoder matmul runs without autograd and only chooses the active entries (`train_entries`); the
+    loss is then built from those entries with the kernels of `sparse_ops`, whose backward passes touch the
+    B*k entries instead of all B*F latents. `sparse_training = False` takes the dense reference path
+    (`SAE.training_loss` on `train_latents`), which computes the same loss and gradients; tests compare the
+    two."""
+
+    params: ClassVar[tuple[str, ...]] = ("k",)
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__(cfg)
+        self.sparse_training = True
+
+    @classmethod
+    def params_from(cls, train: TrainConfig) -> dict[str, Any]:
+        return {"k": train.k}
+
+    def use_sparse_kernels(self, on: bool) -> None:
+        self.sparse_training = on
+
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        super().check_config(cfg)
+        _check_k(cfg)
+
+    def train_entries(self, raw_BF: torch.Tensor) -> tuple[Entries, torch.Tensor]:
+        """The entries the training objective keeps, from raw pre-activations (no autograd), and their raw
+        values in CSR order. Entries whose value is <= 0 stay in the pattern and add nothing after the ReLU."""
+        raise NotImplementedError
+
+    def train_latents(self, raw_BF: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            entries, _ = self.train_entries(raw_BF)
+        rows, cols = entries.rows_N(), entries.col_N
+        return torch.zeros_like(raw_BF).index_put((rows, cols), raw_BF[rows, cols].relu())
+
+    def entry_reconstruction_loss(
+        self, x_BD: torch.Tensor, vals_N: torch.Tensor, entries: Entries
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`reconstruction_loss` from the active entries."""
+        x_hat_BD = decode_entries(vals_N, self.W_dec_FD, entries) + self.b_dec_D
+        return sq_err(x_BD, x_hat_BD), x_hat_BD
+
+    def training_loss(self, x_BD: torch.Tensor, inputs: LossInputs) -> TrainLoss:
+        if not self.sparse_training:
+            return super().training_loss(x_BD, inputs)
+        with torch.no_grad():
+            raw_BF = self.linear(x_BD)
+        entries, pre_N = self.train_entries(raw_BF)
+        vals_N = self._entry_acts(x_BD, pre_N, entries)
+        recon, x_hat_BD = self.entry_reconstruction_loss(x_BD, vals_N, entries)
+        resid_BD = (x_BD - x_hat_BD).detach()
+        aux = recon.new_zeros(())
+        if inputs.auxk_coef > 0 and bool(inputs.dead_F.any()):
+            aux = self._entry_auxk(x_BD, raw_BF, resid_BD, inputs)
+        vals_N = vals_N.detach()
+        zeros_F = vals_N.new_zeros(self.cfg.d_sae)
+        count_F = zeros_F.index_add(0, entries.col_N, (vals_N > 0).to(vals_N.dtype))
+        return TrainLoss(
+            total=recon + inputs.auxk_coef * aux,
+            mse=resid_BD.pow(2).sum(dim=-1).mean(),
+            aux=aux.detach(),
+            sparsity=recon.new_zeros(()),
+            l0=count_F.sum() / x_BD.shape[0],
+            count_F=count_F,
+            act_sum_F=zeros_F.index_add(0, entries.col_N, vals_N),
+        )
+
+    def _entry_acts(self, x_BD: torch.Tensor, pre_N: torch.Tensor, entries: Entries) -> torch.Tensor:
+        return entry_preacts(pre_N, x_BD, self.W_enc_DF, self.b_enc_F, self.b_dec_D, entries).relu()
+
+    def _entry_auxk(
+        self, x_BD: torch.Tensor, raw_BF: torch.Tensor, resid_BD: torch.Tensor, inputs: LossInputs
+    ) -> torch.Tensor:
+        """`auxk_loss` over the dead latents' columns only."""
+        dead_idx = inputs.dead_F.nonzero().flatten()
+        pre, j = raw_BF.index_select(1, dead_idx).topk(
+            min(inputs.k_aux, dead_idx.numel()), dim=-1, sorted=False
+        )
+        entries = Entries.rectangle(dead_idx[j], self.cfg.d_sae)
+        vals_N = self._entry_acts(x_BD, pre.reshape(-1), entries)
+        return auxk_error(decode_entries(vals_N, self.W_dec_FD, entries), resid_BD, inputs.sum_ranks)
+
+
+@register
+class TopKSAE(KSparseSAE):
+    """TopK sparse autoencoder with unit-norm decoder rows."""
+
+    architecture = "topk"
+
+    def select(self, pre_BF: torch.Tensor) -> SparseCode:
+        acts, idx = pre_BF.topk(self.cfg.k, dim=-1, sorted=False)
+        return SparseCode(acts, idx)
+
+    def encode(self, x_BD: torch.Tensor) -> SparseCode:
+        # TopK of the raw pre-activations, then ReLU on the K kept values: the code of TopK(ReLU(pre)) (a kept
+        # value below 0 is an inactive 0 either way) without a ReLU pass over all F latents.
+        check_input_finite(x_BD)
+        acts, idx = self.linear(x_BD).topk(self.cfg.k, dim=-1, sorted=False)
+        return SparseCode(acts.relu(), idx)
+
+    def train_entries(self, raw_BF: torch.Tensor) -> tuple[Entries, torch.Tensor]:
+        # TopK of the raw values equals TopK after the ReLU wherever the kept values are positive.
+        vals, idx = raw_BF.topk(self.cfg.k, dim=-1, sorted=False)
+        return Entries.rectangle(idx, self.cfg.d_sae), vals.reshape(-1)
+
+
+def batch_topk(x_BF: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n largest values of x and their flat indices, like `x.flatten().topk(n)`, without a top-n over all
+    B*F values: a threshold below the n-th value is estimated from an evenly spread sample, the values above it
+    are gathered in one pass, and the exact top-n runs on those. Exact: when fewer than n values clear the
+    threshold (a misjudged sample, ties), the full flat top-n runs instead. Measured on 2 busy CPU cores (4096 x
+    4608, n = 32 per row): ~4x faster than the flat top-n."""
+    flat = x_BF.flatten()
+    N = flat.numel()
+    if n * 20 > N:  # a large share of the values: nothing to gain
+        return flat.topk(n, sorted=False)
+    stride = max(1, N // 65536)
+    while math.gcd(stride, x_BF.shape[-1]) != 1:  # a stride sharing a factor with F would sample few columns
+        stride += 1
+    sample = flat[::stride]
+    keep = min(1.0, 1.5 * n / N + 64 / sample.numel())  # a margin above the expected share
+    threshold = sample.kthvalue(max(1, sample.numel() - math.ceil(keep * sample.numel()))).values
+    cand = (flat > threshold).nonzero().squeeze(1)
+    if cand.numel() < n:
+        return flat.topk(n, sorted=False)
+    vals, pos = flat[cand].topk(n, sorted=False)
+    return vals, cand[pos]
+
+
+@register
+class BatchTopKSAE(KSparseSAE):
+    """BatchTopK in training; a single learned threshold at inference (Bussmann et al. 2024)."""
+
+    architecture = "batchtopk"
+    threshold_decay: ClassVar[float] = 0.9
+    """Exponential moving average of the smallest kept activation per training step."""
+    threshold: torch.Tensor
+    """Inference threshold (a buffer, saved with the weights)."""
+    has_threshold = True
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__(cfg)
+        # 0 until the first training step: every positive pre-activation is active.
+        self.register_buffer("threshold", torch.zeros(()))
+
+    def select(self, pre_BF: torch.Tensor) -> SparseCode:
+        return sparse_code(pre_BF * (pre_BF > self.threshold))
+
+    def train_entries(self, raw_BF: torch.Tensor) -> tuple[Entries, torch.Tensor]:
+        """The k*B largest pre-activations of the batch; updates the running inference threshold."""
+        vals, flat = batch_topk(raw_BF, self.cfg.k * raw_BF.shape[0])
+        self._update_threshold(vals.relu())
+        entries, order = Entries.from_flat(flat, raw_BF.shape[0], self.cfg.d_sae)
+        return entries, vals[order]
+
+    @torch.no_grad()
+    def _update_threshold(self, kept: torch.Tensor) -> None:
+        smallest = kept.masked_fill(kept <= 0, math.inf).min()
+        t = self.threshold
+        ema = torch.where(t > 0, self.threshold_decay * t + (1 - self.threshold_decay) * smallest, smallest)
+        t.copy_(torch.where(torch.isfinite(smallest), ema, t))
+
+    def threshold_values(self) -> torch.Tensor:
+        return self.threshold
+
+    @torch.no_grad()
+    def load_threshold_(self, threshold: torch.Tensor) -> None:
+        self.threshold.copy_(threshold)
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        super().fold_input_scale(scale)
+        self.threshold.div_(scale)
+
+
+@register
+class MatryoshkaSAE(BatchTopKSAE):
+    """Matryoshka BatchTopK: every nested prefix of the dictionary reconstructs x on its own."""
+
+    architecture = "matryoshka"
+    params: ClassVar[tuple[str, ...]] = ("k", "matryoshka_prefix_fractions")
+
+    @classmethod
+    def params_from(cls, train: TrainConfig) -> dict[str, Any]:
+        return {
+            **super().params_from(train),
+            "matryoshka_prefix_fractions": train.matryoshka.prefix_fractions,
+        }
+
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        super().check_config(cfg)
+        fr = cfg.matryoshka_prefix_fractions
+        sizes = prefix_sizes(fr, cfg.d_sae)
+        if not fr or fr[-1] != 1.0 or sizes[0] < 1 or any(a >= b for a, b in itertools.pairwise(sizes)):
+            raise SAEError(
+                f"matryoshka_prefix_fractions {fr} must be increasing fractions of d_sae={cfg.d_sae} ending "
+                f"at 1.0, giving distinct non-empty prefixes (got sizes {sizes})"
+            )
+
+    def reconstruction_loss(
+        self, x_BD: torch.Tensor, z_BF: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum over prefixes m of ||x - (z[:, :m] W_dec[:m] + b_dec)||^2, built up group by group so the whole
+        costs one decoder matmul; the last prefix is the whole dictionary."""
+        x_hat_BD = self.b_dec_D.expand_as(x_BD)
+        total, start = x_BD.new_zeros(()), 0
+        for end in prefix_sizes(self.cfg.matryoshka_prefix_fractions, self.cfg.d_sae):
+            x_hat_BD = x_hat_BD + z_BF[:, start:end] @ self.W_dec_FD[start:end]
+            total = total + sq_err(x_BD, x_hat_BD)
+            start = end
+        return total, x_hat_BD
+
+    def entry_reconstruction_loss(
+        self, x_BD: torch.Tensor, vals_N: torch.Tensor, entries: Entries
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `reconstruction_loss`, each group decoding only its own entries."""
+        x_hat_BD = self.b_dec_D.expand_as(x_BD)
+        total, start = x_BD.new_zeros(()), 0
+        for end in prefix_sizes(self.cfg.matryoshka_prefix_fractions, self.cfg.d_sae):
+            group, pos = entries.select((entries.col_N >= start) & (entries.col_N < end))
+            x_hat_BD = x_hat_BD + decode_entries(vals_N[pos], self.W_dec_FD, group)
+            total = total + sq_err(x_BD, x_hat_BD)
+            start = end
+        return total, x_hat_BD
+
+
+def prefix_sizes(fractions: tuple[float, ...], d_sae: int) -> list[int]:
+    """Matryoshka prefix lengths: round(fraction * d_sae)."""
+    return [round(f * d_sae) for f in fractions]
