@@ -17,23 +17,10 @@ import pytest
 import torch
 from conftest import WORDS
 
-from saelab.eval.absorption import (
-    LETTERS,
-    AbsorptionConfig,
-    AbsorptionError,
-    LetterProbes,
-    SparseLatents,
-    build_prompts,
-    build_vocab,
-    first_letter_prompt,
-    fit_nested_logistic,
-    run_absorption,
-    score_absorption,
-    scored_letters,
-    split_features,
-    word_absorption,
-    word_activations,
-)
+from saelab.eval.absorption import LetterProbes, run_absorption, score_absorption, scored_letters
+from saelab.eval.absorption_config import LETTERS, AbsorptionConfig, AbsorptionError
+from saelab.eval.absorption_probes import SparseLatents, fit_nested_logistic, split_features, word_absorption
+from saelab.eval.absorption_words import build_prompts, build_vocab, first_letter_prompt, word_activations
 from saelab.models.loading import load_model
 from saelab.sae.base import SAE, SAEConfig, SAEError, build
 

@@ -17,14 +17,8 @@ from typing import Any
 from saelab.activations.stage import CollectRecord
 from saelab.config import to_dict
 from saelab.data.windows import TokenWindows
-from saelab.eval.absorption import (
-    ABSORPTION,
-    AbsorptionConfig,
-    AbsorptionError,
-    AbsorptionResult,
-    collect_letter_probes,
-    score_absorption,
-)
+from saelab.eval.absorption import ABSORPTION, AbsorptionResult, collect_letter_probes, score_absorption
+from saelab.eval.absorption_config import AbsorptionConfig, AbsorptionError
 from saelab.eval.core import METRICS, EvalResult, Provenance, evaluate_many
 from saelab.eval.matched_l0 import MatchedL0, mark_dominated
 from saelab.eval.probing import PROBING, ProbingConfig, ProbingResult, run_probing
