@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from llm_server import LocalOpenAIServer
 from support_llm import RuleClient
-from test_pipeline import SMALL
+from test_pipeline import run_stages
 
 from saelab.cli import main
 
@@ -21,11 +21,7 @@ def test_a_judge_that_says_yes_to_everything_is_reported_and_flagged(
     tmp_path: Path, tiny_model_dir: Path, corpus_file: Path
 ) -> None:
     run = tmp_path / "run"
-    for stage in ("collect", "train", "eval", "cache", "sample", "explain"):
-        args = [stage, "--run-dir", str(run), *SMALL[stage]]
-        if stage == "collect":
-            args += ["--model.name", str(tiny_model_dir), "--data.dataset", str(corpus_file)]
-        assert main(args) == 0, stage
+    run_stages(run, tiny_model_dir, corpus_file, until="explain")
     with LocalOpenAIServer(RuleClient(judge_text="Yes")) as server:  # type: ignore[arg-type]
         score = [
             "score",

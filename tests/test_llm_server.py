@@ -29,7 +29,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_pipeline import SMALL
+from test_pipeline import run_stages
 
 from saelab.cli import main
 
@@ -158,11 +158,7 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> LlamaCppServer:
 def sampled(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, corpus_file: Path) -> Path:
     """A tiny run (tiny model, synthetic corpus) up to the sample stage: 4 latents, 4 + 4 test examples each."""
     folder = tmp_path_factory.mktemp("run") / "r"
-    for stage in ("collect", "train", "eval", "cache", "sample"):
-        args = [stage, "--run-dir", str(folder), *SMALL[stage]]
-        if stage == "collect":
-            args += ["--model.name", str(tiny_model_dir), "--data.dataset", str(corpus_file)]
-        assert main(args) == 0, stage
+    run_stages(folder, tiny_model_dir, corpus_file, until="sample")
     return folder
 
 

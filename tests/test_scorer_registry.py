@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from support_llm import synthetic_samples
-from test_pipeline import SMALL
+from test_pipeline import run_stages
 from test_score import explanations
 
 from saelab.autointerp.explain import EXPLANATIONS, load_explanations, quote_example
@@ -116,11 +116,7 @@ def test_registered_scorer_runs_in_the_score_stage(
 ) -> None:
     """collect -> ... -> explain (token_stats) from the CLI, then `saelab score --score.scorers quoted_token`."""
     run = tmp_path / "run"
-    for stage in ("collect", "train", "eval", "cache", "sample", "explain"):
-        args = [stage, "--run-dir", str(run), *SMALL[stage]]
-        if stage == "collect":
-            args += ["--model.name", str(tiny_model_dir), "--data.dataset", str(corpus_file)]
-        assert main(args) == 0, stage
+    run_stages(run, tiny_model_dir, corpus_file, until="explain")
     assert main(["score", "--run-dir", str(run), "--score.scorers", "quoted_token"]) == 0
 
     summary = load_scores(run / SCORES)
