@@ -668,9 +668,12 @@ class CompareConfig:
     """Success rates: the share of latents with F1 above each threshold."""
     seed: int = 0
     """Seed of the bootstrap."""
+    max_failed_share: float = 0.2
+    """A side whose judge left more than this share of its judgements failed or unparseable is not compared."""
 
     def __post_init__(self) -> None:
         _finite(self, "compare")
+        _check(0 <= self.max_failed_share <= 1, "compare.max_failed_share must be in [0, 1]")
         _check(self.n_boot >= 100, "compare.n_boot must be >= 100")
         _check(0 < self.alpha < 0.5, "compare.alpha must be in (0, 0.5)")
         _check(self.min_delta >= 0, "compare.min_delta must be >= 0")

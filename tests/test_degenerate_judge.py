@@ -4,14 +4,18 @@ and the report flags the scorer as answering one class, instead of reporting a h
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 from llm_server import LocalOpenAIServer
 from support_llm import RuleClient
 from test_pipeline import run_stages
 
+from saelab.autointerp.llm.base import ChatResponse
 from saelab.cli import main
 
 pytestmark = pytest.mark.fault
@@ -48,3 +52,62 @@ def test_a_judge_that_says_yes_to_everything_is_reported_and_flagged(
     assert (
         "Failed judgements (excluded from the metrics, counted): 0 requests the LLM did not answer" in report
     )
+
+
+class CoinJudge(RuleClient):
+    """A judge that answers both classes: Yes for about half the texts (by a hash of the prompt), No otherwise."""
+
+    async def chat(self, messages: list[dict[str, str]], **kwargs: Any) -> ChatResponse:
+        prompt = messages[-1]["content"]
+        if "Description: " not in prompt:
+            return await super().chat(messages, **kwargs)
+        answer = "Yes" if hashlib.sha256(prompt.encode()).digest()[0] % 2 else "No"
+        return ChatResponse(answer, 10, 1, 0.0, None, self.model_name)
+
+
+@pytest.fixture(scope="module")
+def explained_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, corpus_file: Path) -> Path:
+    run = tmp_path_factory.mktemp("judges") / "base"
+    run_stages(run, tiny_model_dir, corpus_file, until="explain")
+    return run
+
+
+def _score_with(run: Path, folder: Path, judge: RuleClient) -> Path:
+    """A copy of `run` scored by `judge` over HTTP on loopback (detection and fuzzing)."""
+    shutil.copytree(run, folder)
+    with LocalOpenAIServer(judge) as server:  # type: ignore[arg-type]
+        args = ["score", "--run-dir", str(folder), "--llm.url", server.url, "--llm.no-cache"]
+        assert main([*args, "--score.scorers", "detection", "fuzzing"]) == 0
+    return folder
+
+
+@pytest.mark.parametrize("answer", ["Yes", "No"])
+def test_a_one_class_judge_is_neither_an_improvement_nor_a_decline(
+    explained_run: Path, tmp_path: Path, answer: str
+) -> None:
+    """`saelab compare` of a run judged by a working judge against the same run judged by one that answers
+    `answer` to everything: every delta of that judge's scorers reads "not comparable (...)", the reason stands in
+    the same table row, and no success rate or per-latent count is offered as an improvement."""
+    base = _score_with(explained_run, tmp_path / "good", CoinJudge())
+    other = _score_with(explained_run, tmp_path / answer.lower(), RuleClient(judge_text=answer))
+    out = tmp_path / "cmp"
+    assert main(["compare", str(base), str(other), "--out", str(out), "--compare.n-boot", "200"]) == 0
+    md = (out / "report.md").read_text()
+    side = "positive" if answer == "Yes" else "negative"
+    reason = f"{other.name} answers {side} for everything"
+    for scorer in ("detection", "fuzzing"):
+        part = section(md, f"## token_stats / {scorer}: {other.name} against {base.name}")
+        rows = [line for line in part.splitlines() if line.startswith(("| f1 |", "| balanced_accuracy |"))]
+        assert len(rows) == 2
+        for row in rows:
+            assert f"| not comparable ({reason}) | {reason} |" in row
+        assert "improved" not in part and "declined" not in part
+        assert "Verdict: not comparable" in part and "decided by balanced accuracy" in part
+        assert "| success rate |" not in part
+    record = json.loads((out / "compare.json").read_text())
+    verdicts = {d["verdict"] for d in record["comparisons"][0]["deltas"] if d["explainer"] == "token_stats"}
+    assert verdicts == {f"not comparable ({reason})"}
+
+
+def section(md: str, heading: str) -> str:
+    return md.split(heading, 1)[1].split("\n## ", 1)[0]

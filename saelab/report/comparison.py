@@ -24,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from saelab.autointerp.results import load_run_scores
+from saelab.autointerp.results import OverallScore, load_run_overall, load_run_scores
 from saelab.config import CompareConfig, ReportConfig
 from saelab.metrics import paired_bootstrap_delta
 from saelab.report.doc import Doc, PlotDir, flags_section, write_documents
@@ -34,7 +34,10 @@ from saelab.report.sections import cost_section, ranking_section, sae_section
 from saelab.run import atomic
 from saelab.run.manifest import Run, RunError
 
-METRICS = ("f1", "precision", "recall", "balanced_accuracy")
+METRICS = ("balanced_accuracy", "f1", "precision", "recall")
+DECIDING = "balanced_accuracy"
+"""The metric whose interval decides a comparison's verdict: balanced accuracy is invariant to the share of positive
+examples, so a judge that moves its answers towards "yes" cannot pass for a better explainer (F1 and recall can)."""
 Key = tuple[str, str]
 """(explainer, scorer)."""
 
@@ -54,9 +57,13 @@ class Delta:
     lo: float
     hi: float
     n_latents: int
+    not_comparable: str | None = None
+    """Why the two sides cannot be compared (a one-class judge, too many failed judgements), or None."""
 
     @property
     def verdict(self) -> str:
+        if self.not_comparable:
+            return f"not comparable ({self.not_comparable})"
         if self.lo > 0:
             return "improved"
         if self.hi < 0:
@@ -71,6 +78,28 @@ def load_latent_scores(run: Run) -> dict[Key, dict[int, dict[str, float]]]:
     scores = load_run_scores(run.folder)
     for r in (row.to_dict() for row in (scores.rows if scores is not None else [])):
         out.setdefault((r["explainer"], r["scorer"]), {})[r["latent"]] = {m: r[m] for m in METRICS}
+    return out
+
+
+def why_not_comparable(overall: OverallScore, tolerance: float, max_failed_share: float) -> str | None:
+    """Why one run's pooled scores of an (explainer, scorer) cannot stand in a comparison, or None: its judge
+    answered one class for (almost) every example, or left more than `max_failed_share` of its judgements failed."""
+    m = overall.micro
+    if m.n_pos and m.n_neg and (m.recall <= tolerance or m.specificity <= tolerance):
+        return f"answers {'negative' if m.recall <= tolerance else 'positive'} for everything"
+    total = m.n_pos + m.n_neg + m.n_failed
+    if total and m.n_failed / total > max_failed_share:
+        return f"left {m.n_failed / total:.0%} of its judgements failed or unparsed"
+    return None
+
+
+def degenerate_sides(run: Run, report_cfg: ReportConfig, cfg: CompareConfig) -> dict[Key, str]:
+    """(explainer, scorer) -> why the run's scores of it cannot be compared, for those that cannot."""
+    out = {}
+    for o in load_run_overall(run.folder) or []:
+        why = why_not_comparable(o, report_cfg.one_class_tolerance, cfg.max_failed_share)
+        if why:
+            out[(o.explainer, o.scorer)] = why
     return out
 
 
@@ -96,7 +125,11 @@ def _pct(before: float, after: float) -> float | None:
 
 
 def deltas(
-    before: dict[int, dict[str, float]], after: dict[int, dict[str, float]], key: Key, cfg: CompareConfig
+    before: dict[int, dict[str, float]],
+    after: dict[int, dict[str, float]],
+    key: Key,
+    cfg: CompareConfig,
+    not_comparable: str | None = None,
 ) -> list[Delta]:
     """Mean-over-latents delta of every metric on the latents both runs scored."""
     common = sorted(set(before) & set(after))
@@ -108,7 +141,18 @@ def deltas(
         b = np.array([after[i][m] for i in common])
         d, lo, hi = paired_bootstrap_delta(a, b, n_boot=cfg.n_boot, alpha=cfg.alpha, seed=cfg.seed)
         out.append(
-            Delta(*key, m, float(a.mean()), float(b.mean()), d, _pct(a.mean(), b.mean()), lo, hi, len(common))
+            Delta(
+                *key,
+                m,
+                float(a.mean()),
+                float(b.mean()),
+                d,
+                _pct(a.mean(), b.mean()),
+                lo,
+                hi,
+                len(common),
+                not_comparable,
+            )
         )
     return out
 
@@ -162,8 +206,9 @@ def write_compare(folders: list[Path], out: Path, cfg: CompareConfig, report_cfg
     written: list[Path] = []
     record: dict[str, Any] = {"baseline": str(folders[0]), "comparisons": []}
     for j in range(1, len(runs)):
+        degenerate = (degenerate_sides(runs[0], report_cfg, cfg), degenerate_sides(runs[j], report_cfg, cfg))
         rec, paths = _pair_section(
-            doc, (names[0], names[j]), (runs[0], runs[j]), (scores[0], scores[j]), plots, cfg
+            doc, (names[0], names[j]), (runs[0], runs[j]), (scores[0], scores[j]), plots, cfg, degenerate
         )
         record["comparisons"].append(rec)
         written += paths
@@ -194,6 +239,7 @@ def _pair_section(
     scores: tuple[dict[Key, dict[int, dict[str, float]]], dict[Key, dict[int, dict[str, float]]]],
     plots: PlotDir,
     cfg: CompareConfig,
+    degenerate: tuple[dict[Key, str], dict[Key, str]] = ({}, {}),
 ) -> tuple[dict[str, Any], list[Path]]:
     a_name, b_name = names
     doc.heading(f"{b_name} against {a_name}")
@@ -207,7 +253,9 @@ def _pair_section(
     written = []
     for key in [k for k in scores[0] if k in scores[1]]:
         before, after = scores[0][key], scores[1][key]
-        ds = deltas(before, after, key, cfg)
+        flags = [f"{n} {degenerate[i][key]}" for i, n in enumerate(names) if key in degenerate[i]]
+        blocked = "; ".join(flags) or None
+        ds = deltas(before, after, key, cfg, blocked)
         doc.heading(f"{key[0]} / {key[1]}: {b_name} against {a_name}")
         only_a, only_b = len(set(before) - set(after)), len(set(after) - set(before))
         doc.para(
@@ -215,17 +263,29 @@ def _pair_section(
         )
         if not ds:
             continue
-        doc.table(
-            ["metric", a_name, b_name, "delta", "% change", "CI low", "CI high", "verdict"],
-            [[d.metric, d.before, d.after, d.delta, d.pct_change, d.lo, d.hi, d.verdict] for d in ds],
+        deciding = next(d for d in ds if d.metric == DECIDING)
+        doc.para(
+            f"Verdict: {deciding.verdict}, decided by {DECIDING.replace('_', ' ')} (the class-balance-invariant "
+            "metric; F1, precision and recall move when a judge shifts towards one answer)."
         )
+        doc.table(
+            ["metric", a_name, b_name, "delta", "% change", "CI low", "CI high", "verdict", "flags"],
+            [[d.metric, d.before, d.after, d.delta, d.pct_change, d.lo, d.hi, d.verdict, blocked or ""]
+             for d in ds],
+        )  # fmt: skip
+        rec["deltas"] += [{**d.__dict__, "verdict": d.verdict} for d in ds]
+        if blocked:
+            doc.para(
+                f"Success rates and per-latent changes are not compared: {blocked}. Its scores say nothing about "
+                "the explanations; fix the judge (or its answer format) and score again."
+            )
+            continue
         rows = success_rates(before, after, cfg)
         doc.table(["success rate", a_name, b_name, "delta", "CI low", "CI high"], rows)
         _moved_latents(doc, before, after, cfg)
         name = f"{b_name}_{key[0]}_{key[1]}".replace("/", "_") + ".png"
         written.append(plots.save(_scatter(before, after, names, key, cfg), name))
         doc.image(written[-1], f"plots/{written[-1].name}", f"per-latent F1, {b_name} against {a_name}")
-        rec["deltas"] += [{**d.__dict__, "verdict": d.verdict} for d in ds]
         rec["success"][f"{key[0]}/{key[1]}"] = rows
     return rec, written
 
