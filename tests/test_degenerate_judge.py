@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from llm_server import LocalOpenAIServer
 from support_llm import RuleClient
-from test_pipeline import run_stages
+from test_pipeline import error_line, run_stages
 
 from saelab.autointerp.llm.base import ChatResponse
 from saelab.cli import main
@@ -111,3 +111,21 @@ def test_a_one_class_judge_is_neither_an_improvement_nor_a_decline(
 
 def section(md: str, heading: str) -> str:
     return md.split(heading, 1)[1].split("\n## ", 1)[0]
+
+
+@pytest.mark.bad_input
+def test_a_local_model_without_a_chat_template_is_one_line(
+    explained_run: Path, tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A base model (its tokenizer has no chat template) given as the local explainer: one line naming the model,
+    saying it has no chat template and how to give one, and no explanation written."""
+    run = tmp_path / "run"
+    shutil.copytree(explained_run, run)
+    before = (run / "explain" / "explanations.jsonl").read_bytes()
+    args = ["explain", "--run-dir", str(run), "--explain.explainers", "default", "--llm.local-model"]
+    capsys.readouterr()
+    assert main([*args, str(tiny_model_dir)]) == 1
+    line = error_line(capsys.readouterr().err)
+    assert f"local model {tiny_model_dir} has no chat template" in line
+    assert "chat_template" in line and "--llm.url" in line
+    assert (run / "explain" / "explanations.jsonl").read_bytes() == before

@@ -107,6 +107,13 @@ class LocalChatClient:
     """A transformers chat model in this process, micro-batching concurrent requests (see module docstring)."""
 
     def __init__(self, loaded: LoadedModel, *, batch_size: int = LOCAL_BATCH) -> None:
+        if not getattr(loaded.tokenizer, "chat_template", None):
+            raise LLMError(
+                f"local model {loaded.name} has no chat template (its tokenizer defines none: a base model?), so "
+                "it cannot be given the explainer's and judge's chat prompts; use an instruction-tuned model "
+                "(--llm.local-model), add a `chat_template` to its tokenizer_config.json, or serve a chat model and "
+                "pass --llm.url"
+            )
         self.loaded = loaded
         self.model_name = loaded.name
         self.batch_size = batch_size
