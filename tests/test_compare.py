@@ -3,6 +3,7 @@ changed parameters, and refusal of an altered score artifact."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 from pathlib import Path
@@ -133,7 +134,19 @@ def test_compare_calls_a_real_change_and_not_noise(
     assert "Per-latent metrics per run" in md and "## Flags" in md
     assert (out / "report.html").read_text().count(
         "data:image/png;base64,"
-    ) == 3  # two scatters, cost/quality
+    ) == 4  # two scatters, per-model distributions, cost/quality
+    with (out / "ranking.csv").open() as fh:
+        ranking = list(csv.DictReader(fh))
+    assert [r["entry"] for r in ranking] == [
+        "after: llm",
+        "rerun: llm",
+        "before: llm",
+    ]  # by balanced accuracy
+    assert [r["balanced_accuracy_rank"] for r in ranking] == ["1", "2", "3"]
+    assert {r["scorer"] for r in ranking} == {"detection"} and not any(r["flag"] for r in ranking)
+    means = [float(r["balanced_accuracy"]) for r in ranking]
+    assert means == sorted(means, reverse=True)
+    assert "## Time and LLM tokens per run" in md and "## Per-latent scores per model" in md
 
 
 def test_compare_refuses_an_altered_score_artifact(

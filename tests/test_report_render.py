@@ -71,8 +71,10 @@ def test_compare_report_renders_with_plots(tmp_path: Path) -> None:
     f1 = rng.uniform(0.2, 0.8, 20)
     a = fake_run(tmp_path / "a", f1, sae=(10.0, 0.7))
     b = fake_run(tmp_path / "b", np.clip(f1 + 0.1, 0, 1), sae=(20.0, 0.8))
+    c = fake_run(tmp_path / "c", np.clip(f1 - 0.1, 0, 1), sae=(15.0, 0.75))
     out = tmp_path / "cmp"
-    assert main(["compare", str(a), str(b), "--out", str(out), "--compare.n-boot", "200"]) == 0
+    assert main(["compare", str(a), str(b), str(c), "--out", str(out), "--compare.n-boot", "200"]) == 0
+    assert len((out / "ranking.csv").read_text().splitlines()) == 1 + 3  # header, one row per run
     html = out / "report.html"
     assert_plots_rendered(
         html, tmp_path / "page.png", expected=html.read_text().count("data:image/png;base64,")

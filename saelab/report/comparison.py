@@ -12,6 +12,8 @@ against each run's manifest first: an altered one is refused by name.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,10 +32,19 @@ from saelab.metrics import paired_bootstrap_delta
 from saelab.report.doc import Doc, PlotDir, flags_section, write_documents
 from saelab.report.flags import Flag, TargetGap
 from saelab.report.run_report import run_flags
-from saelab.report.sections import cost_section, ranking_section, sae_section
+from saelab.report.sections import (
+    cost_section,
+    distribution_section,
+    ranking_section,
+    sae_section,
+    time_section,
+)
 from saelab.run import atomic
 from saelab.run.manifest import Run, RunError
 
+COMPARISON = "compare.json"
+RANKING_CSV = "ranking.csv"
+"""The comparison's numbers and its ranking table as CSV, beside its report.md and report.html."""
 METRICS = ("balanced_accuracy", "f1", "precision", "recall")
 DECIDING = "balanced_accuracy"
 """The metric whose interval decides a comparison's verdict: balanced accuracy is invariant to the share of positive
@@ -189,7 +200,7 @@ def spread(name: str, key: Key, scores: dict[int, dict[str, float]]) -> list[lis
 
 
 def write_compare(folders: list[Path], out: Path, cfg: CompareConfig, report_cfg: ReportConfig) -> list[Path]:
-    """report.md, report.html, compare.json and plots/ under `out`; returns the paths written."""
+    """report.md, report.html, compare.json, ranking.csv and plots/ under `out`; returns the paths written."""
     if len(folders) < 2:
         raise RunError("saelab compare needs at least two run folders (the first is the baseline)")
     runs = [Run.open(f) for f in folders]
@@ -213,8 +224,12 @@ def write_compare(folders: list[Path], out: Path, cfg: CompareConfig, report_cfg
         record["comparisons"].append(rec)
         written += paths
     _spread_section(doc, names, scores)
-    quality = ranking_section(doc, names, scores)
+    sides = [degenerate_sides(r, report_cfg, cfg) for r in runs]
+    flagged = {(f"{n}: {e}", sc): why for n, d in zip(names, sides) for (e, sc), why in d.items()}
+    quality, ranking = ranking_section(doc, names, scores, flagged)
+    written += distribution_section(doc, names, scores, plots)
     written += cost_section(doc, names, runs, quality, plots)
+    time_section(doc, names, runs)
     written += sae_section(doc, names, runs, plots)
     flags: list[Flag] = []
     gaps: list[TargetGap] = []
@@ -223,8 +238,19 @@ def write_compare(folders: list[Path], out: Path, cfg: CompareConfig, report_cfg
         flags += [Flag(x.kind, f"{name}: {x.subject}", x.message) for x in f]
         gaps += [g_._replace(subject=f"{name}: {g_.subject}") for g_ in g]
     flags_section(doc, flags, gaps)
-    atomic.write_json(out / "compare.json", record)
-    return [*write_documents(doc, out), out / "compare.json", *written]
+    atomic.write_json(out / COMPARISON, record)
+    atomic.write_text(out / RANKING_CSV, _csv(ranking))
+    return [*write_documents(doc, out), out / COMPARISON, out / RANKING_CSV, *written]
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    """The ranking as CSV, one row per (scorer, run: explainer)."""
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return buf.getvalue()
 
 
 def _names(folders: list[Path]) -> list[str]:

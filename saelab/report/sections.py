@@ -46,16 +46,27 @@ def explainer_costs(names: list[str], runs: list[Run]) -> dict[str, dict[str, An
 
 
 def ranking_section(
-    doc: Doc, names: list[str], scores: list[dict[Any, dict[int, dict[str, float]]]]
-) -> dict[str, dict[str, float]]:
-    """Explainers ranked per scorer and metric on the latents all of them scored; returns each one's mean
-    balanced accuracy per scorer."""
+    doc: Doc,
+    names: list[str],
+    scores: list[dict[Any, dict[int, dict[str, float]]]],
+    flags: dict[tuple[str, str], str] | None = None,
+) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
+    """Explainers ranked per scorer and metric on the latents all of them scored (by balanced accuracy, the
+    class-balance-invariant metric); a "run: explainer" whose judge answered one class is flagged in its row and
+    ranked after the others. `flags` maps ("run: explainer", scorer) to the reason. Returns each one's mean balanced
+    accuracy per scorer, and the table's rows as records (for the CSV)."""
+    flags = flags or {}
     doc.heading("Explainers ranked per scorer (latents scored by all)")
+    doc.para(
+        "Ranked by balanced accuracy, which a judge cannot raise by answering one class more often (F1 and recall "
+        "can); an entry whose judge answered one class for everything is flagged in its row and ranked last."
+    )
     by_scorer: dict[str, dict[str, dict[int, dict[str, float]]]] = {}
     for name, s in zip(names, scores):
         for (explainer, scorer), latents in s.items():
             by_scorer.setdefault(scorer, {})[f"{name}: {explainer}"] = latents
     quality: dict[str, dict[str, float]] = {}
+    records: list[dict[str, Any]] = []
     for scorer, entries in by_scorer.items():
         common = sorted(set.intersection(*(set(v) for v in entries.values())))
         if not common:
@@ -65,22 +76,80 @@ def ranking_section(
             k: {m: float(np.mean([v[i][m] for i in common])) for m in RANK_METRICS}
             for k, v in entries.items()
         }
-        # competition ranking: ties share the better rank
+
+        # competition ranking (ties share the better rank); flagged entries rank after every unflagged one
+        bad = {k: (k, scorer) in flags for k in means}
         ranks = {
-            m: {k: 1 + sum(o[m] > v[m] for o in means.values()) for k, v in means.items()}
+            m: {k: 1 + sum(bad[o] < bad[k] or (bad[o] == bad[k] and means[o][m] > means[k][m]) for o in means)
+                for k in means}
             for m in RANK_METRICS
-        }
+        }  # fmt: skip
+        order = sorted(means, key=lambda k: (ranks["balanced_accuracy"][k], k))
         rows = [
-            [k, *[x for m in RANK_METRICS for x in (means[k][m], ranks[m][k])]]
-            for k in sorted(means, key=lambda k: (ranks["balanced_accuracy"][k], k))
+            [k, *[x for m in RANK_METRICS for x in (means[k][m], ranks[m][k])], flags.get((k, scorer), "")]
+            for k in order
         ]
         doc.para(
             f"Scorer {scorer}: mean over {len(common)} latents scored for all {len(entries)} explainers."
         )
-        doc.table(["run: explainer", *[h for m in RANK_METRICS for h in (m, "rank")]], rows)
+        doc.table(["run: explainer", *[h for m in RANK_METRICS for h in (m, "rank")], "flags"], rows)
         for k, v in means.items():
             quality.setdefault(k, {})[scorer] = v["balanced_accuracy"]
-    return quality
+        records += [
+            {"scorer": scorer, "entry": k, "n_latents": len(common),
+             **{f"{m}{suffix}": x for m in RANK_METRICS for suffix, x in (("", means[k][m]), ("_rank", ranks[m][k]))},
+             "flag": flags.get((k, scorer), "")}
+            for k in order
+        ]  # fmt: skip
+    return quality, records
+
+
+def distribution_section(
+    doc: Doc, names: list[str], scores: list[dict[Any, dict[int, dict[str, float]]]], plots: PlotDir
+) -> list[Any]:
+    """Per-latent balanced accuracy of every "run: explainer", one panel per scorer (violins with the box)."""
+    scorers = sorted({scorer for s in scores for _, scorer in s})
+    if not scorers:
+        return []
+    doc.heading("Per-latent scores per model")
+    fig, axes = plt.subplots(1, len(scorers), figsize=(max(5.0, 3.4 * len(scorers)), 3.8), squeeze=False)
+    for ax, scorer in zip(axes[0], scorers):
+        keys = [(n, e) for n, s in zip(names, scores) for (e, sc) in s if sc == scorer]
+        data = [
+            [v["balanced_accuracy"] for v in dict(zip(names, scores))[n][(e, scorer)].values()]
+            for n, e in keys
+        ]
+        pos = np.arange(1, len(keys) + 1)
+        spread = [i for i, d in enumerate(data) if len(set(d)) > 1]  # a violin needs more than one value
+        if spread:
+            ax.violinplot([data[i] for i in spread], positions=pos[spread], showextrema=False)
+        ax.boxplot(data, positions=pos, widths=0.15)
+        ax.set_xticks(pos, [f"{n}\n{e}" for n, e in keys], fontsize=7)
+        ax.axhline(0.5, color="gray", linestyle="--", linewidth=1)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"{scorer}: per-latent balanced accuracy", fontsize=9)
+    path = plots.save(fig, "model_distributions.png")
+    doc.image(path, f"plots/{path.name}", "per-latent balanced accuracy per model and scorer")
+    return [path]
+
+
+def time_section(doc: Doc, names: list[str], runs: list[Run]) -> None:
+    """Wall time and LLM tokens of the explain and score stages of every run (from the manifests)."""
+    doc.heading("Time and LLM tokens per run")
+    rows = []
+    for name, run in zip(names, runs):
+        for stage in ("explain", "score"):
+            st = run.stages.get(stage)
+            if st is None:
+                continue
+            rows.append(
+                [name, stage, st.get("model"), st.get("seconds"), st.get("llm_calls"), st.get("llm_cache_hits"),
+                 st.get("llm_prompt_tokens"), st.get("llm_completion_tokens")]
+            )  # fmt: skip
+    doc.table(
+        ["run", "stage", "model", "seconds", "LLM calls", "cache hits", "prompt tokens", "completion tokens"],
+        rows,
+    )
 
 
 def cost_section(
