@@ -219,3 +219,19 @@ def test_mark_dominated() -> None:
     marked = mark_dominated(entries)
     assert [e["dominated_ev"] for e in marked] == [False, False, True]
     assert [e["dominated_ce"] for e in marked] == [False, True, False]
+
+
+def test_compare_says_first_when_runs_studied_different_latents(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    a = fake_run(tmp_path / "a", rng.uniform(0.2, 0.8, 20))
+    b = fake_run(tmp_path / "b", rng.uniform(0.2, 0.8, 12))  # latents 0-11 of a's 0-19
+    same = fake_run(tmp_path / "same", rng.uniform(0.2, 0.8, 20))
+    out = tmp_path / "cmp"
+    assert main(["compare", str(a), str(b), "--out", str(out), "--compare.n-boot", "200"]) == 0
+    md = (out / "report.md").read_text()
+    first = md.split("\n## ", 1)[0]  # before the first section: the top of the report
+    assert "The runs studied different latents: b scored 12 latents, 12 of them among the 20 of a" in first
+    assert (
+        main(["compare", str(a), str(same), "--out", str(tmp_path / "cmp2"), "--compare.n-boot", "200"]) == 0
+    )
+    assert "All runs scored the same 20 latents." in (tmp_path / "cmp2" / "report.md").read_text()

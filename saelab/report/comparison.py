@@ -214,6 +214,7 @@ def write_compare(folders: list[Path], out: Path, cfg: CompareConfig, report_cfg
         f"paired bootstrap intervals over latents ({cfg.n_boot} resamples); a change counts only when its interval "
         "excludes 0."
     )
+    _latent_sets(doc, names, scores)
     written: list[Path] = []
     record: dict[str, Any] = {"baseline": str(folders[0]), "comparisons": []}
     for j in range(1, len(runs)):
@@ -251,6 +252,24 @@ def _csv(rows: list[dict[str, Any]]) -> str:
         writer.writeheader()
         writer.writerows(rows)
     return buf.getvalue()
+
+
+def _latent_sets(doc: Doc, names: list[str], scores: list[dict[Key, dict[int, dict[str, float]]]]) -> None:
+    """Say first when the runs studied different latents: the deltas then rest on the latents they share."""
+    sets = [set().union(*(set(v) for v in s.values())) if s else set() for s in scores]
+    differ = [(n, s) for n, s in zip(names[1:], sets[1:]) if s != sets[0]]
+    if not differ:
+        doc.para(f"All runs scored the same {len(sets[0])} latents.")
+        return
+    doc.para(
+        "The runs studied different latents: "
+        + "; ".join(
+            f"{n} scored {len(s)} latents, {len(s & sets[0])} of them among the {len(sets[0])} of {names[0]}"
+            for n, s in differ
+        )
+        + ". Every delta below uses only the latents both runs of a pair scored; for a like-for-like comparison "
+        "sample the runs on the same latents (`--sample.latents`)."
+    )
 
 
 def _names(folders: list[Path]) -> list[str]:
