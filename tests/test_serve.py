@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -208,6 +210,7 @@ def test_list_sorts_filters_and_searches(url: str, runs: tuple[Path, Path]) -> N
     assert f"balanced_accuracy {key}" in page and f"{bal[shown[0]]:.3f}" in page
 
 
+@pytest.mark.bad_input
 def test_broken_artifact_is_500_without_traceback(runs: tuple[Path, Path], tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(runs[0], broken)
@@ -217,6 +220,45 @@ def test_broken_artifact_is_500_without_traceback(runs: tuple[Path, Path], tmp_p
     try:
         status, page, _ = get(url_of(server) + "run/broken/")
         assert status == 500 and "Traceback" not in page and "log says why" in page
+        assert "score/scores.jsonl is unreadable" in page and "saelab score --run-dir" in page
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.bad_input
+def test_corrupt_explanations_page_names_the_artifact_and_the_fix(
+    runs: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A corrupt explanations.jsonl: the run's pages answer 500 naming the file, the run and `saelab explain`
+    (HTML-escaped: the run's name holds markup); its report and the other run are still served, and the run
+    recovers once the file is written again, without a restart."""
+    broken = tmp_path / "x<i>y"
+    shutil.copytree(runs[0], broken)
+    path = broken / "explain" / "explanations.jsonl"
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2] + b"\n{<b>not json\n")
+    server = make_server([broken, runs[1]])
+    serve_in_thread(server)
+    base = url_of(server)
+    try:
+        for page_path in (
+            "run/x%3Ci%3Ey/",
+            f"run/x%3Ci%3Ey/latent/{studied(runs[0])[0]}",
+            "compare/b/x%3Ci%3Ey",
+        ):
+            status, page, _ = get(base + page_path)
+            assert status == 500, page_path
+            assert "explain/explanations.jsonl is unreadable" in page and "JSONDecodeError" in page
+            assert f"saelab explain --run-dir {shlex.quote(str(broken.resolve()))}" in html.unescape(page)
+            assert "x&lt;i&gt;y" in page and "<i>" not in page and "<b>" not in page
+            assert "Traceback" not in page
+        assert "Traceback" in caplog.text  # the log keeps the whole story
+        assert get(base + "run/x%3Ci%3Ey/report")[0] == 200
+        assert get(base + "run/b/")[0] == 200 and get(base)[0] == 200
+        path.write_bytes(good)
+        status, page, _ = get(base + "run/x%3Ci%3Ey/")
+        assert status == 200 and "latent-link" in page
     finally:
         server.shutdown()
         server.server_close()
@@ -381,3 +423,80 @@ def test_search_open_latent_and_screenshot(
     )
     assert orange.sum() > 50, "no highlighted token drawn"
     assert dialogs == [], "a script from run data ran"
+
+
+# ------------------------------------------------------------------------- confinement to the run folder
+
+
+def served(folders: list[Path], **kw: Any) -> Iterator[str]:
+    server = make_server(folders, **kw)
+    serve_in_thread(server)
+    try:
+        yield url_of(server)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _link_out(run: Path, rel: str, target: Path) -> None:
+    """Replace `run/rel` by a symbolic link to `target` (a copy of it first, when `target` does not exist)."""
+    path = run / rel
+    if not target.exists() and not target.is_symlink():
+        (shutil.copytree if path.is_dir() else shutil.copyfile)(path, target)
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    path.symlink_to(target)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("rel", "pages"),
+    [
+        ("report.html", ["report"]),  # to /etc/passwd, as found
+        ("latents", ["", "latent/3"]),  # a folder
+        ("explain/explanations.jsonl", ["", "latent/3"]),
+        ("samples/samples.json", ["", "latent/3"]),
+        ("score", ["", "latent/3"]),
+        ("sae", ["latent/3"]),
+        ("latents/stats.safetensors", [""]),  # a file inside a folder the cache reads
+    ],
+)
+def test_symlink_out_of_the_run_is_refused(
+    runs: tuple[Path, Path], tmp_path: Path, rel: str, pages: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(runs[0], run)
+    outside = Path("/etc/passwd") if rel == "report.html" else tmp_path / "outside" / rel.replace("/", "_")
+    outside.parent.mkdir(exist_ok=True)
+    _link_out(run, rel, outside)
+    for base in served([run]):
+        for page_path in pages:
+            status, body, _ = get(f"{base}run/run/{page_path}")
+            assert status == 403, (rel, page_path)
+            assert "root:" not in body and "latent-link" not in body and "fires on" not in body
+            assert f"{rel.split('/')[0]}" in body and "outside" in body
+        assert get(base)[0] == 200  # the index reads no run file
+    assert f"refused: {rel}" in caplog.text and str(outside) in caplog.text
+
+
+@pytest.mark.bad_input
+def test_link_through_a_folder_link_inside_is_refused(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    """`score` links to a folder inside the run, which holds a link out: the walk follows the inner link."""
+    run = tmp_path / "run"
+    shutil.copytree(runs[0], run)
+    (run / "score").rename(run / "score-real")
+    (run / "score").symlink_to(run / "score-real")
+    for base in served([run]):
+        assert get(f"{base}run/run/")[0] == 200  # a link that stays inside is followed
+        _link_out(run / "score-real", "scores.jsonl", tmp_path / "scores-outside.jsonl")
+        status, body, _ = get(f"{base}run/run/latent/3")
+        assert status == 403 and "score/scores.jsonl" in body
+
+
+def test_report_link_inside_the_run_is_served(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(runs[0], run)
+    (run / "report.html").rename(run / "report-v1.html")
+    (run / "report.html").symlink_to("report-v1.html")
+    for base in served([run]):
+        status, body, _ = get(f"{base}run/run/report")
+        assert status == 200 and body == (run / "report-v1.html").read_text()

@@ -9,9 +9,14 @@ Routes (nothing else is served; no path from a request ever reaches the file sys
     /compare/NAME_A/NAME_B          two runs side by side on the latents both explained
     /compare/NAME_A/NAME_B/latent/F one latent in both runs side by side
 
-NAME is a served run's folder name. Binds to 127.0.0.1 unless --host says otherwise; every page is sent with
-a Content-Security-Policy that allows no script, and all run data is HTML-escaped. On loopback it answers only
-requests whose Host header names the loopback address (no DNS rebinding).
+NAME is a served run's folder name. What a page may read of a run is confined to the run folder (resolved once,
+at start): before each page, the artifacts it reads are checked for symbolic links leading out of it, and a page
+that would read through one is refused (403, and a line in the log). An artifact that its stage's loader cannot
+read answers a page naming it and the command that writes it again; the other pages and runs keep being served.
+
+Binds to 127.0.0.1 unless --host says otherwise; every page is sent with a Content-Security-Policy that allows no
+script, and all run data is HTML-escaped. On loopback it answers only requests whose Host header names the loopback
+address (no DNS rebinding).
 
     saelab serve runs/demo runs/other --port 8000
 """
@@ -19,9 +24,14 @@ requests whose Host header names the loopback address (no DNS rebinding).
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import math
+import os
+import shlex
+import stat
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,9 +41,19 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 import numpy as np
 
-from saelab.latents.cache import CacheError
-from saelab.latents.sampling import Example
-from saelab.web.data import LIST_METRICS, METRIC, REPORT, RunData, ScoreResult
+from saelab.autointerp.explain import EXPLANATIONS, load_explanations
+from saelab.latents.cache import LATENTS, CacheError, LatentCache
+from saelab.latents.sampling import SAMPLES, Example, SampleSet
+from saelab.web.data import (
+    LIST_METRICS,
+    METRIC,
+    REPORT,
+    SAE_WEIGHTS,
+    SCORES,
+    SCORES_SUMMARY,
+    RunData,
+    ScoreResult,
+)
 from saelab.web.listing import FIXED_SORTS, ListQuery, QueryError, models, run_query
 from saelab.web.templates import environment
 
@@ -45,8 +65,21 @@ COMPARE_ROWS = 1000
 HIST_W, HIST_H = 480, 120
 
 
+RUN_DATA = tuple(
+    sorted(
+        {rel.split("/")[0] for rel in (LATENTS, EXPLANATIONS, SCORES, SCORES_SUMMARY, SAMPLES, SAE_WEIGHTS)}
+    )
+)
+"""The top-level entries of a run folder that RunData reads, checked with everything under them before a run's
+data pages (the report route checks report.html alone)."""
+
+
 class NotFound(Exception):
     """Answered with 404 and the message."""
+
+
+class Refused(Exception):
+    """A file a page would read leads out of its run folder: answered with 403 and the message."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +107,142 @@ def _judge(score: ScoreResult, ex: Example) -> tuple[str, str]:
     return verdict, f"predicted {p['pred']}, label {p['label']}{s}"
 
 
+# ------------------------------------------------------------------------- confinement to the run folder
+
+
+def _within(real: str, root: str) -> bool:
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def link_out(root: Path, tops: tuple[str, ...]) -> tuple[str, str] | None:
+    """(path relative to `root` as a page would read it, where it leads) of the first entry at or under
+    `root/top` (each of `tops`) whose real path is outside `root`: a symbolic link out, or one inside a linked
+    folder. None when all stay inside. Regular files in real folders are inside by construction, so only the
+    `tops` and links cost a realpath."""
+    base = str(root)
+    seen: set[str] = set()
+
+    def check(real: str, rel: str) -> tuple[str, str] | None:
+        if not _within(real, base):
+            return rel, real
+        if not os.path.isdir(real) or real in seen:
+            return None
+        seen.add(real)
+        with os.scandir(real) as entries:
+            for e in entries:
+                sub = os.path.join(rel, e.name)
+                if e.is_symlink():
+                    found = check(os.path.realpath(e.path), sub)
+                elif e.is_dir(follow_symlinks=False):
+                    found = check(e.path, sub)
+                else:
+                    continue
+                if found is not None:
+                    return found
+        return None
+
+    for top in tops:
+        path = os.path.join(base, top)
+        if os.path.lexists(path) and (found := check(os.path.realpath(path), top)) is not None:
+            return found
+    return None
+
+
+def _read_inside(root: Path, rel: str) -> bytes | None:
+    """The bytes of the regular file `root/rel` (checked by `link_out` just before), or None when there is none;
+    opened by its real path with O_NOFOLLOW, so that a link put in its place since is not followed."""
+    real = os.path.realpath(root / rel)
+    if not _within(real, str(root)):
+        raise Refused(f"{rel} leads out of the run folder")
+    try:
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise Refused(f"{rel} cannot be opened ({err.strerror})") from None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            return None
+        return fh.read()
+
+
+# ---------------------------------------------------------------------------- naming a broken artifact
+
+
+def _read_jsonl(path: Path) -> None:
+    with path.open("rb") as fh:
+        for n, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except ValueError as err:
+                    raise ValueError(f"line {n}: {err}") from None
+
+
+def _read_cache(path: Path) -> None:
+    cache = LatentCache.open(path)
+    for shard in cache.info.shards:
+        if shard.end > shard.start:
+            cache.latent(shard.start)
+
+
+def _read_safetensors(path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="np") as fh:
+        fh.keys()
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A run artifact the browser reads, and how to tell that it is unreadable."""
+
+    rel: str
+    """Its path in the run folder."""
+    stage: str
+    """The saelab command that writes it."""
+    read: Callable[[Path], object]
+    """Reads it whole, with its owner's loader where there is one; raises when it is unreadable."""
+
+
+ARTIFACTS = (
+    Artifact(EXPLANATIONS, "explain", load_explanations),
+    Artifact(SCORES, "score", _read_jsonl),
+    Artifact(SAMPLES, "sample", SampleSet.load),
+    Artifact(LATENTS, "cache", _read_cache),
+    Artifact(SAE_WEIGHTS, "train", _read_safetensors),
+)
+
+
+def _signature(folder: Path) -> tuple[tuple[int, int, int] | None, ...]:
+    out: list[tuple[int, int, int] | None] = []
+    for a in ARTIFACTS:
+        try:
+            st = os.stat(folder / a.rel)
+            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+def unreadable(folder: Path) -> list[str]:
+    """One line for each of the run's artifacts that cannot be read, naming the command that writes it again."""
+    found = []
+    for a in ARTIFACTS:
+        path = folder / a.rel
+        if not path.exists():
+            continue
+        try:
+            a.read(path)
+        except Exception as err:  # whatever the loader raises: the page names it, the log has the traceback
+            why = f"{type(err).__name__}: {err}"
+            found.append(
+                f"{a.rel} is unreadable ({why[:300]}); rerun `saelab {a.stage} --run-dir "
+                f"{shlex.quote(str(folder))}` to write it again (and the stages after it that you use)"
+            )
+    return found
+
+
 class Browser:
     """The app: served runs by name, and the page for each route."""
 
@@ -87,13 +256,41 @@ class Browser:
                 name, i = f"{folder.resolve().name}-{i}", i + 1
             self.runs[name] = RunData(name, folder.resolve())
         self.env = environment()
+        self._diagnosed: dict[str, tuple[tuple[Any, ...], list[str]]] = {}
+        """By run: (its artifacts' stat signature, `unreadable` of it), so a broken run is read whole once."""
+        self._diagnose_lock = threading.Lock()
         self.allowed_hosts: set[str] | None = None
         """Host headers answered (set for a loopback server); None answers any."""
 
-    def run(self, name: str) -> RunData:
+    def run(self, name: str, reads: tuple[str, ...] = RUN_DATA) -> RunData:
+        """The served run `name`, once its entries `reads` are checked to stay inside its folder."""
         if name not in self.runs:
             raise NotFound(f"no served run is named {name!r}")
-        return self.runs[name]
+        run = self.runs[name]
+        out = link_out(run.folder, reads)
+        if out is not None:
+            log.warning(
+                "refused: %s of run %s leads to %s, outside the run folder %s",
+                out[0],
+                name,
+                out[1],
+                run.folder,
+            )
+            raise Refused(
+                f"run {name}: {out[0]} is a link leading out of the run folder; the browser reads nothing outside "
+                "a served run folder (copy the file into the run, or serve the run it belongs to)"
+            )
+        return run
+
+    def unreadable(self, name: str) -> list[str]:
+        """`unreadable` of a served run, read again only when one of its artifacts has changed."""
+        run = self.runs[name]
+        with self._diagnose_lock:
+            sig = _signature(run.folder)
+            cached = self._diagnosed.get(name)
+            if cached is None or cached[0] != sig:
+                cached = self._diagnosed[name] = (sig, unreadable(run.folder))
+            return cached[1]
 
     def handle(self, target: str) -> Response:
         """The response to a GET of `target` (path and query)."""
@@ -112,9 +309,30 @@ class Browser:
             return self.error(HTTPStatus.BAD_REQUEST, str(err))
         except CacheError as err:
             return self.error(HTTPStatus.NOT_FOUND, str(err))
+        except Refused as err:
+            return self.error(HTTPStatus.FORBIDDEN, str(err))
         except Exception:  # a broken artifact answers 500 with no traceback; the log has it
             log.exception("error answering %s", target)
-            return self.error(HTTPStatus.INTERNAL_SERVER_ERROR, "the page failed; the server's log says why")
+            return self.failed(segments)
+
+    def failed(self, segments: list[str]) -> Response:
+        """The 500 page of a page that raised: which artifact of which run is unreadable, when that is why."""
+        names = (
+            segments[1:2] if segments[:1] == ["run"] else segments[1:3] if segments[:1] == ["compare"] else []
+        )
+        broken = [(n, line) for n in dict.fromkeys(names) if n in self.runs for line in self.unreadable(n)]
+        status = HTTPStatus.INTERNAL_SERVER_ERROR
+        if not broken:
+            return self.error(status, "the page failed; the server's log says why")
+        runs = ", ".join(dict.fromkeys(f"{n} ({self.runs[n].folder})" for n, _ in broken))
+        return self.render(
+            "error",
+            status=int(status),
+            heading=f"{int(status)}: an artifact of run {broken[0][0]} is unreadable",
+            message=f"This page reads files of {runs} that cannot be read. The other pages and runs are still "
+            "served; the server's log says why in full.",
+            items=[f"{n}: {line}" for n, line in broken],
+        )
 
     def route(self, seg: list[str], params: dict[str, str]) -> Response:
         match seg:
@@ -125,10 +343,10 @@ class Browser:
             case ["run", name, "latent", latent] if _is_id(latent):
                 return self.latent_page(self.run(name), int(latent))
             case ["run", name, "report"]:
-                path = self.run(name).file(REPORT)
-                if path is None:
+                body = _read_inside(self.run(name, (REPORT,)).folder, REPORT)
+                if body is None:
                     raise NotFound(f"{name} has no report.html; run `saelab report --run-dir RUN`")
-                return Response(200, path.read_bytes())
+                return Response(200, body)
             case ["compare", a, b]:
                 metric = params.get("metric", "") or METRIC
                 if metric not in LIST_METRICS:
