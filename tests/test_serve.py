@@ -500,3 +500,26 @@ def test_report_link_inside_the_run_is_served(runs: tuple[Path, Path], tmp_path:
     for base in served([run]):
         status, body, _ = get(f"{base}run/run/report")
         assert status == 200 and body == (run / "report-v1.html").read_text()
+
+
+# ----------------------------------------------------------------------------------------- the CLI
+
+
+@pytest.mark.fault
+def test_help_into_a_closed_pipe_exits_quietly() -> None:
+    """`saelab serve --help | head`: the reader leaves; no BrokenPipeError traceback, whether the pipe is closed
+    before the first write or after the first lines (a real `head`)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), *sys.path])}
+    cmd = [sys.executable, "-m", "saelab.cli", "serve", "--help"]
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(cmd, stdout=write_end, stderr=subprocess.PIPE, env=env, timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 1 and proc.stderr == b"", proc.stderr.decode()
+    shell = subprocess.run(
+        ["bash", "-c", f"{shlex.join(cmd)} | head -n 2"], capture_output=True, env=env, timeout=120
+    )
+    assert shell.stdout.decode().startswith("usage: saelab serve") and len(shell.stdout.splitlines()) == 2
+    assert b"Traceback" not in shell.stderr and b"BrokenPipe" not in shell.stderr
