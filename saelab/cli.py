@@ -300,12 +300,13 @@ def _runs(args: RunsArgs) -> int:
 
 
 def _serve(args: ServeArgs) -> int:
-    from saelab.web.server import make_server, url_of
+    from saelab.web.server import make_server, server_urls
 
     if not args.runs:
         raise FileNotFoundError("saelab serve needs at least one run folder")
-    server = make_server([Path(r) for r in args.runs], args.serve.host, args.serve.port)
-    sys.stdout.write(f"saelab serve: {url_of(server)} (Ctrl-C stops)\n")
+    server = make_server([Path(r) for r in args.runs], args.serve.host, args.serve.port, args.serve.token)
+    first, *others = server_urls(server)
+    sys.stdout.write(f"saelab serve: {first} (Ctrl-C stops)\n" + "".join(f"  or {u}\n" for u in others))
     sys.stdout.flush()
     try:
         server.serve_forever()

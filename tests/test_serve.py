@@ -12,11 +12,13 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ from saelab.cli import ServeArgs, main
 from saelab.config import ServeConfig
 from saelab.latents.sampling import SampleSet
 from saelab.web.data import RunData
-from saelab.web.server import make_server, serve_in_thread, url_of
+from saelab.web.server import Browser, BrowserServer, make_server, serve_in_thread, server_urls, url_of
 
 SCRIPT = "<script>alert(1)</script> closing brackets"
 
@@ -500,6 +502,183 @@ def test_report_link_inside_the_run_is_served(runs: tuple[Path, Path], tmp_path:
     for base in served([run]):
         status, body, _ = get(f"{base}run/run/report")
         assert status == 200 and body == (run / "report-v1.html").read_text()
+
+
+# ---------------------------------------------------------------------------------------------- load
+
+
+def _answer(sock: socket.socket, request: bytes) -> int:
+    """Send one request and read its whole response (Content-Length body); its status."""
+    sock.sendall(request)
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed before the response"
+        buf += chunk
+    head, body = buf.split(b"\r\n\r\n", 1)
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed inside the body"
+        body += chunk
+    return int(head.split()[1])
+
+
+@pytest.mark.fault
+def test_200_simultaneous_connections_all_answered(runs: tuple[Path, Path]) -> None:
+    """A burst of 200 connections before the server accepts any: all complete (http.server's listen queue of 5
+    drops all but 6, whose clients retry their SYN only after 1 s, 3 s, 7 s...), then each gets two answers on its
+    keep-alive connection, within a bounded time."""
+    server = make_server([runs[0]])
+    host, port = server.server_address[:2]
+    request = f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    socks: list[socket.socket] = []
+    thread = None
+    try:
+        for _ in range(200):  # each handshake is done by the kernel, into the listen queue
+            socks.append(socket.create_connection((str(host), port), timeout=0.5))
+        thread = serve_in_thread(server)
+        for s in socks:
+            s.settimeout(60)
+        with ThreadPoolExecutor(200) as pool:
+            statuses = list(pool.map(lambda s: [_answer(s, request), _answer(s, request)], socks))
+        assert statuses == [[200, 200]] * 200
+    finally:
+        for s in socks:
+            s.close()
+        if thread is not None:  # shutdown() waits for a serve_forever that never started
+            server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.fault
+def test_more_keepalive_clients_than_slots_all_answered(runs: tuple[Path, Path]) -> None:
+    """40 keep-alive clients, 4 connection slots: while a client waits, connections close after their response
+    (http.client reconnects), so none starves."""
+    import http.client
+
+    server = BrowserServer("127.0.0.1", 0, Browser([runs[0]]), max_connections=4)
+    serve_in_thread(server)
+    port = int(server.server_address[1])
+
+    def client(_: int) -> list[int]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        out = []
+        for _ in range(5):
+            conn.request("GET", "/")
+            resp = conn.getresponse()
+            resp.read()
+            out.append(resp.status)
+        conn.close()
+        return out
+
+    try:
+        with ThreadPoolExecutor(40) as pool:
+            assert list(pool.map(client, range(40))) == [[200] * 5] * 40
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# ------------------------------------------------------------------------------- binding off loopback
+
+
+def _raw(base: str, path: str, host: str, cookie: str | None = None) -> tuple[int, str, Any]:
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(base)
+    conn = http.client.HTTPConnection("127.0.0.1", parts.port, timeout=30)
+    conn.request("GET", path, headers={"Host": host, **({"Cookie": cookie} if cookie else {})})
+    resp = conn.getresponse()
+    body = resp.read().decode()
+    conn.close()
+    return resp.status, body, resp.headers
+
+
+@pytest.mark.bad_input
+def test_any_address_warns_checks_host_and_requires_the_token(
+    runs: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    server = make_server([runs[0]], host="0.0.0.0")
+    serve_in_thread(server)
+    port, token = server.access.port, server.access.token
+    base = f"http://127.0.0.1:{port}/"
+    try:
+        warning = caplog.text
+        assert "WARNING" in warning and "0.0.0.0" in warning and f"a ({runs[0].resolve()})" in warning
+        assert token and server_urls(server) == [
+            f"http://{socket.gethostname()}:{port}/?token={token}",
+            f"http://127.0.0.1:{port}/?token={token}",
+        ]
+        # a page at evil.example that resolved its name to this machine: refused, token or not
+        for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1:{port + 1}", f"10.9.8.7:{port}"):
+            assert _raw(base, f"/?token={token}", host)[0] == 421, host
+        # the right Host, but no token (or a wrong one): refused, and nothing of the run shown
+        status, body, _ = _raw(base, "/run/a/", f"127.0.0.1:{port}")
+        assert status == 403 and "token" in body and "latent-link" not in body
+        assert _raw(base, "/run/a/?token=guess", f"127.0.0.1:{port}")[0] == 403
+        assert _raw(base, "/", f"127.0.0.1:{port}", cookie=f"saelab-token-{port}=guess")[0] == 403
+        # the printed URL: the token becomes a cookie, and the redirect drops it from the address
+        status, _, headers = _raw(base, f"/run/a/?sort=frequency&token={token}", f"127.0.0.1:{port}")
+        cookie = headers["Set-Cookie"].split(";")[0]
+        assert status == 303 and headers["Location"] == "/run/a/?sort=frequency"
+        assert "HttpOnly" in headers["Set-Cookie"] and "SameSite=Strict" in headers["Set-Cookie"]
+        for host in (
+            f"127.0.0.1:{port}",
+            f"localhost:{port}",
+            f"0.0.0.0:{port}",
+            f"{socket.gethostname()}:{port}",
+        ):
+            status, body, _ = _raw(base, "/run/a/", host, cookie=cookie)
+            assert status == 200 and "latent-link" in body, host
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.bad_input
+def test_any_address_without_token_still_checks_host(runs: tuple[Path, Path]) -> None:
+    server = make_server([runs[0]], host="0.0.0.0", token=False)
+    serve_in_thread(server)
+    port = server.access.port
+    base = f"http://127.0.0.1:{port}/"
+    try:
+        assert server.access.token is None and server_urls(server)[1] == base
+        assert _raw(base, "/run/a/", f"evil.example:{port}")[0] == 421
+        assert _raw(base, "/run/a/", f"127.0.0.1:{port}")[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_serve_command_off_loopback_warns_and_prints_the_token(runs: tuple[Path, Path]) -> None:
+    import http.cookiejar
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), *sys.path])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "saelab.cli", "serve", str(runs[0]), "--host", "0.0.0.0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        first, second = proc.stdout.readline(), proc.stdout.readline()
+        found = re.search(r"http://127\.0\.0\.1:(\d+)/\?token=[\w-]+", second)
+        assert "?token=" in first and found, (first, second)
+        warning = proc.stderr.readline()
+        assert "WARNING" in warning and str(runs[0].resolve()) in warning and "0.0.0.0" in warning
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        with opener.open(found.group(0), timeout=30) as r:  # follows the redirect with the cookie
+            assert r.status == 200 and "/run/a/" in r.read().decode() and "token" not in r.url
+        with opener.open(found.group(0).split("?")[0] + "run/a/", timeout=30) as r:
+            assert r.status == 200
+        assert get(found.group(0).split("?")[0])[0] == 403  # no cookie, no token
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 # ----------------------------------------------------------------------------------------- the CLI

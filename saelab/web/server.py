@@ -11,32 +11,45 @@ Routes (nothing else is served; no path from a request ever reaches the file sys
 
 NAME is a served run's folder name. What a page may read of a run is confined to the run folder (resolved once,
 at start): before each page, the artifacts it reads are checked for symbolic links leading out of it, and a page
-that would read through one is refused (403, and a line in the log). An artifact that its stage's loader cannot
-read answers a page naming it and the command that writes it again; the other pages and runs keep being served.
+that would read through one is refused (403, and a line in the log). All run data is HTML-escaped and every page
+is sent with a Content-Security-Policy that allows no script. An artifact that its stage's loader cannot read
+answers a page naming it and the command that writes it again; the other pages and runs keep being served.
 
-Binds to 127.0.0.1 unless --host says otherwise; every page is sent with a Content-Security-Policy that allows no
-script, and all run data is HTML-escaped. On loopback it answers only requests whose Host header names the loopback
-address (no DNS rebinding).
+Who is answered: binds to 127.0.0.1 unless --host says otherwise. Every request's Host header must name this
+server (the address it was reached on, the bound address, this machine's names; `localhost` over loopback), so a
+page elsewhere whose own name resolves here (DNS rebinding) reads nothing. Bound to any other address, the server
+logs a warning naming the runs it exposes and where, and requires a random token (as Jupyter does): the URL it
+prints carries `?token=`, which the first request trades for a cookie.
+
+The HTTP side is http.server's threaded server with a listen queue of 1024 (its default of 5 drops simultaneous
+connections), HTTP/1.1 keep-alive, and at most 256 connections served at once; while more wait, connections close
+after their current response so that the waiting ones get a turn.
 
     saelab serve runs/demo runs/other --port 8000
 """
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import json
 import logging
 import math
 import os
+import re
+import secrets
 import shlex
+import socket
 import stat
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
+from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 import numpy as np
@@ -64,6 +77,13 @@ METRIC_NAMES = ("f1", "precision", "recall", "balanced_accuracy", "auc", "correl
 COMPARE_ROWS = 1000
 HIST_W, HIST_H = 480, 120
 
+LISTEN_BACKLOG = 1024
+"""Connections the kernel holds for the accept loop (http.server's 5 drops the rest of a burst; clients retry
+their SYN only after 1 s, 3 s, 7 s)."""
+MAX_CONNECTIONS = 256
+"""Connections served at once, a thread each; more wait in the listen queue."""
+IDLE_TIMEOUT_S = 30.0
+"""A keep-alive connection silent this long is closed (and its thread ends)."""
 
 RUN_DATA = tuple(
     sorted(
@@ -87,6 +107,7 @@ class Response:
     status: int
     body: bytes
     content_type: str = "text/html; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 def _fmt(v: Any) -> str:
@@ -259,8 +280,6 @@ class Browser:
         self._diagnosed: dict[str, tuple[tuple[Any, ...], list[str]]] = {}
         """By run: (its artifacts' stat signature, `unreadable` of it), so a broken run is read whole once."""
         self._diagnose_lock = threading.Lock()
-        self.allowed_hosts: set[str] | None = None
-        """Host headers answered (set for a loopback server); None answers any."""
 
     def run(self, name: str, reads: tuple[str, ...] = RUN_DATA) -> RunData:
         """The served run `name`, once its entries `reads` are checked to stay inside its folder."""
@@ -495,58 +514,240 @@ def _value(col: np.ndarray, latent: int) -> float | None:
     return None if math.isnan(v) else v
 
 
-def _handler(app: Browser) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "saelab"
-        sys_version = ""
+# ---------------------------------------------------------------------------------- who is answered
 
-        def do_GET(self) -> None:
-            self._send(self._answer(), body=True)
+_HOST = re.compile(r"(\[[0-9a-f:.]+\]|[^:\[\]]+)(?::(\d{1,5}))?")
+_TOKEN = re.compile(r"(?<=token=)[^&\s]+")
 
-        def do_HEAD(self) -> None:
-            self._send(self._answer(), body=False)
 
-        def _answer(self) -> Response:
-            host = (self.headers.get("Host") or "").lower()
-            if app.allowed_hosts is not None and host not in app.allowed_hosts:
-                # a page elsewhere that points its own name at 127.0.0.1 (DNS rebinding) must not read the runs
+@dataclass(frozen=True)
+class Access:
+    """Which requests the server answers: those naming it in their Host header, and off loopback those carrying
+    its token."""
+
+    bound: str
+    """The bound IP address."""
+    port: int
+    names: frozenset[str]
+    """Host names answered (lower case) besides IP addresses: this machine's names, off loopback."""
+    token: str | None = None
+    """Required as ?token= (then the cookie it sets), or None (a loopback bind, or --no-token)."""
+
+    @classmethod
+    def for_bind(cls, host: str, bound: str, port: int, token: bool) -> Access:
+        if host == "localhost" or ipaddress.ip_address(bound).is_loopback:
+            return cls(bound, port, frozenset())
+        names = {socket.gethostname(), socket.getfqdn()} | ({host} if not _is_ip(host) else set())
+        secret = secrets.token_urlsafe(24) if token else None
+        return cls(bound, port, frozenset(n.lower() for n in names if n), secret)
+
+    @property
+    def loopback(self) -> bool:
+        return ipaddress.ip_address(self.bound).is_loopback
+
+    def host_ok(self, header: str, local: str) -> bool:
+        """Whether `header` (a request's Host, which reached us on address `local`) names this server: a page
+        whose own name resolves here (DNS rebinding) sends its own name and is refused."""
+        m = _HOST.fullmatch(header.strip().lower())
+        if m is None or int(m.group(2) or 80) != self.port:
+            return False
+        name = m.group(1).strip("[]")
+        if name in self.names:
+            return True
+        here = ipaddress.ip_address(local)
+        if name == "localhost":
+            return here.is_loopback
+        return _is_ip(name) and ipaddress.ip_address(name) in (here, ipaddress.ip_address(self.bound))
+
+    @property
+    def cookie_name(self) -> str:
+        return f"saelab-token-{self.port}"  # cookies are per host, not per port: one per server
+
+    def token_ok(self, given: str | None) -> bool:
+        return self.token is not None and given is not None and hmac.compare_digest(given, self.token)
+
+    def cookie_ok(self, header: str | None) -> bool:
+        try:
+            morsel = SimpleCookie(header or "").get(self.cookie_name)
+        except CookieError:
+            return False
+        return morsel is not None and self.token_ok(morsel.value)
+
+    def set_cookie(self) -> str:
+        return f"{self.cookie_name}={self.token}; Path=/; HttpOnly; SameSite=Strict"
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _pop_token(target: str) -> tuple[str, str | None]:
+    """(target without its `token` parameter, the token or None)."""
+    parts = urlsplit(target)
+    params = parse_qsl(parts.query, keep_blank_values=True)
+    tokens = [v for k, v in params if k == "token"]
+    if not tokens:
+        return target, None
+    query = urlencode([(k, v) for k, v in params if k != "token"])
+    return (parts.path or "/") + (f"?{query}" if query else ""), tokens[-1]
+
+
+# ------------------------------------------------------------------------------------------- HTTP
+
+
+class Handler(BaseHTTPRequestHandler):
+    """One connection: HTTP/1.1 keep-alive, each request checked by the server's Access, then the Browser."""
+
+    server_version = "saelab"
+    sys_version = ""
+    protocol_version = "HTTP/1.1"
+    timeout = IDLE_TIMEOUT_S
+
+    def do_GET(self) -> None:
+        self._send(self._answer(), body=True)
+
+    def do_HEAD(self) -> None:
+        self._send(self._answer(), body=False)
+
+    def _answer(self) -> Response:
+        server = cast(BrowserServer, self.server)
+        access, app = server.access, server.app
+        if not access.host_ok(self.headers.get("Host") or "", str(self.connection.getsockname()[0])):
+            return app.error(
+                HTTPStatus.MISDIRECTED_REQUEST,
+                "this server answers only requests that name it (its address or this machine's name)",
+            )
+        target, token = _pop_token(self.path)
+        if access.token is not None:
+            if access.token_ok(
+                token
+            ):  # the printed URL: the token becomes a cookie, the address bar loses it
+                return Response(303, b"", headers=(("Location", target), ("Set-Cookie", access.set_cookie())))
+            if not access.cookie_ok(self.headers.get("Cookie")):
                 return app.error(
-                    HTTPStatus.MISDIRECTED_REQUEST, "this server answers only to its loopback address"
+                    HTTPStatus.FORBIDDEN,
+                    "this server needs its token: open the URL that `saelab serve` printed (it ends in ?token=)",
                 )
-            return app.handle(self.path)
+        return app.handle(target)
 
-        def _send(self, r: Response, body: bool) -> None:
-            self.send_response(r.status)
-            self.send_header("Content-Type", r.content_type)
-            self.send_header("Content-Length", str(len(r.body)))
-            self.send_header("Content-Security-Policy", CSP)
-            self.send_header("X-Content-Type-Options", "nosniff")
-            self.send_header("Referrer-Policy", "no-referrer")
-            self.end_headers()
-            if body:
-                self.wfile.write(r.body)
+    def _send(self, r: Response, body: bool) -> None:
+        self.send_response(r.status)
+        self.send_header("Content-Type", r.content_type)
+        self.send_header("Content-Length", str(len(r.body)))
+        self.send_header("Content-Security-Policy", CSP)
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Referrer-Policy", "no-referrer")
+        for key, value in r.headers:
+            self.send_header(key, value)
+        unread_body = self.headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in self.headers
+        if cast(BrowserServer, self.server).waiting.is_set() or unread_body:
+            self.send_header("Connection", "close")  # a waiting connection gets this one's turn
+        self.end_headers()
+        if body:
+            self.wfile.write(r.body)
 
-        def log_message(self, format: str, *args: Any) -> None:
-            log.debug("%s " + format, self.address_string(), *args)
-
-    return Handler
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), _TOKEN.sub("…", format % args))
 
 
-def make_server(folders: list[Path], host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
-    """A server for `folders` bound to (host, port); port 0 picks a free one (`server.server_address`)."""
-    app = Browser(folders)
-    server = ThreadingHTTPServer((host, port), _handler(app))
-    server.daemon_threads = True
-    bound, port = str(server.server_address[0]), int(server.server_address[1])
-    if host == "localhost" or ipaddress.ip_address(bound).is_loopback:
-        app.allowed_hosts = {f"{name}:{port}" for name in ("127.0.0.1", "localhost", bound)}
+class BrowserServer(ThreadingHTTPServer):
+    """The browser's HTTP server: a thread per connection, at most `max_connections` at once (the accept loop
+    waits for a free one, the kernel queueing up to LISTEN_BACKLOG more); while it waits, connections close after
+    their current response, so keep-alive clients cannot starve new ones."""
+
+    request_queue_size = LISTEN_BACKLOG
+    daemon_threads = True
+    block_on_close = False  # server_close does not wait for idle keep-alive connections
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        app: Browser,
+        token: bool = True,
+        handler: type[BaseHTTPRequestHandler] = Handler,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
+        self.app = app
+        self.slots = threading.BoundedSemaphore(max_connections)
+        self.waiting = threading.Event()
+        """Set while a connection waits for a slot."""
+        super().__init__((host, port), handler)
+        bound, bound_port = str(self.server_address[0]), int(self.server_address[1])
+        self.access = Access.for_bind(host, bound, bound_port, token)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.waiting.set()
+            got = self.slots.acquire(timeout=IDLE_TIMEOUT_S)
+            self.waiting.clear()
+            if not got:
+                log.warning("no connection slot freed in %.0f s; closing a new connection", IDLE_TIMEOUT_S)
+                self.shutdown_request(request)
+                return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        err = sys.exc_info()[1]
+        if isinstance(err, (ConnectionError, TimeoutError)):  # the client left or went silent
+            log.debug("connection from %s: %r", client_address[0], err)
+        else:
+            log.exception("error on the connection from %s", client_address[0])
+
+
+def make_server(
+    folders: list[Path], host: str = "127.0.0.1", port: int = 0, token: bool = True
+) -> BrowserServer:
+    """A server for `folders` bound to (host, port); port 0 picks a free one (`server.server_address`). Off
+    loopback it logs a warning naming what it exposes, and (unless `token` is False) requires a token."""
+    server = BrowserServer(host, port, Browser(folders), token)
+    if not server.access.loopback:
+        log.warning("%s", exposure(server))
     return server
+
+
+def exposure(server: BrowserServer) -> str:
+    """The warning for a bind off loopback: which runs are readable, from where, by whom."""
+    a = server.access
+    where = (
+        "every network address of this machine" if ipaddress.ip_address(a.bound).is_unspecified else a.bound
+    )
+    who = "with the token in the URL printed below" if a.token else "(no token: --no-token)"
+    runs = ", ".join(f"{r.name} ({r.folder})" for r in server.app.runs.values())
+    return (
+        f"WARNING: saelab serve listens on {a.bound} port {a.port} ({where}), not only on this machine: anyone "
+        f"who can reach it {who} can read the runs {runs} (their latents, examples, explanations, scores and "
+        "reports). Leave out --host (127.0.0.1) to keep them on this machine."
+    )
 
 
 def url_of(server: ThreadingHTTPServer) -> str:
     host, port = server.server_address[:2]
     host = str(host)
     return f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
+
+
+def server_urls(server: BrowserServer) -> list[str]:
+    """The URLs to open, with ?token= where one is needed; on 0.0.0.0, by this machine's name and by loopback."""
+    a = server.access
+    query = f"?token={a.token}" if a.token else ""
+    if ipaddress.ip_address(a.bound).is_unspecified:
+        return [f"http://{socket.gethostname()}:{a.port}/{query}", f"http://127.0.0.1:{a.port}/{query}"]
+    return [url_of(server) + query]
 
 
 def serve_in_thread(server: ThreadingHTTPServer) -> threading.Thread:
