@@ -23,7 +23,8 @@ prints carries `?token=`, which the first request trades for a cookie.
 
 The HTTP side is http.server's threaded server with a listen queue of 1024 (its default of 5 drops simultaneous
 connections), HTTP/1.1 keep-alive, and at most 256 connections served at once; while more wait, connections close
-after their current response so that the waiting ones get a turn.
+after their current response so that the waiting ones get a turn. Each connection's thread hands its pages to a
+small pool of page workers, first come first served, so that no client starves under load.
 
     saelab serve runs/demo runs/other --port 8000
 """
@@ -44,6 +45,7 @@ import stat
 import sys
 import threading
 from collections.abc import Callable
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.cookies import CookieError, SimpleCookie
@@ -81,6 +83,11 @@ LISTEN_BACKLOG = 1024
 """Connections the kernel holds for the accept loop (http.server's 5 drops the rest of a burst; clients retry
 their SYN only after 1 s, 3 s, 7 s)."""
 MAX_CONNECTIONS = 256
+PAGE_WORKERS = 2
+"""Pages computed at once. Connection threads queue their pages for these workers in arrival order: with a thread
+per connection computing its own page, the GIL's handover starved some of 200 clients past 10 s (BENCHMARKS.md).
+A page is mostly Python under the GIL (JSON, templates), so more workers only contend: 2 served 200 clients at
+144 pages/s, 4 at 113, 8 at 101."""
 """Connections served at once, a thread each; more wait in the listen queue."""
 IDLE_TIMEOUT_S = 30.0
 """A keep-alive connection silent this long is closed (and its thread ends)."""
@@ -606,6 +613,7 @@ class Handler(BaseHTTPRequestHandler):
     sys_version = ""
     protocol_version = "HTTP/1.1"
     timeout = IDLE_TIMEOUT_S
+    disable_nagle_algorithm = True  # or a body written after its headers waits for the client's delayed ACK
 
     def do_GET(self) -> None:
         self._send(self._answer(), body=True)
@@ -632,7 +640,10 @@ class Handler(BaseHTTPRequestHandler):
                     HTTPStatus.FORBIDDEN,
                     "this server needs its token: open the URL that `saelab serve` printed (it ends in ?token=)",
                 )
-        return app.handle(target)
+        try:
+            return server.pages.submit(app.handle, target).result()
+        except (CancelledError, RuntimeError):  # the server is closing
+            return app.error(HTTPStatus.SERVICE_UNAVAILABLE, "the server is stopping")
 
     def _send(self, r: Response, body: bool) -> None:
         self.send_response(r.status)
@@ -671,14 +682,27 @@ class BrowserServer(ThreadingHTTPServer):
         token: bool = True,
         handler: type[BaseHTTPRequestHandler] = Handler,
         max_connections: int = MAX_CONNECTIONS,
+        page_workers: int = PAGE_WORKERS,
     ) -> None:
         self.app = app
         self.slots = threading.BoundedSemaphore(max_connections)
         self.waiting = threading.Event()
+        self.pages = ThreadPoolExecutor(page_workers, thread_name_prefix="saelab-page")
+        """Computes the pages, first come first served."""
         """Set while a connection waits for a slot."""
         super().__init__((host, port), handler)
         bound, bound_port = str(self.server_address[0]), int(self.server_address[1])
         self.access = Access.for_bind(host, bound, bound_port, token)
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        # Pages run in parallel threads, and numpy's OpenBLAS, called from many threads at once with a thread pool
+        # of its own, spins on its lock: 50 clients got 2 pages/s where one client got 14 (BENCHMARKS.md). One
+        # BLAS thread per call (the nearest latents' matrix-vector product) while serving; threadpoolctl comes
+        # with scikit-learn, a dependency.
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=1, user_api="blas"):
+            super().serve_forever(poll_interval)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self.slots.acquire(blocking=False):
@@ -700,6 +724,10 @@ class BrowserServer(ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self.slots.release()
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.pages.shutdown(wait=False, cancel_futures=True)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         err = sys.exc_info()[1]
