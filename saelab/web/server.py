@@ -145,33 +145,44 @@ def _within(real: str, root: str) -> bool:
 def link_out(root: Path, tops: tuple[str, ...]) -> tuple[str, str] | None:
     """(path relative to `root` as a page would read it, where it leads) of the first entry at or under
     `root/top` (each of `tops`) whose real path is outside `root`: a symbolic link out, or one inside a linked
-    folder. None when all stay inside. Regular files in real folders are inside by construction, so only the
-    `tops` and links cost a realpath."""
+    folder. None when all stay inside. Regular files in real folders are inside by construction, so only links
+    cost a realpath."""
     base = str(root)
     seen: set[str] = set()
 
-    def check(real: str, rel: str) -> tuple[str, str] | None:
+    def link(path: str, rel: str) -> tuple[str, str] | None:
+        real = os.path.realpath(path)
         if not _within(real, base):
             return rel, real
-        if not os.path.isdir(real) or real in seen:
+        return folder(real, rel) if os.path.isdir(real) else None
+
+    def folder(real: str, rel: str) -> tuple[str, str] | None:
+        if real in seen:
             return None
         seen.add(real)
         with os.scandir(real) as entries:
             for e in entries:
-                sub = os.path.join(rel, e.name)
                 if e.is_symlink():
-                    found = check(os.path.realpath(e.path), sub)
+                    found = link(e.path, os.path.join(rel, e.name))
                 elif e.is_dir(follow_symlinks=False):
-                    found = check(e.path, sub)
+                    found = folder(e.path, os.path.join(rel, e.name))
                 else:
                     continue
                 if found is not None:
                     return found
         return None
 
-    for top in tops:
+    for top in tops:  # `root` is a real path (resolved at start): only a link costs a realpath
         path = os.path.join(base, top)
-        if os.path.lexists(path) and (found := check(os.path.realpath(path), top)) is not None:
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(mode) or os.sep in top:  # a nested top may lie in a linked folder
+            found = link(path, top)
+        else:
+            found = folder(path, top) if stat.S_ISDIR(mode) else None
+        if found is not None:
             return found
     return None
 
