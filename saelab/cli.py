@@ -206,6 +206,34 @@ def _stage_name(args: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # a reader that left shows here, not as "Exception ignored" at exit
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise
+        # `saelab serve --help | head`: the reader of stdout left; stop quietly, as Python's docs advise for
+        # SIGPIPE, with stdout on /dev/null so that the interpreter's own flush at exit fails no more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end is closed (so a BrokenPipeError came from stdout, not from a
+    socket or another pipe of a stage)."""
+    import select
+
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or stdout is not a file
+        return False
+
+
+def _main(argv: list[str] | None) -> int:
     # saelab never downloads at run time: a model or dataset that is not local is an error, not a fetch.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -272,12 +300,13 @@ def _runs(args: RunsArgs) -> int:
 
 
 def _serve(args: ServeArgs) -> int:
-    from saelab.web.server import make_server, url_of
+    from saelab.web.server import make_server, server_urls
 
     if not args.runs:
         raise FileNotFoundError("saelab serve needs at least one run folder")
-    server = make_server([Path(r) for r in args.runs], args.serve.host, args.serve.port)
-    sys.stdout.write(f"saelab serve: {url_of(server)} (Ctrl-C stops)\n")
+    server = make_server([Path(r) for r in args.runs], args.serve.host, args.serve.port, args.serve.token)
+    first, *others = server_urls(server)
+    sys.stdout.write(f"saelab serve: {first} (Ctrl-C stops)\n" + "".join(f"  or {u}\n" for u in others))
     sys.stdout.flush()
     try:
         server.serve_forever()

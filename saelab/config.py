@@ -688,6 +688,9 @@ class ServeConfig:
     """Address to bind; the default answers this machine only. Another (e.g. 0.0.0.0) exposes the runs' data."""
     port: int = 0
     """Port to listen on; 0 picks a free one (the URL is printed)."""
+    token: bool = True
+    """Off loopback, require the random token in the printed URL (kept in a cookie after the first page);
+    --no-token drops it (only behind access control of your own)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.host.strip()), "serve.host must not be empty")

@@ -10,13 +10,17 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,7 +32,7 @@ from saelab.cli import ServeArgs, main
 from saelab.config import ServeConfig
 from saelab.latents.sampling import SampleSet
 from saelab.web.data import RunData
-from saelab.web.server import make_server, serve_in_thread, url_of
+from saelab.web.server import Browser, BrowserServer, make_server, serve_in_thread, server_urls, url_of
 
 SCRIPT = "<script>alert(1)</script> closing brackets"
 
@@ -208,6 +212,7 @@ def test_list_sorts_filters_and_searches(url: str, runs: tuple[Path, Path]) -> N
     assert f"balanced_accuracy {key}" in page and f"{bal[shown[0]]:.3f}" in page
 
 
+@pytest.mark.bad_input
 def test_broken_artifact_is_500_without_traceback(runs: tuple[Path, Path], tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(runs[0], broken)
@@ -217,6 +222,45 @@ def test_broken_artifact_is_500_without_traceback(runs: tuple[Path, Path], tmp_p
     try:
         status, page, _ = get(url_of(server) + "run/broken/")
         assert status == 500 and "Traceback" not in page and "log says why" in page
+        assert "score/scores.jsonl is unreadable" in page and "saelab score --run-dir" in page
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.bad_input
+def test_corrupt_explanations_page_names_the_artifact_and_the_fix(
+    runs: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A corrupt explanations.jsonl: the run's pages answer 500 naming the file, the run and `saelab explain`
+    (HTML-escaped: the run's name holds markup); its report and the other run are still served, and the run
+    recovers once the file is written again, without a restart."""
+    broken = tmp_path / "x<i>y"
+    shutil.copytree(runs[0], broken)
+    path = broken / "explain" / "explanations.jsonl"
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2] + b"\n{<b>not json\n")
+    server = make_server([broken, runs[1]])
+    serve_in_thread(server)
+    base = url_of(server)
+    try:
+        for page_path in (
+            "run/x%3Ci%3Ey/",
+            f"run/x%3Ci%3Ey/latent/{studied(runs[0])[0]}",
+            "compare/b/x%3Ci%3Ey",
+        ):
+            status, page, _ = get(base + page_path)
+            assert status == 500, page_path
+            assert "explain/explanations.jsonl is unreadable" in page and "JSONDecodeError" in page
+            assert f"saelab explain --run-dir {shlex.quote(str(broken.resolve()))}" in html.unescape(page)
+            assert "x&lt;i&gt;y" in page and "<i>" not in page and "<b>" not in page
+            assert "Traceback" not in page
+        assert "Traceback" in caplog.text  # the log keeps the whole story
+        assert get(base + "run/x%3Ci%3Ey/report")[0] == 200
+        assert get(base + "run/b/")[0] == 200 and get(base)[0] == 200
+        path.write_bytes(good)
+        status, page, _ = get(base + "run/x%3Ci%3Ey/")
+        assert status == 200 and "latent-link" in page
     finally:
         server.shutdown()
         server.server_close()
@@ -381,3 +425,280 @@ def test_search_open_latent_and_screenshot(
     )
     assert orange.sum() > 50, "no highlighted token drawn"
     assert dialogs == [], "a script from run data ran"
+
+
+# ------------------------------------------------------------------------- confinement to the run folder
+
+
+def served(folders: list[Path], **kw: Any) -> Iterator[str]:
+    server = make_server(folders, **kw)
+    serve_in_thread(server)
+    try:
+        yield url_of(server)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _link_out(run: Path, rel: str, target: Path) -> None:
+    """Replace `run/rel` by a symbolic link to `target` (a copy of it first, when `target` does not exist)."""
+    path = run / rel
+    if not target.exists() and not target.is_symlink():
+        (shutil.copytree if path.is_dir() else shutil.copyfile)(path, target)
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    path.symlink_to(target)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("rel", "pages"),
+    [
+        ("report.html", ["report"]),  # to /etc/passwd, as found
+        ("latents", ["", "latent/3"]),  # a folder
+        ("explain/explanations.jsonl", ["", "latent/3"]),
+        ("samples/samples.json", ["", "latent/3"]),
+        ("score", ["", "latent/3"]),
+        ("sae", ["latent/3"]),
+        ("latents/stats.safetensors", [""]),  # a file inside a folder the cache reads
+    ],
+)
+def test_symlink_out_of_the_run_is_refused(
+    runs: tuple[Path, Path], tmp_path: Path, rel: str, pages: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(runs[0], run)
+    outside = Path("/etc/passwd") if rel == "report.html" else tmp_path / "outside" / rel.replace("/", "_")
+    outside.parent.mkdir(exist_ok=True)
+    _link_out(run, rel, outside)
+    for base in served([run]):
+        for page_path in pages:
+            status, body, _ = get(f"{base}run/run/{page_path}")
+            assert status == 403, (rel, page_path)
+            assert "root:" not in body and "latent-link" not in body and "fires on" not in body
+            assert f"{rel.split('/')[0]}" in body and "outside" in body
+        assert get(base)[0] == 200  # the index reads no run file
+    assert f"refused: {rel}" in caplog.text and str(outside) in caplog.text
+
+
+@pytest.mark.bad_input
+def test_link_through_a_folder_link_inside_is_refused(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    """`score` links to a folder inside the run, which holds a link out: the walk follows the inner link."""
+    run = tmp_path / "run"
+    shutil.copytree(runs[0], run)
+    (run / "score").rename(run / "score-real")
+    (run / "score").symlink_to(run / "score-real")
+    for base in served([run]):
+        assert get(f"{base}run/run/")[0] == 200  # a link that stays inside is followed
+        _link_out(run / "score-real", "scores.jsonl", tmp_path / "scores-outside.jsonl")
+        status, body, _ = get(f"{base}run/run/latent/3")
+        assert status == 403 and "score/scores.jsonl" in body
+
+
+def test_report_link_inside_the_run_is_served(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(runs[0], run)
+    (run / "report.html").rename(run / "report-v1.html")
+    (run / "report.html").symlink_to("report-v1.html")
+    for base in served([run]):
+        status, body, _ = get(f"{base}run/run/report")
+        assert status == 200 and body == (run / "report-v1.html").read_text()
+
+
+# ---------------------------------------------------------------------------------------------- load
+
+
+def _answer(sock: socket.socket, request: bytes) -> int:
+    """Send one request and read its whole response (Content-Length body); its status."""
+    sock.sendall(request)
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed before the response"
+        buf += chunk
+    head, body = buf.split(b"\r\n\r\n", 1)
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed inside the body"
+        body += chunk
+    return int(head.split()[1])
+
+
+@pytest.mark.fault
+def test_200_simultaneous_connections_all_answered(runs: tuple[Path, Path]) -> None:
+    """A burst of 200 connections before the server accepts any: all complete (http.server's listen queue of 5
+    drops all but 6, whose clients retry their SYN only after 1 s, 3 s, 7 s...), then each gets two answers on its
+    keep-alive connection, within a bounded time."""
+    server = make_server([runs[0]])
+    host, port = server.server_address[:2]
+    request = f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    socks: list[socket.socket] = []
+    thread = None
+    try:
+        for _ in range(200):  # each handshake is done by the kernel, into the listen queue
+            socks.append(socket.create_connection((str(host), port), timeout=0.5))
+        thread = serve_in_thread(server)
+        for s in socks:
+            s.settimeout(60)
+        with ThreadPoolExecutor(200) as pool:
+            statuses = list(pool.map(lambda s: [_answer(s, request), _answer(s, request)], socks))
+        assert statuses == [[200, 200]] * 200
+    finally:
+        for s in socks:
+            s.close()
+        if thread is not None:  # shutdown() waits for a serve_forever that never started
+            server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.fault
+def test_more_keepalive_clients_than_slots_all_answered(runs: tuple[Path, Path]) -> None:
+    """40 keep-alive clients, 4 connection slots: while a client waits, connections close after their response
+    (http.client reconnects), so none starves."""
+    import http.client
+
+    server = BrowserServer("127.0.0.1", 0, Browser([runs[0]]), max_connections=4)
+    serve_in_thread(server)
+    port = int(server.server_address[1])
+
+    def client(_: int) -> list[int]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        out = []
+        for _ in range(5):
+            conn.request("GET", "/")
+            resp = conn.getresponse()
+            resp.read()
+            out.append(resp.status)
+        conn.close()
+        return out
+
+    try:
+        with ThreadPoolExecutor(40) as pool:
+            assert list(pool.map(client, range(40))) == [[200] * 5] * 40
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# ------------------------------------------------------------------------------- binding off loopback
+
+
+def _raw(base: str, path: str, host: str, cookie: str | None = None) -> tuple[int, str, Any]:
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(base)
+    conn = http.client.HTTPConnection("127.0.0.1", parts.port, timeout=30)
+    conn.request("GET", path, headers={"Host": host, **({"Cookie": cookie} if cookie else {})})
+    resp = conn.getresponse()
+    body = resp.read().decode()
+    conn.close()
+    return resp.status, body, resp.headers
+
+
+@pytest.mark.bad_input
+def test_any_address_warns_checks_host_and_requires_the_token(
+    runs: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    server = make_server([runs[0]], host="0.0.0.0")
+    serve_in_thread(server)
+    port, token = server.access.port, server.access.token
+    base = f"http://127.0.0.1:{port}/"
+    try:
+        warning = caplog.text
+        assert "WARNING" in warning and "0.0.0.0" in warning and f"a ({runs[0].resolve()})" in warning
+        assert token and server_urls(server) == [
+            f"http://{socket.gethostname()}:{port}/?token={token}",
+            f"http://127.0.0.1:{port}/?token={token}",
+        ]
+        # a page at evil.example that resolved its name to this machine: refused, token or not
+        for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1:{port + 1}", f"10.9.8.7:{port}"):
+            assert _raw(base, f"/?token={token}", host)[0] == 421, host
+        # the right Host, but no token (or a wrong one): refused, and nothing of the run shown
+        status, body, _ = _raw(base, "/run/a/", f"127.0.0.1:{port}")
+        assert status == 403 and "token" in body and "latent-link" not in body
+        assert _raw(base, "/run/a/?token=guess", f"127.0.0.1:{port}")[0] == 403
+        assert _raw(base, "/", f"127.0.0.1:{port}", cookie=f"saelab-token-{port}=guess")[0] == 403
+        # the printed URL: the token becomes a cookie, and the redirect drops it from the address
+        status, _, headers = _raw(base, f"/run/a/?sort=frequency&token={token}", f"127.0.0.1:{port}")
+        cookie = headers["Set-Cookie"].split(";")[0]
+        assert status == 303 and headers["Location"] == "/run/a/?sort=frequency"
+        assert "HttpOnly" in headers["Set-Cookie"] and "SameSite=Strict" in headers["Set-Cookie"]
+        for host in (
+            f"127.0.0.1:{port}",
+            f"localhost:{port}",
+            f"0.0.0.0:{port}",
+            f"{socket.gethostname()}:{port}",
+        ):
+            status, body, _ = _raw(base, "/run/a/", host, cookie=cookie)
+            assert status == 200 and "latent-link" in body, host
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.bad_input
+def test_any_address_without_token_still_checks_host(runs: tuple[Path, Path]) -> None:
+    server = make_server([runs[0]], host="0.0.0.0", token=False)
+    serve_in_thread(server)
+    port = server.access.port
+    base = f"http://127.0.0.1:{port}/"
+    try:
+        assert server.access.token is None and server_urls(server)[1] == base
+        assert _raw(base, "/run/a/", f"evil.example:{port}")[0] == 421
+        assert _raw(base, "/run/a/", f"127.0.0.1:{port}")[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_serve_command_off_loopback_warns_and_prints_the_token(runs: tuple[Path, Path]) -> None:
+    import http.cookiejar
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), *sys.path])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "saelab.cli", "serve", str(runs[0]), "--host", "0.0.0.0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        first, second = proc.stdout.readline(), proc.stdout.readline()
+        found = re.search(r"http://127\.0\.0\.1:(\d+)/\?token=[\w-]+", second)
+        assert "?token=" in first and found, (first, second)
+        warning = proc.stderr.readline()
+        assert "WARNING" in warning and str(runs[0].resolve()) in warning and "0.0.0.0" in warning
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        with opener.open(found.group(0), timeout=30) as r:  # follows the redirect with the cookie
+            assert r.status == 200 and "/run/a/" in r.read().decode() and "token" not in r.url
+        with opener.open(found.group(0).split("?")[0] + "run/a/", timeout=30) as r:
+            assert r.status == 200
+        assert get(found.group(0).split("?")[0])[0] == 403  # no cookie, no token
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+# ----------------------------------------------------------------------------------------- the CLI
+
+
+@pytest.mark.fault
+def test_help_into_a_closed_pipe_exits_quietly() -> None:
+    """`saelab serve --help | head`: the reader leaves; no BrokenPipeError traceback, whether the pipe is closed
+    before the first write or after the first lines (a real `head`)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), *sys.path])}
+    cmd = [sys.executable, "-m", "saelab.cli", "serve", "--help"]
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(cmd, stdout=write_end, stderr=subprocess.PIPE, env=env, timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 1 and proc.stderr == b"", proc.stderr.decode()
+    shell = subprocess.run(
+        ["bash", "-c", f"{shlex.join(cmd)} | head -n 2"], capture_output=True, env=env, timeout=120
+    )
+    assert shell.stdout.decode().startswith("usage: saelab serve") and len(shell.stdout.splitlines()) == 2
+    assert b"Traceback" not in shell.stderr and b"BrokenPipe" not in shell.stderr

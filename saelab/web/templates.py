@@ -148,7 +148,8 @@ not the same latent in both.</p>{% endif %}
 {% endblock %}"""
 
 ERROR = """{% extends "base" %}{% block title %}{{ heading }}{% endblock %}{% block body %}
-<h1>{{ heading }}</h1><p>{{ message }}</p>{% endblock %}"""
+<h1>{{ heading }}</h1><p>{{ message }}</p>
+{% if items is defined %}<ul id="problems">{% for i in items %}<li>{{ i }}</li>{% endfor %}</ul>{% endif %}{% endblock %}"""
 
 
 def environment() -> jinja2.Environment:
