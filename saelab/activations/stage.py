@@ -20,7 +20,7 @@ import torch
 
 from saelab.activations.store import Activations, ActivationStore, CollectProgress, collect_to_store
 from saelab.config import CollectConfig, to_dict
-from saelab.data.windows import TokenWindows, build_windows
+from saelab.data.windows import TokenWindows, read_windows
 from saelab.models.loading import LoadedModel, resolve_hookpoint
 from saelab.run.manifest import Run
 from saelab.run.session import Session
@@ -66,7 +66,9 @@ def stage_collect(s: Session) -> None:
         "lower --collect.n-train-tokens or pass --collect.store-dtype float16",
     )
     with s.run.stage("collect", {"data": to_dict(cfg.data), "collect": to_dict(cfg.collect)}) as rec:
-        windows = build_windows(cfg.data, lm.tokenizer, cfg.seed)
+        # the corpus is read only as far as these tokens and their held-out share need (saelab.data.windows)
+        read = read_windows(cfg.data, lm.tokenizer, cfg.seed, c.n_train_tokens)
+        windows = read.windows
         rec["outputs"].append(windows.save_run(s.folder))
         (s.folder / "activations").mkdir(exist_ok=True)
         folder = s.folder / (STORE if c.format == "store" else ROWS)
@@ -88,7 +90,9 @@ def stage_collect(s: Session) -> None:
         record: dict[str, Any] = {
             "hookpoint": hookpoint, "format": c.format, "n_tokens": store.n_rows,
             "n_windows": int(windows.tokens.shape[0]), "resumed_rows": progress.resumed_rows,
-            "forward_batches": progress.forward_batches,
+            "forward_batches": progress.forward_batches, "n_eval_windows": len(windows.eval_idx),
+            "corpus": {"documents_read": read.documents, "held_out_documents": read.held_out_documents,
+                       "tokens_packed": read.tokens, "read_to_the_end": read.exhausted},
         }  # fmt: skip
         rec.update(record)
     s.run.set_hash("data", windows.sha256())

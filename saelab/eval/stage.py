@@ -53,6 +53,12 @@ def stage_eval(s: Session) -> None:
     lm = s.lm()
     hookpoint = CollectRecord.of(s.run).hookpoint
     windows = TokenWindows.load_run(s.folder)
+    if len(windows.eval_idx) < s.cfg.eval.n_windows:  # collect packs data.min_eval_windows held-out windows
+        log.warning(
+            "eval: the run holds %d held-out windows, fewer than eval.n_windows %d; all of them are used (collect "
+            "again with --data.min-eval-windows %d to evaluate on more)",
+            len(windows.eval_idx), s.cfg.eval.n_windows, s.cfg.eval.n_windows,
+        )  # fmt: skip
     with s.run.stage("eval", {"eval": to_dict(s.cfg.eval)}) as rec:
         saes = [sae.to(lm.device) for _, sae in named]
         results = evaluate_many(lm, saes, windows, hookpoint, s.cfg.eval)
