@@ -57,6 +57,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 import numpy as np
 
 from saelab.autointerp.explain import EXPLANATIONS, load_explanations
+from saelab.autointerp.results import SCORE_DIR, SUMMARY_FILE
 from saelab.latents.cache import LATENTS, CacheError, LatentCache
 from saelab.latents.sampling import SAMPLES, Example, SampleSet
 from saelab.web.data import (
@@ -65,7 +66,6 @@ from saelab.web.data import (
     REPORT,
     SAE_WEIGHTS,
     SCORES,
-    SCORES_SUMMARY,
     RunData,
     ScoreResult,
 )
@@ -94,7 +94,10 @@ IDLE_TIMEOUT_S = 30.0
 
 RUN_DATA = tuple(
     sorted(
-        {rel.split("/")[0] for rel in (LATENTS, EXPLANATIONS, SCORES, SCORES_SUMMARY, SAMPLES, SAE_WEIGHTS)}
+        {
+            rel.split("/")[0]
+            for rel in (LATENTS, EXPLANATIONS, SCORES, f"{SCORE_DIR}/{SUMMARY_FILE}", SAMPLES, SAE_WEIGHTS)
+        }
     )
 )
 """The top-level entries of a run folder that RunData reads, checked with everything under them before a run's
