@@ -269,8 +269,11 @@ TINY_TEMPLATE = (
 )
 
 
-def tiny_chat_model(folder: Path) -> LoadedModel:
-    """A random 2-layer Llama with a word-level tokenizer and a chat template (seconds to build)."""
+def tiny_chat_model(folder: Path, hidden: int = 32, heads: int = 4, kv_heads: int = 2) -> LoadedModel:
+    """A random 2-layer Llama with a word-level tokenizer and a chat template (seconds to build), saved in
+    `folder` (which `load_model` and `--llm.local-model` read). With `hidden=128, heads=2, kv_heads=1` the local
+    engine's floats for a request depend on what else its batch holds, as they do for the bundled model (here
+    in the last bits); with the default sizes they happen not to."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -286,11 +289,11 @@ def tiny_chat_model(folder: Path) -> LoadedModel:
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=512,
         bos_token_id=1,
         eos_token_id=2,

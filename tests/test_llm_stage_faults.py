@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support_llm import DripServer
+from llm_server import LocalOpenAIServer
+from support_llm import DripServer, RuleClient
 from test_pipeline import SMALL
 
 from saelab.cli import main
@@ -81,3 +82,54 @@ def test_explain_against_a_dripping_server_ends_at_the_deadline(
     assert (rec["llm_calls"], rec["llm_cache_hits"]) == (0, 0)
     assert all("timed out after 1 s" in r["error"] for r in explanations(run))
     assert f"{n} of {n} explanations got no answer from the LLM" in err
+
+
+class NullUntilFixed(LocalOpenAIServer):
+    """The rule model over HTTP, answering `content: null` to the first `broken` distinct prompts it gets until
+    `fixed` is set; it notes the prompts it is asked."""
+
+    def __init__(self, broken: int) -> None:
+        super().__init__(RuleClient())  # type: ignore[arg-type]
+        self.broken, self.fixed = broken, False
+        self.nulled: set[str] = set()
+        self.asked: list[str] = []
+
+    def completion(self, body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        answer = super().completion(body, timeout_s)
+        prompt = body["messages"][-1]["content"]
+        self.asked.append(prompt)
+        if not self.fixed and (prompt in self.nulled or len(self.nulled) < self.broken):
+            self.nulled.add(prompt)
+            answer["choices"][0]["message"]["content"] = None
+        return answer
+
+
+@pytest.mark.fault
+def test_null_answers_are_asked_again_once_the_server_is_fixed(tmp_path: Path, sampled: Path) -> None:
+    """A server answering `content: null` to three of the four prompts, then fixed (same port, same model): the
+    rerun asks those three again and they succeed; the good answer comes from the cache; a third run asks
+    nothing."""
+    run = shutil.copytree(sampled, tmp_path / "run")
+    with NullUntilFixed(broken=3) as server:
+        args = ["--explain.explainers", "default", "--llm.url", server.url]
+        code, err, _ = saelab(run, "explain", *args, timeout=300)
+        assert code == 0, err
+        first = record(run, "explain")
+        assert (first["n_explanations"], first["n_failed"], first["n_failed_requests"]) == (4, 3, 0)
+        assert (first["llm_calls"], first["llm_cache_hits"]) == (4, 0)
+        assert "3 of 4 explanations failed: the answer held no usable explanation" in err
+        assert "running the stage again asks for these again" in err
+
+        server.fixed, n_asked = True, len(server.asked)
+        code, err, _ = saelab(run, "explain", *args, timeout=300)
+        assert code == 0, err
+        second = record(run, "explain")
+        assert set(server.asked[n_asked:]) == server.nulled and len(server.asked) == n_asked + 3
+        assert (second["llm_calls"], second["llm_cache_hits"], second["n_failed"]) == (3, 1, 0)
+        assert all(r["ok"] and r["explanation"].startswith("the token ") for r in explanations(run))
+
+        n_asked = len(server.asked)
+        code, err, _ = saelab(run, "explain", *args, timeout=300)
+        assert code == 0, err
+        assert len(server.asked) == n_asked
+        assert (record(run, "explain")["llm_calls"], record(run, "explain")["llm_cache_hits"]) == (0, 4)
