@@ -554,7 +554,8 @@ class LLMConfig:
     concurrency: int = 4
     """Requests in flight at once (HTTP) / batch size (local)."""
     timeout_s: float = 120.0
-    """Per-request timeout."""
+    """Seconds one attempt of a request may take in all (connecting, waiting, reading the whole answer); each
+    retry gets as long again."""
     max_retries: int = 3
     """Retries on connection errors, timeouts, HTTP 429 and 5xx (exponential backoff)."""
     temperature: float = 0.0

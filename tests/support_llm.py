@@ -7,6 +7,7 @@
   gives 10 to every token equal to that token.
 - `synthetic_samples`: a SampleSet whose latent `i` fires exactly on a planted word.
 - `ScriptedServer`: an HTTP server on 127.0.0.1 answering from a list of canned responses (retry tests).
+- `DripServer`: an HTTP server on 127.0.0.1 whose answers (body or headers) come a byte at a time, never ending.
 - `tiny_chat_model`: a randomly initialised 2-layer Llama with a word-level tokenizer and a chat template.
 """
 
@@ -21,7 +22,7 @@ from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -184,6 +185,70 @@ class ScriptedServer:
         self.httpd.server_close()
 
 
+class DripServer:
+    """A server on 127.0.0.1 that never finishes an answer to POST: `drip="body"` sends 200 and
+    `Content-Length: 100000` at once, then one byte of the body every `every_s`; `drip="headers"` sends the status
+    line and headers themselves a byte at a time. Each byte comes sooner than a read timeout longer than
+    `every_s`, so only a deadline on the whole request ends it. `GET /v1/models` is answered at once (model
+    `drip`). A connection the client closed stops dripping."""
+
+    def __init__(self, drip: Literal["body", "headers"], every_s: float = 0.2) -> None:
+        self.posts = 0
+        self.stop = threading.Event()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                data = b'{"object": "list", "data": [{"id": "drip"}]}'
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                outer.posts += 1
+                head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+                try:
+                    if drip == "body":
+                        self.wfile.write(head)
+                        self._drip(b'{"choices": [' + b" " * 99_986)
+                    else:
+                        self._drip(head + b" " * 100_000)
+                except OSError:  # the client gave up and closed the connection
+                    self.close_connection = True
+
+            def _drip(self, data: bytes) -> None:
+                for i in range(len(data)):
+                    if outer.stop.wait(every_s):
+                        return
+                    self.wfile.write(data[i : i + 1])
+                    self.wfile.flush()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.block_on_close = False  # type: ignore[attr-defined]
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
+
+    def __enter__(self) -> DripServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
 def completion_body(text: str, top: dict[str, float] | None = None) -> str:
     choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}}
     if top is not None:
@@ -204,8 +269,11 @@ TINY_TEMPLATE = (
 )
 
 
-def tiny_chat_model(folder: Path) -> LoadedModel:
-    """A random 2-layer Llama with a word-level tokenizer and a chat template (seconds to build)."""
+def tiny_chat_model(folder: Path, hidden: int = 32, heads: int = 4, kv_heads: int = 2) -> LoadedModel:
+    """A random 2-layer Llama with a word-level tokenizer and a chat template (seconds to build), saved in
+    `folder` (which `load_model` and `--llm.local-model` read). With `hidden=128, heads=2, kv_heads=1` the local
+    engine's floats for a request depend on what else its batch holds, as they do for the bundled model (here
+    in the last bits); with the default sizes they happen not to."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -221,11 +289,11 @@ def tiny_chat_model(folder: Path) -> LoadedModel:
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=512,
         bos_token_id=1,
         eos_token_id=2,

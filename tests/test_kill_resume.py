@@ -4,7 +4,8 @@ before the kill is not computed again (forward batches, encoded chunks and LLM r
 - collect: `--collect.resume` keeps the finished shards and runs only the forwards after them (both formats);
 - cache: `--cache.resume` continues from the last spilled run, without running the model for the tokens before it
   (eval split) or reading them (train split);
-- explain and score: rerunning the same command asks the LLM only what llm/cache.sqlite does not hold.
+- explain and score: rerunning the same command asks the LLM only what llm/cache.sqlite does not hold; with the
+  local engine, whose floats depend on what a batch holds, the rerun's requests get the batches they had.
 
 Training has its own kill test (test_resume.py). The kill lands at a point the test waits for (a shard, a spilled
 run or cached answers on disk) while the stage is still running; each stage runs in a subprocess with one thread
@@ -31,7 +32,7 @@ import pytest
 from conftest import make_corpus
 from llm_server import LocalOpenAIServer
 from safetensors.numpy import load_file
-from support_llm import RuleClient
+from support_llm import RuleClient, tiny_chat_model
 from test_pipeline import SMALL
 
 from saelab.autointerp.llm.base import ChatResponse
@@ -276,3 +277,34 @@ def test_llm_stage_killed_then_rerun(tmp_path: Path, sampled: Path, stage: str) 
         assert (killed / "score" / "scores.jsonl").read_text() == (
             full / "score" / "scores.jsonl"
         ).read_text()
+
+
+@pytest.fixture(scope="module")
+def batch_sensitive_chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny chat model folder whose floats for a request depend on the rest of its batch in the local engine."""
+    folder = tmp_path_factory.mktemp("chat")
+    tiny_chat_model(folder, hidden=128, heads=2, kv_heads=1)
+    return folder
+
+
+def test_score_on_the_local_engine_killed_then_rerun(
+    tmp_path: Path, sampled: Path, batch_sensitive_chat_model: Path
+) -> None:
+    """The local engine answers a batch at once and its floats depend on what the batch holds. Killed as soon as
+    answers are on disk, the rerun runs the rest in the batches of an uninterrupted run (the cache holds whole
+    batches; answers an earlier run rejected are asked after the others), so scores.jsonl is byte-identical."""
+    base = shutil.copytree(sampled, tmp_path / "base")
+    finish(saelab(base, "explain", "--explain.explainers", "token_stats"), base, "explain")
+    args = ["--llm.local-model", str(batch_sensitive_chat_model), "--score.scorers", "detection", "fuzzing"]
+    full, killed = shutil.copytree(base, tmp_path / "full"), shutil.copytree(base, tmp_path / "killed")
+    finish(saelab(full, "score", *args), full, "score")
+    total = record(full, "score")["llm_calls"]
+    kill_when(saelab(killed, "score", *args), lambda: len(stored(killed)) > 0, "answers on disk")
+    at_kill = stored(killed)
+    assert 0 < len(at_kill) < total
+    finish(saelab(killed, "score", *args), killed, "score")
+    rec = record(killed, "score")
+    assert 0 < rec["llm_cache_hits"] <= len(at_kill) and rec["llm_calls"] + rec["llm_cache_hits"] == total
+    assert stored(killed) == stored(full)
+    assert (killed / "score" / "scores.jsonl").read_text() == (full / "score" / "scores.jsonl").read_text()
+    print(f"killed with {len(at_kill)} of {total} answers on disk")

@@ -6,12 +6,13 @@ import asyncio
 import logging
 import math
 import socket
+import time
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from support_llm import ScriptedServer, completion_body, synthetic_samples, tiny_chat_model
+from support_llm import DripServer, ScriptedServer, completion_body, synthetic_samples, tiny_chat_model
 
 from saelab.autointerp.llm import local as llm_local
 from saelab.autointerp.llm import make_client
@@ -84,6 +85,20 @@ def test_timeout_is_retried_then_reported() -> None:
         with pytest.raises(LLMError, match=r"failed after 2 attempts: timed out after 0.1 s"):
             run_sync(client.chat(MSG, max_tokens=3))
     assert len(srv.requests) == 2
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("drip", ["body", "headers"])
+def test_an_answer_dripped_a_byte_at_a_time_fails_at_the_deadline(drip: str) -> None:
+    """Every byte comes well within the read timeout; the deadline on the whole request still ends each attempt
+    after timeout_s (a watchdog of 30 s stands in for hanging forever)."""
+    with DripServer(drip, every_s=0.05) as srv:  # type: ignore[arg-type]
+        client = OpenAIClient(srv.url, "m", timeout_s=0.5, max_retries=1, backoff_s=0.01)
+        t0 = time.monotonic()
+        with pytest.raises(LLMError, match=r"failed after 2 attempts: timed out after 0.5 s"):
+            run_sync(asyncio.wait_for(client.chat(MSG, max_tokens=3), 30), client)
+        assert time.monotonic() - t0 < 2 * 0.5 + 1.0
+    assert srv.posts == 2
 
 
 @pytest.mark.fault

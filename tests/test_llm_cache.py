@@ -1,19 +1,30 @@
-"""The on-disk answer cache: a resumed run asks the server nothing it already has, failures are not kept, and the
-explain stage records real calls and cache hits in its manifest."""
+"""The on-disk answer cache: a resumed run asks the server nothing usable it already has, failures and unusable
+answers are asked again, the answers of a batch are committed together, and the explain stage records real calls
+and cache hits in its manifest."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import shutil
+import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from support_llm import ScriptedServer, completion_body
+from support_llm import ScriptedServer, completion_body, synthetic_samples, tiny_chat_model
 from test_pipeline import run_stages
 
-from saelab.autointerp.llm.base import LLMError, run_sync
+from saelab.autointerp.explain import ExplanationRecord
+from saelab.autointerp.llm.base import ChatResponse, LLMError, reject_answer, run_sync
 from saelab.autointerp.llm.cache import CachedClient, ResponseCache, request_key
+from saelab.autointerp.llm.local import LocalChatClient, _Request
 from saelab.autointerp.llm.openai import OpenAIClient
+from saelab.autointerp.score import run_score
+from saelab.autointerp.scorers.base import yes_probability
 from saelab.cli import main
+from saelab.config import ScoreConfig
+from saelab.models.loading import LoadedModel
 
 MODELS = '{"object": "list", "data": [{"id": "scripted"}]}'
 
@@ -67,6 +78,36 @@ def test_key_covers_every_parameter() -> None:
     assert base == request_key("m", _msg(0), 4, 0.0, 0) and base not in others and len(set(others)) == 5
 
 
+@pytest.mark.resume
+def test_a_judgement_fresh_and_from_the_cache_gives_the_same_score_rows(tmp_path: Path) -> None:
+    """Log-probabilities with every bit of a float64 (none is a float32), scored as they arrive and then read
+    back from the cache by a second run (whose server would answer otherwise): byte-identical score files."""
+    top = {
+        " Yes": -0.35667494393873245,
+        "yes": -2.0794415416798357e-07,
+        " No": -1.2039728043259361,
+        "The": -7.1,
+    }
+    samples = synthetic_samples(n_latents=2)
+    recs = [
+        ExplanationRecord(i, "default", "m", f"the token {w}", "", True, None) for i, w in enumerate("ab")
+    ]
+    cfg = ScoreConfig(scorers=("detection", "fuzzing"), shuffled_control=False)
+    outs = []
+    for answer in (completion_body("Yes", top), completion_body("No", {"No": -0.01, "Yes": -4.6})):
+        with ScriptedServer([(200, answer)]) as srv:
+            client = CachedClient(
+                OpenAIClient(srv.url, "m", max_retries=0), ResponseCache(tmp_path / "c.sqlite")
+            )
+            out = tmp_path / f"score{len(outs)}"
+            out.mkdir()
+            run_score(samples, recs, cfg, client, out, seed=0)
+            outs.append((out / "scores.jsonl").read_bytes())
+    assert (client.calls, client.hits) == (0, 2 * 2 * 8) and _posts(srv) == 0
+    assert outs[0] == outs[1]
+    assert f'"score": {yes_probability(top)!r}'.encode() in outs[0]  # as read from the first answer
+
+
 @pytest.mark.fault
 def test_failures_are_not_cached(tmp_path: Path) -> None:
     cache = ResponseCache(tmp_path / "c.sqlite")
@@ -79,6 +120,125 @@ def test_failures_are_not_cached(tmp_path: Path) -> None:
         client = CachedClient(OpenAIClient(srv.url, "m", max_retries=0), cache)
         assert run_sync(client.chat(_msg(0), max_tokens=4), client).text == "back"
     assert len(cache) == 1
+
+
+NULL_ANSWER = json.dumps({"model": "scripted", "choices": [{"index": 0, "message": {"content": None}}]})
+
+
+@pytest.mark.fault
+def test_unusable_answers_are_asked_again_and_usable_ones_reused(tmp_path: Path) -> None:
+    """`content: null` (an empty answer) is never answered from the cache, nor one a caller rejected (an
+    explainer that found no explanation in it); the answer a fixed server gives instead is kept."""
+    path = tmp_path / "cache.sqlite"
+    with ScriptedServer(
+        [(200, NULL_ANSWER), (200, completion_body("maybe")), (200, completion_body("good"))]
+    ) as srv:
+        client = CachedClient(OpenAIClient(srv.url, "m", max_retries=0), ResponseCache(path))
+        answers = [run_sync(client.chat(_msg(i), max_tokens=4), client) for i in range(3)]
+        reject_answer(client, answers[1])
+    assert [a.text for a in answers] == ["", "maybe", "good"] and _posts(srv) == 3
+    with ScriptedServer([(200, completion_body("fixed"))]) as srv:
+        client = CachedClient(OpenAIClient(srv.url, "m", max_retries=0), ResponseCache(path))
+        assert run_sync(_ask(client, [0, 1, 2]), client) == ["fixed", "fixed", "good"]
+    assert _posts(srv) == 2 and (client.calls, client.hits) == (2, 1)
+    with ScriptedServer([(200, completion_body("never asked"))]) as srv:
+        client = CachedClient(OpenAIClient(srv.url, "m", max_retries=0), ResponseCache(path))
+        assert run_sync(_ask(client, [0, 1, 2]), client) == ["fixed", "fixed", "good"]
+    assert _posts(srv) == 0 and (client.calls, client.hits) == (0, 3)
+
+
+@pytest.mark.fault
+def test_an_empty_answer_kept_by_an_older_saelab_is_asked_again(tmp_path: Path) -> None:
+    cache = ResponseCache(tmp_path / "cache.sqlite")
+    cache.put(request_key("m", _msg(0), 4, 0.0, 0), ChatResponse("", 7, 0, 0.1, None, "m"))
+    with ScriptedServer([(200, completion_body("back"))]) as srv:
+        client = CachedClient(OpenAIClient(srv.url, "m", max_retries=0), cache)
+        assert run_sync(_ask(client, [0]), client) == ["back"]
+    assert _posts(srv) == 1 and client.hits == 0
+
+
+# --- the local engine: batches are committed whole, and a rerun's new requests keep their batches ------------
+
+
+class BatchRecorder(LocalChatClient):
+    """The local engine, noting which prompts (by index in `prompts`) each batch ran."""
+
+    def __init__(self, loaded: LoadedModel, prompts: Sequence[list[dict[str, str]]], batch_size: int) -> None:
+        super().__init__(loaded, batch_size=batch_size)
+        self.index = {tuple(self.encode(m)): i for i, m in enumerate(prompts)}
+        self.batches: list[list[int]] = []
+
+    def _run_batch(self, groups: list[list[_Request]]) -> list[ChatResponse]:
+        self.batches.append(sorted(self.index[tuple(r.ids)] for g in groups for r in g))
+        return super()._run_batch(groups)
+
+
+class CommitRecorder(ResponseCache):
+    """The answer cache, noting the request keys of each transaction."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.commits: list[list[str]] = []
+
+    def put_many(self, items: Sequence[tuple[str, ChatResponse]]) -> None:
+        self.commits.append([key for key, _ in items])
+        super().put_many(items)
+
+
+@pytest.fixture(scope="module")
+def batch_sensitive(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    """A tiny chat model whose floats for a request depend on the rest of its batch (as the bundled one's do)."""
+    return tiny_chat_model(tmp_path_factory.mktemp("chat"), hidden=128, heads=2, kv_heads=1)
+
+
+JUDGE_PROMPTS = [
+    [{"role": "system", "content": "yes or no"}, {"role": "user", "content": f"the {a} of the {b} {c}"}]
+    for a in ("city", "river", "song", "king")
+    for b in ("war", "star", "light")
+    for c in ("paris", "music music")
+]
+
+
+def _judge_all(client: CachedClient) -> list[ChatResponse]:
+    async def run() -> list[ChatResponse]:
+        return list(await asyncio.gather(*(client.chat(m, max_tokens=1, logprobs=5) for m in JUDGE_PROMPTS)))
+
+    return run_sync(run(), client)
+
+
+@pytest.mark.resume
+def test_a_rerun_after_a_kill_gives_the_local_engine_the_same_batches(
+    tmp_path: Path, batch_sensitive: LoadedModel
+) -> None:
+    """Each batch's answers are one transaction, so a kill leaves whole batches; the rerun's new requests then
+    run in the batches they had in the uninterrupted run and get the same floats, and the answer an earlier run
+    rejected is asked after them, in a batch of its own."""
+    full = CommitRecorder(tmp_path / "full.sqlite")
+    engine = BatchRecorder(batch_sensitive, JUDGE_PROMPTS, batch_size=5)
+    reference = _judge_all(CachedClient(engine, full))
+    keys = [request_key(engine.model_name, m, 1, 0.0, 5) for m in JUDGE_PROMPTS]
+    assert len(engine.batches) >= 4
+    assert [sorted(c) for c in full.commits] == [sorted(keys[i] for i in b) for b in engine.batches]
+
+    # "killed" after the first two batches: the cache holds their answers; one of them was rejected
+    full.close()  # its WAL journal checkpointed into the file
+    shutil.copy(tmp_path / "full.sqlite", tmp_path / "killed.sqlite")
+    kept = {keys[i] for b in engine.batches[:2] for i in b}
+    db = sqlite3.connect(tmp_path / "killed.sqlite")
+    db.executemany("DELETE FROM answers WHERE key = ?", [(k,) for k in set(keys) - kept])
+    db.commit()
+    db.close()
+    killed = CommitRecorder(tmp_path / "killed.sqlite")
+    rejected = engine.batches[0][0]
+    killed.reject(keys[rejected])
+    rerun = BatchRecorder(batch_sensitive, JUDGE_PROMPTS, batch_size=5)
+    client = CachedClient(rerun, killed)
+    again = _judge_all(client)
+    assert rerun.batches == [*engine.batches[2:], [rejected]]
+    assert (client.hits, client.calls) == (len(kept) - 1, len(keys) - len(kept) + 1)
+    for i, (a, b) in enumerate(zip(reference, again)):
+        if i != rejected:  # asked in another batch than first: its floats may differ in the last bits
+            assert (a.text, a.top_logprobs) == (b.text, b.top_logprobs), i
 
 
 @pytest.mark.bad_input

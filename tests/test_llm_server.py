@@ -177,9 +177,10 @@ def stage_record(run: Path, stage: str) -> dict:
     return dict(json.loads((run / "manifest.json").read_text())["stages"][stage])
 
 
-def cached_answers(run: Path) -> int:
+def cached_answers(run: Path, table: str = "answers") -> int:
+    """Answers in the run's LLM cache (`table="rejected"`: those found unusable, which a rerun asks again)."""
     with sqlite3.connect(run / "llm" / "cache.sqlite") as db:
-        return int(db.execute("SELECT COUNT(*) FROM answers").fetchone()[0])
+        return int(db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
 
 
 def explain(run: Path, url: str) -> int:
@@ -209,12 +210,19 @@ def test_explain_and_detection_through_the_cli(llama: LlamaCppServer, sampled: P
         assert asked == rec_e["llm_calls"] + rec_s["llm_calls"]
         summary = json.loads((run / "score" / "scores_summary.json").read_text())
         assert summary["models"]["judge_llm"] == "smollm2" and summary["overall"]
-        # a rerun of both stages is answered from llm/cache.sqlite: the server is not asked again
+        # a rerun of both stages is answered from llm/cache.sqlite: the server is asked again only what was
+        # unusable (no explanation, no judgement in the answer), and the judgements of explanations new since
+        unparseable = summary["unparseable_answers"]
         assert explain(run, llama.url) == 0
         assert main(["score", "--run-dir", str(run), *SCORE, *llm_args(llama.url)]) == 0
-        assert llama.settled() == asked
-        assert stage_record(run, "explain")["llm_cache_hits"] == 4
-        assert stage_record(run, "score")["llm_calls"] == 0
+        rec_e2, rec_s2 = stage_record(run, "explain"), stage_record(run, "score")
+        assert (rec_e2["llm_cache_hits"], rec_e2["llm_calls"]) == (n_ok, 4 - n_ok)
+        n_ok2 = sum(
+            json.loads(line)["ok"]
+            for line in (run / "explain" / "explanations.jsonl").read_text().splitlines()
+        )
+        assert rec_s2["llm_calls"] == unparseable + 8 * (n_ok2 - n_ok)
+        assert llama.settled() == asked + rec_e2["llm_calls"] + rec_s2["llm_calls"]
 
 
 def run_score_subprocess(run: Path, url: str) -> subprocess.Popen[str]:
@@ -261,6 +269,9 @@ def test_server_killed_mid_score_then_resumed(llama: LlamaCppServer, sampled: Pa
         llama.kill()
         _, err = proc.communicate(timeout=600)
     answered_before_kill = cached_answers(run) - before
+    unusable = cached_answers(run, "rejected") - cached_answers(
+        base, "rejected"
+    )  # neither yes nor no: asked again
     assert 3 <= answered_before_kill < total
     # the stage does not lose what it had: it finishes, the judgements the dead server could not give are
     # counted as failed (and said so on stderr), every answer given is in the cache
@@ -274,8 +285,8 @@ def test_server_killed_mid_score_then_resumed(llama: LlamaCppServer, sampled: Pa
         assert main(["score", "--run-dir", str(run), *SCORE, *llm_args(llama.url)]) == 0
         asked_again = llama.settled()
     rec = stage_record(run, "score")
-    assert rec["llm_cache_hits"] == answered_before_kill
-    assert rec["llm_calls"] == asked_again == total - answered_before_kill
+    assert rec["llm_cache_hits"] == answered_before_kill - unusable
+    assert rec["llm_calls"] == asked_again == total - answered_before_kill + unusable
     # ... and the result is the uninterrupted run's (P(yes) up to llama.cpp's batch-dependent rounding)
     assert sum(r["n_failed"] for r in score_rows(run)) == n_failed_ref
     ours, ref = judgements(run), judgements(reference)

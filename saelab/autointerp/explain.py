@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from saelab.autointerp.llm.base import LLMClient, LLMError, gather_with_progress, run_sync
+from saelab.autointerp.llm.base import LLMClient, LLMError, gather_with_progress, reject_answer, run_sync
 from saelab.autointerp.prompts import (
     CONTRASTIVE_USER,
     COUNTER_LINE,
@@ -184,7 +184,8 @@ class ExplanationRecord:
 
     @property
     def request_failed(self) -> bool:
-        """The LLM gave no answer (a request error; asked again on a rerun), as opposed to an unusable answer."""
+        """The LLM gave no answer (a request error), as opposed to an answer with no usable explanation; a rerun
+        asks both again."""
         return not self.ok and (self.error or "").startswith(REQUEST_ERROR)
 
     def to_json(self) -> str:
@@ -225,6 +226,8 @@ class DefaultExplainer:
             )
         explanation = parse_explanation(resp.text)
         error = None if explanation else f"no explanation in the answer {resp.text[:80]!r}"
+        if explanation is None:
+            reject_answer(self.client, resp)  # not reused from the answer cache: a rerun asks again
         return ExplanationRecord(
             le.latent,
             self.name,
@@ -351,16 +354,23 @@ def run_explain(
     if requests:
         log.warning(
             "%d of %d explanations got no answer from the LLM (request errors, recorded with ok=false); running "
-            "the stage again asks only these (the answers it has are cached)",
+            "the stage again asks only these and any unusable answers again (the usable answers are cached)",
             requests,
             len(records),
         )
-    unparseable = sum(not r.ok and not r.request_failed for r in records)
+    unparseable = sum(not r.ok and not r.request_failed and r.model != "none" for r in records)
     if unparseable:
         log.warning(
             "%d of %d explanations failed: the answer held no usable explanation (recorded with ok=false and "
-            "the raw answer)",
+            "the raw answer); such answers are not reused from the LLM answer cache, so running the stage "
+            "again asks for these again",
             unparseable,
+            len(records),
+        )
+    if no_llm := sum(not r.ok and r.model == "none" for r in records):
+        log.warning(
+            "%d of %d explanations by explainers without an LLM failed (recorded with ok=false and the reason)",
+            no_llm,
             len(records),
         )
     return records

@@ -91,12 +91,15 @@ def run_score(
     if failures["failed_requests"]:
         log.warning(
             "%d judgements got no answer from the LLM (request errors); they are excluded and counted, and "
-            "running the stage again asks only these (the answers it has are cached)",
+            "running the stage again asks only these and any unusable answers again (the usable answers are "
+            "cached)",
             failures["failed_requests"],
         )
     if failures["unparseable_answers"]:
         log.warning(
-            "%d judgements were answers that are neither yes nor no; excluded from the metrics and counted",
+            "%d judgements were answers that are neither yes nor no (simulation: no activation lines); excluded "
+            "from the metrics and counted; such answers are not reused from the LLM answer cache, so running the "
+            "stage again asks for these again",
             failures["unparseable_answers"],
         )
     write_scores(summary, out_dir)

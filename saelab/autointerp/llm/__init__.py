@@ -14,6 +14,7 @@ from saelab.autointerp.llm.base import (
     LLMError,
     Messages,
     gather_with_progress,
+    reject_answer,
     run_sync,
 )
 
@@ -28,6 +29,7 @@ __all__ = [
     "Messages",
     "gather_with_progress",
     "make_client",
+    "reject_answer",
     "run_sync",
 ]
 

@@ -44,6 +44,9 @@ class ChatResponse:
     cached: bool = False
     """Read from a run's answer cache (`saelab.autointerp.llm.cache`) instead of asked again; the token counts and latency
     are those of the call that produced it."""
+    cache_key: str | None = None
+    """The key the answer cache holds this answer under (set by `CachedClient`; None from other clients), so that
+    `reject_answer` can find it."""
 
 
 class LLMClient(Protocol):
@@ -59,6 +62,15 @@ class LLMClient(Protocol):
     ) -> ChatResponse:
         """Answer a chat; `logprobs > 0` asks for that many top alternatives of the first generated token."""
         ...
+
+
+def reject_answer(client: LLMClient, response: ChatResponse) -> None:
+    """Say that `response` holds nothing usable (no explanation, no judgement): a client that caches answers
+    (`saelab.autointerp.llm.cache.CachedClient`) then asks again on a later run instead of answering from its
+    cache. Other clients keep nothing, so for them it does nothing."""
+    reject = getattr(client, "reject", None)
+    if reject is not None:
+        reject(response)
 
 
 def logaddexp(a: float | None, b: float) -> float:

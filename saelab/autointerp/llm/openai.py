@@ -2,9 +2,12 @@
 Ollama, OpenRouter) over httpx.
 
 A semaphore bounds requests in flight; connection errors, timeouts, HTTP 429 and 5xx and malformed bodies are
-retried with exponential backoff, then raise `LLMError`. `check()` asks `GET /models` once before any work so a
-wrong URL fails in one line instead of hundreds of retries. Nothing falls back to another backend: a configured
-server that cannot be reached is an error. Run the unit tests with `pytest tests/test_llm.py`.
+retried with exponential backoff, then raise `LLMError`. `timeout_s` bounds each attempt as a whole (connecting,
+sending, the headers and the whole body) as well as each read: a server that sends its answer or its headers a
+byte at a time fails the attempt after `timeout_s`, as one that sends nothing does. `check()` asks `GET /models`
+once before any work so a wrong URL fails in one line instead of hundreds of retries. Nothing falls back to
+another backend: a configured server that cannot be reached is an error. Run the unit tests with
+`pytest tests/test_llm.py`.
 """
 
 from __future__ import annotations
@@ -86,9 +89,11 @@ class OpenAIClient:
         http, _ = self._http()
         where = f"the LLM server at {self.url}"
         try:
-            r = await http.get(f"{self.url}/models")
-        except httpx.TimeoutException:
-            raise LLMError(f"cannot reach {where} (timed out); start it or fix --llm.url") from None
+            r = await asyncio.wait_for(http.get(f"{self.url}/models"), self.timeout_s)
+        except (httpx.TimeoutException, asyncio.TimeoutError):
+            raise LLMError(
+                f"cannot reach {where} (timed out after {self.timeout_s:g} s); start it or fix --llm.url"
+            ) from None
         except httpx.TransportError as err:
             raise LLMError(f"cannot reach {where} ({_reason(err)}); start it or fix --llm.url") from None
         if r.status_code in (401, 403):
@@ -145,10 +150,12 @@ class OpenAIClient:
             if attempt:
                 await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
             try:
-                async with sem:
-                    r = await http.post(endpoint, json=body)
-            except httpx.TimeoutException:
-                problem = f"timed out after {self.timeout_s:g} s"
+                async with sem:  # the deadline starts once the request may go out, not while it queues
+                    r = await asyncio.wait_for(http.post(endpoint, json=body), self.timeout_s)
+            except (httpx.TimeoutException, asyncio.TimeoutError):
+                problem = (
+                    f"timed out after {self.timeout_s:g} s (the whole answer is due within --llm.timeout-s)"
+                )
                 continue
             except httpx.TransportError as err:
                 problem = f"connection error ({_reason(err)})"

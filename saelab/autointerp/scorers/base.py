@@ -8,7 +8,8 @@ never scored (`scoring_examples`).
 Judges are asked for one token with its top log-probabilities (one forward on the local backend, no generation):
 P(yes) = p(yes-like tokens) / (p(yes-like) + p(no-like)), predicted 1 when > 0.5, and the AUC is computed from it.
 A backend without log-probabilities is read from the answer's text (no AUC then). An answer that is neither yes
-nor no, or a failed request, is a failed judgement: excluded from the metrics and counted (`n_failed`). Prompts
+nor no, or a failed request, is a failed judgement: excluded from the metrics and counted (`n_failed`), and asked
+again by a rerun (`reject_answer`). Prompts
 put the instructions, then the explanation, then the example, so the local backend runs the shared parts once.
 """
 
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from saelab.autointerp.explain import quote_example, render_tokens
-from saelab.autointerp.llm.base import LLMClient, LLMError
+from saelab.autointerp.llm.base import LLMClient, LLMError, reject_answer
 from saelab.autointerp.prompts import DETECTION_USER, JUDGE_SYSTEM
 from saelab.config import ScoreConfig
 from saelab.latents.sampling import Example, LatentExamples, SampleSet
@@ -48,8 +49,8 @@ class Prediction:
     quantile: int = -1
     """Activation quantile of a positive example (0 = lowest, see `Example.quantile`); -1 for negatives."""
     failure: Failure | None = None
-    """Why the judgement failed: `request` (no answer from the LLM; asked again on a rerun) or `unparseable` (an
-    answer that is not a judgement; cached, so a rerun gets the same)."""
+    """Why the judgement failed: `request` (no answer from the LLM) or `unparseable` (an answer that is not a
+    judgement; not reused from the answer cache). A rerun asks both again."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Prediction:
@@ -166,6 +167,10 @@ class JudgeScorer:
             return None, None, "request"
         if resp.top_logprobs is not None:
             p = yes_probability(resp.top_logprobs)
-            return (None, None, "unparseable") if p is None else (int(p > 0.5), p, None)
-        pred = parse_yes_no(resp.text)
-        return pred, None, None if pred is not None else "unparseable"
+            pred = None if p is None else int(p > 0.5)
+        else:
+            p, pred = None, parse_yes_no(resp.text)
+        if pred is None:
+            reject_answer(self.client, resp)  # a rerun asks again
+            return None, None, "unparseable"
+        return pred, p, None

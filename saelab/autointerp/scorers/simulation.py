@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from saelab.autointerp.llm.base import LLMClient, LLMError
+from saelab.autointerp.llm.base import LLMClient, LLMError, reject_answer
 from saelab.autointerp.prompts import SIMULATION_SYSTEM, SIMULATION_USER
 from saelab.autointerp.scorers.base import (
     Failure,
@@ -99,7 +99,10 @@ class SimulationScorer:
             log.debug("simulation failed: %s", err)
             return "request"
         sim = parse_simulation(resp.text, len(ex.acts))
-        return "unparseable" if sim is None else sim
+        if sim is None:
+            reject_answer(self.client, resp)  # a rerun asks again
+            return "unparseable"
+        return sim
 
     async def score(self, le: LatentExamples, explanation: str) -> ScorerOutput:
         items = scoring_examples(le)
