@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from saelab.config import DataConfig
 from saelab.models.loading import package_file
+from saelab.run import atomic
 
 BUNDLED_WIKIPEDIA = "bundled:wikipedia-en"
 
@@ -127,9 +128,8 @@ class TokenWindows:
         return np.concatenate([[0], np.cumsum(per_batch)])
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, tokens=self.tokens, keep=self.keep, eval_idx=self.eval_idx, train_idx=self.train_idx)
-        tmp.rename(path)
+        with atomic.atomic_path(path) as tmp, tmp.open("wb") as f:  # a file object: savez adds no suffix
+            np.savez(f, tokens=self.tokens, keep=self.keep, eval_idx=self.eval_idx, train_idx=self.train_idx)
 
     @classmethod
     def load(cls, path: Path) -> TokenWindows:
