@@ -58,10 +58,10 @@ def iter_documents(dataset: str, text_field: str = "text") -> Iterator[str]:
     if path.suffix == ".jsonl":
         for n, line in enumerate(raw.splitlines(), 1):
             if line.strip():
-                yield _field(json.loads(line), text_field, f"{path}:{n}")
+                yield _field(_json(line, path, n), text_field, f"{path}:{n}")
     elif path.suffix == ".json":
-        data = json.loads(raw)
-        items = data.values() if isinstance(data, dict) else data
+        data = _json(raw, path)
+        items = data.values() if isinstance(data, dict) else data if isinstance(data, list) else [data]
         for n, item in enumerate(items):
             yield item if isinstance(item, str) else _field(item, text_field, f"{path}[{n}]")
     else:
@@ -70,12 +70,30 @@ def iter_documents(dataset: str, text_field: str = "text") -> Iterator[str]:
                 yield doc.strip()
 
 
+def _json(text: str, path: Path, line: int | None = None) -> Any:
+    """`text` parsed; text that is not JSON is refused naming the file, and the line of a JSONL file."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        if line is None:
+            where = f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})"
+            raise DataError(f"{where}; fix line {err.lineno}") from None
+        where = f"{path}:{line}: not valid JSON ({err.msg} at column {err.colno})"
+        raise DataError(f"{where}; fix or remove line {line}") from None
+
+
 def _field(record: Any, text_field: str, where: str) -> str:
     if not isinstance(record, dict) or text_field not in record:
         raise DataError(
             f"{where}: no field {text_field!r}; set --data.text-field to the field holding the text"
         )
-    return str(record[text_field])
+    text = record[text_field]
+    if not isinstance(text, str):  # a number or null taken as text would train on "12345" or "None"
+        raise DataError(
+            f"{where}: field {text_field!r} is {json.dumps(text)[:40]}, not a string; make it a string or "
+            "remove the record"
+        )
+    return text
 
 
 def _iter_hf_dataset(path: Path, text_field: str) -> Iterator[str]:
