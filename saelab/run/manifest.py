@@ -38,6 +38,44 @@ class RunError(RuntimeError):
     """The run folder is inconsistent: a missing stage, or an artifact whose hash does not match."""
 
 
+_JSON_TYPES = {
+    list: "array",
+    str: "string",
+    int: "number",
+    float: "number",
+    bool: "boolean",
+    type(None): "null",
+}
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest at `path` ({} when there is none); a file that is no saelab manifest is refused naming it."""
+    if not path.exists():
+        return {}
+    fix = "restore it from a copy of the run, or start a new run in another --run-dir"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RunError(f"{path} is not valid JSON ({err}); {fix}") from None
+    problem = _manifest_problem(data)
+    if problem is not None:
+        raise RunError(f"{path} is not a saelab manifest ({problem}); {fix}")
+    return dict(data)
+
+
+def _manifest_problem(data: Any) -> str | None:
+    """What makes `data` no manifest, or None."""
+    if not isinstance(data, dict):
+        return f"a JSON {_JSON_TYPES.get(type(data), type(data).__name__)}, not an object"
+    for key in ("stages", "hashes", "config"):
+        if not isinstance(data.get(key, {}), dict):
+            return f"its {key!r} is not an object"
+    for name, rec in data.get("stages", {}).items():
+        if not isinstance(rec, dict) or not isinstance(rec.get("outputs", {}), dict):
+            return f"its record of stage {name!r} is not an object with outputs"
+    return None
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -118,7 +156,7 @@ class Run:
     def __init__(self, folder: Path | str) -> None:
         self.folder = Path(folder)
         self.path = self.folder / MANIFEST
-        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.data: dict[str, Any] = read_manifest(self.path)
 
     @classmethod
     def create(cls, folder: Path | str, config: dict[str, Any], seed: int) -> Run:
