@@ -338,25 +338,23 @@ def _dispatch(args: Any) -> int:
     cfg = to_run_config(args)
     check_scorer_names(cfg.score.scorers)  # against the registry (built-ins and any registered since)
     start = time.perf_counter()
-    if isinstance(args, RunConfig):
-        pipeline.run_all(cfg)
-        from saelab.report.run_report import print_summary
-
-        print_summary(Path(cfg.run_dir), time.perf_counter() - start)
-        return 0
     name = _stage_name(args)
-    session = pipeline.open_session(cfg, new=name == "collect")
-    if name == "report":
+    is_main = True
+    if name == "demo":
+        pipeline.run_all(cfg)
+    else:  # the run's lock is held from the stage's checks to its manifest update
+        with pipeline.stage_session(cfg, name, new=name == "collect") as session:
+            if name == "report":
+                pipeline.stage_report(session)
+            elif name == "train":
+                is_main = _train_distributed(session)
+            else:
+                pipeline.STAGES[name](session)
+    if name in ("demo", "report"):
         from saelab.report.run_report import print_summary
 
-        pipeline.stage_report(session)
         print_summary(Path(cfg.run_dir), time.perf_counter() - start)
         return 0
-    is_main = True
-    if name == "train":
-        is_main = _train_distributed(session)
-    else:
-        pipeline.STAGES[name](session)
     if is_main:
         logging.getLogger("saelab").info(
             "%s done in %.1fs; artifacts in %s", name, time.perf_counter() - start, cfg.run_dir

@@ -2,7 +2,8 @@
 
 Each stage records its config, wall time, peak memory, and the sha256 of every artifact it wrote. A later stage
 verifies the hashes of the artifacts it reads against the manifest, so one run's results cannot be passed off as
-another's and an artifact altered after the fact is refused with its name.
+another's and an artifact altered after the fact is refused with its name. Every update re-reads the manifest and
+changes only its own keys, so an update made by another process in between is kept.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import saelab
 from saelab.run import atomic
@@ -38,6 +39,7 @@ class RunError(RuntimeError):
     """The run folder is inconsistent: a missing stage, or an artifact whose hash does not match."""
 
 
+_T = TypeVar("_T")
 _JSON_TYPES = {
     list: "array",
     str: "string",
@@ -207,7 +209,17 @@ class Run:
             )
 
     def save(self) -> None:
+        """Write the manifest as held here (a new run's first manifest; updates go through `_commit`)."""
         atomic.write_json(self.path, self.data)
+
+    def _commit(self, change: Callable[[dict[str, Any]], _T]) -> _T:
+        """Apply `change` to the manifest as it is on disk now and write it: an update another process made since
+        this one read it is kept, not overwritten."""
+        data = read_manifest(self.path) or self.data
+        out = change(data)
+        atomic.write_json(self.path, data)
+        self.data = data
+        return out
 
     @property
     def stages(self) -> dict[str, Any]:
@@ -249,10 +261,15 @@ class Run:
         record["git_commit"] = git_commit()
         record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         record["outputs"] = {rel: sha256_file(self.folder / rel) for rel in record["outputs"]}
-        self.stages[name] = record
-        self.data.setdefault("config", {}).update(config)
-        self.save()
+
+        def change(data: dict[str, Any]) -> None:
+            data.setdefault("stages", {})[name] = record
+            data.setdefault("config", {}).update(config)
+
+        self._commit(change)
 
     def set_hash(self, key: str, value: str) -> None:
-        self.data.setdefault("hashes", {})[key] = value
-        self.save()
+        def change(data: dict[str, Any]) -> None:
+            data.setdefault("hashes", {})[key] = value
+
+        self._commit(change)

@@ -2,17 +2,22 @@
 
 `saelab demo` runs every stage in one session (the subject model is loaded once); `saelab <stage> --run-dir R`
 opens a session on the artifacts already in R. Each stage lives in its own package (`saelab.<package>.stage`)
-and takes a `Session`; `saelab.pipeline` holds their order.
+and takes a `Session`; `saelab.pipeline` holds their order. `stage_session` holds the run's lock
+(`saelab.run.lock`) while the stage runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from saelab.config import RunConfig, from_dict, to_dict
+from saelab.run.lock import RunLock
 from saelab.run.manifest import Run
 
 if TYPE_CHECKING:
@@ -25,11 +30,17 @@ class Session:
 
     cfg: RunConfig
     run: Run
+    lock: RunLock | None = field(default=None, repr=False)
     _lm: LoadedModel | None = field(default=None, repr=False)
 
     @property
     def folder(self) -> Path:
         return self.run.folder
+
+    def announce(self, stage: str) -> None:
+        """Name `stage` as the one holding the run's lock (`saelab demo` runs them in turn)."""
+        if self.lock is not None:
+            self.lock.announce(stage)
 
     def lm(self) -> LoadedModel:
         """The subject model, loaded on first use; its weights' hash is recorded in the manifest."""
@@ -75,3 +86,20 @@ def open_session(cfg: RunConfig, *, new: bool) -> Session:
         },
     )
     return Session(merged, run)
+
+
+@contextlib.contextmanager
+def stage_session(cfg: RunConfig, stage: str, *, new: bool) -> Iterator[Session]:
+    """A session on `cfg.run_dir` that holds the run's lock until the block ends: a second saelab process that
+    starts a stage on the same run meanwhile fails at once, naming this one (`saelab.run.lock`)."""
+    folder = Path(cfg.run_dir)
+    if new:
+        folder.mkdir(parents=True, exist_ok=True)
+    else:
+        Run.open(folder)  # a folder without a run is refused before a lock file is made in it
+    # torchrun's other ranks of one `train` only read the run: rank 0 holds the lock for them all
+    lock = RunLock(folder, stage) if int(os.environ.get("RANK", "0")) == 0 else None
+    with lock if lock is not None else contextlib.nullcontext():
+        session = open_session(cfg, new=new)
+        session.lock = lock
+        yield session
