@@ -12,9 +12,9 @@ one on the artifacts already in R. Each stage, and the files it writes, belongs 
     score     saelab.autointerp.stage    score/ (scores.jsonl, scores_summary.json)
     report    saelab.report.stage        report.md, report.html, plots/
 
-The run folder's manifest (`saelab.run.manifest`) records every stage's config, time, memory and the sha256 of
-each artifact; the run context is `saelab.run.session.Session`, opened by `stage_session`, which holds the run's
-lock (`saelab.run.lock`) while a stage runs.
+The run folder's manifest (`saelab.run.manifest`) records every stage's config, time, memory, the sha256 of
+each artifact and the stages it read; the run context is `saelab.run.session.Session`, opened by `stage_session`,
+which holds the run's lock (`saelab.run.lock`) while a stage runs.
 """
 
 from __future__ import annotations
@@ -48,9 +48,10 @@ STAGES: dict[str, Callable[[Session], None]] = {
 __all__ = ["STAGES", "Session", "open_session", "run_all", "stage_report", "stage_session"]
 
 
-def run_all(cfg: RunConfig) -> Path:
-    """Every stage in order, then the report, holding the run's lock throughout; returns the report's path."""
-    with stage_session(cfg, "collect", new=True) as s:
+def run_all(cfg: RunConfig, force: bool = False) -> Path:
+    """Every stage in order, then the report, holding the run's lock throughout; returns the report's path.
+    `force`: collect again over a finished run (its later stages are dropped as each is run again)."""
+    with stage_session(cfg, "collect", new=True, force=force) as s:
         for name, fn in STAGES.items():
             log.info("stage %s", name)
             s.announce(name)

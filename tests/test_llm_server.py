@@ -186,8 +186,8 @@ def cached_answers(run: Path) -> int:
         return int(db.execute("SELECT COUNT(*) FROM answers").fetchone()[0])
 
 
-def explain(run: Path, url: str) -> int:
-    return main(["explain", "--run-dir", str(run), "--explain.explainers", "default", *llm_args(url)])
+def explain(run: Path, url: str, *extra: str) -> int:
+    return main(["explain", "--run-dir", str(run), "--explain.explainers", "default", *llm_args(url), *extra])
 
 
 SCORE = ["--score.scorers", "detection", "--score.no-shuffled-control"]
@@ -213,8 +213,9 @@ def test_explain_and_detection_through_the_cli(llama: LlamaCppServer, sampled: P
         assert asked == rec_e["llm_calls"] + rec_s["llm_calls"]
         summary = json.loads((run / "score" / "scores_summary.json").read_text())
         assert summary["models"]["judge_llm"] == "smollm2" and summary["overall"]
-        # a rerun of both stages is answered from llm/cache.sqlite: the server is not asked again
-        assert explain(run, llama.url) == 0
+        # a rerun of both stages is answered from llm/cache.sqlite: the server is not asked again (explain over
+        # explanations that score was made from takes --force)
+        assert explain(run, llama.url, "--force") == 0
         assert main(["score", "--run-dir", str(run), *SCORE, *llm_args(llama.url)]) == 0
         assert llama.settled() == asked
         assert stage_record(run, "explain")["llm_cache_hits"] == 4

@@ -59,7 +59,7 @@ def all_verified(run: Path) -> Run:
     """The run, after checking every recorded stage's artifacts against the manifest."""
     r = Run.open(run)
     for stage in r.stages:
-        r.verify(stage, stage)
+        r.verify(stage)
     return r
 
 
@@ -79,7 +79,7 @@ def test_a_second_stage_on_a_busy_run_fails_at_once(
         "--data.dataset",
         str(fifo),
     ]
-    first = saelab(*collect, *SMALL["collect"], out=tmp_path / "collect.txt")
+    first = saelab(*collect, *SMALL["collect"], "--force", out=tmp_path / "collect.txt")
     deadline = time.monotonic() + 120
     while (h := holder(run)) is None or h.get("pid") != first.pid:
         assert first.poll() is None, (tmp_path / "collect.txt").read_text()
@@ -89,7 +89,7 @@ def test_a_second_stage_on_a_busy_run_fails_at_once(
     before = (run / "manifest.json").read_bytes()
     samples = (run / "samples" / "samples.json").read_bytes()
 
-    second = saelab("sample", "--run-dir", str(run), *SMALL["sample"])
+    second = saelab("sample", "--run-dir", str(run), *SMALL["sample"], "--force")
     _, err = second.communicate(timeout=300)
     assert second.returncode == 1, err
     line = error_line(err)
@@ -137,7 +137,7 @@ def test_a_killed_stage_leaves_no_lock(run: Path, tiny_model_dir: Path, tmp_path
         "--data.dataset",
         str(fifo),
     ]
-    first = saelab(*collect, out=tmp_path / "collect.txt")
+    first = saelab(*collect, "--force", out=tmp_path / "collect.txt")
     deadline = time.monotonic() + 120
     while (h := holder(run)) is None or h.get("pid") != first.pid:
         assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "collect.txt").read_text()
@@ -153,7 +153,9 @@ def test_eval_and_sample_at_once_leave_a_consistent_manifest(run: Path) -> None:
     manifest then records what is on disk (no update lost: sample's record is the new samples')."""
     procs = {
         "eval": saelab("eval", "--run-dir", str(run), *SMALL["eval"]),
-        "sample": saelab("sample", "--run-dir", str(run), *SMALL["sample"], "--sample.n-latents", "3"),
+        "sample": saelab(
+            "sample", "--run-dir", str(run), *SMALL["sample"], "--sample.n-latents", "3", "--force"
+        ),
     }
     codes = {}
     for name, proc in procs.items():

@@ -34,19 +34,25 @@ from saelab.train.stage import load_run_sae, run_sae_sha256
 log = logging.getLogger(__name__)
 
 
+CACHE_READS = ("collect", "train")
+"""The stages whose artifacts cache reads (the activations or windows, the SAE)."""
+SAMPLE_READS = ("collect", "train", "cache")
+"""The stages whose artifacts sample reads (the windows, the SAE's hash, the latent cache)."""
+
+
 def stage_cache(s: Session) -> None:
     """Cache the SAE's latents over `cache.n_tokens` tokens of `cache.dataset_split`, in bounded memory;
     `--cache.resume` continues a killed build from its last spilled run."""
+    s.start("cache", CACHE_READS)
     sae = load_run_sae(s.run)
-    s.run.verify("collect", "collect")
     c = s.cfg.cache
     windows = TokenWindows.load_run(s.folder)
-    with s.run.stage("cache", {"cache": to_dict(c)}) as rec:
+    chunks = _cache_chunks(s, windows)
+    with s.run.stage("cache", {"cache": to_dict(c)}, CACHE_READS) as rec:
         progress = CacheProgress()
         cache = build_cache(
-            sae, _cache_chunks(s, windows), s.folder / LATENTS, c, run_sae_sha256(s.folder), windows.sha256(),
-            progress,
-        )  # fmt: skip
+            sae, chunks, s.folder / LATENTS, c, run_sae_sha256(s.folder), windows.sha256(), progress
+        )
         if progress.resumed_tokens:
             log.info("cache: resumed with %d tokens already encoded", progress.resumed_tokens)
         rec["outputs"] += [f"{LATENTS}/{name}" for name in (MANIFEST, STATS, TOKENS)]
@@ -99,7 +105,7 @@ def eval_chunks(
 
 def stage_sample(s: Session) -> None:
     """Example sets for `sample.n_latents` latents of the cache (see `saelab.latents.sampling`)."""
-    s.run.verify("cache", "cache")
+    s.start("sample", SAMPLE_READS)
     windows = TokenWindows.load_run(s.folder)
     cache = LatentCache.open(s.folder / LATENTS, run_sae_sha256(s.folder), windows.sha256())
     tokenizer = s.tokenizer()
@@ -113,7 +119,8 @@ def stage_sample(s: Session) -> None:
         from saelab.autointerp.embed import Embedder
 
         embed = Embedder().embed
-    with s.run.stage("sample", {"sample": to_dict(s.cfg.sample)}) as rec:
-        samples = sample(cache, windows.tokens, token_str, s.cfg.sample, s.cfg.seed, embed)
+    cfg = s.cfg.sample
+    with s.run.stage("sample", {"sample": to_dict(cfg)}, SAMPLE_READS) as rec:
+        samples = sample(cache, windows.tokens, token_str, cfg, s.cfg.seed, embed)
         rec["outputs"].append(samples.save_run(s.folder))
         rec.update(samples.summary())
