@@ -5,6 +5,8 @@
 - An altered artifact gets one verdict and one command at every stage: rerun the stage that wrote it.
 - A manifest that is garbage or no object, a malformed corpus line, a corpus text that is no string, a binary
   predictions file: one line naming the file (and line), and nothing already computed is lost.
+- A stage asked for more than there is: the cache's tokens (refused before anything is written), the sample's
+  latents (all are taken, with a warning naming how many there were).
 - An LLM's explanation holding HTML reaches report.md escaped.
 
 Every test works on a copy of one small run built through the CLI once for the module.
@@ -22,6 +24,7 @@ from support_llm import ScriptedServer, completion_body
 from test_pipeline import SMALL, error_line, run_stages
 
 from saelab.cli import COMMANDS, main
+from saelab.run.manifest import sha256_file
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +201,43 @@ def test_a_bad_corpus_line_is_named_and_the_run_is_kept(
     assert main([*collect_args(run, tiny_model_dir, corpus), "--force"]) == 1
     assert f"{corpus}{message}" in error_line(capsys.readouterr().err)
     assert manifest(run) == before and (run / "data" / "windows.npz").read_bytes() == windows
+
+
+# --- asking for more than there is --------------------------------------------------------------------------------
+
+
+@pytest.mark.bad_input
+def test_cache_of_more_tokens_than_collected_is_refused_before_any_write(
+    run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = manifest(run)
+    latents = {p.name: sha256_file(p) for p in (run / "latents").iterdir()}
+    assert main(["cache", "--run-dir", str(run), "--cache.n-tokens", "99999999999", "--force"]) == 1
+    n = before["stages"]["collect"]["n_tokens"]
+    line = error_line(capsys.readouterr().err)
+    assert f"more than the {n} tokens the train split holds; pass --cache.n-tokens {n}" in line
+    assert not (run / "latents.tmp").exists()
+    assert {p.name: sha256_file(p) for p in (run / "latents").iterdir()} == latents and manifest(
+        run
+    ) == before
+
+
+@pytest.mark.bad_input
+def test_more_latents_than_eligible_are_all_taken_with_a_warning(
+    run: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    args = ["sample", "--run-dir", str(run), *SMALL["sample"], "--sample.n-latents", "100000000", "--force"]
+    assert main(args) == 0
+    samples = json.loads(
+        (run / "samples" / "samples.json").read_text().splitlines()[0].removesuffix("[") + "[]}"
+    )
+    d_sae = manifest(run)["stages"]["cache"]["d_sae"]
+    eligible = d_sae - samples["n_ineligible"]
+    assert samples["n_latents"] + samples["n_skipped"] == eligible
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(
+        f"--sample.n-latents 100000000 is more than the {eligible} eligible latents" in w for w in warnings
+    ), warnings
 
 
 # --- the report escapes what an LLM wrote ---------------------------------------------------------------------------

@@ -47,7 +47,7 @@ def stage_cache(s: Session) -> None:
     sae = load_run_sae(s.run)
     c = s.cfg.cache
     windows = TokenWindows.load_run(s.folder)
-    chunks = _cache_chunks(s, windows)
+    chunks = _cache_chunks(s, windows)  # refuses more tokens than the split holds before anything is written
     with s.run.stage("cache", {"cache": to_dict(c)}, CACHE_READS) as rec:
         progress = CacheProgress()
         cache = build_cache(
@@ -67,6 +67,10 @@ def _cache_chunks(s: Session, windows: TokenWindows) -> Callable[[int], Iterator
     c = s.cfg.cache
     collected = CollectRecord.of(s.run)
     if c.dataset_split == "train":
+        if collected.n_tokens:  # a collect record of an older saelab may not say
+            check_n_tokens(
+                c.n_tokens, collected.n_tokens, "train", "collect more with --collect.n-train-tokens"
+            )
         if collected.format == "store":
             store = ActivationStore(s.folder / STORE)
             return functools.partial(chunks_from_store, store, c.batch_size, c.n_tokens)
@@ -104,7 +108,8 @@ def eval_chunks(
 
 
 def stage_sample(s: Session) -> None:
-    """Example sets for `sample.n_latents` latents of the cache (see `saelab.latents.sampling`)."""
+    """Example sets for `sample.n_latents` latents of the cache (see `saelab.latents.sampling`); asking for more
+    latents than are eligible studies all of them, with a warning naming how many there were."""
     s.start("sample", SAMPLE_READS)
     windows = TokenWindows.load_run(s.folder)
     cache = LatentCache.open(s.folder / LATENTS, run_sae_sha256(s.folder), windows.sha256())
@@ -122,5 +127,12 @@ def stage_sample(s: Session) -> None:
     cfg = s.cfg.sample
     with s.run.stage("sample", {"sample": to_dict(cfg)}, SAMPLE_READS) as rec:
         samples = sample(cache, windows.tokens, token_str, cfg, s.cfg.seed, embed)
+        eligible = cache.d_sae - samples.n_ineligible
+        if not cfg.latents and cfg.n_latents > eligible:
+            log.warning(
+                "sample: --sample.n-latents %d is more than the %d eligible latents (firing on at least "
+                "--sample.min-examples %d cached tokens); all %d are chosen",
+                cfg.n_latents, eligible, cfg.min_examples, eligible,
+            )  # fmt: skip
         rec["outputs"].append(samples.save_run(s.folder))
         rec.update(samples.summary())
