@@ -50,6 +50,19 @@ class _RunArgs:
 
     run_dir: str = "runs/demo"
     """Folder holding the run's manifest and artifacts."""
+    force: bool = False
+    """Run the stage even though later stages of the run were made from the artifacts it replaces: they are
+    dropped from the manifest when it finishes (unless it wrote the very same files), to be run again. Without it
+    such a rerun is refused before any work."""
+
+
+@dataclass(frozen=True)
+class DemoArgs(RunConfig):
+    """Run the whole loop (collect, train, eval, cache, sample, explain, score) and write the report."""
+
+    force: bool = False
+    """Run the loop again in a run folder that holds a finished run (its stages are replaced one by one). Without
+    it, `demo` over a run whose stages were made from its activations is refused before any work."""
 
 
 @dataclass(frozen=True)
@@ -138,7 +151,7 @@ class ConvertArgs:
 
 
 COMMANDS: dict[str, Any] = {
-    "demo": RunConfig,
+    "demo": DemoArgs,
     "collect": CollectArgs,
     "train": TrainArgs,
     "eval": EvalArgs,
@@ -195,8 +208,6 @@ TOOLS: dict[str, Any] = {"convert": ConvertArgs, "compare": CompareArgs, "runs":
 
 def to_run_config(args: Any) -> RunConfig:
     """A full RunConfig from a subcommand's args (sections it does not take keep their defaults)."""
-    if isinstance(args, RunConfig):
-        return args
     sections = {k: getattr(args, k) for k in args.__dataclass_fields__ if k in RunConfig.__dataclass_fields__}
     return RunConfig(**sections)
 
@@ -367,25 +378,23 @@ def _dispatch(args: Any) -> int:
     cfg = to_run_config(args)
     check_scorer_names(cfg.score.scorers)  # against the registry (built-ins and any registered since)
     start = time.perf_counter()
-    if isinstance(args, RunConfig):
-        pipeline.run_all(cfg)
-        from saelab.report.run_report import print_summary
-
-        print_summary(Path(cfg.run_dir), time.perf_counter() - start)
-        return 0
     name = _stage_name(args)
-    session = pipeline.open_session(cfg, new=name == "collect")
-    if name == "report":
+    is_main = True
+    if name == "demo":
+        pipeline.run_all(cfg, force=args.force)
+    else:  # the run's lock is held from the stage's checks to its manifest update
+        with pipeline.stage_session(cfg, name, new=name == "collect", force=args.force) as session:
+            if name == "report":
+                pipeline.stage_report(session)
+            elif name == "train":
+                is_main = _train_distributed(session)
+            else:
+                pipeline.STAGES[name](session)
+    if name in ("demo", "report"):
         from saelab.report.run_report import print_summary
 
-        pipeline.stage_report(session)
         print_summary(Path(cfg.run_dir), time.perf_counter() - start)
         return 0
-    is_main = True
-    if name == "train":
-        is_main = _train_distributed(session)
-    else:
-        pipeline.STAGES[name](session)
     if is_main:
         logging.getLogger("saelab").info(
             "%s done in %.1fs; artifacts in %s", name, time.perf_counter() - start, cfg.run_dir

@@ -12,8 +12,9 @@ one on the artifacts already in R. Each stage, and the files it writes, belongs 
     score     saelab.autointerp.stage    score/ (scores.jsonl, scores_summary.json)
     report    saelab.report.stage        report.md, report.html, plots/
 
-The run folder's manifest (`saelab.run.manifest`) records every stage's config, time, memory and the sha256 of
-each artifact; the run context is `saelab.run.session.Session`.
+The run folder's manifest (`saelab.run.manifest`) records every stage's config, time, memory, the sha256 of
+each artifact and the stages it read; the run context is `saelab.run.session.Session`, opened by `stage_session`,
+which holds the run's lock (`saelab.run.lock`) while a stage runs.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from saelab.config import RunConfig
 from saelab.eval.stage import stage_eval
 from saelab.latents.stage import stage_cache, stage_sample
 from saelab.report.stage import stage_report
-from saelab.run.session import Session, open_session
+from saelab.run.session import Session, open_session, stage_session
 from saelab.train.stage import stage_train
 
 log = logging.getLogger(__name__)
@@ -44,13 +45,16 @@ STAGES: dict[str, Callable[[Session], None]] = {
 }
 """The stages in their order (the report comes last, through `stage_report`)."""
 
-__all__ = ["STAGES", "Session", "open_session", "run_all", "stage_report"]
+__all__ = ["STAGES", "Session", "open_session", "run_all", "stage_report", "stage_session"]
 
 
-def run_all(cfg: RunConfig) -> Path:
-    """Every stage in order, then the report; returns the report's path."""
-    s = open_session(cfg, new=True)
-    for name, fn in STAGES.items():
-        log.info("stage %s", name)
-        fn(s)
-    return stage_report(s)
+def run_all(cfg: RunConfig, force: bool = False) -> Path:
+    """Every stage in order, then the report, holding the run's lock throughout; returns the report's path.
+    `force`: collect again over a finished run (its later stages are dropped as each is run again)."""
+    with stage_session(cfg, "collect", new=True, force=force) as s:
+        for name, fn in STAGES.items():
+            log.info("stage %s", name)
+            s.announce(name)
+            fn(s)
+        s.announce("report")
+        return stage_report(s)

@@ -83,3 +83,53 @@ def test_config_validation() -> None:
         DataConfig(eval_fraction=1.5)
     with pytest.raises(ConfigError, match="exclude_first"):
         DataConfig(ctx_len=16, exclude_first=16)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        (
+            "c.jsonl",
+            '{"text": "cat sat on"\n',
+            ":2: not valid JSON (Expecting ',' delimiter at column 22); fix or remove line 2",
+        ),
+        ("c.jsonl", '{"text": 12345}\n', ":2: field 'text' is 12345, not a string"),
+        ("c.jsonl", '{"text": null}\n', ":2: field 'text' is null, not a string"),
+        (
+            "c.json",
+            '[{"text": "the cat"},\n {"text": "a dog"\n',
+            ": not valid JSON (Expecting ',' delimiter at line 3, column 1); fix line 3",
+        ),
+    ],
+)
+def test_a_bad_json_corpus_is_one_line_naming_file_and_line(
+    name: str,
+    content: str,
+    message: str,
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Through the CLI: collect stops before any window is written, naming the corpus file and the line."""
+    from test_pipeline import error_line
+
+    from saelab.cli import main
+
+    corpus = tmp_path / name
+    first = json.dumps({"text": "the cat sat on the mat"}) + "\n" if name.endswith(".jsonl") else ""
+    corpus.write_text(first + content)
+    run = tmp_path / "run"
+    args = [
+        "collect",
+        "--run-dir",
+        str(run),
+        "--model.name",
+        str(tiny_model_dir),
+        "--data.dataset",
+        str(corpus),
+    ]
+    assert main(args) == 1
+    assert f"{corpus}{message}" in error_line(capsys.readouterr().err)
+    assert "collect" not in json.loads((run / "manifest.json").read_text())["stages"]
+    assert not (run / "data").exists()

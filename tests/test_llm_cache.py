@@ -256,7 +256,17 @@ def test_explain_stage_rerun_asks_nothing(tmp_path: Path, tiny_model_dir: Path, 
     run = tmp_path / "r"
     run_stages(run, tiny_model_dir, corpus_file)
     n_latents = len(json.loads((run / "samples" / "samples.json").read_text())["latents"])
-    args = ["explain", "--run-dir", str(run), "--explain.explainers", "default", "--llm.max-retries", "0"]
+    # --force: the run's score was made from its explanations (it is dropped, then kept when nothing changed)
+    args = [
+        "explain",
+        "--run-dir",
+        str(run),
+        "--explain.explainers",
+        "default",
+        "--llm.max-retries",
+        "0",
+        "--force",
+    ]
     records = []
     for answer in ("Explanation: numbers", "Explanation: never asked"):
         with ScriptedServer([(200, MODELS), (200, completion_body(answer))]) as srv:
@@ -280,7 +290,7 @@ def test_no_cache_counts_calls_and_stores_nothing(
 ) -> None:
     run = tmp_path / "r"
     run_stages(run, tiny_model_dir, corpus_file)
-    args = ["explain", "--run-dir", str(run), "--explain.explainers", "default", "--llm.no-cache"]
+    args = ["explain", "--run-dir", str(run), "--explain.explainers", "default", "--llm.no-cache", "--force"]
     for _ in range(2):
         with ScriptedServer([(200, MODELS), (200, completion_body("Explanation: numbers"))]) as srv:
             assert main([*args, "--llm.url", srv.url]) == 0

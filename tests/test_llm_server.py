@@ -183,8 +183,8 @@ def cached_answers(run: Path, table: str = "answers") -> int:
         return int(db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
 
 
-def explain(run: Path, url: str) -> int:
-    return main(["explain", "--run-dir", str(run), "--explain.explainers", "default", *llm_args(url)])
+def explain(run: Path, url: str, *extra: str) -> int:
+    return main(["explain", "--run-dir", str(run), "--explain.explainers", "default", *llm_args(url), *extra])
 
 
 SCORE = ["--score.scorers", "detection", "--score.no-shuffled-control"]
@@ -212,8 +212,9 @@ def test_explain_and_detection_through_the_cli(llama: LlamaCppServer, sampled: P
         assert summary["models"]["judge_llm"] == "smollm2" and summary["overall"]
         # a rerun of both stages is answered from llm/cache.sqlite: the server is asked again only what was
         # unusable (no explanation, no judgement in the answer), and the judgements of explanations new since
+        # (explain over explanations that score was made from takes --force)
         unparseable = summary["unparseable_answers"]
-        assert explain(run, llama.url) == 0
+        assert explain(run, llama.url, "--force") == 0
         assert main(["score", "--run-dir", str(run), *SCORE, *llm_args(llama.url)]) == 0
         rec_e2, rec_s2 = stage_record(run, "explain"), stage_record(run, "score")
         assert (rec_e2["llm_cache_hits"], rec_e2["llm_calls"]) == (n_ok, 4 - n_ok)

@@ -154,7 +154,7 @@ def test_unreachable_llm_url(run_dir: Path, tmp_path: Path, capsys: pytest.Captu
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}/v1"
-    args = ["explain", "--run-dir", str(copy), "--llm.url", url, "--llm.max-retries", "0"]
+    args = ["explain", "--run-dir", str(copy), "--llm.url", url, "--llm.max-retries", "0", "--force"]
     assert main([*args, "--explain.explainers", "default"]) == 1
     err = error_line(capsys.readouterr().err)
     assert url in err and "--llm.url" in err
@@ -369,7 +369,8 @@ def test_cache_eval_split_and_stale_cache_refused(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """cache reads the held-out windows through the model; more tokens than the split holds is one clear error;
-    a cache built from an SAE that was since retrained is refused by sample, naming the fix."""
+    rebuilding a cache that later stages were made from, or retraining its SAE, is refused without --force; a
+    cache built from an SAE that was since retrained is refused by sample, naming the fix."""
     import shutil
 
     from saelab.latents.cache import LatentCache
@@ -380,7 +381,10 @@ def test_cache_eval_split_and_stale_cache_refused(
     assert manifest["stages"]["cache"]["nnz"] > 0 and manifest["stages"]["cache"]["dataset_split"] == "train"
     samples = json.loads((copy / "samples" / "samples.json").read_text())
     assert samples["class_balance"]["n_activating"] == 4 * len(samples["latents"])
-    assert main(["cache", "--run-dir", str(copy), "--cache.dataset-split", "eval"]) == 0
+    assert main(["cache", "--run-dir", str(copy), "--cache.dataset-split", "eval"]) == 1
+    err = error_line(capsys.readouterr().err)
+    assert "cache would replace the artifacts that sample, explain, score" in err and "pass --force" in err
+    assert main(["cache", "--run-dir", str(copy), "--cache.dataset-split", "eval", "--force"]) == 0
     cache = LatentCache.open(copy / "latents")
     assert cache.info.dataset_split == "eval" and cache.n_tokens > 0
     import numpy as np
@@ -397,10 +401,14 @@ def test_cache_eval_split_and_stale_cache_refused(
     assert f"more than the {cache.n_tokens} tokens the eval split holds" in error_line(
         capsys.readouterr().err
     )
-    assert main(["train", "--run-dir", str(copy), *SMALL["train"], "--train.k", "3"]) == 0  # a new SAE
+    retrain = ["train", "--run-dir", str(copy), *SMALL["train"], "--train.k", "3"]
+    assert main(retrain) == 1
+    assert "train would replace the artifacts that eval, cache" in error_line(capsys.readouterr().err)
+    assert main([*retrain, "--force"]) == 0  # a new SAE: the stages made from the old one are dropped
     assert main(["sample", "--run-dir", str(copy), *SMALL["sample"]]) == 1
     err = error_line(capsys.readouterr().err)
-    assert "built from another SAE" in err and "saelab cache --run-dir" in err
+    assert "stage 'cache' was dropped" in err and "when 'train' ran again" in err
+    assert "saelab cache --run-dir" in err
 
 
 def test_run_report_renders_in_chromium(run_dir: Path, tmp_path: Path) -> None:

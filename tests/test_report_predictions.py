@@ -105,6 +105,36 @@ def test_bad_csv_is_one_clear_line(
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03\xcb\x48\xcd\xc9\xc9\x07\x00",
+            "is not UTF-8 text (is it a binary file?)",
+        ),
+        ("id,y_true,y_pred\n1,0,0\n".encode("utf-16"), "is not UTF-8 text"),  # with its byte order mark
+        (
+            "id,y_true,y_pred\n1,0,0\n".encode("utf-16-le"),
+            "line 1: a NUL byte (a binary file, or UTF-16 text?)",
+        ),
+        (b"id,y_true,y_pred\n1,0,0\n2,1,\x001\n", "line 3: a NUL byte"),
+    ],
+)
+def test_a_binary_predictions_file_is_one_line(
+    content: bytes, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A gzip file, UTF-16 text, a NUL in a row: one line naming the file (and the line, when it is known)."""
+    from test_pipeline import error_line
+
+    path = tmp_path / "preds.csv"
+    path.write_bytes(content)
+    assert main(["report", "--predictions", str(path)]) == 1
+    line = error_line(capsys.readouterr().err)
+    assert str(path) in line and message in line
+    assert not (tmp_path / "preds-report").exists()
+
+
 def test_missing_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", "--predictions", str(tmp_path / "nope.csv")]) == 1
     assert "nope.csv not found" in capsys.readouterr().err

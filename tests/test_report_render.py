@@ -79,3 +79,23 @@ def test_compare_report_renders_with_plots(tmp_path: Path) -> None:
     assert_plots_rendered(
         html, tmp_path / "page.png", expected=html.read_text().count("data:image/png;base64,")
     )
+
+
+@pytest.mark.bad_input
+def test_markdown_escapes_html_in_text(tmp_path: Path) -> None:
+    """Markdown viewers render raw HTML: a tag in a paragraph, a heading or a table cell (an LLM's explanation, a run
+    name) reaches report.md escaped, as it reaches report.html; Markdown's own marks are kept."""
+    from saelab.report.doc import Doc, write_documents
+
+    script = "<script>alert(1)</script>"
+    doc = Doc(f"run {script}")
+    doc.heading(f"h {script}")
+    doc.para(f"`code` and **bold** & {script}")
+    doc.table(["explanation", "a|b"], [[script, "x & y"], ["F1 > 0.3", "<b>"]])
+    md_path, html_path = write_documents(doc, tmp_path)
+    md = md_path.read_text()
+    assert "<script" not in md and "<script" not in html_path.read_text()
+    assert "# run &lt;script>alert(1)&lt;/script>" in md and "## h &lt;script>" in md
+    assert "`code` and **bold** &amp; &lt;script>" in md
+    assert "| F1 > 0.3 | &lt;b> |" in md
+    assert "| explanation | a\\|b |" in md and "| &lt;script>alert(1)&lt;/script> | x &amp; y |" in md

@@ -55,6 +55,7 @@ class CollectRecord:
 
 def stage_collect(s: Session) -> None:
     """Windows and activations (see the module docstring)."""
+    s.start("collect", reads=())
     cfg = s.cfg
     lm = s.lm()
     hookpoint = resolve_hookpoint(lm.model, cfg.collect.hookpoint)
@@ -65,7 +66,8 @@ def stage_collect(s: Session) -> None:
         f"collecting {c.n_train_tokens} tokens",
         "lower --collect.n-train-tokens or pass --collect.store-dtype float16",
     )
-    with s.run.stage("collect", {"data": to_dict(cfg.data), "collect": to_dict(cfg.collect)}) as rec:
+    config = {"seed": cfg.seed, "model": to_dict(cfg.model), "data": to_dict(cfg.data), "collect": to_dict(c)}
+    with s.run.stage("collect", config) as rec:
         # the corpus is read only as far as these tokens and their held-out share need (saelab.data.windows)
         read = read_windows(cfg.data, lm.tokenizer, cfg.seed, c.n_train_tokens)
         windows = read.windows
@@ -95,7 +97,7 @@ def stage_collect(s: Session) -> None:
                        "tokens_packed": read.tokens, "read_to_the_end": read.exhausted},
         }  # fmt: skip
         rec.update(record)
-    s.run.set_hash("data", windows.sha256())
+        rec["hashes"] = {"data": windows.sha256(), "model": lm.weights_sha256}
 
 
 def _collect_key(lm: LoadedModel, windows: TokenWindows, hookpoint: str, c: CollectConfig) -> str:

@@ -16,6 +16,9 @@ from saelab.latents.sampling import SampleSet
 from saelab.run.session import Session
 
 LLM_CACHE = "llm/cache.sqlite"
+EXPLAIN_READS = ("sample",)
+SCORE_READS = ("sample", "explain")
+"""The stages whose artifacts explain and score read."""
 
 
 def _client(s: Session) -> Any:
@@ -47,11 +50,12 @@ def _llm_counts(client: Any) -> dict[str, int]:
 def stage_explain(s: Session) -> None:
     from saelab.autointerp.explain import EXPLANATIONS, run_explain
 
-    s.run.verify("sample", "sample")
+    s.start("explain", EXPLAIN_READS)
     samples = SampleSet.load_run(s.folder)
     needs_llm = any(e != "token_stats" for e in s.cfg.explain.explainers)
     client = _client(s) if needs_llm else None
-    with s.run.stage("explain", {"explain": to_dict(s.cfg.explain), "llm": to_dict(s.cfg.llm)}) as rec:
+    config = {"explain": to_dict(s.cfg.explain), "llm": to_dict(s.cfg.llm)}
+    with s.run.stage("explain", config, EXPLAIN_READS) as rec:
         (s.folder / EXPLANATIONS).parent.mkdir(exist_ok=True)
         records = run_explain(samples, s.cfg.explain, client, s.folder / EXPLANATIONS, s.cfg.llm.temperature)
         rec["outputs"].append(EXPLANATIONS)
@@ -69,13 +73,12 @@ def stage_score(s: Session) -> None:
     from saelab.autointerp.score import run_score
     from saelab.autointerp.scorers import llm_scorers
 
-    s.run.verify("sample", "sample")
-    s.run.verify("explain", "explain")
+    s.start("score", SCORE_READS)
     samples = SampleSet.load_run(s.folder)
     explanations = load_run_explanations(s.folder)
     needs_llm = any(x in llm_scorers() for x in s.cfg.score.scorers)
     client = _client(s) if needs_llm else None
-    with s.run.stage("score", {"score": to_dict(s.cfg.score), "llm": to_dict(s.cfg.llm)}) as rec:
+    with s.run.stage("score", {"score": to_dict(s.cfg.score), "llm": to_dict(s.cfg.llm)}, SCORE_READS) as rec:
         out = s.folder / SCORE_DIR
         out.mkdir(exist_ok=True)
         summary = run_score(samples, explanations, s.cfg.score, client, out, s.cfg.seed)

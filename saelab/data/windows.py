@@ -43,6 +43,7 @@ from saelab.data.corpus import (
     iter_documents,
     iter_token_documents,
 )
+from saelab.run import atomic
 
 __all__ = [
     "BUNDLED_WIKIPEDIA",
@@ -92,9 +93,8 @@ class TokenWindows:
         return np.concatenate([[0], np.cumsum(per_batch)])
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, tokens=self.tokens, keep=self.keep, eval_idx=self.eval_idx, train_idx=self.train_idx)
-        tmp.rename(path)
+        with atomic.atomic_path(path) as tmp, tmp.open("wb") as f:  # a file object: savez adds no suffix
+            np.savez(f, tokens=self.tokens, keep=self.keep, eval_idx=self.eval_idx, train_idx=self.train_idx)
 
     @classmethod
     def load(cls, path: Path) -> TokenWindows:

@@ -32,15 +32,19 @@ from saelab.train.stage import TrainRecord, load_run_sae
 log = logging.getLogger(__name__)
 
 
-def _named_saes(s: Session) -> list[tuple[str, sae_lib.SAE]]:
+def _reads(s: Session) -> tuple[str, ...]:
+    """The stages eval reads: collect, and train unless the run is untrained and eval.extra_saes are evaluated."""
+    with_run_sae = "train" in s.run.stages or not s.cfg.eval.extra_saes
+    return ("collect", "train") if with_run_sae else ("collect",)
+
+
+def _named_saes(s: Session, reads: tuple[str, ...]) -> list[tuple[str, sae_lib.SAE]]:
     """(name, SAE) of every SAE to evaluate: the run's and its variants' (when trained), then eval.extra_saes's."""
     named = []
-    if "train" in s.run.stages or not s.cfg.eval.extra_saes:
+    if "train" in reads:
         named.append(("sae", load_run_sae(s.run)))
         for folder in TrainRecord.of(s.run).variants:
             named.append((folder, sae_lib.load(s.folder / folder)))
-    else:
-        s.run.verify("collect", "collect")
     for folder in s.cfg.eval.extra_saes:
         named.append((folder, import_sae(Path(folder))))
     return named
@@ -49,7 +53,9 @@ def _named_saes(s: Session) -> list[tuple[str, sae_lib.SAE]]:
 def stage_eval(s: Session) -> None:
     """Core metrics of the run's SAE; with train.variants or eval.extra_saes, of every SAE on the same tokens. A run
     that was collected but not trained evaluates the `eval.extra_saes` SAEs alone (SAEs trained elsewhere)."""
-    named = _named_saes(s)
+    reads = _reads(s)
+    s.start("eval", reads)
+    named = _named_saes(s, reads)
     lm = s.lm()
     hookpoint = CollectRecord.of(s.run).hookpoint
     windows = TokenWindows.load_run(s.folder)
@@ -59,7 +65,7 @@ def stage_eval(s: Session) -> None:
             "again with --data.min-eval-windows %d to evaluate on more)",
             len(windows.eval_idx), s.cfg.eval.n_windows, s.cfg.eval.n_windows,
         )  # fmt: skip
-    with s.run.stage("eval", {"eval": to_dict(s.cfg.eval)}) as rec:
+    with s.run.stage("eval", {"eval": to_dict(s.cfg.eval)}, reads) as rec:
         saes = [sae.to(lm.device) for _, sae in named]
         results = evaluate_many(lm, saes, windows, hookpoint, s.cfg.eval)
         (s.folder / "eval").mkdir(exist_ok=True)

@@ -34,19 +34,25 @@ from saelab.train.stage import load_run_sae, run_sae_sha256
 log = logging.getLogger(__name__)
 
 
+CACHE_READS = ("collect", "train")
+"""The stages whose artifacts cache reads (the activations or windows, the SAE)."""
+SAMPLE_READS = ("collect", "train", "cache")
+"""The stages whose artifacts sample reads (the windows, the SAE's hash, the latent cache)."""
+
+
 def stage_cache(s: Session) -> None:
     """Cache the SAE's latents over `cache.n_tokens` tokens of `cache.dataset_split`, in bounded memory;
     `--cache.resume` continues a killed build from its last spilled run."""
+    s.start("cache", CACHE_READS)
     sae = load_run_sae(s.run)
-    s.run.verify("collect", "collect")
     c = s.cfg.cache
     windows = TokenWindows.load_run(s.folder)
-    with s.run.stage("cache", {"cache": to_dict(c)}) as rec:
+    chunks = _cache_chunks(s, windows)  # refuses more tokens than the split holds before anything is written
+    with s.run.stage("cache", {"cache": to_dict(c)}, CACHE_READS) as rec:
         progress = CacheProgress()
         cache = build_cache(
-            sae, _cache_chunks(s, windows), s.folder / LATENTS, c, run_sae_sha256(s.folder), windows.sha256(),
-            progress,
-        )  # fmt: skip
+            sae, chunks, s.folder / LATENTS, c, run_sae_sha256(s.folder), windows.sha256(), progress
+        )
         if progress.resumed_tokens:
             log.info("cache: resumed with %d tokens already encoded", progress.resumed_tokens)
         rec["outputs"] += [f"{LATENTS}/{name}" for name in (MANIFEST, STATS, TOKENS)]
@@ -61,6 +67,10 @@ def _cache_chunks(s: Session, windows: TokenWindows) -> Callable[[int], Iterator
     c = s.cfg.cache
     collected = CollectRecord.of(s.run)
     if c.dataset_split == "train":
+        if collected.n_tokens:  # a collect record of an older saelab may not say
+            check_n_tokens(
+                c.n_tokens, collected.n_tokens, "train", "collect more with --collect.n-train-tokens"
+            )
         if collected.format == "store":
             store = ActivationStore(s.folder / STORE)
             return functools.partial(chunks_from_store, store, c.batch_size, c.n_tokens)
@@ -98,8 +108,9 @@ def eval_chunks(
 
 
 def stage_sample(s: Session) -> None:
-    """Example sets for `sample.n_latents` latents of the cache (see `saelab.latents.sampling`)."""
-    s.run.verify("cache", "cache")
+    """Example sets for `sample.n_latents` latents of the cache (see `saelab.latents.sampling`); asking for more
+    latents than are eligible studies all of them, with a warning naming how many there were."""
+    s.start("sample", SAMPLE_READS)
     windows = TokenWindows.load_run(s.folder)
     cache = LatentCache.open(s.folder / LATENTS, run_sae_sha256(s.folder), windows.sha256())
     tokenizer = s.tokenizer()
@@ -113,7 +124,15 @@ def stage_sample(s: Session) -> None:
         from saelab.autointerp.embed import Embedder
 
         embed = Embedder().embed
-    with s.run.stage("sample", {"sample": to_dict(s.cfg.sample)}) as rec:
-        samples = sample(cache, windows.tokens, token_str, s.cfg.sample, s.cfg.seed, embed)
+    cfg = s.cfg.sample
+    with s.run.stage("sample", {"sample": to_dict(cfg)}, SAMPLE_READS) as rec:
+        samples = sample(cache, windows.tokens, token_str, cfg, s.cfg.seed, embed)
+        eligible = cache.d_sae - samples.n_ineligible
+        if not cfg.latents and cfg.n_latents > eligible:
+            log.warning(
+                "sample: --sample.n-latents %d is more than the %d eligible latents (firing on at least "
+                "--sample.min-examples %d cached tokens); all %d are chosen",
+                cfg.n_latents, eligible, cfg.min_examples, eligible,
+            )  # fmt: skip
         rec["outputs"].append(samples.save_run(s.folder))
         rec.update(samples.summary())

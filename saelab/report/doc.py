@@ -34,28 +34,33 @@ def fmt(v: Any) -> str:
     return str(v)
 
 
+def md_text(text: str) -> str:
+    """`text` for Markdown with `&` and `<` escaped: Markdown viewers render raw HTML, so a tag in an LLM's
+    explanation (or a run's name) must reach the page as text. No tag or entity starts without one of them, so `>`
+    (as in "F1 > 0.3") and Markdown's own marks (`**`, backticks) are kept as written."""
+    return text.replace("&", "&amp;").replace("<", "&lt;")
+
+
 class Doc:
-    """Builds the Markdown and the HTML of a report side by side."""
+    """Builds the Markdown and the HTML of a report side by side; text is escaped in both."""
 
     def __init__(self, title: str) -> None:
-        self.md: list[str] = [f"# {title}", ""]
+        self.md: list[str] = [f"# {md_text(title)}", ""]
         self.html: list[str] = [f"<h1>{html.escape(title)}</h1>"]
 
     def heading(self, text: str) -> None:
-        self.md += [f"## {text}", ""]
+        self.md += [f"## {md_text(text)}", ""]
         self.html.append(f"<h2>{html.escape(text)}</h2>")
 
     def para(self, text: str) -> None:
-        self.md += [text, ""]
+        self.md += [md_text(text), ""]
         self.html.append(f"<p>{html.escape(text)}</p>")
 
     def table(self, header: list[str], rows: list[list[Any]]) -> None:
         cells = [[fmt(c) for c in r] for r in rows]
-        self.md.append("| " + " | ".join(header) + " |")
+        self.md.append("| " + " | ".join(_md_cell(h) for h in header) + " |")
         self.md.append("|" + "---|" * len(header))
-        self.md += [
-            "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in r) + " |" for r in cells
-        ]
+        self.md += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in cells]
         self.md.append("")
         head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in cells)
@@ -67,6 +72,11 @@ class Doc:
         self.html.append(
             f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></figure>'
         )
+
+
+def _md_cell(text: str) -> str:
+    """A Markdown table cell: escaped text (`md_text`) on one line, its `|` escaped."""
+    return md_text(text).replace("|", "\\|").replace("\n", " ")
 
 
 def save_figure(fig: Any, path: Path, pdf: bool = False) -> Path:

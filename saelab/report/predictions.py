@@ -79,25 +79,54 @@ def _as_labels(values: list[str]) -> list[Any]:
         return values
 
 
+_NOT_TEXT = "give the predictions as a UTF-8 CSV (`iconv -t utf-8` converts another encoding)"
+
+
+def _read_rows(path: Path) -> list[tuple[int, dict[str, str]]]:
+    """(line, row) of every row of the CSV, after checking its header; a file that is no UTF-8 CSV text (a binary
+    file, another encoding) is refused naming it (and the line, where it is known)."""
+    with path.open(newline="", encoding="utf-8-sig") as f:  # utf-8-sig: spreadsheets write a BOM
+        reader = csv.DictReader(f)
+        try:
+            if not reader.fieldnames:
+                raise PredictionsError(f"{path} is empty; expected a header with {', '.join(REQUIRED)}")
+            columns = [c.strip() for c in reader.fieldnames]
+            if any("\0" in c for c in columns):
+                raise _nul(path, 1)
+            rows: list[tuple[int, dict[str, str]]] = []
+            for r in reader:
+                if any("\0" in v for v in r.values() if isinstance(v, str)):
+                    raise _nul(path, reader.line_num)
+                rows.append(
+                    (len(rows) + 2, {k.strip(): (v or "").strip() for k, v in r.items() if k is not None})
+                )
+        except UnicodeDecodeError:
+            raise PredictionsError(  # decoded a block at a time: the line is not known
+                f"{path} is not UTF-8 text (is it a binary file?); {_NOT_TEXT}"
+            ) from None
+        except csv.Error as err:
+            raise PredictionsError(
+                f"{path}, line {reader.line_num}: not CSV text ({err}); {_NOT_TEXT}"
+            ) from None
+    missing = [c for c in REQUIRED if c not in columns]
+    if missing:
+        raise PredictionsError(
+            f"{path} lacks column(s) {', '.join(missing)}; found: {', '.join(columns)} "
+            f"(required: {', '.join(REQUIRED)}; optional: {', '.join(OPTIONAL)})"
+        )
+    return rows
+
+
+def _nul(path: Path, line: int) -> PredictionsError:
+    """Python's csv reads NUL bytes as text: a binary file (or UTF-16 text) would pass as labels."""
+    return PredictionsError(f"{path}, line {line}: a NUL byte (a binary file, or UTF-16 text?); {_NOT_TEXT}")
+
+
 def read_predictions(path: Path) -> list[Predictions]:
     """Every (task, model) group of the CSV, in the order they first appear."""
     if not path.exists():
         raise FileNotFoundError(f"{path} not found")
-    with path.open(newline="", encoding="utf-8-sig") as f:  # utf-8-sig: spreadsheets write a BOM
-        reader = csv.DictReader(f)
-        if not reader.fieldnames:
-            raise PredictionsError(f"{path} is empty; expected a header with {', '.join(REQUIRED)}")
-        columns = [c.strip() for c in reader.fieldnames]
-        missing = [c for c in REQUIRED if c not in columns]
-        if missing:
-            raise PredictionsError(
-                f"{path} lacks column(s) {', '.join(missing)}; found: {', '.join(columns)} "
-                f"(required: {', '.join(REQUIRED)}; optional: {', '.join(OPTIONAL)})"
-            )
-        rows = [
-            (i + 2, {k.strip(): (v or "").strip() for k, v in r.items() if k is not None})
-            for i, r in enumerate(reader)
-        ]
+    rows = _read_rows(path)
     if not rows:
         raise PredictionsError(f"{path} has a header but no rows")
     for line, r in rows:
@@ -118,7 +147,7 @@ def read_predictions(path: Path) -> list[Predictions]:
         cols = {}
         for c in ("probability", "score"):
             present = [bool(rows[i][1].get(c)) for i in idx]
-            if c in columns and any(present):
+            if any(present):  # a column the header lacks is empty on every row
                 if not all(present):
                     line = rows[idx[present.index(False)]][0]
                     raise PredictionsError(f"{path}, line {line}: empty {c} (give it on every row or none)")

@@ -21,17 +21,15 @@ import numpy as np
 from saelab.autointerp.explain import ExplanationRecord, load_run_explanations
 from saelab.autointerp.results import load_run_overall, load_run_scores
 from saelab.config import ReportConfig
-from saelab.eval.absorption import load_run_absorption
-from saelab.eval.core import load_run_metrics
-from saelab.eval.matched_l0 import MatchedL0
-from saelab.eval.probing import load_run_probing
+from saelab.eval.absorption import ABSORPTION, load_run_absorption
+from saelab.eval.core import METRICS, load_run_metrics
+from saelab.eval.matched_l0 import MATCHED_L0, MatchedL0
+from saelab.eval.probing import PROBING, load_run_probing
 from saelab.latents.sampling import SampleSet
 from saelab.report.doc import PLOTS, Doc, PlotDir, flags_section, fmt, pareto_plot, write_documents
 from saelab.report.flags import Flag, TargetGap, classifier_flags, target_flags, target_gaps
 from saelab.run.manifest import Run
 
-REPORT_INPUTS = ("eval", "sample", "explain", "score")
-"""Stages whose artifacts the report reads (their hashes are checked first)."""
 CLASS_METRICS = ("balanced_accuracy", "f1", "precision", "recall", "specificity", "accuracy")
 WEAK_JUDGE_NOTE = (
     "The explainer and judge here is a {model}. A small model explains and judges poorly: compare its scores "
@@ -40,11 +38,10 @@ WEAK_JUDGE_NOTE = (
 
 
 def write_report(run: Run, cfg: ReportConfig | None = None) -> list[Path]:
-    """Write report.md, report.html and the plots of `run`; returns their paths."""
+    """Write report.md, report.html and the plots of `run`; returns their paths. It reads the artifacts of the
+    stages the manifest records, and no others (a file a dropped stage left behind is not shown): the caller
+    verifies them first (`saelab.report.stage`)."""
     cfg = cfg or ReportConfig()
-    for stage in REPORT_INPUTS:  # the report reads these stages' artifacts: refuse any altered since
-        if stage in run.stages:
-            run.verify(stage, stage)
     folder = run.folder
     plots = PlotDir(folder / PLOTS, cfg.pdf)
     doc = Doc(f"saelab report: {folder.name}")
@@ -61,9 +58,15 @@ def write_report(run: Run, cfg: ReportConfig | None = None) -> list[Path]:
     return [*write_documents(doc, folder), *written]
 
 
+def recorded(run: Run, stage: str, artifact: str | None = None) -> bool:
+    """Whether `stage` is recorded in the manifest (with `artifact` among its outputs): the report shows what the
+    manifest vouches for, not whatever files lie in the folder."""
+    return stage in run.stages and (artifact is None or artifact in run.stages[stage].get("outputs", {}))
+
+
 def run_flags(run: Run, cfg: ReportConfig) -> tuple[list[Flag], list[TargetGap]]:
     """Flags of every (explainer, scorer) over its pooled judgements, plus one-class judges per latent."""
-    scores = load_run_scores(run.folder)
+    scores = load_run_scores(run.folder) if recorded(run, "score") else None
     summary = scores.to_dict() if scores is not None else {}
     flags: list[Flag] = []
     gaps: list[TargetGap] = []
@@ -111,7 +114,7 @@ def _provenance(run: Run, doc: Doc) -> None:
 
 
 def _sae_section(run: Run, doc: Doc, plots: PlotDir) -> list[Path]:
-    loaded = load_run_metrics(run.folder)
+    loaded = load_run_metrics(run.folder) if recorded(run, "eval", METRICS) else None
     doc.heading("SAE metrics (held-out tokens)")
     if loaded is None:
         doc.para("The eval stage has not run: `saelab eval --run-dir RUN`.")
@@ -143,7 +146,7 @@ def _sae_section(run: Run, doc: Doc, plots: PlotDir) -> list[Path]:
 
 
 def _compare_section(run: Run, doc: Doc, plots: PlotDir) -> list[Path]:
-    compared = MatchedL0.load_run(run.folder)
+    compared = MatchedL0.load_run(run.folder) if recorded(run, "eval", MATCHED_L0) else None
     if compared is None:
         return []
     saes = compared.saes
@@ -183,7 +186,7 @@ def _compare_section(run: Run, doc: Doc, plots: PlotDir) -> list[Path]:
 
 
 def _probing_section(run: Run, doc: Doc) -> None:
-    probing = load_run_probing(run.folder)
+    probing = load_run_probing(run.folder) if recorded(run, "eval", PROBING) else None
     if probing is None:
         return
     data = probing.to_json()
@@ -206,7 +209,7 @@ def _probing_section(run: Run, doc: Doc) -> None:
 
 
 def _absorption_section(run: Run, doc: Doc, plots: PlotDir) -> list[Path]:
-    absorption = load_run_absorption(run.folder)
+    absorption = load_run_absorption(run.folder) if recorded(run, "eval", ABSORPTION) else None
     if absorption is None:
         return []
     data = absorption.to_json()
@@ -231,8 +234,9 @@ def _absorption_section(run: Run, doc: Doc, plots: PlotDir) -> list[Path]:
 def _interp_section(run: Run, doc: Doc, plots: PlotDir) -> list[Path]:
     folder = run.folder
     doc.heading("Explanations and scores")
-    scores = load_run_scores(folder)
-    if "sample" not in run.stages or scores is None:
+    interp = all(recorded(run, stage) for stage in ("sample", "explain", "score"))
+    scores = load_run_scores(folder) if interp else None
+    if scores is None:
         doc.para("The sample / explain / score stages have not all run.")
         return []
     summary = scores.to_dict()
@@ -448,14 +452,14 @@ def print_summary(folder: Path, seconds: float) -> None:
     """The short summary printed at the end of a run."""
     run = Run.open(folder)
     lines = [f"saelab: run {folder} finished in {seconds:.0f}s"]
-    loaded = load_run_metrics(folder) if "eval" in run.stages else None
+    loaded = load_run_metrics(folder) if recorded(run, "eval", METRICS) else None
     if loaded is not None:
         m = loaded[0].to_json()
         lines.append(
             f"  SAE: EV {m['explained_variance']:.3f}  L0 {m['l0']:.1f}  dead {m['dead_fraction']:.1%}  "
             f"CE score {m['ce_loss_score']:.3f}  KL score {m['kl_score']:.3f}"
         )
-    for o in (o.to_dict() for o in load_run_overall(folder) or []):
+    for o in (o.to_dict() for o in (load_run_overall(folder) if recorded(run, "score") else None) or []):
         lines.append(
             f"  {o['explainer']:>12} / {o['scorer']:<10} balanced accuracy {o['balanced_accuracy']:.3f}  F1 {o['f1']:.3f}"
         )

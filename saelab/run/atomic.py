@@ -1,22 +1,43 @@
 """Writing files so that a kill, a full disk or an error never leaves half a file under its final name.
 
-Every artifact a later stage reads, and every report, is written under `<name>.tmp` beside its final name and
-renamed onto it (one atomic rename on a POSIX file system); a write that fails removes its temporary file. A
-folder of files is built the same way as `<folder>.tmp` (collect's store, the latent cache, checkpoints)."""
+Every artifact a later stage reads, and every report, is written under a temporary name of its own beside its final
+name (`<name>.<random>.tmp`, created exclusively, so two writers of one file never share one) and renamed onto it
+(one atomic rename on a POSIX file system); a write that fails removes its temporary file. The temporary file is
+created with the mode any new file gets (0666 less the umask, as `open` makes it), so an artifact written through
+one has the same permissions as the files written directly. A folder of files is built as `<folder>.tmp`
+(collect's store, the latent cache): a killed build is resumed from it, and the run's lock
+(`saelab.run.lock`) keeps two stages from building one at once."""
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+TMP_SUFFIX = ".tmp"
+
+
+def temporary_path(path: Path) -> Path:
+    """A new, empty file beside `path` that no other writer uses (`<name>.<random>.tmp`), mode 0666 less the umask."""
+    while True:
+        tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        except OSError as err:  # a full or read-only disk: name the file being written, not its temporary
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        return tmp
+
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path to write `path`'s content to; renamed onto `path` when the block ends without error."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_path(path)
     try:
         yield tmp
         tmp.replace(path)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from saelab.autointerp.results import load_run_overall, run_score_files
-from saelab.run.manifest import MANIFEST, RunError
+from saelab.run.manifest import MANIFEST, RunError, read_manifest
 
 STORE_DOC = """Tables of `open_store(root)` (one row per ...):
   runs     run folder: run, name, created, seed, saelab_version, git_commit, git_dirty, model, dataset,
@@ -84,7 +84,7 @@ def open_store(root: Path | str) -> Any:
     con.execute("SET TimeZone = 'UTC'")
     runs, stages, overall, score_files = [], [], [], []
     for folder in find_runs(root):
-        data = json.loads((folder / MANIFEST).read_text())
+        data = read_manifest(folder / MANIFEST)  # one that is no manifest: one line naming it
         runs.append(_run_row(folder, data))
         for name, st in data.get("stages", {}).items():
             keys = ("seconds", "peak_rss_mib", "finished", "git_commit")

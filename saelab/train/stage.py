@@ -24,6 +24,8 @@ SAE_DIR = "sae"
 VARIANTS_DIR = "sae-variants"
 TRAIN_LOG = "train_log.jsonl"
 CHECKPOINTS = "checkpoints"
+READS = ("collect",)
+"""The stages whose artifacts train reads."""
 
 
 def variant_dir(i: int, text: str) -> str:
@@ -59,7 +61,7 @@ def run_sae_sha256(run_folder: Path) -> str:
 
 def stage_train(s: Session) -> None:
     """Train the SAE of `train` and those of `train.variants` together, one pass over the activations."""
-    s.run.verify("collect", "collect")
+    s.start("train", READS)
     collected = CollectRecord.of(s.run)
     data = collected.training_data(s.folder)
     cfgs = [s.cfg.train, *s.cfg.train.variant_configs()]
@@ -78,7 +80,7 @@ def stage_train(s: Session) -> None:
     ):  # under torchrun, rank 0 alone writes logs, checkpoints, SAEs, manifest
         fit()
         return
-    with s.run.stage("train", {"train": to_dict(s.cfg.train)}) as rec:
+    with s.run.stage("train", {"train": to_dict(s.cfg.train)}, READS) as rec:
         for folder in folders:
             folder.mkdir(parents=True, exist_ok=True)
         summaries = []
@@ -99,4 +101,4 @@ def stage_train(s: Session) -> None:
         rec.update({k: v for k, v in summaries[0].items() if k != "folder"})
         if len(summaries) > 1:
             rec["variants"] = summaries[1:]
-    s.run.set_hash("sae", run_sae_sha256(s.folder))
+        rec["hashes"] = {"sae": run_sae_sha256(s.folder)}
