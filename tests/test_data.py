@@ -94,8 +94,8 @@ def test_config_validation() -> None:
             '{"text": "cat sat on"\n',
             ":2: not valid JSON (Expecting ',' delimiter at column 22); fix or remove line 2",
         ),
-        ("c.jsonl", '{"text": 12345}\n', ":2: field 'text' is 12345, not a string"),
-        ("c.jsonl", '{"text": null}\n', ":2: field 'text' is null, not a string"),
+        ("c.jsonl", '{"text": 12345}\n', ":2: field 'text' is a number (12345), not a string"),
+        ("c.jsonl", '{"text": null}\n', ":2: field 'text' is null (null), not a string"),
         (
             "c.json",
             '[{"text": "the cat"},\n {"text": "a dog"\n',

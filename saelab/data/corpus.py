@@ -191,7 +191,12 @@ def _records(path: Path, field: str, flag: str) -> Iterator[tuple[str, Any]]:
     if path.suffix == ".jsonl":
         items = _jsonl_records(path)
     else:
-        data = json.loads(_read_utf8(path))
+        try:
+            data = json.loads(_read_utf8(path))
+        except json.JSONDecodeError as err:
+            raise DataError(
+                f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); fix line {err.lineno}"
+            ) from None
         if isinstance(data, dict):
             items = ((f"{path}[{json.dumps(k)}]", v) for k, v in data.items())
         elif isinstance(data, list):
@@ -219,11 +224,12 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
             if not line.strip():
                 continue
             try:
-                yield where, json.loads(line)
+                record = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as err:
                 raise DataError(
-                    f"{where}: not valid JSON ({err.msg} at column {err.colno}); fix or remove the line"
-                ) from err
+                    f"{where}: not valid JSON ({err.msg} at column {err.colno}); fix or remove line {n}"
+                ) from None
+            yield where, record
 
 
 def _read_utf8(path: Path) -> str:
