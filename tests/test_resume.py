@@ -332,3 +332,25 @@ def test_a_diverged_train_leaves_the_previous_sae_log_and_checkpoints(collected:
     assert code == 0, err
     assert "step 40 of 44" in err  # the finished training's last checkpoint, not the diverged one's none
     assert sae_files(run) == before
+
+
+@pytest.mark.bad_input
+def test_an_sae_too_large_for_memory_is_refused_before_it_is_built(
+    collected: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--train.expansion 1000000000` on 32 dimensions: 2.1e12 parameters, 45 TiB with gradients, Adam's moments
+    and a batch of latents. One line with the estimate, the memory available and the flag; the trained SAE stays
+    as it was."""
+    assert main(["train", "--run-dir", str(collected), *CLI_TRAIN]) == 0
+    before = sae_files(collected)
+    capsys.readouterr()
+    assert main(["train", "--run-dir", str(collected), *CLI_TRAIN, "--train.expansion", "1000000000"]) == 1
+    line = error_line(capsys.readouterr().err)
+    assert re.fullmatch(
+        r"saelab: TrainError: train.expansion 1000000000 needs at least [\d.]+ TiB on cpu to train: weights, "
+        r"gradients and two Adam moments of 2.08e\+12 parameters and a batch's \[128, 32000000000\] latents, "
+        r"but [\d.]+ [KMGT]iB is available \(MemAvailable in /proc/meminfo\); lower --train.expansion "
+        r"\(or --train.batch-size\)",
+        line,
+    ), line
+    assert sae_files(collected) == before

@@ -47,6 +47,7 @@ from saelab.train.checkpoint import (
 )
 from saelab.train.distributed import DistInfo
 from saelab.train.log import TrainLog, check_sinks
+from saelab.train.memory import shortfall
 from saelab.train.resample import ResampleEvent, Resampler, make_resampler
 
 __all__ = [
@@ -171,7 +172,8 @@ def train_many(
     The configs must agree on what shapes the stream (batch_size, epochs, stream_buffer_rows). `log_paths` and
     `checkpoint_dirs` give each SAE its own log and checkpoints (as `train`); `previous_checkpoint_dirs` are where
     `resume` looks when a checkpoint folder holds none (the train stage keeps the last finished training's
-    checkpoints there until a new one succeeds)."""
+    checkpoints there until a new one succeeds). SAEs that cannot fit in the device's memory are refused before
+    any is built (`memory.shortfall`)."""
     if not cfgs:
         raise TrainError("no SAE to train: give at least one TrainConfig")
     stream = {(c.batch_size, c.epochs, c.stream_buffer_rows) for c in cfgs}
@@ -189,7 +191,11 @@ def train_many(
     source = as_source(data, cfgs[0])
     dist = DistInfo.current()
     _check_batches(source, cfgs[0], dist)
-    trainers = [_Trainer(source, c, seed, sae_config(c, source.d_in, hookpoint, model), dist) for c in cfgs]
+    sae_cfgs = [sae_config(c, source.d_in, hookpoint, model) for c in cfgs]
+    device = source.head(1).device
+    if why := shortfall(sae_cfgs, cfgs[0].batch_size // dist.world, device, [c.expansion for c in cfgs]):
+        raise TrainError(why)
+    trainers = [_Trainer(source, c, seed, sae_cfg, dist) for c, sae_cfg in zip(cfgs, sae_cfgs, strict=True)]
     previous = list(previous_checkpoint_dirs) if previous_checkpoint_dirs is not None else [None] * len(cfgs)
     for trainer, folder, before in zip(trainers, checkpoint_dirs, previous, strict=True):
         if folder is not None:
