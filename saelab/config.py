@@ -256,7 +256,7 @@ class TrainConfig:
     resample: ResampleConfig = field(default_factory=ResampleConfig)
     checkpoint_every: int = 100
     """Steps between checkpoints (SAE, optimizer, step, RNG and dead-latent state) in the train stage's
-    `checkpoints/` folder, only the last kept; 0 = none."""
+    `checkpoints/` folder (`.train.tmp/checkpoints/` until the training succeeds), only the last kept; 0 = none."""
     resume: bool = False
     """Continue from the last checkpoint (bit-for-bit the run that was stopped); without one, start afresh."""
     log_every: int = 10

@@ -81,9 +81,7 @@ def test_text_is_read_only_as_far_as_the_run_needs(tokenizer, tmp_path: Path) ->
 def test_malformed_jsonl_line_named_with_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "c.jsonl"
     path.write_text(json.dumps({"text": "one"}) + '\n{"text": "two"\n')
-    with pytest.raises(
-        DataError, match=rf"^{re.escape(str(path))}:2: not valid JSON .*fix or remove line 2"
-    ):
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:2: not valid JSON .*fix or remove line 2"):
         list(iter_documents(str(path)))
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 from support_train import StepCounter, Stopped, planted, same_state, train_stopped_then_resumed
+from test_pipeline import SMALL as CLI_SMALL
+from test_pipeline import error_line
 
 from saelab.activations.sources import StoreSource
 from saelab.activations.store import Activations
@@ -25,6 +28,7 @@ from saelab.config import MatryoshkaConfig, ResampleConfig, TrainConfig
 from saelab.sae import base as sae_lib
 from saelab.sae.base import TrainLoss
 from saelab.train.checkpoint import checkpoint_sae, latest_checkpoint, load_checkpoint
+from saelab.train.stage import SAE_DIR, STAGING, SAEFolder
 from saelab.train.trainer import TrainError, TrainResult, train
 
 SMALL = {"expansion": 4, "k": 3, "lr": 3e-3, "batch_size": 128, "epochs": 3, "dead_tokens": 1000}
@@ -253,7 +257,9 @@ def test_sigkill_during_cli_training_then_resume(
     shutil.copytree(base, killed)
     assert cli_train(full).wait(timeout=300) == 0, (full / "stderr.txt").read_text()
     proc = cli_train(killed)
-    reached = wait_for_checkpoint(killed / "sae" / "checkpoints", 300, proc)
+    reached = wait_for_checkpoint(
+        SAEFolder(killed / "sae").checkpoints, 300, proc
+    )  # of the training under way
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert not (killed / "sae" / "sae.safetensors").exists()
@@ -266,3 +272,85 @@ def test_sigkill_during_cli_training_then_resume(
     print(f"killed after checkpoint {reached}, resumed from {resumed_from} of {total} steps")
     for rel in ("sae/sae.safetensors", "sae/train_log.jsonl"):
         assert (killed / rel).read_bytes() == (full / rel).read_bytes(), rel
+
+
+# --- a failed training leaves the previous one ------------------------------------------------------------------
+
+CLI_TRAIN = [*CLI_SMALL["train"], "--train.checkpoint-every", "10"]  # 44 steps: checkpoints at 10, 20, 30, 40
+
+
+def saelab_train(run: Path, *args: str) -> tuple[int, str]:
+    """`saelab train --run-dir RUN ...` in a subprocess: (exit code, stderr)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    cmd = [sys.executable, "-m", "saelab.cli", "train", "--run-dir", str(run), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    return proc.returncode, proc.stderr
+
+
+def sae_files(run: Path) -> dict[str, bytes]:
+    """Every file of the run's SAE folder but the training in progress's: the SAE, its log and checkpoints."""
+    folder = run / SAE_DIR
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and STAGING not in p.relative_to(folder).parts
+    }
+
+
+@pytest.fixture
+def collected(tmp_path: Path, tiny_model_dir: Path, corpus_file: Path) -> Path:
+    run = tmp_path / "run"
+    args = ["collect", "--run-dir", str(run), "--model.name", str(tiny_model_dir)]
+    assert main([*args, "--data.dataset", str(corpus_file), *CLI_SMALL["collect"]]) == 0
+    return run
+
+
+@pytest.mark.fault
+def test_a_diverged_train_leaves_the_previous_sae_log_and_checkpoints(collected: Path) -> None:
+    """`saelab train --train.lr 1e30` stops with the one-line divergence error, and the SAE, its 5-line log and
+    its last checkpoint are byte for byte those of the training before; `--train.resume` afterwards continues
+    that training's last checkpoint and ends with the same SAE and log."""
+    run = collected
+    code, err = saelab_train(run, *CLI_TRAIN)
+    assert code == 0, err
+    before = sae_files(run)
+    record = json.loads((run / "manifest.json").read_text())["stages"]["train"]
+    assert not (run / SAE_DIR / STAGING).exists()  # moved into place
+    assert (
+        len(before["train_log.jsonl"].splitlines()) == 5 and "checkpoints/step-00000040/trainer.pt" in before
+    )
+
+    code, err = saelab_train(run, *CLI_TRAIN, "--train.lr", "1e30")
+    assert code == 1
+    assert re.fullmatch(
+        r"saelab: TrainError: training diverged at step \d+ \(loss \S+\); lower train.lr", error_line(err)
+    )
+    assert sae_files(run) == before
+    assert json.loads((run / "manifest.json").read_text())["stages"]["train"] == record
+
+    code, err = saelab_train(run, *CLI_TRAIN, "--train.resume")
+    assert code == 0, err
+    assert "step 40 of 44" in err  # the finished training's last checkpoint, not the diverged one's none
+    assert sae_files(run) == before
+
+
+@pytest.mark.bad_input
+def test_an_sae_too_large_for_memory_is_refused_before_it_is_built(
+    collected: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--train.expansion 1000000000` on 32 dimensions: 2.1e12 parameters, 45 TiB with gradients, Adam's moments
+    and a batch of latents. One line with the estimate, the memory available and the flag; the trained SAE stays
+    as it was."""
+    assert main(["train", "--run-dir", str(collected), *CLI_TRAIN]) == 0
+    before = sae_files(collected)
+    capsys.readouterr()
+    assert main(["train", "--run-dir", str(collected), *CLI_TRAIN, "--train.expansion", "1000000000"]) == 1
+    line = error_line(capsys.readouterr().err)
+    assert re.fullmatch(
+        r"saelab: TrainError: train.expansion 1000000000 needs at least [\d.]+ TiB on cpu to train: weights, "
+        r"gradients and two Adam moments of 2.08e\+12 parameters and a batch's \[128, 32000000000\] latents, "
+        r"but [\d.]+ [KMGT]iB is available \(MemAvailable in /proc/meminfo\); lower --train.expansion "
+        r"\(or --train.batch-size\)",
+        line,
+    ), line
+    assert sae_files(collected) == before

@@ -21,6 +21,7 @@ from saelab.eval.core import reconstruction_metrics
 from saelab.sae import base as sae_lib
 from saelab.sae.base import SAEError
 from saelab.sae.jumprelu import JumpReLUSAE
+from saelab.train import memory
 from saelab.train.trainer import (
     TrainError,
     auxk_loss,
@@ -350,3 +351,27 @@ def test_encoder_init_scale_scales_the_starting_encoder() -> None:
     base = TrainConfig(expansion=2, k=2, batch_size=512, epochs=1, lr=1e-12)
     one, half = (train(x, dataclasses.replace(base, encoder_init_scale=s), seed=0).sae for s in (1.0, 0.5))
     torch.testing.assert_close(half.W_enc_DF, one.W_enc_DF * 0.5, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.bad_input
+def test_saes_too_large_for_the_memory_are_refused_before_any_is_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:  8000000 kB\nMemAvailable:  4000000 kB\n")  # 3.8 GiB
+    monkeypatch.setattr(memory, "MEMINFO", meminfo)
+    x = planted(n=2000, d=16)
+    wide = TrainConfig(expansion=1_000_000, k=4, batch_size=128, epochs=1)  # 5.3e8 parameters: 7.9 GiB, + 7.6
+    with pytest.raises(TrainError, match=r"^train.expansion 1000000 needs at least 15.5 GiB on cpu .* but 3.8 GiB "
+                       r"is available \(MemAvailable in .*meminfo\); lower --train.expansion"):  # fmt: skip
+        train(x, wide, seed=0)
+    with pytest.raises(TrainError, match=r"^2 SAEs \(expansion up to 1000000\) needs at least"):
+        train_many(x, [dataclasses.replace(wide, expansion=4), wide], seed=0)
+    meminfo.write_text("MemTotal:  8000000 kB\n")  # no figure to compare with: no check
+    assert memory.available_bytes(torch.device("cpu")) is None
+
+
+def test_training_bytes_counts_weights_gradients_adam_moments_and_a_batch_of_latents() -> None:
+    cfg = sae_config(TrainConfig(expansion=4, k=4), d_in=16)
+    n_params = 2 * 16 * 64 + 64 + 16  # W_enc, W_dec, b_enc, b_dec
+    assert memory.training_bytes(cfg, 128) == (4 * 4 * n_params + 128 * 64 * 4, n_params)

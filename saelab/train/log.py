@@ -15,6 +15,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
+TENSORBOARD_DIR = "tensorboard"
+"""TensorBoard's event folder, beside the JSONL log."""
+
 
 class LogSinkError(ValueError):
     """A requested log sink cannot be used; the message says what to install or change."""
@@ -122,7 +125,7 @@ class TrainLog:
         if "jsonl" in kinds and log_path is not None:
             self.sinks.append(JsonlSink(log_path, resume_step))
         if "tensorboard" in kinds and log_path is not None:
-            self.sinks.append(TensorBoardSink(log_path.parent / "tensorboard", resume_step))
+            self.sinks.append(TensorBoardSink(log_path.parent / TENSORBOARD_DIR, resume_step))
         if "wandb" in kinds:
             self.sinks.append(WandbSink(config, log_path.parent if log_path else None))
 

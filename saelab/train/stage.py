@@ -4,11 +4,18 @@ collected activations.
 Artifacts (relative to the run folder): `sae/` (`cfg.json`, `sae.safetensors`, `train_log.jsonl`,
 `checkpoints/`), and `sae-variants/<i>-<overrides>/` with the same files for each of `train.variants`. The SAE
 folder's own layout is `saelab.sae.base.save`'s.
+
+A training in progress writes its log (and TensorBoard / W&B files) and checkpoints into `.train.tmp/` inside the
+SAE folder (`SAEFolder`); they replace the previous training's only when it has succeeded and its SAE is saved, so
+a training that diverges, fails or is killed leaves the previous SAE, log and checkpoints as they were.
+`--train.resume` continues from the checkpoints in `.train.tmp/` (a stopped training), else from the finished
+training's (its log copied in to be continued). Under torchrun rank 0 alone writes.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +24,9 @@ from saelab.config import to_dict
 from saelab.run.manifest import Run
 from saelab.run.session import Session
 from saelab.sae import base as sae_lib
+from saelab.train.checkpoint import latest_checkpoint
 from saelab.train.distributed import DistInfo
+from saelab.train.log import TENSORBOARD_DIR
 from saelab.train.trainer import TrainResult, train_many
 
 SAE_DIR = "sae"
@@ -26,6 +35,67 @@ TRAIN_LOG = "train_log.jsonl"
 CHECKPOINTS = "checkpoints"
 READS = ("collect",)
 """The stages whose artifacts train reads."""
+
+STAGING = ".train.tmp"
+"""Inside an SAE folder: what the training in progress writes, until it succeeds."""
+
+
+@dataclass(frozen=True)
+class SAEFolder:
+    """One SAE's folder, and where the training in progress writes its log and checkpoints."""
+
+    path: Path
+
+    @property
+    def staging(self) -> Path:
+        return self.path / STAGING
+
+    @property
+    def log(self) -> Path:
+        """The log the training in progress writes."""
+        return self.staging / TRAIN_LOG
+
+    @property
+    def checkpoints(self) -> Path:
+        """The checkpoints the training in progress writes."""
+        return self.staging / CHECKPOINTS
+
+    @property
+    def finished_checkpoints(self) -> Path:
+        """The last finished training's checkpoints (where `--train.resume` looks when `checkpoints` has none)."""
+        return self.path / CHECKPOINTS
+
+    def prepare(self, resume: bool) -> None:
+        """Before training (rank 0): keep a stopped training's staging folder when resuming it from one of its
+        checkpoints; otherwise start an empty one, holding a copy of the finished training's log when resuming
+        from that training's checkpoints."""
+        if resume and latest_checkpoint(self.checkpoints) is not None:
+            return
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir(parents=True)
+        if resume and latest_checkpoint(self.finished_checkpoints) is not None:
+            for name in (TRAIN_LOG, TENSORBOARD_DIR):
+                if (self.path / name).is_dir():
+                    shutil.copytree(self.path / name, self.staging / name)
+                elif (self.path / name).exists():
+                    shutil.copy2(self.path / name, self.staging / name)
+        else:  # a fresh training's checkpoints (none with checkpoint_every 0) replace the old ones
+            self.checkpoints.mkdir()
+
+    def commit(self) -> None:
+        """After the training succeeded: move what it wrote into the SAE folder, replacing the previous
+        training's log, events and checkpoints."""
+        for entry in sorted(self.staging.iterdir()):
+            target = self.path / entry.name
+            if target.is_dir():
+                old = self.path / f".{entry.name}.old"
+                shutil.rmtree(old, ignore_errors=True)
+                target.rename(old)
+                entry.rename(target)
+                shutil.rmtree(old)
+            else:
+                entry.replace(target)
+        self.staging.rmdir()
 
 
 def variant_dir(i: int, text: str) -> str:
@@ -65,14 +135,15 @@ def stage_train(s: Session) -> None:
     collected = CollectRecord.of(s.run)
     data = collected.training_data(s.folder)
     cfgs = [s.cfg.train, *s.cfg.train.variant_configs()]
-    folders = [s.folder / SAE_DIR] + [
-        s.folder / variant_dir(i, v) for i, v in enumerate(s.cfg.train.variants)
+    folders = [SAEFolder(s.folder / SAE_DIR)] + [
+        SAEFolder(s.folder / variant_dir(i, v)) for i, v in enumerate(s.cfg.train.variants)
     ]
 
     def fit() -> list[TrainResult]:
         return train_many(
             data, cfgs, s.cfg.seed, collected.hookpoint, s.cfg.model.name,
-            [f / TRAIN_LOG for f in folders], [f / CHECKPOINTS for f in folders],
+            [f.log for f in folders], [f.checkpoints for f in folders],
+            previous_checkpoint_dirs=[f.finished_checkpoints for f in folders],
         )  # fmt: skip
 
     if (
@@ -81,15 +152,16 @@ def stage_train(s: Session) -> None:
         fit()
         return
     with s.run.stage("train", {"train": to_dict(s.cfg.train)}, READS) as rec:
-        for folder in folders:
-            folder.mkdir(parents=True, exist_ok=True)
+        for folder, cfg in zip(folders, cfgs, strict=True):
+            folder.prepare(cfg.resume)
         summaries = []
         for folder, result in zip(folders, fit(), strict=True):
-            sae_lib.save(result.sae, folder)
-            rec["outputs"] += [str(p.relative_to(s.folder)) for p in sae_lib.saved_files(folder)]
+            sae_lib.save(result.sae, folder.path)
+            folder.commit()
+            rec["outputs"] += [str(p.relative_to(s.folder)) for p in sae_lib.saved_files(folder.path)]
             summaries.append(
                 {
-                    "folder": str(folder.relative_to(s.folder)),
+                    "folder": str(folder.path.relative_to(s.folder)),
                     "steps": result.steps,
                     "tokens": result.tokens,
                     "final_loss": result.final_loss,

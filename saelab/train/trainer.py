@@ -47,6 +47,7 @@ from saelab.train.checkpoint import (
 )
 from saelab.train.distributed import DistInfo
 from saelab.train.log import TrainLog, check_sinks
+from saelab.train.memory import shortfall
 from saelab.train.resample import ResampleEvent, Resampler, make_resampler
 
 __all__ = [
@@ -162,13 +163,17 @@ def train_many(
     log_paths: Sequence[Path | None] | None = None,
     checkpoint_dirs: Sequence[Path | None] | None = None,
     step_hook: StepHook | None = None,
+    previous_checkpoint_dirs: Sequence[Path | None] | None = None,
 ) -> list[TrainResult]:
     """Train one SAE per config on the SAME stream of batches: each batch is read (or, streaming from a store,
     loaded and shuffled) once and every SAE takes a step on it. So a sweep over architectures, widths, k or lr
     costs one pass over the activations; SAEs trained together equal the same SAEs trained alone.
 
     The configs must agree on what shapes the stream (batch_size, epochs, stream_buffer_rows). `log_paths` and
-    `checkpoint_dirs` give each SAE its own log and checkpoints (as `train`)."""
+    `checkpoint_dirs` give each SAE its own log and checkpoints (as `train`); `previous_checkpoint_dirs` are where
+    `resume` looks when a checkpoint folder holds none (the train stage keeps the last finished training's
+    checkpoints there until a new one succeeds). SAEs that cannot fit in the device's memory are refused before
+    any is built (`memory.shortfall`)."""
     if not cfgs:
         raise TrainError("no SAE to train: give at least one TrainConfig")
     stream = {(c.batch_size, c.epochs, c.stream_buffer_rows) for c in cfgs}
@@ -186,10 +191,15 @@ def train_many(
     source = as_source(data, cfgs[0])
     dist = DistInfo.current()
     _check_batches(source, cfgs[0], dist)
-    trainers = [_Trainer(source, c, seed, sae_config(c, source.d_in, hookpoint, model), dist) for c in cfgs]
-    for trainer, folder in zip(trainers, checkpoint_dirs, strict=True):
+    sae_cfgs = [sae_config(c, source.d_in, hookpoint, model) for c in cfgs]
+    device = source.head(1).device
+    if why := shortfall(sae_cfgs, cfgs[0].batch_size // dist.world, device, [c.expansion for c in cfgs]):
+        raise TrainError(why)
+    trainers = [_Trainer(source, c, seed, sae_cfg, dist) for c, sae_cfg in zip(cfgs, sae_cfgs, strict=True)]
+    previous = list(previous_checkpoint_dirs) if previous_checkpoint_dirs is not None else [None] * len(cfgs)
+    for trainer, folder, before in zip(trainers, checkpoint_dirs, previous, strict=True):
         if folder is not None:
-            trainer.start_from(folder)
+            trainer.start_from(folder, before)
     if len({t.step for t in trainers}) > 1:
         steps = ", ".join(f"{t.sae.architecture}: {t.step}" for t in trainers)
         raise TrainError(
@@ -475,9 +485,12 @@ class _Trainer:
                 "data, or start afresh without --train.resume"
             )
 
-    def start_from(self, checkpoint_dir: Path) -> None:
-        """Restore the last checkpoint (resume) or clear old ones (a fresh run)."""
+    def start_from(self, checkpoint_dir: Path, previous: Path | None = None) -> None:
+        """Restore the last checkpoint of `checkpoint_dir`, else of `previous` (resume), or clear old ones in
+        `checkpoint_dir` (a fresh run)."""
         last = latest_checkpoint(checkpoint_dir) if self.cfg.resume else None
+        if last is None and self.cfg.resume and previous is not None:
+            last = latest_checkpoint(previous)
         if last is not None:
             try:
                 self.load_state_dict(load_checkpoint(last, self.device), last)
