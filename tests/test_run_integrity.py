@@ -195,7 +195,7 @@ def test_a_bad_corpus_line_is_named_and_the_run_is_kept(
     corpus = tmp_path / "corpus.jsonl"
     lines = [json.dumps({"text": "the cat sat"}), '{"text": null}', json.dumps({"text": "a dog"})]
     corpus.write_text("\n".join(lines) + "\n")
-    message = ":2: field 'text' is null, not a string"
+    message = ":2: field 'text' is null (null), not a string"
     before = manifest(run)
     windows = (run / "data" / "windows.npz").read_bytes()
     assert main([*collect_args(run, tiny_model_dir, corpus), "--force"]) == 1
