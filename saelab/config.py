@@ -497,6 +497,9 @@ class SampleConfig:
     """Latents to study, spread over firing frequencies."""
     latents: tuple[int, ...] = ()
     """Study these latents instead (ids); one that cannot be sampled is skipped with its reason."""
+    latents_from: str = ""
+    """Study the latents another run studied (its run folder: the ids of its samples/samples.json), so a
+    before/after comparison is made on the same latents; not together with `sample.latents`."""
     example_ctx_len: int = 32
     """Tokens per example (windows are cut into non-overlapping examples of this length)."""
     min_examples: int = 16
@@ -520,6 +523,10 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         _check(self.n_latents > 0, "sample.n_latents must be > 0")
+        _check(
+            not (self.latents and self.latents_from),
+            "sample.latents and sample.latents_from name the latents twice; give one of them",
+        )
         _check(self.example_ctx_len >= 4, "sample.example_ctx_len must be >= 4")
         _check(self.n_examples_train > 0 and self.n_examples_test > 0, "sample example counts must be > 0")
         _check(self.n_quantiles > 0, "sample.n_quantiles must be > 0")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -490,3 +491,33 @@ def test_report_sections_of_the_issue(run_dir: Path, tmp_path: Path) -> None:
     assert "peak RSS (MiB)" in md.split("## Time, memory and tokens per stage")[1]
     for name in ("feature_density", "scores", "score_distributions"):
         assert (copy / "plots" / f"{name}.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_sample_latents_from_another_run(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--sample.latents-from RUN` studies the latents RUN studied (a like-for-like before/after); a folder
+    without samples is one error line."""
+    from saelab.latents.sampling import SampleSet
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    wanted = [le.latent for le in SampleSet.load_run(run_dir).latents]
+    assert main(["sample", "--run-dir", str(copy), *SMALL["sample"], "--sample.n-latents", "1",
+                 "--sample.latents-from", str(run_dir), "--force"]) == 0  # fmt: skip
+    assert [le.latent for le in SampleSet.load_run(copy).latents] == wanted
+    assert json.loads((copy / "manifest.json").read_text())["stages"]["sample"]["latents_from"] == str(
+        run_dir
+    )
+    capsys.readouterr()
+    args = [
+        "sample",
+        "--run-dir",
+        str(copy),
+        *SMALL["sample"],
+        "--force",
+        "--sample.latents-from",
+        str(tmp_path),
+    ]
+    assert main(args) == 1
+    assert "holds no samples/samples.json" in error_line(capsys.readouterr().err)

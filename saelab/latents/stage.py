@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,7 +28,7 @@ from saelab.latents.build import (
     chunks_from_store,
 )
 from saelab.latents.cache import LATENTS, MANIFEST, STATS, TOKENS, CacheError, LatentCache
-from saelab.latents.sampling import sample
+from saelab.latents.sampling import SAMPLES, SampleError, SampleSet, sample
 from saelab.models.loading import LoadedModel
 from saelab.run.session import Session
 from saelab.train.stage import load_run_sae, run_sae_sha256
@@ -107,6 +109,15 @@ def eval_chunks(
             return
 
 
+def _latents_of(run_folder: Path) -> tuple[int, ...]:
+    """The latents another run's sample stage studied (`--sample.latents-from`)."""
+    if not (run_folder / SAMPLES).is_file():
+        raise SampleError(
+            f"--sample.latents-from {run_folder}: it holds no {SAMPLES}; name a run folder whose sample stage ran"
+        )
+    return tuple(le.latent for le in SampleSet.load_run(run_folder).latents)
+
+
 def stage_sample(s: Session) -> None:
     """Example sets for `sample.n_latents` latents of the cache (see `saelab.latents.sampling`); asking for more
     latents than are eligible studies all of them, with a warning naming how many there were."""
@@ -125,6 +136,8 @@ def stage_sample(s: Session) -> None:
 
         embed = Embedder().embed
     cfg = s.cfg.sample
+    if cfg.latents_from:  # recorded as the ids it named, beside the run they came from
+        cfg = replace(cfg, latents=_latents_of(Path(cfg.latents_from)), latents_from="")
     with s.run.stage("sample", {"sample": to_dict(cfg)}, SAMPLE_READS) as rec:
         samples = sample(cache, windows.tokens, token_str, cfg, s.cfg.seed, embed)
         eligible = cache.d_sae - samples.n_ineligible
@@ -135,4 +148,6 @@ def stage_sample(s: Session) -> None:
                 cfg.n_latents, eligible, cfg.min_examples, eligible,
             )  # fmt: skip
         rec["outputs"].append(samples.save_run(s.folder))
+        if s.cfg.sample.latents_from:
+            rec["latents_from"] = s.cfg.sample.latents_from
         rec.update(samples.summary())

@@ -268,7 +268,7 @@ def _latent_sets(doc: Doc, names: list[str], scores: list[dict[Key, dict[int, di
             for n, s in differ
         )
         + ". Every delta below uses only the latents both runs of a pair scored; for a like-for-like comparison "
-        "sample the runs on the same latents (`--sample.latents`)."
+        "sample the later run on the first run's latents (`saelab sample --sample.latents-from RUN`)."
     )
 
 

@@ -253,8 +253,8 @@ def _interp_section(run: Run, doc: Doc, plots: PlotDir) -> list[Path]:
         + f". Failed explanations (not scored, counted): {summary.get('failed_explanations', 0)}."
         + (
             f" Failed judgements (excluded from the metrics, counted): {summary['failed_requests']} requests the "
-            f"LLM did not answer (running `saelab score` again asks only these), {summary['unparseable_answers']} "
-            "answers that were no judgement."
+            f"LLM did not answer and {summary['unparseable_answers']} answers that were no judgement (running "
+            "`saelab score` again asks only these two kinds again)."
             if "failed_requests" in summary
             else ""
         )
