@@ -32,6 +32,7 @@ import pytest
 from test_pipeline import run_stages
 
 from saelab.cli import main
+from saelab.latents.sampling import SampleSet
 
 ROOT = Path(__file__).resolve().parent.parent
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -201,10 +202,11 @@ def test_explain_and_detection_through_the_cli(llama: LlamaCppServer, sampled: P
         records = [
             json.loads(line) for line in (run / "explain" / "explanations.jsonl").read_text().splitlines()
         ]
-        assert len(records) == 4 and all(r["model"] for r in records)
+        n = len(SampleSet.load_run(run).latents)  # the latents SMALL's sample chose (one explanation each)
+        assert n >= 2 and len(records) == n and all(r["model"] for r in records)
         assert all(r["prompt_tokens"] > 100 for r in records), "usage fields of the server are recorded"
         # every request the stages made reached the server and was answered (none cut off under concurrency)
-        assert rec_e["llm_calls"] == 4 and rec_e["llm_cache_hits"] == 0
+        assert rec_e["llm_calls"] == n and rec_e["llm_cache_hits"] == 0
         n_ok = sum(r["ok"] for r in records)
         assert rec_s["llm_calls"] == n_ok * 8  # 4 test + 4 non-activating examples per explanation
         assert asked == rec_e["llm_calls"] + rec_s["llm_calls"]
@@ -217,7 +219,7 @@ def test_explain_and_detection_through_the_cli(llama: LlamaCppServer, sampled: P
         assert explain(run, llama.url, "--force") == 0
         assert main(["score", "--run-dir", str(run), *SCORE, *llm_args(llama.url)]) == 0
         rec_e2, rec_s2 = stage_record(run, "explain"), stage_record(run, "score")
-        assert (rec_e2["llm_cache_hits"], rec_e2["llm_calls"]) == (n_ok, 4 - n_ok)
+        assert (rec_e2["llm_cache_hits"], rec_e2["llm_calls"]) == (n_ok, n - n_ok)
         n_ok2 = sum(
             json.loads(line)["ok"]
             for line in (run / "explain" / "explanations.jsonl").read_text().splitlines()
