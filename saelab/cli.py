@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import logging
 import os
 import sys
@@ -453,9 +454,13 @@ def _check_run_flags(args: Any, cfg: RunConfig) -> None:
     if not isinstance(args, TrainArgs):
         return
     recorded = Run.open(cfg.run_dir).data.get("config", {})
+    free = {"model": ("threads", "device"), "collect": ("resume", "format")}  # may differ from the run's
     for name in ("model", "data", "collect"):
         given = getattr(cfg, name)
-        if given != type(given)() and name in recorded and to_dict(given) != recorded[name]:
+        if given == type(given)() or name not in recorded:
+            continue
+        now = json.loads(json.dumps({k: v for k, v in to_dict(given).items() if k not in free.get(name, ())}))
+        if any(recorded[name].get(k) != v for k, v in now.items()):
             raise SystemExit(
                 f"saelab: error: {cfg.run_dir} was collected with other --{name}.* settings; they only start a "
                 "new streamed run (in a folder that holds no run): leave them out, or use a new --run-dir"

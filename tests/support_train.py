@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -95,3 +96,42 @@ def ddp_worker(rank: int, world: int, port: int, folder: str, cfgs: list[TrainCo
             torch.save(result.sae.state_dict(), out / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def stream_ddp_worker(rank: int, world: int, port: int, folder: str, model_dir: str, corpus: str) -> None:
+    """One data-parallel rank training a TopK SAE on activations streamed from its own share of `corpus`; saves
+    the batches it trained on (with their rows' documents), its first block's rows and its SAE to
+    `folder`/rank{rank}.pt."""
+    import torch.distributed as dist
+
+    from saelab.activations.onthefly import StreamSource
+    from saelab.config import DataConfig
+    from saelab.models.loading import load_model
+    from saelab.train.trainer import train_many
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        lm = load_model(model_dir)
+        data = DataConfig(dataset=corpus, ctx_len=32, eval_fraction=0.1)
+        source = StreamSource(lm, data, 0, ["model.layers.1"], 2048, 128, 512, 4, part=(rank, world))
+        batches, docs = [], []
+        epoch = source.epoch
+
+        def recording(*args: Any, **kwargs: Any) -> Any:
+            for batch in epoch(*args, **kwargs):
+                batches.append(batch.clone())
+                docs.append(torch.from_numpy(source.batch_docs.copy()))
+                yield batch
+
+        source.epoch = recording  # type: ignore[method-assign]
+        result = train_many(source, [STREAM_DDP_CFG], 0)[0]
+        out = {"batches": batches, "docs": docs, "first": source.head(65536), "sae": result.sae.state_dict()}
+        torch.save(out, Path(folder) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+STREAM_DDP_CFG = TrainConfig(
+    expansion=2, k=4, lr=3e-3, batch_size=128, epochs=2, stream_buffer_rows=512, checkpoint_every=0
+)

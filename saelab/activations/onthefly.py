@@ -128,6 +128,10 @@ class StreamSource:
         self._leftover: tuple[list[torch.Tensor], np.ndarray] | None = None
         self._lead: tuple[StreamPosition, int] = (StreamPosition(), 0)
         self._pending_drop = 0
+        self._left = 0
+        """Batches of the current block not yet handed out."""
+        self.batch_docs = np.zeros(0, dtype=np.int64)
+        """The corpus index of the document of each row of the last batch handed out (for tests and checks)."""
         self._quiet_block: int | None = None
         """A resumed block, refilled: its record is in the log already."""
         self.d_ins = [hookpoint_width(lm, hp) for hp in self.hookpoints]
@@ -152,8 +156,11 @@ class StreamSource:
         return block.slots[h][ids]
 
     def state(self) -> dict[str, Any]:
-        """For a checkpoint: where the block being trained on begins."""
+        """For a checkpoint: where the block being trained on begins, or once its last batch is out, where the
+        next one begins (the stream stands there: blocks are filled when their first batch is asked for)."""
         start = self._current_start or _BlockStart(0, StreamPosition(), 0)
+        if self._current is not None and self._left == 0:
+            start = _BlockStart(start.index + 1, *self._lead)
         return start.to_state()
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -182,20 +189,24 @@ class StreamSource:
         One number is drawn from `gen` per epoch, whatever `start` is; block b is permuted by a generator seeded
         from it and b."""
         epoch_seed = int(torch.randint(2**62, (1,), generator=gen))
-        per_block = self.block_rows // self.batch_rows
-        first, skip = divmod(start, per_block)
-        if first >= self.n_blocks:
+        if start >= self.steps_per_epoch:
             return
+        first, skip = divmod(start, self.block_rows // self.batch_rows)
         if first > 0 or self._first is None:
-            self._restart(first, resumed=start > 0)
+            # a block resumed within has its record in the log; one resumed at its start does not (the log
+            # keeps the records before the step resumed from)
+            self._restart(first, resumed=skip > 0)
         for b in range(first, self.n_blocks):
             rows = min(self.block_rows, self.epoch_rows - b * self.block_rows)
             block = self._take_first() if b == 0 and self._first is not None else self._fill(b, rows)
             self._current = block
             perm = torch.randperm(rows, generator=torch.Generator().manual_seed(epoch_seed + b))
             perm = perm.to(self.device)
-            for j in range(skip if b == first else 0, rows // self.batch_rows):
+            n_batches = rows // self.batch_rows
+            for j in range(skip if b == first else 0, n_batches):
                 ids = perm[j * self.batch_rows : (j + 1) * self.batch_rows]
+                self._left = n_batches - j - 1
+                self.batch_docs = block.docs[ids.cpu().numpy()]
                 batch = tuple(s[ids] for s in block.slots)
                 yield batch if len(batch) > 1 else batch[0]
         self._current = None
