@@ -461,9 +461,10 @@ class EvalConfig:
 class CacheConfig:
     """Sparse latent cache: the SAE's latents over `n_tokens` tokens of one split, built in bounded memory."""
 
-    dataset_split: Literal["train", "eval"] = "train"
+    dataset_split: Literal["auto", "train", "eval"] = "auto"
     """`train`: the activations `collect` stored (no model forward); `eval`: the held-out windows, run through
-    the subject model again (examples then come from text the SAE never trained on)."""
+    the subject model again (examples then come from text the SAE never trained on); `auto`: `train`, or `eval`
+    on a streamed run (`collect.format stream`), which stores no training activations."""
     n_tokens: int = 0
     """Tokens to cache (kept positions only); 0 takes every token of the split. Asking for more than the split
     holds is an error that names how many it holds (no silent cap)."""

@@ -220,6 +220,19 @@ def test_a_corpus_that_runs_out_mid_training_says_how_much_it_held(
     assert (run / "data" / "windows.npz").exists()  # the held-out windows collect kept are still there
 
 
+def test_a_bfloat16_model_feeds_float32_rows_to_a_float32_sae(
+    tiny_model_dir: Path, corpus_file: Path
+) -> None:
+    lm16 = load_model(str(tiny_model_dir), dtype="bfloat16")
+    assert next(lm16.model.parameters()).dtype == torch.bfloat16
+    source = StreamSource(lm16, data_cfg(corpus_file), 0, ["model.layers.1"], 1024, 128, 512, 4)
+    assert source.head(8).dtype == torch.float32
+    cfg = TrainConfig(expansion=2, k=4, batch_size=128, epochs=1, stream_buffer_rows=512, checkpoint_every=0)
+    result = train_many(source, [cfg], 0)[0]
+    assert all(p.dtype == torch.float32 for p in result.sae.parameters())
+    assert result.steps == 8 and np.isfinite(result.final_loss)
+
+
 @pytest.mark.bad_input
 def test_stream_source_refuses_a_buffer_smaller_than_a_batch(lm, corpus_file: Path) -> None:
     with pytest.raises(ActivationError, match="stream_buffer_rows 100 is smaller than one batch of 128"):
@@ -277,3 +290,34 @@ def test_ddp_ranks_stream_disjoint_documents_and_match_one_process(
     single = train_many(Replay(ranks[0]["first"], joined, 2048), [STREAM_DDP_CFG], 0)[0].sae.state_dict()
     for name, value in single.items():
         torch.testing.assert_close(ranks[0]["sae"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.bad_input
+def test_streamed_runs_refuse_a_glob_matching_nothing(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--model.name", str(tiny_model_dir), "--data.dataset", str(tmp_path / "shards" / "*.parquet")]
+    assert main(["train", "--run-dir", str(tmp_path / "r"), *args]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("saelab: DataError: glob ") and "matches no files" in err, err
+
+
+@pytest.mark.bad_input
+def test_ids_beyond_the_vocabulary_deep_in_a_streamed_corpus_stop_training_naming_the_rows(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The held-out windows come from the corpus's first rows; the bad id is met by the training stream, after
+    steps were taken: one line naming the file and rows, and no SAE saved."""
+    ids = np.random.default_rng(0).integers(3, 40, size=(6000, 16))
+    ids[4100, 5] = 10**6
+    np.save(tmp_path / "ids.npy", ids)
+    args = streamed_args(tiny_model_dir, tmp_path / "ids.npy")
+    args[args.index("6144")] = "80000"
+    args[args.index("1024")] = "4096"
+    args[args.index("--train.batch-size") + 1] = "512"
+    assert main(["train", "--run-dir", str(tmp_path / "r"), *args]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(r"saelab: DataError: .*ids\.npy \(rows 4096-5999\).*1000000.*", err), err
+    log = (tmp_path / "r" / "sae" / ".train.tmp" / "train_log.jsonl").read_text().splitlines()
+    assert len(log) > 10  # training had gone on before the stream met the row
+    assert not (tmp_path / "r" / "sae" / "sae.safetensors").exists()

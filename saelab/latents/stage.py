@@ -17,7 +17,7 @@ import torch
 
 from saelab.activations.stage import ACTS, STORE, CollectRecord
 from saelab.activations.store import ActivationStore, iter_window_batches
-from saelab.config import to_dict
+from saelab.config import CacheConfig, to_dict
 from saelab.data.windows import TokenWindows
 from saelab.latents.build import (
     CacheProgress,
@@ -47,9 +47,11 @@ def stage_cache(s: Session) -> None:
     `--cache.resume` continues a killed build from its last spilled run."""
     s.start("cache", CACHE_READS)
     sae = load_run_sae(s.run)
-    c = s.cfg.cache
+    c = _resolved(s.cfg.cache, CollectRecord.of(s.run))
     windows = TokenWindows.load_run(s.folder)
-    chunks = _cache_chunks(s, windows)  # refuses more tokens than the split holds before anything is written
+    chunks = _cache_chunks(
+        s, windows, c
+    )  # refuses more tokens than the split holds before anything is written
     with s.run.stage("cache", {"cache": to_dict(c)}, CACHE_READS) as rec:
         progress = CacheProgress()
         cache = build_cache(
@@ -63,10 +65,21 @@ def stage_cache(s: Session) -> None:
         rec.update(resumed_tokens=progress.resumed_tokens, encoded_chunks=progress.encoded_chunks)
 
 
-def _cache_chunks(s: Session, windows: TokenWindows) -> Callable[[int], Iterator[Chunk]]:
+def _resolved(c: CacheConfig, collected: CollectRecord) -> CacheConfig:
+    """`cache.dataset_split auto` made `train` or `eval`; `train` refused on a streamed run."""
+    if c.dataset_split == "auto":
+        return replace(c, dataset_split="eval" if collected.streamed else "train")
+    if c.dataset_split == "train" and collected.streamed:
+        raise CacheError(
+            "--cache.dataset-split train needs stored training activations, and this run streamed them "
+            "(collect.format stream); cache the held-out windows with --cache.dataset-split eval"
+        )
+    return c
+
+
+def _cache_chunks(s: Session, windows: TokenWindows, c: CacheConfig) -> Callable[[int], Iterator[Chunk]]:
     """The cached split's activations in chunks from a token on: collect's artifacts for `train`, the model
     for `eval`."""
-    c = s.cfg.cache
     collected = CollectRecord.of(s.run)
     if c.dataset_split == "train":
         if collected.n_tokens:  # a collect record of an older saelab may not say

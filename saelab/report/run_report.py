@@ -103,6 +103,7 @@ def _provenance(run: Run, doc: Doc) -> None:
         [
             ["subject model", cfg.get("model", {}).get("name")],
             ["hookpoint", collect.get("hookpoint")],
+            ["training activations", _activations_line(collect, run.stages.get("train", {}))],
             ["dataset", cfg.get("data", {}).get("dataset")],
             ["seed", d.get("seed")],
             ["saelab version", d.get("saelab_version")],
@@ -110,6 +111,19 @@ def _provenance(run: Run, doc: Doc) -> None:
             ["created", d.get("created")],
             *[[f"sha256 {k}", v] for k, v in d.get("hashes", {}).items()],
         ],
+    )
+
+
+def _activations_line(collect: dict[str, Any], train: dict[str, Any]) -> str:
+    """Where the SAE's training activations came from."""
+    if collect.get("format") != "stream":
+        return f"{collect.get('n_tokens')} tokens collected and stored ({collect.get('format', 'file')})"
+    extra = collect.get("extra_hookpoints") or []
+    more = f"; further hookpoints {', '.join(extra)} from the same forwards" if extra else ""
+    rows = train.get("stream", {}).get("block_rows")
+    return (
+        f"generated on the fly: {collect.get('n_tokens')} tokens per epoch, none stored, mixed in buffers of "
+        f"{rows} rows{more}"
     )
 
 
