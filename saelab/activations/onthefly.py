@@ -200,16 +200,17 @@ class StreamSource:
             rows = min(self.block_rows, self.epoch_rows - b * self.block_rows)
             block = self._take_first() if b == 0 and self._first is not None else self._fill(b, rows)
             self._current = block
-            perm = torch.randperm(rows, generator=torch.Generator().manual_seed(epoch_seed + b))
-            perm = perm.to(self.device)
+            order = torch.randperm(rows, generator=torch.Generator().manual_seed(epoch_seed + b))
+            perm = order.to(self.device)
             n_batches = rows // self.batch_rows
             for j in range(skip if b == first else 0, n_batches):
-                ids = perm[j * self.batch_rows : (j + 1) * self.batch_rows]
+                lo, hi = j * self.batch_rows, (j + 1) * self.batch_rows
                 self._left = n_batches - j - 1
-                self.batch_docs = block.docs[ids.cpu().numpy()]
-                batch = tuple(s[ids] for s in block.slots)
+                self.batch_docs = block.docs[order[lo:hi].numpy()]
+                batch = tuple(s[perm[lo:hi]] for s in block.slots)
                 yield batch if len(batch) > 1 else batch[0]
-        self._current = None
+            self._current = None
+            del block  # before the next block is filled: one block in memory
 
     # --- filling blocks ----------------------------------------------------------------------------------
     def _first_block(self) -> _Block:
@@ -249,8 +250,11 @@ class StreamSource:
         """The next `rows` rows of the stream as block `index`; its record goes to `events` unless `logged` or
         it is a resumed block refilled."""
         self._current_start = _BlockStart(index, *self._lead)
-        slots: list[list[torch.Tensor]] = [[] for _ in self.hookpoints]
-        docs: list[np.ndarray] = []
+        block = _Block(
+            index,
+            [torch.empty(rows, d, device=self.device) for d in self.d_ins],
+            np.empty(rows, dtype=np.int64),
+        )
         have = 0
         while have < rows:
             if self._leftover is None:
@@ -258,14 +262,13 @@ class StreamSource:
             assert self._leftover is not None
             acts, doc = self._leftover
             take = min(rows - have, len(doc))
-            for h, a in enumerate(acts):
-                slots[h].append(a[:take])
-            docs.append(doc[:take])
+            for slot, a in zip(block.slots, acts, strict=True):
+                slot[have : have + take] = a[:take]
+            block.docs[have : have + take] = doc[:take]
             have += take
             position, used = self._lead
             self._lead = (position, used + take)
             self._leftover = ([a[take:] for a in acts], doc[take:]) if take < len(doc) else None
-        block = _Block(index, [torch.cat(s) for s in slots], np.concatenate(docs))
         for h, s in enumerate(block.slots):
             check_finite(s, f"streamed activations at {self.hookpoints[h]} (block {index})")
         if not logged and self._quiet_block != index:

@@ -131,11 +131,11 @@ def train_many(
     default), and `hookpoint` is then taken from the source."""
     if not cfgs:
         raise TrainError("no SAE to train: give at least one TrainConfig")
-    stream = {(c.batch_size, c.epochs, c.stream_buffer_rows) for c in cfgs}
-    if len(stream) > 1:
+    shapes = {(c.batch_size, c.epochs, c.stream_buffer_rows) for c in cfgs}
+    if len(shapes) > 1:
         raise TrainError(
             "SAEs trained together share their batches, so they need the same train.batch_size, train.epochs "
-            f"and train.stream_buffer_rows; got (batch_size, epochs, stream_buffer_rows) in {sorted(stream)}"
+            f"and train.stream_buffer_rows; got (batch_size, epochs, stream_buffer_rows) in {sorted(shapes)}"
         )
     log_paths = list(log_paths) if log_paths is not None else [None] * len(cfgs)
     checkpoint_dirs = list(checkpoint_dirs) if checkpoint_dirs is not None else [None] * len(cfgs)
