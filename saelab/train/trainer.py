@@ -1,8 +1,9 @@
 """SAE training on collected activations, for every architecture in the registry (`saelab.sae.registry`).
 
 `train(data, TrainConfig(...), seed)` returns the trained SAE (taking raw activations) and a summary; `data` is an
-activation tensor in memory or an on-disk `ActivationStore` streamed through a bounded shuffle buffer. The CLI's
-`saelab train` calls it through the pipeline. The architecture supplies its objective (`SAE.training_loss`:
+activation tensor in memory, an on-disk `ActivationStore` streamed through a bounded shuffle buffer, or a
+`StreamSource` generating activations on the fly (`saelab.activations.onthefly`). The CLI's `saelab train` calls
+it through the pipeline. One SAE's state and step are `sae_trainer.SAETrainer`; this module steps them together. The architecture supplies its objective (`SAE.training_loss`:
 reconstruction, AuxK, L1 / L0 penalty); this module holds what every architecture shares (Gao et al. 2024,
 "Scaling and evaluating sparse autoencoders", unless noted):
 - inputs scaled by one factor so that E||x||^2 = d_in; the factor is folded back on return (`fold_input_scale`),
@@ -14,8 +15,7 @@ reconstruction, AuxK, L1 / L0 penalty); this module holds what every architectur
 - Adam, 5% linear learning-rate warm-up, linear decay to 0 over the last 20% of steps; the L1 / L0 coefficient
   warms up linearly over `sparsity_warmup_fraction` of the steps (Anthropic, April 2024; Gemma Scope).
 Around that loop: optional dead-latent resampling (`resample.py`; what a reset touches is the architecture's,
-`SAE.reset_latents_`), log records every `log_every` steps
-(`train_log.py`), checkpoints every `checkpoint_every` steps that `resume=True` continues from bit-for-bit
+`SAE.reset_latents_`), log records every `log_every` steps (`log.py`), checkpoints every `checkpoint_every` steps that `resume=True` continues from bit-for-bit
 (`checkpoint.py`), and data-parallel training when a torch.distributed process group is initialised
 (`distributed.py`).
 """
