@@ -57,12 +57,12 @@ LISTEN_BACKLOG = 1024
 """Connections the kernel holds for the accept loop (http.server's 5 drops the rest of a burst; clients retry
 their SYN only after 1 s, 3 s, 7 s)."""
 MAX_CONNECTIONS = 256
+"""Connections served at once, a thread each; more wait in the listen queue."""
 PAGE_WORKERS = 2
 """Pages computed at once. Connection threads queue their pages for these workers in arrival order: with a thread
 per connection computing its own page, the GIL's handover starved some of 200 clients past 10 s (BENCHMARKS.md).
 A page is mostly Python under the GIL (JSON, templates), so more workers only contend: 2 served 200 clients at
 144 pages/s, 4 at 113, 8 at 101."""
-"""Connections served at once, a thread each; more wait in the listen queue."""
 IDLE_TIMEOUT_S = 30.0
 """A keep-alive connection silent this long is closed (and its thread ends)."""
 
@@ -153,9 +153,9 @@ class BrowserServer(ThreadingHTTPServer):
         self.app = app
         self.slots = threading.BoundedSemaphore(max_connections)
         self.waiting = threading.Event()
+        """Set while a connection waits for a slot."""
         self.pages = ThreadPoolExecutor(page_workers, thread_name_prefix="saelab-page")
         """Computes the pages, first come first served."""
-        """Set while a connection waits for a slot."""
         super().__init__((host, port), handler)
         bound, bound_port = str(self.server_address[0]), int(self.server_address[1])
         self.access = Access.for_bind(host, bound, bound_port, token)
