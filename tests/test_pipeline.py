@@ -172,7 +172,7 @@ def test_help_is_generated_from_the_config(command: str, capsys: pytest.CaptureF
     out = capsys.readouterr().out
     assert "--run-dir" in out
     if command == "train":
-        assert "Active latents per token" in out  # the field's docstring in config.py
+        assert "Active latents per token" in out  # the field's docstring in saelab/config/train.py
 
 
 def test_sharded_store_and_variants_trained_in_one_pass(
