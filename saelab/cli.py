@@ -12,6 +12,7 @@ saelab serve RUN [RUN ...]                   the feature browser on http://127.0
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -40,6 +41,7 @@ from saelab.config import (
     ScoreConfig,
     ServeConfig,
     TrainConfig,
+    to_dict,
 )
 from saelab.train.distributed import init_from_env
 
@@ -78,9 +80,18 @@ class CollectArgs(_RunArgs):
 
 @dataclass(frozen=True)
 class TrainArgs(_RunArgs):
-    """Train the SAE on the run's collected activations."""
+    """Train the SAE on the run's collected activations; in a folder that holds no run, start a streamed run: the
+    model runs over the corpus and the SAE trains on its activations as they come (nothing stored)."""
 
     train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+    """A new streamed run only: seed for data splits, initialisation and sampling."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """A new streamed run only (a collected run trains on the model it was collected with)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """A new streamed run only (a collected run trains on its own data)."""
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    """A new streamed run only: hookpoint(s), tokens per epoch, windows per forward; `format` becomes stream."""
 
 
 @dataclass(frozen=True)
@@ -383,7 +394,16 @@ def _dispatch(args: Any) -> int:
     if name == "demo":
         pipeline.run_all(cfg, force=args.force)
     else:  # the run's lock is held from the stage's checks to its manifest update
-        with pipeline.stage_session(cfg, name, new=name == "collect", force=args.force) as session:
+        new_stream = name == "train" and not _holds_run(Path(cfg.run_dir))
+        if new_stream:
+            cfg = _streamed(cfg)
+        else:
+            _check_run_flags(args, cfg)
+        new = name == "collect" or new_stream
+        with pipeline.stage_session(cfg, "collect" if new else name, new=new, force=args.force) as session:
+            if new_stream:  # one session: the model is loaded once for both stages
+                pipeline.STAGES["collect"](session)
+                session.announce("train")
             if name == "report":
                 pipeline.stage_report(session)
             elif name == "train":
@@ -400,6 +420,46 @@ def _dispatch(args: Any) -> int:
             "%s done in %.1fs; artifacts in %s", name, time.perf_counter() - start, cfg.run_dir
         )
     return 0
+
+
+def _holds_run(folder: Path) -> bool:
+    from saelab.run.manifest import Run, RunError
+
+    try:
+        Run.open(folder)
+    except RunError:
+        return False
+    return True
+
+
+def _streamed(cfg: RunConfig) -> RunConfig:
+    """`saelab train` on a folder that holds no run: a streamed run (`collect.format stream`)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit(
+            f"saelab: error: {cfg.run_dir} holds no run; under torchrun start the streamed run first with "
+            f"`saelab collect --run-dir {cfg.run_dir} --collect.format stream`, then train"
+        )
+    logging.getLogger("saelab").info(
+        "%s holds no run: a streamed run (the model runs over the corpus as the SAE trains)", cfg.run_dir
+    )
+    return dataclasses.replace(cfg, collect=dataclasses.replace(cfg.collect, format="stream"))
+
+
+def _check_run_flags(args: Any, cfg: RunConfig) -> None:
+    """A later stage reads model, data and collect settings from the run: refuse flags for them that differ
+    from the run's, rather than ignore them."""
+    from saelab.run.manifest import Run
+
+    if not isinstance(args, TrainArgs):
+        return
+    recorded = Run.open(cfg.run_dir).data.get("config", {})
+    for name in ("model", "data", "collect"):
+        given = getattr(cfg, name)
+        if given != type(given)() and name in recorded and to_dict(given) != recorded[name]:
+            raise SystemExit(
+                f"saelab: error: {cfg.run_dir} was collected with other --{name}.* settings; they only start a "
+                "new streamed run (in a folder that holds no run): leave them out, or use a new --run-dir"
+            )
 
 
 def _train_distributed(session: Any) -> bool:

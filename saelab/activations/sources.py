@@ -17,6 +17,7 @@ class BatchSource(Protocol):
 
     n_rows: int
     d_in: int
+    device: torch.device
 
     def head(self, n: int) -> torch.Tensor:
         """The first `n` rows, for the input scale."""
@@ -57,6 +58,7 @@ class TensorSource:
     def __init__(self, acts_ND: torch.Tensor) -> None:
         self.acts_ND = acts_ND
         self.n_rows, self.d_in = acts_ND.shape
+        self.device = acts_ND.device
 
     def head(self, n: int) -> torch.Tensor:
         return self.acts_ND[:n]

@@ -82,10 +82,16 @@ class CollectConfig:
     """Windows per forward pass."""
     store_dtype: Literal["float32", "float16"] = "float32"
     """On-disk dtype of the activations."""
-    format: Literal["file", "store"] = "file"
+    format: Literal["file", "store", "stream"] = "file"
     """`file`: one safetensors file, loaded whole for training. `store`: sharded safetensors written shard by
     shard (memory holds one shard) and streamed to the trainer through a shuffle buffer of
-    `train.stream_buffer_rows` rows; for more tokens than fit in memory."""
+    `train.stream_buffer_rows` rows; for more tokens than fit in memory. `stream`: nothing stored; `train` runs
+    the model over the streamed corpus and trains on the activations as they come, through a mixing buffer of
+    `train.stream_buffer_rows` rows (collect keeps only the held-out windows); for runs of any size, and the
+    format `saelab train` picks in a folder that holds no run."""
+    extra_hookpoints: tuple[str, ...] = ()
+    """With `format stream`: further hookpoints (e.g. `layers.6 layers.20`) whose SAEs train from the same
+    forwards as the first one's, saved under `sae-hookpoints/<hookpoint>/`."""
     shard_rows: int = 65_536
     """Rows per shard: of the store, and of the pieces a `file` collect is written in before they are joined."""
     resume: bool = False

@@ -51,6 +51,7 @@ __all__ = [
     "TokenWindows",
     "build_windows",
     "iter_documents",
+    "read_held_out",
     "read_windows",
 ]
 
@@ -123,17 +124,43 @@ def build_windows(
 
 def read_windows(cfg: DataConfig, tokenizer: Any, seed: int, n_train_tokens: int | None = None) -> CorpusRead:
     """`build_windows`, with what was read."""
+    budget = _Budget(n_train_tokens, cfg.min_eval_windows, cfg.eval_fraction) if n_train_tokens else None
+    packer, n_docs, exhausted = _read(cfg, tokenizer, seed, budget)
+    if exhausted:
+        _check_exhausted(cfg, packer, budget, n_docs)
+    n_held = sum(held_out(seed, i, cfg.eval_fraction) for i in range(n_docs))
+    return CorpusRead(packer.windows(), n_docs, n_held, packer.tokens, exhausted)
+
+
+def read_held_out(cfg: DataConfig, tokenizer: Any, seed: int) -> CorpusRead:
+    """The held-out windows alone, `data.min_eval_windows` of them (a run whose training windows are streamed,
+    `saelab.data.stream`): the training documents are passed over without tokenising."""
+    budget = _Budget(0, cfg.min_eval_windows, cfg.eval_fraction)
+    packer, n_docs, exhausted = _read(cfg, tokenizer, seed, budget)
+    if exhausted and packer.n_windows[True] == 0:
+        raise DataError(
+            f"dataset {cfg.dataset!r} gives no held-out window: the held-out documents among its {n_docs} "
+            f"documents (eval_fraction {cfg.eval_fraction}) hold fewer than {cfg.ctx_len} tokens; raise "
+            "--data.eval-fraction, lower --data.ctx-len or use a larger corpus"
+        )
+    if exhausted:
+        log.warning(
+            "the corpus ended with %d held-out windows, fewer than the %d of --data.min-eval-windows",
+            packer.n_windows[True],
+            cfg.min_eval_windows,
+        )
+    n_held = sum(held_out(seed, i, cfg.eval_fraction) for i in range(n_docs))
+    return CorpusRead(packer.windows(), n_docs, n_held, packer.tokens, exhausted)
+
+
+def _read(cfg: DataConfig, tokenizer: Any, seed: int, budget: _Budget | None) -> tuple[_Packer, int, bool]:
+    """Pack documents until `budget` is met (or the corpus ends): the packer, the documents read, and whether
+    the corpus ended first."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no EOS token to separate documents")
     packer = _Packer(cfg, eos, sorted(set(tokenizer.all_special_ids)))
-    budget = _Budget(n_train_tokens, cfg.min_eval_windows, cfg.eval_fraction) if n_train_tokens else None
-    if is_pretokenised(cfg.dataset, cfg.token_field):
-        docs: Generator[Any, None, None] = iter_token_documents(
-            cfg.dataset, cfg.token_field, len(tokenizer), eos
-        )
-    else:
-        docs = iter_documents(cfg.dataset, cfg.text_field)
+    docs = corpus_documents(cfg, tokenizer)
     reader = _Reader(docs, cfg, seed)
     last = None
     try:
@@ -142,11 +169,14 @@ def read_windows(cfg: DataConfig, tokenizer: Any, seed: int, n_train_tokens: int
                 break
     finally:
         docs.close()
-    n_docs = reader.count if last is None else last + 1
-    n_held = sum(held_out(seed, i, cfg.eval_fraction) for i in range(n_docs))
-    if last is None:
-        _check_exhausted(cfg, packer, budget, n_docs)
-    return CorpusRead(packer.windows(), n_docs, n_held, packer.tokens, last is None)
+    return packer, (reader.count if last is None else last + 1), last is None
+
+
+def corpus_documents(cfg: DataConfig, tokenizer: Any) -> Generator[Any, None, None]:
+    """The corpus's documents in reading order: texts, or 1-D token-id arrays of a pre-tokenised corpus."""
+    if is_pretokenised(cfg.dataset, cfg.token_field):
+        return iter_token_documents(cfg.dataset, cfg.token_field, len(tokenizer), tokenizer.eos_token_id)
+    return iter_documents(cfg.dataset, cfg.text_field)
 
 
 def held_out(seed: int, index: int, fraction: float) -> bool:
@@ -266,16 +296,22 @@ class _Packer:
             self.kept[held] = int(kept_W[len(block) - 1])
 
     def keep(self, tokens: np.ndarray) -> np.ndarray:
-        keep = np.ones_like(tokens, dtype=bool)
-        keep[:, : self.cfg.exclude_first] = False
-        if self.cfg.exclude_special:
-            keep &= ~np.isin(tokens, np.asarray(self.special, dtype=np.int32))
-        return keep
+        return keep_mask(tokens, self.cfg, self.special)
 
     def windows(self) -> TokenWindows:
         tokens = np.concatenate([b for _, b in self.blocks]).reshape(-1, self.cfg.ctx_len)
         held = np.concatenate([np.full(len(b), h) for h, b in self.blocks])
         return TokenWindows(tokens, self.keep(tokens), np.flatnonzero(held), np.flatnonzero(~held))
+
+
+def keep_mask(tokens: np.ndarray, cfg: DataConfig, special: Sequence[int]) -> np.ndarray:
+    """[n, ctx_len] bool: False at the positions excluded from training and metrics (the first
+    `cfg.exclude_first` of each window, and special tokens when `cfg.exclude_special`)."""
+    keep = np.ones_like(tokens, dtype=bool)
+    keep[:, : cfg.exclude_first] = False
+    if cfg.exclude_special:
+        keep &= ~np.isin(tokens, np.asarray(special, dtype=np.int32))
+    return keep
 
 
 def _check_exhausted(cfg: DataConfig, p: _Packer, budget: _Budget | None, n_docs: int) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -96,6 +97,21 @@ def sum_ranks_(t: torch.Tensor) -> torch.Tensor:
     """In-place sum over the ranks (returns `t`)."""
     dist.all_reduce(t)
     return t
+
+
+def broadcast_tensor_(t: torch.Tensor) -> torch.Tensor:
+    """In-place copy of rank 0's `t` to every rank (returns `t`)."""
+    dist.broadcast(t, src=0)
+    return t
+
+
+def gather_objects(obj: Any, world: int) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order; `[obj]` without a process group."""
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_module_(module: nn.Module) -> None:

@@ -18,7 +18,9 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from saelab.activations.onthefly import StreamSource
 from saelab.activations.stage import CollectRecord
 from saelab.config import to_dict
 from saelab.run.manifest import Run
@@ -31,6 +33,8 @@ from saelab.train.trainer import TrainResult, train_many
 
 SAE_DIR = "sae"
 VARIANTS_DIR = "sae-variants"
+HOOKPOINTS_DIR = "sae-hookpoints"
+"""A streamed run's further hookpoints: `sae-hookpoints/<hookpoint>/sae/` and `.../sae-variants/...`."""
 TRAIN_LOG = "train_log.jsonl"
 CHECKPOINTS = "checkpoints"
 READS = ("collect",)
@@ -98,10 +102,18 @@ class SAEFolder:
         self.staging.rmdir()
 
 
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")[:60]
+
+
 def variant_dir(i: int, text: str) -> str:
     """Folder (relative to the run) of `train.variants[i]`."""
-    slug = re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")[:60]
-    return f"{VARIANTS_DIR}/{i + 1}-{slug}"
+    return f"{VARIANTS_DIR}/{i + 1}-{_slug(text)}"
+
+
+def hookpoint_dir(hookpoint: str) -> str:
+    """Folder (relative to the run) of the SAEs of a streamed run's further hookpoint."""
+    return f"{HOOKPOINTS_DIR}/{_slug(hookpoint)}"
 
 
 @dataclass(frozen=True)
@@ -110,12 +122,17 @@ class TrainRecord:
 
     variants: tuple[str, ...]
     """Folders (relative to the run) of the `train.variants` SAEs."""
+    hookpoint_saes: tuple[str, ...] = ()
+    """Folders (relative to the run) of the SAEs of a streamed run's further hookpoints."""
 
     @classmethod
     def of(cls, run: Run) -> TrainRecord:
         """The run's train record; refuses a run that has not been trained."""
         rec = run.require("train", "train")
-        return cls(tuple(str(v["folder"]) for v in rec.get("variants", [])))
+        return cls(
+            tuple(str(v["folder"]) for v in rec.get("variants", [])),
+            tuple(str(v["folder"]) for v in rec.get("hookpoint_saes", [])),
+        )
 
 
 def load_run_sae(run: Run) -> sae_lib.SAE:
@@ -129,21 +146,35 @@ def run_sae_sha256(run_folder: Path) -> str:
     return sae_lib.file_sha256(run_folder / SAE_DIR)
 
 
+def _training_data(s: Session, collected: CollectRecord) -> Any:
+    """The collected activations, or for a streamed run the on-the-fly source over the run's corpus."""
+    if not collected.streamed:
+        return collected.training_data(s.folder)
+    t = s.cfg.train
+    return StreamSource(
+        s.lm(), s.cfg.data, s.cfg.seed, collected.hookpoints, collected.n_tokens, t.batch_size,
+        t.stream_buffer_rows, s.cfg.collect.batch_size, DistInfo.current().part,
+    )  # fmt: skip
+
+
 def stage_train(s: Session) -> None:
     """Train the SAE of `train` and those of `train.variants` together, one pass over the activations."""
     s.start("train", READS)
     collected = CollectRecord.of(s.run)
-    data = collected.training_data(s.folder)
-    cfgs = [s.cfg.train, *s.cfg.train.variant_configs()]
-    folders = [SAEFolder(s.folder / SAE_DIR)] + [
-        SAEFolder(s.folder / variant_dir(i, v)) for i, v in enumerate(s.cfg.train.variants)
-    ]
+    base = [s.cfg.train, *s.cfg.train.variant_configs()]
+    names = [SAE_DIR] + [variant_dir(i, v) for i, v in enumerate(s.cfg.train.variants)]
+    cfgs, folders, slots = list(base), [SAEFolder(s.folder / n) for n in names], [0] * len(base)
+    for h, hookpoint in enumerate(collected.extra_hookpoints, start=1):
+        cfgs += base
+        folders += [SAEFolder(s.folder / hookpoint_dir(hookpoint) / n) for n in names]
+        slots += [h] * len(base)
+    data = _training_data(s, collected)
 
     def fit() -> list[TrainResult]:
         return train_many(
             data, cfgs, s.cfg.seed, collected.hookpoint, s.cfg.model.name,
             [f.log for f in folders], [f.checkpoints for f in folders],
-            previous_checkpoint_dirs=[f.finished_checkpoints for f in folders],
+            previous_checkpoint_dirs=[f.finished_checkpoints for f in folders], slots=slots,
         )  # fmt: skip
 
     if (
@@ -171,6 +202,11 @@ def stage_train(s: Session) -> None:
                 }
             )
         rec.update({k: v for k, v in summaries[0].items() if k != "folder"})
-        if len(summaries) > 1:
-            rec["variants"] = summaries[1:]
+        if len(base) > 1:
+            rec["variants"] = summaries[1 : len(base)]
+        if len(summaries) > len(base):
+            rec["hookpoint_saes"] = summaries[len(base) :]
+        if isinstance(data, StreamSource):
+            rec["source"] = "stream"
+            rec["stream"] = {"block_rows": data.block_rows, "hookpoints": data.hookpoints}
         rec["hashes"] = {"sae": run_sae_sha256(s.folder)}
