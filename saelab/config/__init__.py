@@ -6,7 +6,8 @@ Every field has a docstring under it; `saelab <stage> --help` is generated from 
 The sections live one module per stage: `collect` (model, data, collect), `train` (with its architecture
 sections, resampling and variants), `eval`, `latents` (cache, sample), `autointerp` (llm, explain, score) and
 `report` (report, compare, serve); `base` holds ConfigError and the dict form. RunConfig (here) holds them all.
-Import every name from this package (`from saelab.config import TrainConfig`).
+Import every name from this package (`from saelab.config import TrainConfig`). `commands` composes the sections
+into what each saelab command takes (`saelab.cli` imports it; this package does not).
 """
 
 from __future__ import annotations
