@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,28 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
-from test_pipeline import SMALL, error_line, run_stages
+from support_run import SMALL, error_line
 
 from saelab.cli import main
 from saelab.run.lock import LOCK
 from saelab.run.manifest import Run
 
 pytestmark = pytest.mark.fault
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, corpus_file: Path) -> Path:
-    folder = tmp_path_factory.mktemp("finished") / "r"
-    run_stages(folder, tiny_model_dir, corpus_file)
-    assert main(["report", "--run-dir", str(folder)]) == 0
-    return folder
-
-
-@pytest.fixture
-def run(finished: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "run"
-    shutil.copytree(finished, copy)
-    return copy
 
 
 def saelab(*args: str, out: Path | None = None) -> subprocess.Popen[str]:
