@@ -15,7 +15,7 @@ import numpy as np
 
 from saelab.autointerp.explain import ExplanationRecord
 from saelab.latents.sampling import SampleSet
-from saelab.report.doc import Doc, fmt
+from saelab.report.doc import Doc, fmt, violins
 
 
 def latent_weighted(doc: Doc, overall: list[dict[str, Any]]) -> None:
@@ -92,12 +92,7 @@ def distribution_plot(rows: list[dict[str, Any]]) -> Any:
     fig, axes = plt.subplots(1, 2, figsize=(max(6.5, 1.6 * len(keys) * 2), 3.6), sharey=True)
     for ax, metric in zip(axes, ("balanced_accuracy", "f1")):
         data = [[r[metric] for r in rows if (r["explainer"], r["scorer"]) == k] for k in keys]
-        pos = np.arange(1, len(keys) + 1)
-        spread = [i for i, d in enumerate(data) if len(set(d)) > 1]  # a violin needs more than one value
-        if spread:
-            ax.violinplot([data[i] for i in spread], positions=pos[spread], showextrema=False)
-        ax.boxplot(data, positions=pos, widths=0.15)
-        ax.set_xticks(pos, [f"{e}\n{s}" for e, s in keys], fontsize=7)
+        violins(ax, data, [f"{e}\n{s}" for e, s in keys])
         ax.set_title(f"per-latent {metric}", fontsize=9)
         ax.set_ylim(-0.02, 1.02)
     axes[0].axhline(0.5, color="gray", linestyle="--", linewidth=1)
