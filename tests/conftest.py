@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny real Llama model with a real word-level tokenizer, and a small synthetic corpus.
+"""Shared fixtures: a tiny real Llama model with a real word-level tokenizer, a small synthetic corpus, and a
+finished run made of them through the CLI (`finished`, with a fresh copy per test to break: `run`).
 
 The tiny model goes through the same code paths as any HF causal LM (from_pretrained on a local folder), so the
 fast tests exercise the real loading, hooking and splicing code in seconds.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -75,3 +77,24 @@ def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text(make_corpus())
     return path
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, corpus_file: Path) -> Path:
+    """A run of every stage (support_run.SMALL) and the report, built once per test module."""
+    from support_run import run_stages  # here, not above: the tests that never run a stage skip saelab.cli
+
+    from saelab.cli import main
+
+    folder = tmp_path_factory.mktemp("finished") / "r"
+    run_stages(folder, tiny_model_dir, corpus_file)
+    assert main(["report", "--run-dir", str(folder)]) == 0
+    return folder
+
+
+@pytest.fixture
+def run(finished: Path, tmp_path: Path) -> Path:
+    """A copy of the finished run, to break."""
+    copy = tmp_path / "run"
+    shutil.copytree(finished, copy)
+    return copy

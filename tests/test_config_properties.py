@@ -2,7 +2,7 @@
 is, or refused with an error that names the setting, before any work; configs survive the manifest round trip.
 
 The accepted ranges below are written from the settings' documentation, independently of the checks in
-saelab/config.py, so a check that lets a bad value through (or refuses a good one) fails here."""
+saelab/config/, so a check that lets a bad value through (or refuses a good one) fails here."""
 
 from __future__ import annotations
 

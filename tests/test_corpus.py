@@ -15,7 +15,7 @@ import pytest
 from conftest import make_corpus
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_pipeline import SMALL, error_line
+from support_run import SMALL, error_line
 from transformers import AutoTokenizer
 
 from saelab import cli

@@ -112,7 +112,7 @@ def test_a_bad_json_corpus_is_one_line_naming_file_and_line(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Through the CLI: collect stops before any window is written, naming the corpus file and the line."""
-    from test_pipeline import error_line
+    from support_run import error_line
 
     from saelab.cli import main
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from llm_server import LocalOpenAIServer
 from support_llm import RuleClient
-from test_pipeline import error_line, run_stages
+from support_run import error_line, run_stages
 
 from saelab.autointerp.llm.base import ChatResponse
 from saelab.cli import main

@@ -19,7 +19,7 @@ from collections import namedtuple
 from pathlib import Path
 
 import pytest
-from test_pipeline import SMALL, error_line
+from support_run import SMALL, error_line
 
 from saelab.cli import main
 

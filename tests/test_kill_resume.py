@@ -33,7 +33,7 @@ from conftest import make_corpus
 from llm_server import LocalOpenAIServer
 from safetensors.numpy import load_file
 from support_llm import RuleClient, tiny_chat_model
-from test_pipeline import SMALL
+from support_run import SMALL
 
 from saelab.autointerp.llm.base import ChatResponse
 from saelab.autointerp.llm.cache import request_key

@@ -1,5 +1,6 @@
-"""The package's layout holds: no import circle between saelab's modules, and every run artifact's file name is
-spelt in its owner package alone (every other stage, the report and the browser read it through the owner)."""
+"""The package's layout holds: no import circle between saelab's modules, every run artifact's file name is spelt
+in its owner package alone (every other stage, the report and the browser read it through the owner), and no
+module is over 450 lines."""
 
 from __future__ import annotations
 
@@ -86,3 +87,15 @@ def test_artifact_names_are_spelt_in_their_owner_only() -> None:
 
 def test_pipeline_holds_only_the_order_of_stages() -> None:
     assert len((PACKAGE / "pipeline.py").read_text().splitlines()) < 200
+
+
+MAX_LINES = 450
+"""STYLE.md aims at modules of 100-400 lines; issue 18 asks for none over about 450."""
+
+
+def test_no_module_is_over_450_lines() -> None:
+    lengths = {
+        p.relative_to(PACKAGE).as_posix(): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")
+    }
+    offenders = [f"saelab/{rel}: {n} lines" for rel, n in sorted(lengths.items()) if n > MAX_LINES]
+    assert not offenders, f"modules over {MAX_LINES} lines (split each by idea):\n" + "\n".join(offenders)

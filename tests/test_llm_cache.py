@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from support_llm import ScriptedServer, completion_body, synthetic_samples, tiny_chat_model
-from test_pipeline import run_stages
+from support_run import run_stages
 
 from saelab.autointerp.explain import ExplanationRecord
 from saelab.autointerp.llm.base import ChatResponse, LLMError, reject_answer, run_sync

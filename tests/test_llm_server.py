@@ -29,7 +29,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_pipeline import run_stages
+from support_run import run_stages
 
 from saelab.cli import main
 from saelab.latents.sampling import SampleSet

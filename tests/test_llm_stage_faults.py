@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from llm_server import LocalOpenAIServer
 from support_llm import DripServer, RuleClient
-from test_pipeline import SMALL
+from support_run import SMALL
 
 from saelab.cli import main
 from saelab.latents.sampling import SampleSet

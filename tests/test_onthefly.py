@@ -137,7 +137,7 @@ def test_two_hookpoints_from_one_forward_equal_two_streams_of_one(lm, corpus_fil
 
 def streamed_args(model: Path, corpus: Path, *extra: str) -> list[str]:
     return [
-        "--model.name", str(model), "--data.dataset", str(corpus), "--data.ctx-len", "32",
+        "--collect.format", "stream", "--model.name", str(model), "--data.dataset", str(corpus), "--data.ctx-len", "32",
         "--collect.n-train-tokens", "6144", "--collect.batch-size", "4", "--train.batch-size", "128",
         "--train.stream-buffer-rows", "1024", "--train.epochs", "2", "--train.expansion", "2", "--train.k", "4",
         "--train.checkpoint-every", "3", "--train.log-every", "1", *extra,
@@ -296,7 +296,8 @@ def test_ddp_ranks_stream_disjoint_documents_and_match_one_process(
 def test_streamed_runs_refuse_a_glob_matching_nothing(
     tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    args = ["--model.name", str(tiny_model_dir), "--data.dataset", str(tmp_path / "shards" / "*.parquet")]
+    args = ["--collect.format", "stream", "--model.name", str(tiny_model_dir)]
+    args += ["--data.dataset", str(tmp_path / "shards" / "*.parquet")]
     assert main(["train", "--run-dir", str(tmp_path / "r"), *args]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("saelab: DataError: glob ") and "matches no files" in err, err
@@ -321,3 +322,14 @@ def test_ids_beyond_the_vocabulary_deep_in_a_streamed_corpus_stop_training_namin
     log = (tmp_path / "r" / "sae" / ".train.tmp" / "train_log.jsonl").read_text().splitlines()
     assert len(log) > 10  # training had gone on before the stream met the row
     assert not (tmp_path / "r" / "sae" / "sae.safetensors").exists()
+
+
+@pytest.mark.bad_input
+def test_train_in_a_folder_holding_no_run_streams_only_when_asked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mistyped --run-dir is an error naming both ways to start a run, not a new streamed run."""
+    assert main(["train", "--run-dir", str(tmp_path / "typo")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "manifest.json not found" in err and "--collect.format stream" in err, err
+    assert not (tmp_path / "typo").exists()

@@ -10,49 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from support_run import SMALL, error_line
 
 from saelab.cli import COMMANDS, main
 
-SMALL = {
-    "collect": ["--data.ctx-len", "32", "--collect.n-train-tokens", "1500", "--collect.batch-size", "8"],
-    "train": ["--train.expansion", "4", "--train.k", "4", "--train.batch-size", "128", "--train.epochs", "4"],
-    "eval": ["--eval.n-windows", "8", "--eval.n-ce-windows", "4", "--eval.batch-size", "4"],
-    "cache": [],
-    "sample": [
-        "--sample.n-latents", "4", "--sample.example-ctx-len", "8", "--sample.min-examples", "8",
-        "--sample.n-examples-train", "4", "--sample.n-examples-test", "4", "--sample.n-quantiles", "2",
-        "--sample.n-non-activating", "4",
-    ],
-    "explain": ["--explain.explainers", "token_stats"],
-    "score": ["--score.scorers", "embedding"],
-}  # fmt: skip
-
-
-def error_line(stderr: str) -> str:
-    """The one error line saelab writes (progress bars of model loading may precede it)."""
-    lines = [line for line in stderr.splitlines() if "saelab:" in line]
-    assert len(lines) == 1, stderr
-    assert stderr.rstrip().endswith(lines[0].split("saelab:", 1)[1]), "the error is the last thing written"
-    return lines[0]
-
-
-def run_stages(run_dir: Path, model: Path, corpus: Path, until: str = "score") -> None:
-    """The stages of SMALL in order on the tiny model, through `until`."""
-    for stage, extra in SMALL.items():
-        args = [stage, "--run-dir", str(run_dir), *extra]
-        if stage == "collect":
-            args += ["--model.name", str(model), "--data.dataset", str(corpus)]
-        assert main(args) == 0, stage
-        if stage == until:
-            return
-
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, corpus_file: Path) -> Path:
-    folder = tmp_path_factory.mktemp("run") / "r"
-    run_stages(folder, tiny_model_dir, corpus_file)
-    assert main(["report", "--run-dir", str(folder)]) == 0
-    return folder
+def run_dir(finished: Path) -> Path:
+    """The finished run (conftest's `finished`) that most tests of this module read."""
+    return finished
 
 
 def test_every_stage_recorded_with_hashes(run_dir: Path) -> None:
@@ -172,7 +138,7 @@ def test_help_is_generated_from_the_config(command: str, capsys: pytest.CaptureF
     out = capsys.readouterr().out
     assert "--run-dir" in out
     if command == "train":
-        assert "Active latents per token" in out  # the field's docstring in config.py
+        assert "Active latents per token" in out  # the field's docstring in saelab/config/train.py
 
 
 def test_sharded_store_and_variants_trained_in_one_pass(

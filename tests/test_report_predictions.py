@@ -125,7 +125,7 @@ def test_a_binary_predictions_file_is_one_line(
     content: bytes, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A gzip file, UTF-16 text, a NUL in a row: one line naming the file (and the line, when it is known)."""
-    from test_pipeline import error_line
+    from support_run import error_line
 
     path = tmp_path / "preds.csv"
     path.write_bytes(content)

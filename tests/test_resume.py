@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from support_run import SMALL as CLI_SMALL
+from support_run import error_line
 from support_train import StepCounter, Stopped, planted, same_state, train_stopped_then_resumed
-from test_pipeline import SMALL as CLI_SMALL
-from test_pipeline import error_line
 
 from saelab.activations.sources import StoreSource
 from saelab.activations.store import Activations

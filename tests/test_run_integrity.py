@@ -21,26 +21,10 @@ from typing import Any
 
 import pytest
 from support_llm import ScriptedServer, completion_body
-from test_pipeline import SMALL, error_line, run_stages
+from support_run import SMALL, error_line
 
 from saelab.cli import COMMANDS, main
 from saelab.run.manifest import sha256_file
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, corpus_file: Path) -> Path:
-    folder = tmp_path_factory.mktemp("finished") / "r"
-    run_stages(folder, tiny_model_dir, corpus_file)
-    assert main(["report", "--run-dir", str(folder)]) == 0
-    return folder
-
-
-@pytest.fixture
-def run(finished: Path, tmp_path: Path) -> Path:
-    """A copy of the finished run, to break."""
-    copy = tmp_path / "run"
-    shutil.copytree(finished, copy)
-    return copy
 
 
 def manifest(run: Path) -> dict[str, Any]:

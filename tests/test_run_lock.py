@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,28 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
-from test_pipeline import SMALL, error_line, run_stages
+from support_run import SMALL, error_line
 
 from saelab.cli import main
 from saelab.run.lock import LOCK
 from saelab.run.manifest import Run
 
 pytestmark = pytest.mark.fault
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, corpus_file: Path) -> Path:
-    folder = tmp_path_factory.mktemp("finished") / "r"
-    run_stages(folder, tiny_model_dir, corpus_file)
-    assert main(["report", "--run-dir", str(folder)]) == 0
-    return folder
-
-
-@pytest.fixture
-def run(finished: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "run"
-    shutil.copytree(finished, copy)
-    return copy
 
 
 def saelab(*args: str, out: Path | None = None) -> subprocess.Popen[str]:
@@ -63,29 +47,30 @@ def all_verified(run: Path) -> Run:
     return r
 
 
+def collect_holding_the_lock(
+    run: Path, model: Path, tmp_path: Path, *flags: str
+) -> tuple[subprocess.Popen[str], Path]:
+    """`saelab collect FLAGS` on `run` in a subprocess, reading its corpus from a named pipe nobody writes yet, once
+    it holds the run's lock (it waits there for the corpus: `feed` writes it); its output goes to collect.txt."""
+    fifo, out = tmp_path / "corpus.txt", tmp_path / "collect.txt"
+    os.mkfifo(fifo)
+    collect = ["collect", "--run-dir", str(run), "--model.name", str(model), "--data.dataset", str(fifo)]
+    first = saelab(*collect, *flags, out=out)
+    deadline = time.monotonic() + 120
+    while (h := holder(run)) is None or h.get("pid") != first.pid:
+        assert first.poll() is None, out.read_text()
+        assert time.monotonic() < deadline, "collect never took the lock"
+        time.sleep(0.05)
+    assert h["stage"] == "collect"
+    return first, fifo
+
+
 def test_a_second_stage_on_a_busy_run_fails_at_once(
     run: Path, tiny_model_dir: Path, corpus_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """collect holds the lock while it waits for its corpus (a named pipe nobody writes yet): sample and report,
     started then, are refused naming it; once the corpus comes, collect finishes and the lock is free."""
-    fifo = tmp_path / "corpus.txt"
-    os.mkfifo(fifo)
-    collect = [
-        "collect",
-        "--run-dir",
-        str(run),
-        "--model.name",
-        str(tiny_model_dir),
-        "--data.dataset",
-        str(fifo),
-    ]
-    first = saelab(*collect, *SMALL["collect"], "--force", out=tmp_path / "collect.txt")
-    deadline = time.monotonic() + 120
-    while (h := holder(run)) is None or h.get("pid") != first.pid:
-        assert first.poll() is None, (tmp_path / "collect.txt").read_text()
-        assert time.monotonic() < deadline, "collect never took the lock"
-        time.sleep(0.05)
-    assert h["stage"] == "collect"
+    first, fifo = collect_holding_the_lock(run, tiny_model_dir, tmp_path, *SMALL["collect"], "--force")
     before = (run / "manifest.json").read_bytes()
     samples = (run / "samples" / "samples.json").read_bytes()
 
@@ -126,22 +111,7 @@ def feed(fifo: Path, text: str, reader: subprocess.Popen[str]) -> None:
 
 def test_a_killed_stage_leaves_no_lock(run: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
     """SIGKILL the stage holding the lock: the kernel drops it, the next stage runs."""
-    fifo = tmp_path / "corpus.txt"
-    os.mkfifo(fifo)
-    collect = [
-        "collect",
-        "--run-dir",
-        str(run),
-        "--model.name",
-        str(tiny_model_dir),
-        "--data.dataset",
-        str(fifo),
-    ]
-    first = saelab(*collect, "--force", out=tmp_path / "collect.txt")
-    deadline = time.monotonic() + 120
-    while (h := holder(run)) is None or h.get("pid") != first.pid:
-        assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "collect.txt").read_text()
-        time.sleep(0.05)
+    first, _ = collect_holding_the_lock(run, tiny_model_dir, tmp_path, "--force")
     first.kill()
     assert first.wait(timeout=60) == -signal.SIGKILL
     assert holder(run) is not None  # its note stays behind; the lock itself went with the process

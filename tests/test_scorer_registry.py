@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from support_llm import synthetic_samples
-from test_pipeline import run_stages
+from support_run import run_stages
 from test_score import explanations
 
 from saelab.autointerp.explain import EXPLANATIONS, load_explanations, quote_example

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pytest
 from browser import chromium_page
-from test_pipeline import run_stages
+from support_run import run_stages
 
 from saelab.autointerp.explain import load_explanations, write_explanations
 from saelab.cli import ServeArgs, main

@@ -1,4 +1,5 @@
-"""The whole loop on a streamed run of the real bundled model and corpus: `saelab train` in an empty folder (no
+"""The whole loop on a streamed run of the real bundled model and corpus: `saelab train --collect.format stream` in
+an empty folder (no
 activations stored), then eval, cache, sample, explain, score and report, each as its own command (slow; runs in
 CI)."""
 

@@ -23,7 +23,8 @@ Tasks (`TASKS`), every text read by path from an installed package, nothing down
   sciences, Arts), so labels come from the data, not from hand labelling;
 - `code_vs_prose`: the Python standard library of the running interpreter: function sources (docstrings removed)
   vs docstrings (those without `>>>` examples), at most one of each per file.
-Texts shorter than `MIN_CHARS` characters are left out of every pool.
+Texts shorter than `MIN_CHARS` characters are left out of every pool. The tasks are built in `probing_tasks.py`,
+the features pooled in `probing_features.py`; this module holds the settings, the probes and the results.
 
 Use: `run_probing(lm, sae, hookpoint, ProbingConfig(), seed).save(path)`; `benchmarks/probing.py` runs it on the
 bundled model. scikit-learn (1.8 s to import) is imported where a probe is fitted, so importing this module for
@@ -40,11 +41,11 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
+from saelab.eval.probing_features import pooled_features, tokenize
 from saelab.eval.probing_tasks import TASKS, ProbingError, ProbingTask, TaskName, build_task
-from saelab.models.loading import LoadedModel, capture, forward_until, hookpoint_width
+from saelab.models.loading import LoadedModel, hookpoint_width
 from saelab.run import atomic
 from saelab.run.records import load_json
 from saelab.sae.base import SAE, params_sha256
@@ -119,75 +120,6 @@ class ProbingConfig:
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ProbingError(message)
-
-
-# --- features ----------------------------------------------------------------------------------------------------
-
-
-class PooledFeatures(NamedTuple):
-    """Per-text means over kept positions."""
-
-    lm_ND: np.ndarray
-    """Activations at the hookpoint, float32 [N, d_in]."""
-    sae_NF: np.ndarray
-    """SAE dense latents, float32 [N, d_sae]."""
-    n_kept_N: np.ndarray
-    """Positions averaged per text."""
-
-
-def tokenize(tokenizer: Any, texts: Sequence[str], ctx_len: int) -> list[list[int]]:
-    """Token ids of each text, no special tokens added (as the data stage), truncated to `ctx_len`."""
-    ids = tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=ctx_len)["input_ids"]
-    return [list(x) for x in ids]
-
-
-@torch.no_grad()
-def pooled_features(
-    lm: LoadedModel, sae: SAE, hookpoint: str, ids: Sequence[Sequence[int]], cfg: ProbingConfig
-) -> PooledFeatures:
-    """Mean hookpoint activation and mean SAE latents over each text's kept positions, batched (longest texts
-    first, each batch cut to its longest text and right-padded: a causal model's kept positions never see the
-    padding)."""
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
-    special = sorted(set(lm.tokenizer.all_special_ids)) if cfg.exclude_special else []
-    order = np.argsort([-len(x) for x in ids], kind="stable")
-    n, D, F_ = len(ids), sae.cfg.d_in, sae.cfg.d_sae
-    lm_ND, sae_NF, kept_N = np.zeros((n, D), np.float32), np.zeros((n, F_), np.float32), np.zeros(n, np.int64)
-    sae_device = sae.W_dec_FD.device
-    for start in tqdm(range(0, n, cfg.batch_size), desc="probing features", unit="batch", leave=False):
-        batch = order[start : start + cfg.batch_size]
-        tokens_BT = np.full((len(batch), len(ids[batch[0]])), pad, dtype=np.int64)
-        keep_BT = np.zeros(tokens_BT.shape, dtype=bool)
-        for row, i in enumerate(batch):
-            tokens_BT[row, : len(ids[i])] = ids[i]
-            keep_BT[row, cfg.exclude_first : len(ids[i])] = True
-        keep_BT &= ~np.isin(tokens_BT, special)
-        if not keep_BT.any(axis=1).all():
-            raise ProbingError(
-                f"{int((~keep_BT.any(axis=1)).sum())} texts keep no position after excluding the first "
-                f"{cfg.exclude_first} and special tokens; use texts of more than {cfg.exclude_first} real tokens"
-            )
-        with torch.inference_mode(), capture(lm.model, [hookpoint]) as store:
-            forward_until(lm.model, torch.as_tensor(tokens_BT, device=lm.device))
-        a_BTD = store[hookpoint].float()
-        if a_BTD.shape[-1] != D:
-            raise ProbingError(
-                f"SAE d_in={D} does not match the width {a_BTD.shape[-1]} of {hookpoint}; probe the SAE at the "
-                "hookpoint (and with the model) it was trained on"
-            )
-        keep = torch.as_tensor(keep_BT, device=a_BTD.device)
-        row_M = keep.nonzero()[:, 0]  # M = kept positions of the batch
-        counts_B = keep.sum(dim=1, keepdim=True).float()
-        x_MD = a_BTD[keep]
-        z_MF = sae.dense_latents(x_MD.to(sae_device)).float().to(x_MD.device)
-        lm_ND[batch] = (
-            torch.zeros(len(batch), D, device=x_MD.device).index_add_(0, row_M, x_MD) / counts_B
-        ).cpu()
-        sae_NF[batch] = (
-            torch.zeros(len(batch), F_, device=z_MF.device).index_add_(0, row_M, z_MF) / counts_B
-        ).cpu()
-        kept_N[batch] = counts_B.squeeze(1).long().cpu().numpy()
-    return PooledFeatures(lm_ND, sae_NF, kept_N)
 
 
 # --- probes ------------------------------------------------------------------------------------------------------

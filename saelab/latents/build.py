@@ -5,7 +5,7 @@ An external sort. Tokens arrive in order in chunks of activations; each chunk is
 so tokens stay ascending) and spilled to disk as a run. The merge then writes latent-range shards of about
 `shard_nnz` nonzeros: for a block of latents holding at most `buffer_nnz` nonzeros it gathers the block's slice
 of every run (memory-mapped) and sorts it by latent; a latent with more nonzeros than that alone is copied run by
-run. Shards are safetensors files written piecewise (`SafetensorsWriter`), so no array of the whole cache ever
+run. Shards are safetensors files written piecewise (`writer.SafetensorsWriter`), so no array of the whole cache ever
 exists in memory. Memory: one encoded batch, the buffer, one merge block and [F]-sized statistics, whatever the
 number of tokens.
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from saelab.latents.cache import (
     LatentStats,
     ShardInfo,
 )
+from saelab.latents.writer import SafetensorsWriter
 from saelab.run import atomic
 from saelab.sae.base import SAE
 
@@ -65,45 +65,7 @@ class CacheProgress:
     """Chunks this call encoded."""
 
 
-_DTYPES = {
-    np.dtype(np.int64): "I64",
-    np.dtype(np.int32): "I32",
-    np.dtype(np.float32): "F32",
-    np.dtype(np.float16): "F16",
-}
 FLOAT16_MAX = float(np.finfo(np.float16).max)
-
-
-class SafetensorsWriter:
-    """A safetensors file of 1-D tensors whose sizes are known up front and whose contents arrive in pieces."""
-
-    def __init__(self, path: Path, tensors: list[tuple[str, np.dtype[Any], int]], metadata: dict[str, str]):
-        header: dict[str, Any] = {"__metadata__": metadata}
-        self._where: dict[str, tuple[int, np.dtype[Any]]] = {}
-        offset = 0
-        for name, dtype, n in tensors:
-            size = n * dtype.itemsize
-            header[name] = {"dtype": _DTYPES[dtype], "shape": [n], "data_offsets": [offset, offset + size]}
-            self._where[name] = (offset, dtype)
-            offset += size
-        raw = json.dumps(header).encode()
-        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-        self._base = 8 + len(raw)
-        self.f: BinaryIO = path.open("wb")
-        self.f.write(struct.pack("<Q", len(raw)) + raw)
-        self.f.truncate(self._base + offset)
-
-    def write_at(self, name: str, start: int, arr: np.ndarray) -> None:
-        """Write `arr` into tensor `name` from element `start` on."""
-        offset, dtype = self._where[name]
-        out = np.ascontiguousarray(arr, dtype=dtype)
-        if dtype == np.float16:  # a positive activation below float16's range stays a nonzero
-            out[(out == 0) & (np.asarray(arr) > 0)] = np.finfo(np.float16).smallest_subnormal
-        self.f.seek(self._base + offset + start * dtype.itemsize)
-        self.f.write(out.tobytes())
-
-    def close(self) -> None:
-        self.f.close()
 
 
 class _Runs:

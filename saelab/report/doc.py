@@ -1,5 +1,5 @@
 """Document and plot helpers shared by every report: Markdown and HTML built side by side (`Doc`), figures saved
-as PNG (and PDF), the flags and targets tables, the Pareto plot of SAEs against L0.
+as PNG (and PDF), the flags and targets tables, the Pareto plot of SAEs against L0, violins of per-latent scores.
 
 A report folder holds `report.md`, `report.html` (self-contained: plots embedded) and `plots/`.
 """
@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 from matplotlib import ticker
 
 from saelab.report.flags import Flag, TargetGap
@@ -165,3 +166,13 @@ def pareto_plot(saes: list[dict[str, Any]], metric: str, flag: str, label: str) 
     ax.legend(fontsize=8, loc="best", framealpha=0.7)
     ax.set_title(f"{label} against L0 (hollow: dominated)")
     return fig
+
+
+def violins(ax: Any, data: list[list[float]], labels: list[str]) -> None:
+    """One box per list of `data` on `ax`, with a violin around it where its values differ, labelled `labels`."""
+    pos = np.arange(1, len(data) + 1)
+    spread = [i for i, d in enumerate(data) if len(set(d)) > 1]  # a violin needs more than one value
+    if spread:
+        ax.violinplot([data[i] for i in spread], positions=pos[spread], showextrema=False)
+    ax.boxplot(data, positions=pos, widths=0.15)
+    ax.set_xticks(pos, labels, fontsize=7)

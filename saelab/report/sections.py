@@ -20,7 +20,7 @@ import numpy as np
 from saelab.autointerp.explain import load_run_explanations
 from saelab.eval.core import load_run_metrics
 from saelab.eval.matched_l0 import MatchedL0, mark_dominated
-from saelab.report.doc import Doc, PlotDir, pareto_plot
+from saelab.report.doc import Doc, PlotDir, pareto_plot, violins
 from saelab.run.manifest import Run
 
 RANK_METRICS = ("balanced_accuracy", "f1", "precision", "recall")
@@ -119,12 +119,7 @@ def distribution_section(
             [v["balanced_accuracy"] for v in dict(zip(names, scores))[n][(e, scorer)].values()]
             for n, e in keys
         ]
-        pos = np.arange(1, len(keys) + 1)
-        spread = [i for i, d in enumerate(data) if len(set(d)) > 1]  # a violin needs more than one value
-        if spread:
-            ax.violinplot([data[i] for i in spread], positions=pos[spread], showextrema=False)
-        ax.boxplot(data, positions=pos, widths=0.15)
-        ax.set_xticks(pos, [f"{n}\n{e}" for n, e in keys], fontsize=7)
+        violins(ax, data, [f"{n}\n{e}" for n, e in keys])
         ax.axhline(0.5, color="gray", linestyle="--", linewidth=1)
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(f"{scorer}: per-latent balanced accuracy", fontsize=9)

@@ -259,7 +259,8 @@ class Run:
         run = cls(folder)
         if not run.data:
             raise RunError(
-                f"{run.path} not found; start the run with `saelab collect --run-dir {folder}` (or demo)"
+                f"{run.path} not found; start the run with `saelab collect --run-dir {folder}` (or demo), or train "
+                f"on the fly with `saelab train --run-dir {folder} --collect.format stream`"
             )
         return run
 
