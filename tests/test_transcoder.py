@@ -175,3 +175,123 @@ def test_transcoder_settings_without_a_target_are_refused_in_one_line() -> None:
     x = torch.randn(600, 8)
     with pytest.raises(TrainError, match="trains on \\(input, target\\) pairs"):
         train_many(x, [TrainConfig(k=4, batch_size=128, target_hookpoint="out")], 0)
+
+
+# --- evaluation on the tiny model ------------------------------------------------------------------------------
+
+IN_HP, UP_HP, MLP_HP = "model.layers.1.post_attention_layernorm", "model.layers.1.mlp.up_proj", "model.layers.1.mlp"
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir: Path):
+    from saelab.models.loading import load_model
+
+    return load_model(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def windows(lm, corpus_file: Path):
+    from saelab.config import DataConfig
+    from saelab.data.windows import read_held_out
+
+    return read_held_out(DataConfig(dataset=str(corpus_file), ctx_len=32), lm.tokenizer, 0).windows
+
+
+def exact_linear_transcoder(lm, target: str = UP_HP) -> sae_lib.SAE:
+    """A skip transcoder equal to up_proj (a linear map of the norm's output): W_skip = W_up^T, latents off."""
+    up = dict(lm.model.named_modules())[target].weight.detach()  # [O, D]
+    cfg = SAEConfig("topk", up.shape[1], 64, k=4, hookpoint=IN_HP, target_hookpoint=target, d_out=up.shape[0],
+                    skip=True)  # fmt: skip
+    sae = build(cfg)
+    with torch.no_grad():
+        sae.W_skip_DO.copy_(up.T)
+        sae.b_enc_F.fill_(-1e4)  # no latent fires: the prediction is the skip path alone
+        sae.b_dec_D.zero_()
+    return sae.eval()
+
+
+def test_a_transcoder_equal_to_its_target_module_scores_one_and_zero_fvu(lm, windows) -> None:
+    from saelab.config import EvalConfig
+    from saelab.eval.transcoder import evaluate_models
+
+    exact = exact_linear_transcoder(lm)
+    off = exact_linear_transcoder(lm)
+    with torch.no_grad():
+        off.W_skip_DO.mul_(0.5)  # half the module's output: a worse replacement
+    cfg = EvalConfig(n_windows=4, n_ce_windows=2, batch_size=4, ce_batch_size=2)
+    (good, half), reads = evaluate_models(lm, [exact, off], windows, IN_HP, cfg)
+    assert reads[0].input == IN_HP and reads[0].target == UP_HP
+    assert good.explained_variance == pytest.approx(1.0, abs=1e-5) and good.mse < 1e-8
+    assert good.ce_sae == pytest.approx(good.ce_clean, abs=1e-5) and good.kl_sae == pytest.approx(0, abs=1e-5)
+    assert good.ce_loss_score == pytest.approx(1.0, abs=1e-4)
+    assert good.l0 == 0 and good.dead_fraction == 1.0
+    # halving the output: FVU = 0.25 * E||y||^2 / Var(y) > 0 and a KL away from 0; one zero ablation for both
+    assert half.explained_variance < 0.99 and half.kl_sae > 1e-4
+    assert half.ce_zero_ablation == good.ce_zero_ablation != good.ce_clean
+
+
+@pytest.mark.bad_input
+def test_a_transcoder_whose_target_the_model_lacks_or_is_not_d_out_wide_is_refused_in_one_line(lm, windows) -> None:
+    from saelab.config import EvalConfig
+    from saelab.eval.transcoder import evaluate_models
+
+    cfg = EvalConfig(n_windows=2, n_ce_windows=1)
+    sae = exact_linear_transcoder(lm)
+    lacks = build(dataclasses.replace(sae.cfg, target_hookpoint="model.layers.1.mlp.nothing"))
+    with pytest.raises(SAEError, match="target hookpoint 'model.layers.1.mlp.nothing' is not a module"):
+        evaluate_models(lm, [lacks], windows, IN_HP, cfg)
+    wrong = build(dataclasses.replace(sae.cfg, target_hookpoint=MLP_HP))  # 32 wide, d_out 64
+    with pytest.raises(SAEError, match=r"model.layers.1.mlp is 32 wide but the transcoder's d_out is 64"):
+        evaluate_models(lm, [wrong], windows, IN_HP, cfg)
+
+
+def test_matched_l0_compares_only_models_reconstructing_the_same_hookpoint() -> None:
+    from saelab.eval.matched_l0 import mark_dominated
+
+    entries = [
+        {"name": "tc", "l0": 32, "explained_variance": 0.6, "reconstructs": "mlp"},
+        {"name": "sae-mlp", "l0": 32, "explained_variance": 0.5, "reconstructs": "mlp"},
+        {"name": "sae-in", "l0": 16, "explained_variance": 0.4, "reconstructs": "norm"},  # better L0, other target
+    ]
+    flags = {e["name"]: e["dominated_ev"] for e in mark_dominated(entries)}
+    assert flags == {"tc": False, "sae-mlp": True, "sae-in": False}
+
+
+@pytest.mark.bad_input
+def test_a_transcoder_given_to_a_converter_for_sae_formats_is_refused(tmp_path: Path, capsys) -> None:
+    from saelab.cli import main
+
+    sae_lib.save(randomised(tc_config("topk", skip=True)), tmp_path / "tc")
+    for fmt in ("saelens", "sparsify", "dictionary_learning"):
+        assert main(["convert", "--src", str(tmp_path / "tc"), "--dst", str(tmp_path / fmt), "--to", fmt]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"this is a transcoder (in -> t, skip), and saelab writes the {fmt}" in err[0]
+        assert not (tmp_path / fmt).exists() or not any((tmp_path / fmt).iterdir())
+
+
+def tiny_run_args(model: Path, corpus: Path, *extra: str) -> list[str]:
+    return [
+        "--model.name", str(model), "--data.dataset", str(corpus), "--data.ctx-len", "32",
+        "--collect.n-train-tokens", "1024", "--collect.batch-size", "4", "--train.batch-size", "128",
+        "--train.stream-buffer-rows", "512", "--train.epochs", "1", "--train.expansion", "2", "--train.k", "4",
+        "--collect.hookpoint", "layers.1.post_attention_layernorm", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.bad_input
+def test_a_stored_run_or_a_target_the_model_lacks_is_refused_in_one_line(
+    tmp_path: Path, tiny_model_dir: Path, corpus_file: Path, capsys
+) -> None:
+    from saelab.cli import main
+
+    stored = tmp_path / "stored"
+    assert main(["collect", "--run-dir", str(stored), *tiny_run_args(tiny_model_dir, corpus_file)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--run-dir", str(stored), "--train.target-hookpoint", "layers.1.mlp"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--collect.format stream" in err[0]
+    assert not (stored / "sae").exists()
+    args = tiny_run_args(tiny_model_dir, corpus_file, "--train.target-hookpoint", "layers.1.nothing")
+    assert main(["train", "--run-dir", str(tmp_path / "new"), *args]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'layers.1.nothing' is not a module of this model" in err[0]
