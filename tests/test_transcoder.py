@@ -121,7 +121,7 @@ def test_folding_the_two_training_scales_gives_raw_targets_from_raw_inputs(arch:
     x = torch.randn(64, D_IN) * 7
     s_in, s_out = 0.37, 2.9
     with torch.no_grad():
-        y_scaled, code = sae.reconstruct(x * s_in)
+        y_scaled, _ = sae.reconstruct(x * s_in)
         z_scaled = sae.dense_latents(x * s_in)
     sae.fold_scales(s_in, s_out)
     with torch.no_grad():
@@ -166,9 +166,9 @@ def test_a_transcoders_checkpoint_records_both_hookpoints_d_out_and_the_skip(tmp
 
 @pytest.mark.bad_input
 def test_transcoder_settings_without_a_target_are_refused_in_one_line() -> None:
-    with pytest.raises(ConfigError, match="give --train.target-hookpoint too"):
+    with pytest.raises(ConfigError, match=r"give --train.target-hookpoint too"):
         TrainConfig(skip=True)
-    with pytest.raises(ConfigError, match="resample.method none"):
+    with pytest.raises(ConfigError, match=r"resample.method none"):
         TrainConfig(target_hookpoint="layers.1.mlp", resample=ResampleConfig(method="anthropic"))
     with pytest.raises(SAEError, match="config needs d_out > 0"):
         SAEConfig("topk", 8, 32, k=4, skip=True)
@@ -179,7 +179,11 @@ def test_transcoder_settings_without_a_target_are_refused_in_one_line() -> None:
 
 # --- evaluation on the tiny model ------------------------------------------------------------------------------
 
-IN_HP, UP_HP, MLP_HP = "model.layers.1.post_attention_layernorm", "model.layers.1.mlp.up_proj", "model.layers.1.mlp"
+IN_HP, UP_HP, MLP_HP = (
+    "model.layers.1.post_attention_layernorm",
+    "model.layers.1.mlp.up_proj",
+    "model.layers.1.mlp",
+)
 
 
 @pytest.fixture(scope="module")
@@ -226,19 +230,22 @@ def test_a_transcoder_equal_to_its_target_module_scores_one_and_zero_fvu(lm, win
     assert good.ce_loss_score == pytest.approx(1.0, abs=1e-4)
     assert good.l0 == 0 and good.dead_fraction == 1.0
     # halving the output: FVU = 0.25 * E||y||^2 / Var(y) > 0 and a KL away from 0; one zero ablation for both
-    assert half.explained_variance < 0.99 and half.kl_sae > 1e-4
+    assert half.explained_variance < 0.99
+    assert half.kl_sae > 1e-7 and half.kl_sae > 10 * abs(good.kl_sae)
     assert half.ce_zero_ablation == good.ce_zero_ablation != good.ce_clean
 
 
 @pytest.mark.bad_input
-def test_a_transcoder_whose_target_the_model_lacks_or_is_not_d_out_wide_is_refused_in_one_line(lm, windows) -> None:
+def test_a_transcoder_whose_target_the_model_lacks_or_is_not_d_out_wide_is_refused_in_one_line(
+    lm, windows
+) -> None:
     from saelab.config import EvalConfig
     from saelab.eval.transcoder import evaluate_models
 
     cfg = EvalConfig(n_windows=2, n_ce_windows=1)
     sae = exact_linear_transcoder(lm)
     lacks = build(dataclasses.replace(sae.cfg, target_hookpoint="model.layers.1.mlp.nothing"))
-    with pytest.raises(SAEError, match="target hookpoint 'model.layers.1.mlp.nothing' is not a module"):
+    with pytest.raises(SAEError, match=r"target hookpoint .model.layers.1.mlp.nothing. is not a module"):
         evaluate_models(lm, [lacks], windows, IN_HP, cfg)
     wrong = build(dataclasses.replace(sae.cfg, target_hookpoint=MLP_HP))  # 32 wide, d_out 64
     with pytest.raises(SAEError, match=r"model.layers.1.mlp is 32 wide but the transcoder's d_out is 64"):
@@ -251,7 +258,12 @@ def test_matched_l0_compares_only_models_reconstructing_the_same_hookpoint() -> 
     entries = [
         {"name": "tc", "l0": 32, "explained_variance": 0.6, "reconstructs": "mlp"},
         {"name": "sae-mlp", "l0": 32, "explained_variance": 0.5, "reconstructs": "mlp"},
-        {"name": "sae-in", "l0": 16, "explained_variance": 0.4, "reconstructs": "norm"},  # better L0, other target
+        {
+            "name": "sae-in",
+            "l0": 16,
+            "explained_variance": 0.4,
+            "reconstructs": "norm",
+        },  # better L0, other target
     ]
     flags = {e["name"]: e["dominated_ev"] for e in mark_dominated(entries)}
     assert flags == {"tc": False, "sae-mlp": True, "sae-in": False}
@@ -263,19 +275,25 @@ def test_a_transcoder_given_to_a_converter_for_sae_formats_is_refused(tmp_path: 
 
     sae_lib.save(randomised(tc_config("topk", skip=True)), tmp_path / "tc")
     for fmt in ("saelens", "sparsify", "dictionary_learning"):
-        assert main(["convert", "--src", str(tmp_path / "tc"), "--dst", str(tmp_path / fmt), "--to", fmt]) == 1
+        assert (
+            main(["convert", "--src", str(tmp_path / "tc"), "--dst", str(tmp_path / fmt), "--to", fmt]) == 1
+        )
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and f"this is a transcoder (in -> t, skip), and saelab writes the {fmt}" in err[0]
+        assert (
+            len(err) == 1 and f"this is a transcoder (in -> t, skip), and saelab writes the {fmt}" in err[0]
+        )
         assert not (tmp_path / fmt).exists() or not any((tmp_path / fmt).iterdir())
 
 
-def tiny_run_args(model: Path, corpus: Path, *extra: str) -> list[str]:
+def tiny_run_args(model: Path, corpus: Path) -> list[str]:
     return [
         "--model.name", str(model), "--data.dataset", str(corpus), "--data.ctx-len", "32",
-        "--collect.n-train-tokens", "1024", "--collect.batch-size", "4", "--train.batch-size", "128",
-        "--train.stream-buffer-rows", "512", "--train.epochs", "1", "--train.expansion", "2", "--train.k", "4",
-        "--collect.hookpoint", "layers.1.post_attention_layernorm", *extra,
+        "--collect.n-train-tokens", "1024", "--collect.batch-size", "4",
+        "--collect.hookpoint", "layers.1.post_attention_layernorm",
     ]  # fmt: skip
+
+
+TINY_TRAIN = ["--train.batch-size", "128", "--train.stream-buffer-rows", "512", "--train.epochs", "1"]
 
 
 @pytest.mark.bad_input
@@ -287,11 +305,69 @@ def test_a_stored_run_or_a_target_the_model_lacks_is_refused_in_one_line(
     stored = tmp_path / "stored"
     assert main(["collect", "--run-dir", str(stored), *tiny_run_args(tiny_model_dir, corpus_file)]) == 0
     capsys.readouterr()
-    assert main(["train", "--run-dir", str(stored), "--train.target-hookpoint", "layers.1.mlp"]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        main(["train", "--run-dir", str(stored), *TINY_TRAIN, "--train.target-hookpoint", "layers.1.mlp"])
+        == 1
+    )
+    err = [
+        ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("saelab: ")
+    ]  # not progress bars
     assert len(err) == 1 and "--collect.format stream" in err[0]
     assert not (stored / "sae").exists()
-    args = tiny_run_args(tiny_model_dir, corpus_file, "--train.target-hookpoint", "layers.1.nothing")
+    args = [
+        *tiny_run_args(tiny_model_dir, corpus_file),
+        *TINY_TRAIN,
+        "--train.target-hookpoint",
+        "layers.1.nothing",
+    ]
     assert main(["train", "--run-dir", str(tmp_path / "new"), *args]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
+    err = [
+        ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("saelab: ")
+    ]  # not progress bars
     assert len(err) == 1 and "'layers.1.nothing' is not a module of this model" in err[0]
+
+
+def test_cache_sample_explain_score_and_report_run_unchanged_on_a_transcoder_run(
+    tmp_path: Path, tiny_model_dir: Path, corpus_file: Path
+) -> None:
+    """A transcoder latent fires at its input's position: the latent cache encodes the input hookpoint's
+    activations, and the report names the transcoder with both hookpoints."""
+    from saelab.cli import main
+    from saelab.latents.cache import LatentCache
+
+    run = str(tmp_path / "r")
+    train = [
+        *TINY_TRAIN,
+        "--train.expansion",
+        "2",
+        "--train.k",
+        "4",
+        "--train.target-hookpoint",
+        "layers.1.mlp",
+    ]
+    assert main(["train", "--run-dir", run, *tiny_run_args(tiny_model_dir, corpus_file), *train]) == 0
+    assert main(["cache", "--run-dir", run, "--cache.dataset-split", "eval"]) == 0
+    sample = ["--sample.n-latents", "3", "--sample.min-examples", "6", "--sample.n-examples-train", "3",
+              "--sample.n-examples-test", "3", "--sample.n-non-activating", "3", "--sample.n-non-activating-train",
+              "2", "--sample.example-ctx-len", "8", "--sample.n-quantiles", "1", "--sample.n-candidates", "10"]  # fmt: skip
+    assert main(["sample", "--run-dir", run, *sample]) == 0
+    assert main(["explain", "--run-dir", run, "--explain.explainers", "token_stats"]) == 0
+    assert main(["eval", "--run-dir", run, "--eval.n-windows", "2", "--eval.n-ce-windows", "1"]) == 0
+    assert main(["report", "--run-dir", run]) == 0
+    sae = sae_lib.load(tmp_path / "r" / "sae")
+    cache = LatentCache.open(tmp_path / "r" / "latents")
+    assert cache.info.d_sae == sae.cfg.d_sae and sae.cfg.is_transcoder
+    # the cached latents are the transcoder's latents of the input hookpoint at the same (window, position)
+    from saelab.data.windows import TokenWindows
+    from saelab.models.loading import capture, forward_until, load_model
+
+    lm = load_model(str(tiny_model_dir))
+    windows = TokenWindows.load_run(tmp_path / "r")
+    ids = torch.as_tensor(windows.tokens[cache.window_N], dtype=torch.long)
+    with torch.inference_mode(), capture(lm.model, [IN_HP]) as store:
+        forward_until(lm.model, ids)
+    x = store[IN_HP][torch.arange(len(ids)), torch.as_tensor(cache.pos_N, dtype=torch.long)]
+    torch.testing.assert_close(torch.as_tensor(cache.dense()), sae.dense_latents(x), rtol=1e-4, atol=1e-4)
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "topk transcoder: reads `model.layers.1.post_attention_layernorm`" in report
+    assert "reconstructs `model.layers.1.mlp`" in report

@@ -69,7 +69,9 @@ def stage_eval(s: Session) -> None:
     with s.run.stage("eval", {"eval": to_dict(s.cfg.eval)}, reads) as rec:
         saes = [sae.to(lm.device) for _, sae in named]
         reads = None
-        if any(sae.cfg.is_transcoder for sae in saes):  # each model at its own hookpoints (eval/transcoder.py)
+        if any(
+            sae.cfg.is_transcoder for sae in saes
+        ):  # each model at its own hookpoints (eval/transcoder.py)
             if s.cfg.eval.absorption.enabled:
                 raise sae_lib.SAEError(
                     "first-letter absorption reads an SAE's decoder in its input's space; a transcoder writes "

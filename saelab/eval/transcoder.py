@@ -92,7 +92,9 @@ def evaluate_models(
         for s, r in zip(stats, reads, strict=True):
             s.add(store[r.input][keep].float(), store[r.target][keep].float())
     recon = [s.result() for s in stats]
-    down = replacement_scores(lm, saes, reads, windows, windows.eval_idx[: cfg.n_ce_windows], cfg.ce_batch_size)
+    down = replacement_scores(
+        lm, saes, reads, windows, windows.eval_idx[: cfg.n_ce_windows], cfg.ce_batch_size
+    )
     excluded = "leading positions and special tokens (see data config: exclude_first, exclude_special)"
     results = [EvalResult(**r, **d, excluded=excluded) for r, d in zip(recon, down, strict=True)]
     return results, reads
@@ -122,7 +124,9 @@ def replacement_scores(
         clean = _Clean(_log_probs(lm, ids, mask), ids[:, 1:][mask])
         ce_clean += clean.ce
         for target in targets:
-            with replace_output(lm.model, target, torch.zeros_like):  # every position, BOS included (SAEBench)
+            with replace_output(
+                lm.model, target, torch.zeros_like
+            ):  # every position, BOS included (SAEBench)
                 ce, kl = clean.ce_kl(_log_probs(lm, ids, mask))
             ce_zero[target] += ce
             kl_zero[target] += kl

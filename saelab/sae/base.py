@@ -193,8 +193,8 @@ class SAE(nn.Module):
         if cfg.architecture != self.architecture:
             raise SAEError(f"a {cfg.architecture} config cannot build a {self.architecture} SAE")
         self.cfg = cfg
-        D, F, O = cfg.d_in, cfg.d_sae, cfg.out_width
-        W_dec_FD = torch.randn(F, O)
+        D, F, D_out = cfg.d_in, cfg.d_sae, cfg.out_width
+        W_dec_FD = torch.randn(F, D_out)
         W_dec_FD = W_dec_FD / W_dec_FD.norm(dim=1, keepdim=True) * self.decoder_init_norm
         self.W_dec_FD = nn.Parameter(W_dec_FD)
         # Encoder starts as the decoder's transpose (Gao et al. 2024, sec. 2.4: tied init); a transcoder's
@@ -205,7 +205,7 @@ class SAE(nn.Module):
             W_enc_FD = W_enc_FD / W_enc_FD.norm(dim=1, keepdim=True) * self.decoder_init_norm
         self.W_enc_DF = nn.Parameter(W_enc_FD.T.contiguous())  # row-major, as a loaded checkpoint's
         self.b_enc_F = nn.Parameter(torch.zeros(F))
-        self.b_dec_D = nn.Parameter(torch.zeros(O))
+        self.b_dec_D = nn.Parameter(torch.zeros(D_out))
         self.b_in_D: torch.Tensor | None
         self.W_skip_DO: nn.Parameter | None
         if cfg.is_transcoder:
@@ -214,7 +214,7 @@ class SAE(nn.Module):
         else:
             self.b_in_D = None
         # Paulo et al. 2025 start the skip at zero.
-        self.W_skip_DO = nn.Parameter(torch.zeros(D, O)) if cfg.skip else None
+        self.W_skip_DO = nn.Parameter(torch.zeros(D, D_out)) if cfg.skip else None
 
     @classmethod
     def check_config(cls, cfg: SAEConfig) -> None:

@@ -151,7 +151,9 @@ class SAETrainer:
             else:
                 self._init_transcoder(sample)
             if self.dist.world > 1:
-                scales = torch.tensor([self.scale, self.target_scale], dtype=torch.float64, device=self.device)
+                scales = torch.tensor(
+                    [self.scale, self.target_scale], dtype=torch.float64, device=self.device
+                )
                 ddp.broadcast_tensor_(scales)
                 self.scale, self.target_scale = (float(v) for v in scales.tolist())
                 ddp.broadcast_module_(self.sae)

@@ -176,7 +176,9 @@ def _transcoder_targets(s: Session, collected: CollectRecord, cfgs: list[TrainCo
             "a transcoder reads collect.hookpoint and reconstructs --train.target-hookpoint; leave out "
             "--collect.extra-hookpoints (train transcoders at other layers in runs of their own)"
         )
-    targets = [resolve_hookpoint(s.lm().model, c.target_hookpoint) if c.target_hookpoint else "" for c in cfgs]
+    targets = [
+        resolve_hookpoint(s.lm().model, c.target_hookpoint) if c.target_hookpoint else "" for c in cfgs
+    ]
     if collected.hookpoint in targets:
         raise ActivationError(
             f"--train.target-hookpoint {collected.hookpoint} is the input hookpoint: that is an SAE; leave it out, "

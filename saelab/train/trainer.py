@@ -282,11 +282,15 @@ def _target_slots(
                 "target slot"
             )
         if t is not None and not c.target_hookpoint:
-            raise TrainError(f"target slot {t} given for an SAE; set TrainConfig.target_hookpoint for a transcoder")
+            raise TrainError(
+                f"target slot {t} given for an SAE; set TrainConfig.target_hookpoint for a transcoder"
+            )
     return targets
 
 
-def _target_name(slotted: StreamSource | PairedTensorSource | None, slot: int | None, cfg: TrainConfig) -> str:
+def _target_name(
+    slotted: StreamSource | PairedTensorSource | None, slot: int | None, cfg: TrainConfig
+) -> str:
     """The target hookpoint's module name (the source's, resolved), else the config's spelling."""
     assert slotted is not None and slot is not None
     return slotted.hookpoints[slot] or cfg.target_hookpoint
