@@ -30,7 +30,7 @@ from saelab.config import EvalConfig
 from saelab.data.windows import TokenWindows
 from saelab.eval.core import EvalResult, ReconstructionStats, _Clean, _log_probs
 from saelab.models.loading import LoadedModel, capture, forward_until, hookpoint_width, replace_output
-from saelab.sae.base import SAE, SAEError
+from saelab.sae.base import SAE, SAEError, check_width
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ def reads_of(lm: LoadedModel, sae: SAE, run_hookpoint: str) -> Reads:
     cfg = sae.cfg
     if not cfg.is_transcoder:
         hp = cfg.hookpoint if cfg.hookpoint in modules else run_hookpoint
+        check_width(sae, hookpoint_width(lm, hp), hp)
         return Reads(hp, hp)
     for role, hp in (("input", cfg.hookpoint), ("target", cfg.target_hookpoint)):
         if hp not in modules:
