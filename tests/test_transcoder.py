@@ -371,3 +371,23 @@ def test_cache_sample_explain_score_and_report_run_unchanged_on_a_transcoder_run
     report = (tmp_path / "r" / "report.md").read_text()
     assert "topk transcoder: reads `model.layers.1.post_attention_layernorm`" in report
     assert "reconstructs `model.layers.1.mlp`" in report
+
+
+@pytest.mark.resume
+def test_a_stopped_skip_transcoder_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path: Path) -> None:
+    from support_train import StepCounter, Stopped
+
+    x, y = planted_pairs(2048, linear=1.0)
+    cfg = TrainConfig(k=3, expansion=4, batch_size=256, epochs=2, target_hookpoint="out", skip=True,
+                      checkpoint_every=3, log_every=1000)  # fmt: skip
+
+    def run(c: TrainConfig, ckpt: Path, hook: StepCounter | None = None) -> sae_lib.SAE:
+        source = PairedTensorSource(x, y, hookpoints=["in", "out"])
+        return train_many(source, [c], 0, checkpoint_dirs=[ckpt], step_hook=hook, target_slots=[1])[0].sae
+
+    straight = run(cfg, tmp_path / "a")
+    with pytest.raises(Stopped):
+        run(cfg, tmp_path / "b", StepCounter(stop_at=7))  # the last checkpoint is at step 6
+    resumed = run(dataclasses.replace(cfg, resume=True), tmp_path / "b")
+    for name, t in straight.state_dict().items():
+        assert torch.equal(t, resumed.state_dict()[name]), name  # b_in_D, W_skip and both scales' folding
