@@ -145,12 +145,12 @@ th{background:#f3f3f3}figure img{max-width:100%}</style>"""
 def pareto_plot(saes: list[dict[str, Any]], metric: str, flag: str, label: str) -> Any:
     """`metric` against L0 (log scale), one colour per architecture, dominated SAEs hollow, the frontier drawn."""
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    archs = sorted({e["architecture"] for e in saes})
+    archs = sorted({_group(e) for e in saes})
     colours = {a: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(archs)}
     for e in saes:
-        c = colours[e["architecture"]]
+        c = colours[_group(e)]
         ax.scatter(e["l0"], e[metric], s=46, edgecolors=c, facecolors="none" if e[flag] else c, zorder=3)
-        name = Path(e["name"]).name
+        name = "/".join(Path(e["name"]).parts[-2:])  # `run/sae` tells an extra SAE from the run's own
         name = name if len(name) <= 24 else name[:23] + "…"
         ax.annotate(name, (e["l0"], e[metric]), fontsize=7, xytext=(4, 3), textcoords="offset points")
     front = sorted((e for e in saes if not e[flag]), key=lambda e: e["l0"])
@@ -165,3 +165,10 @@ def pareto_plot(saes: list[dict[str, Any]], metric: str, flag: str, label: str) 
     ax.legend(fontsize=8, loc="best", framealpha=0.7)
     ax.set_title(f"{label} against L0 (hollow: dominated)")
     return fig
+
+
+def _group(entry: dict[str, Any]) -> str:
+    """A Pareto plot's colour: the architecture, and with transcoders beside SAEs what each is
+    (`saelab.eval.transcoder.describe`)."""
+    kind = entry.get("kind")
+    return f"{entry['architecture']} {kind}" if kind else str(entry["architecture"])
