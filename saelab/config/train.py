@@ -168,6 +168,14 @@ class TrainConfig:
     space-separated overrides of these settings named as their flags without `--train.` (or with underscores), e.g.
     `"architecture=batchtopk k=64"` `"k=16 lr=1e-3"` `"architecture=jumprelu jumprelu.bandwidth=0.1"`; tuples take
     commas (`matryoshka.prefix_fractions=0.25,0.5,1`). Saved under the run's `sae-variants/<i>-<overrides>/`."""
+    target_hookpoint: str = ""
+    """Train a transcoder: the module whose output it reconstructs from the hookpoint's (`collect.hookpoint`), e.g.
+    `--collect.hookpoint layers.6.post_attention_layernorm --train.target-hookpoint layers.6.mlp` on Llama (the
+    MLP's input after its norm, and the MLP's output). Encoder and sparsity are the architecture's own; the loss is
+    against the target. Empty = an SAE. Trained on the fly (`collect.format stream`: one forward captures both)."""
+    skip: bool = False
+    """Transcoder: add a learned linear skip path from input to output, starting at zero (a skip transcoder,
+    Paulo, Shabalin & Belrose 2025)."""
     kernels: Literal["auto", "sparse", "dense"] = "auto"
     """topk, batchtopk, matryoshka: backward passes over the active entries only (`sparse`, saelab/sae/sparse_ops.py)
     or dense matmuls over all latents (`dense`). Both compute the same gradients. `auto`: sparse on CPU, where it
@@ -205,6 +213,16 @@ class TrainConfig:
         _check(
             self.encoder_init_scale > 0,
             f"train.encoder_init_scale must be > 0, got {self.encoder_init_scale}",
+        )
+        _check(
+            not self.skip or bool(self.target_hookpoint),
+            "train.skip adds a skip path to a transcoder: give --train.target-hookpoint too",
+        )
+        _check(
+            not self.target_hookpoint or self.resample.method == "none",
+            f"train.resample.method {self.resample.method} re-initialises decoder rows from inputs, but a "
+            "transcoder's decoder writes its target: train transcoders with --train.resample.method none (AuxK "
+            "still revives dead latents)",
         )
         self.variant_configs()  # parses and validates every variant
 

@@ -128,14 +128,16 @@ class ReconstructionStats:
         self.sq_err = self.cos_sum = self.legacy_sum = self.l0_sum = self.l1_sum = 0.0
         self.ratio_sum = self.xhat_sq_sum = self.dot_sum = 0.0
         self.n = 0
-        self.dim_sum = torch.zeros(sae.cfg.d_in, dtype=torch.float64)
-        self.dim_sq = torch.zeros(sae.cfg.d_in, dtype=torch.float64)
+        self.dim_sum = torch.zeros(sae.cfg.out_width, dtype=torch.float64)
+        self.dim_sq = torch.zeros(sae.cfg.out_width, dtype=torch.float64)
         self.fired = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
 
     @torch.no_grad()
-    def add(self, x: torch.Tensor) -> None:
-        """Account for one batch of tokens `x` [n, D] (kept positions only)."""
-        xh, code = self.sae.reconstruct(x)
+    def add(self, x_in: torch.Tensor, target: torch.Tensor | None = None) -> None:
+        """Account for one batch of tokens `x_in` [n, D] (kept positions only); a transcoder's metrics are of its
+        `target` [n, O], the same tokens' rows at the target hookpoint (`saelab.eval.transcoder`)."""
+        xh, code = self.sae.reconstruct(x_in)
+        x = x_in if target is None else target
         err_sq_B = (x - xh).pow(2).sum(-1)
         x_norm_B = x.pow(2).sum(-1).sqrt()
         xh_norm_B = xh.pow(2).sum(-1).sqrt()

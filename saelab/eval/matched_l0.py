@@ -27,7 +27,9 @@ DOMINANCE = (
 def mark_dominated(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Add `dominated_ev` / `dominated_ce` (and `dominated_absorption` where absorption was measured) to SAE
     records with an `l0`: another SAE with that metric has an L0 no higher and a score no worse, one of them
-    strictly. Absorption is better lower; a metric an SAE lacks (or has as None) gets no flag."""
+    strictly. Absorption is better lower; a metric an SAE lacks (or has as None) gets no flag. Entries that
+    name what they reconstruct (`reconstructs`: SAEs and transcoders, `saelab.eval.transcoder`) are compared
+    only with entries reconstructing the same hookpoint."""
     out = []
     for e in entries:
         flags = {}
@@ -36,6 +38,7 @@ def mark_dominated(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 continue
             flags[key] = any(
                 o is not e
+                and o.get("reconstructs") == e.get("reconstructs")
                 and o.get(metric) is not None
                 and o["l0"] <= e["l0"]
                 and sign * o[metric] >= sign * e[metric]

@@ -23,6 +23,7 @@ from saelab.eval.core import METRICS, EvalResult, Provenance, evaluate_many
 from saelab.eval.matched_l0 import MatchedL0, mark_dominated
 from saelab.eval.probing import PROBING, ProbingConfig, ProbingResult, run_probing
 from saelab.eval.probing_tasks import ProbingError
+from saelab.eval.transcoder import describe, evaluate_models
 from saelab.models.loading import LoadedModel
 from saelab.run.session import Session
 from saelab.sae import base as sae_lib
@@ -67,7 +68,22 @@ def stage_eval(s: Session) -> None:
         )  # fmt: skip
     with s.run.stage("eval", {"eval": to_dict(s.cfg.eval)}, reads) as rec:
         saes = [sae.to(lm.device) for _, sae in named]
-        results = evaluate_many(lm, saes, windows, hookpoint, s.cfg.eval)
+        model_reads = None
+        if any(
+            sae.cfg.is_transcoder for sae in saes
+        ):  # each model at its own hookpoints (eval/transcoder.py)
+            if s.cfg.eval.absorption.enabled:
+                raise sae_lib.SAEError(
+                    "first-letter absorption reads an SAE's decoder in its input's space; a transcoder writes "
+                    "another hookpoint: leave out --eval.absorption.enabled"
+                )
+            results, model_reads = evaluate_models(lm, saes, windows, hookpoint, s.cfg.eval)
+        else:
+            results = evaluate_many(lm, saes, windows, hookpoint, s.cfg.eval)
+        extra: list[dict[str, Any]] = [{} for _ in saes]
+        if model_reads is not None:
+            extra = [{**describe(sae, r), "fvu": 1 - res.explained_variance}
+                     for sae, r, res in zip(saes, model_reads, results, strict=True)]  # fmt: skip
         (s.folder / "eval").mkdir(exist_ok=True)
         # Each result file names what it was computed from, so it stays attributable when copied out of the run.
         hashes = [sae_lib.params_sha256(sae) for sae in saes]
@@ -76,7 +92,7 @@ def stage_eval(s: Session) -> None:
         )
         results[0].save(s.folder / METRICS, source)
         rec["outputs"].append(METRICS)
-        rec["summary"] = _summary(results[0])
+        rec["summary"] = {**_summary(results[0]), **extra[0]}
         with _cli_names():
             absorption = _absorption(s, lm, saes, hookpoint) if s.cfg.eval.absorption.enabled else []
             probing = _probing(s, lm, saes[0], hookpoint) if s.cfg.eval.probing.tasks else None
@@ -95,8 +111,8 @@ def stage_eval(s: Session) -> None:
         if len(named) > 1:
             entries = [
                 {"name": name, "architecture": sae.architecture, "d_sae": sae.cfg.d_sae, "sae_sha256": h,
-                 **_summary(r)}
-                for (name, sae), h, r in zip(named, hashes, results, strict=True)
+                 **_summary(r), **e}
+                for (name, sae), h, r, e in zip(named, hashes, results, extra, strict=True)
             ]  # fmt: skip
             for entry, a in zip(entries, absorption, strict=False):
                 entry["mean_absorption_fraction_score"] = a.mean_absorption_fraction_score

@@ -146,12 +146,12 @@ th{background:#f3f3f3}figure img{max-width:100%}</style>"""
 def pareto_plot(saes: list[dict[str, Any]], metric: str, flag: str, label: str) -> Any:
     """`metric` against L0 (log scale), one colour per architecture, dominated SAEs hollow, the frontier drawn."""
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    archs = sorted({e["architecture"] for e in saes})
+    archs = sorted({_group(e) for e in saes})
     colours = {a: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(archs)}
     for e in saes:
-        c = colours[e["architecture"]]
+        c = colours[_group(e)]
         ax.scatter(e["l0"], e[metric], s=46, edgecolors=c, facecolors="none" if e[flag] else c, zorder=3)
-        name = Path(e["name"]).name
+        name = "/".join(Path(e["name"]).parts[-2:])  # `run/sae` tells an extra SAE from the run's own
         name = name if len(name) <= 24 else name[:23] + "…"
         ax.annotate(name, (e["l0"], e[metric]), fontsize=7, xytext=(4, 3), textcoords="offset points")
     front = sorted((e for e in saes if not e[flag]), key=lambda e: e["l0"])
@@ -176,3 +176,10 @@ def violins(ax: Any, data: list[list[float]], labels: list[str]) -> None:
         ax.violinplot([data[i] for i in spread], positions=pos[spread], showextrema=False)
     ax.boxplot(data, positions=pos, widths=0.15)
     ax.set_xticks(pos, labels, fontsize=7)
+
+
+def _group(entry: dict[str, Any]) -> str:
+    """A Pareto plot's colour: the architecture, and with transcoders beside SAEs what each is
+    (`saelab.eval.transcoder.describe`)."""
+    kind = entry.get("kind")
+    return f"{entry['architecture']} {kind}" if kind else str(entry["architecture"])

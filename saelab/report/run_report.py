@@ -145,11 +145,22 @@ def _sae_section(run: Run, doc: Doc, plots: PlotDir) -> list[Path]:
     metrics = {**loaded[0].to_json(), **asdict(loaded[1])}
     sae_cfg = loaded[1].sae_config or {}
     name = f" `{metrics['sae']}`" if metrics.get("sae", "sae") != "sae" else ""
-    doc.para(
-        f"{sae_cfg.get('architecture', '?')} SAE{name}, d_in {sae_cfg.get('d_in')}, {sae_cfg.get('d_sae')} latents, "
-        f"k {sae_cfg.get('k')}. Reconstruction metrics over {metrics['n_tokens']} tokens, CE/KL over "
-        f"{metrics['n_ce_tokens']}; excluded: {metrics['excluded']}."
-    )
+    if sae_cfg.get("d_out"):  # a transcoder (saelab.eval.transcoder): its metrics are of the target
+        kind = "skip transcoder" if sae_cfg.get("skip") else "transcoder"
+        doc.para(
+            f"{sae_cfg.get('architecture', '?')} {kind}{name}: reads `{sae_cfg.get('hookpoint')}` (d_in "
+            f"{sae_cfg.get('d_in')}) and reconstructs `{sae_cfg.get('target_hookpoint')}` (d_out "
+            f"{sae_cfg.get('d_out')}), {sae_cfg.get('d_sae')} latents, k {sae_cfg.get('k')}; a latent fires at its "
+            "input's position. Reconstruction metrics are the target's (FVU = 1 - explained variance); CE/KL "
+            "replace the target's output by the transcoder's, against zero-ablating it. Over "
+            f"{metrics['n_tokens']} tokens, CE/KL over {metrics['n_ce_tokens']}; excluded: {metrics['excluded']}."
+        )
+    else:
+        doc.para(
+            f"{sae_cfg.get('architecture', '?')} SAE{name}, d_in {sae_cfg.get('d_in')}, {sae_cfg.get('d_sae')} "
+            f"latents, k {sae_cfg.get('k')}. Reconstruction metrics over {metrics['n_tokens']} tokens, CE/KL over "
+            f"{metrics['n_ce_tokens']}; excluded: {metrics['excluded']}."
+        )
     keys = [
         "explained_variance", "explained_variance_legacy", "mse", "cosine_similarity", "l0", "l1", "l2_ratio",
         "relative_reconstruction_bias", "dead_fraction", "dense_fraction", "ce_loss_score", "ce_clean", "ce_sae", "ce_zero_ablation", "kl_score", "kl_sae",
@@ -337,9 +348,14 @@ def print_summary(folder: Path, seconds: float) -> None:
     lines = [f"saelab: run {folder} finished in {seconds:.0f}s"]
     loaded = load_run_metrics(folder) if recorded(run, "eval", METRICS) else None
     if loaded is not None:
-        m = loaded[0].to_json()
+        m, cfg = loaded[0].to_json(), loaded[1].sae_config or {}
+        kind = (
+            f"transcoder {cfg.get('hookpoint')} -> {cfg.get('target_hookpoint')}"
+            if cfg.get("d_out")
+            else "SAE"
+        )
         lines.append(
-            f"  SAE: EV {m['explained_variance']:.3f}  L0 {m['l0']:.1f}  dead {m['dead_fraction']:.1%}  "
+            f"  {kind}: EV {m['explained_variance']:.3f}  L0 {m['l0']:.1f}  dead {m['dead_fraction']:.1%}  "
             f"CE score {m['ce_loss_score']:.3f}  KL score {m['kl_score']:.3f}"
         )
     for o in (o.to_dict() for o in (load_run_overall(folder) if recorded(run, "score") else None) or []):

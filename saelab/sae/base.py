@@ -14,7 +14,17 @@ The built-in architectures, one module each, registered by name in `registry.REG
 Interface (`SAE`): `encode(x) -> SparseCode`, `decode(code) -> x_hat`, `reconstruct(x) -> (x_hat, code)` and
 `forward(x) -> ForwardOutput` (inference; `forward(x).x_hat_BD == decode(encode(x))`, forward also returns every
 latent's pre-activation), and `training_loss(x, inputs) -> TrainLoss`, the objective `saelab.train.trainer`
-minimises. Shapes carry suffixes: B batch, D d_in, F d_sae (latents), K active-latent slots.
+minimises. Shapes carry suffixes: B batch, D d_in, F d_sae (latents), K active-latent slots, O d_out.
+
+Transcoders. Every architecture also trains as a transcoder (`SAEConfig.d_out` > 0): it reads one hookpoint (an
+MLP's input, after its norm) and reconstructs another's output (that MLP's output), so the decoder writes
+`d_out`-wide rows and the loss compares with the target (`LossInputs.target_BD`); encoder, sparsity and the
+rest of the objective are the architecture's own. Since b_dec lives in the output space, the encoder subtracts
+a fixed centre of the input instead (`b_pre_D`: b_dec for an SAE, the buffer `b_in_D` for a transcoder,
+sparsify's transcoders subtract nothing). A skip transcoder adds a learned linear path, x_hat = decode(z) +
+x W_skip, W_skip starting at zero (Paulo, Shabalin & Belrose 2025, "Transcoders beat sparse autoencoders for
+interpretability"); every architecture's reconstruction loss then reconstructs y - x W_skip, which is the same
+objective with the skip's gradient flowing through the target.
 """
 
 from __future__ import annotations
@@ -110,14 +120,28 @@ class SAE(nn.Module):
         if cfg.architecture != self.architecture:
             raise SAEError(f"a {cfg.architecture} config cannot build a {self.architecture} SAE")
         self.cfg = cfg
-        D, F = cfg.d_in, cfg.d_sae
-        W_dec_FD = torch.randn(F, D)
+        D, F, D_out = cfg.d_in, cfg.d_sae, cfg.out_width
+        W_dec_FD = torch.randn(F, D_out)
         W_dec_FD = W_dec_FD / W_dec_FD.norm(dim=1, keepdim=True) * self.decoder_init_norm
         self.W_dec_FD = nn.Parameter(W_dec_FD)
-        # Encoder starts as the decoder's transpose (Gao et al. 2024, sec. 2.4: tied init).
-        self.W_enc_DF = nn.Parameter(W_dec_FD.T.contiguous())  # row-major, as a loaded checkpoint's
+        # Encoder starts as the decoder's transpose (Gao et al. 2024, sec. 2.4: tied init); a transcoder's
+        # decoder lives in another space, so its encoder columns are drawn on their own, at the same norm.
+        W_enc_FD = W_dec_FD
+        if cfg.is_transcoder:
+            W_enc_FD = torch.randn(F, D)
+            W_enc_FD = W_enc_FD / W_enc_FD.norm(dim=1, keepdim=True) * self.decoder_init_norm
+        self.W_enc_DF = nn.Parameter(W_enc_FD.T.contiguous())  # row-major, as a loaded checkpoint's
         self.b_enc_F = nn.Parameter(torch.zeros(F))
-        self.b_dec_D = nn.Parameter(torch.zeros(D))
+        self.b_dec_D = nn.Parameter(torch.zeros(D_out))
+        self.b_in_D: torch.Tensor | None
+        self.W_skip_DO: nn.Parameter | None
+        if cfg.is_transcoder:
+            # The input's centre, set from the data before training (fixed: the encoder bias absorbs the rest).
+            self.register_buffer("b_in_D", torch.zeros(D))
+        else:
+            self.b_in_D = None
+        # Paulo et al. 2025 start the skip at zero.
+        self.W_skip_DO = nn.Parameter(torch.zeros(D, D_out)) if cfg.skip else None
 
     @classmethod
     def check_config(cls, cfg: SAEConfig) -> None:
@@ -143,13 +167,33 @@ class SAE(nn.Module):
         check_input_finite(x_BD)
         return torch.relu(self.linear(x_BD))
 
+    @property
+    def b_pre_D(self) -> torch.Tensor:
+        """What the encoder subtracts from its input: b_dec for an SAE, the input's centre for a transcoder."""
+        return self.b_dec_D if self.b_in_D is None else self.b_in_D
+
     def linear(self, x_BD: torch.Tensor) -> torch.Tensor:
-        """Raw pre-activations W_enc (x - b_dec) + b_enc. Checks the width only: the trainer checks all its
+        """Raw pre-activations W_enc (x - b_pre) + b_enc. Checks the width only: the trainer checks all its
         activations for NaN/inf once, `pre_acts` (inference) checks every batch."""
         self._check_width(x_BD)
         if x_BD.dim() == 2:
-            return torch.addmm(self.b_enc_F, x_BD - self.b_dec_D, self.W_enc_DF)  # fused bias: ~10% faster
-        return (x_BD - self.b_dec_D) @ self.W_enc_DF + self.b_enc_F
+            return torch.addmm(self.b_enc_F, x_BD - self.b_pre_D, self.W_enc_DF)  # fused bias: ~10% faster
+        return (x_BD - self.b_pre_D) @ self.W_enc_DF + self.b_enc_F
+
+    def skip_out(self, x_BD: torch.Tensor) -> torch.Tensor | None:
+        """A skip transcoder's linear path x W_skip [B, O]; None without one."""
+        return None if self.W_skip_DO is None else x_BD @ self.W_skip_DO
+
+    def recon_target(self, x_BD: torch.Tensor, inputs: LossInputs) -> torch.Tensor:
+        """What the decoder is trained to reconstruct: x for an SAE; a transcoder's target, less the skip path's
+        share for a skip transcoder (so each architecture's reconstruction loss, Matryoshka's prefixes
+        included, is the loss of decode(z) + skip against the target)."""
+        if not self.cfg.is_transcoder:
+            return x_BD
+        if inputs.target_BD is None:
+            raise SAEError("a transcoder trains on (input, target) pairs: the step was given no target")
+        skip = self.skip_out(x_BD)
+        return inputs.target_BD if skip is None else inputs.target_BD - skip
 
     def encode(self, x_BD: torch.Tensor) -> SparseCode:
         return self.select(self.pre_acts(x_BD))
@@ -181,12 +225,16 @@ class SAE(nn.Module):
         """(x_hat, code) at inference, `decode(encode(x))`: what evaluation and splicing use. Unlike `forward` it
         does not keep the pre-activations of all F latents (an architecture's `encode` may skip them)."""
         code = self.encode(x_BD)
-        return self.decode(code), code
+        return self._with_skip(self.decode(code), x_BD), code
 
     def forward(self, x_BD: torch.Tensor) -> ForwardOutput:
         pre_BF = self.pre_acts(x_BD)
         code = self.select(pre_BF)
-        return ForwardOutput(self.decode(code), code, pre_BF)
+        return ForwardOutput(self._with_skip(self.decode(code), x_BD), code, pre_BF)
+
+    def _with_skip(self, x_hat_BO: torch.Tensor, x_BD: torch.Tensor) -> torch.Tensor:
+        skip = self.skip_out(x_BD)
+        return x_hat_BO if skip is None else x_hat_BO + skip
 
     def dense_latents(self, x_BD: torch.Tensor) -> torch.Tensor:
         """[B, F] latent activations with zeros for the inactive ones."""
@@ -220,8 +268,9 @@ class SAE(nn.Module):
     def training_loss(self, x_BD: torch.Tensor, inputs: LossInputs) -> TrainLoss:
         raw_BF = self.linear(x_BD)
         z_BF = self.train_latents(raw_BF)
-        recon, x_hat_BD = self.reconstruction_loss(x_BD, z_BF)
-        resid_BD = (x_BD - x_hat_BD).detach()
+        y_BD = self.recon_target(x_BD, inputs)
+        recon, x_hat_BD = self.reconstruction_loss(y_BD, z_BF)
+        resid_BD = (y_BD - x_hat_BD).detach()
         aux = z_BF.new_zeros(())
         if self.uses_auxk and inputs.auxk_coef > 0:
             aux = auxk_loss(self, raw_BF, resid_BD, inputs.dead_F, inputs.k_aux, inputs.sum_ranks)
@@ -276,8 +325,28 @@ class SAE(nn.Module):
         self.b_dec_D.div_(scale)
         self.b_enc_F.div_(scale)
 
+    @torch.no_grad()
+    def fold_scales(self, input_scale: float, target_scale: float) -> None:
+        """Make a transcoder trained on (x * input_scale, y * target_scale) take raw x and give raw y (an SAE:
+        both scales equal, `fold_input_scale`). For the positively homogeneous latents of every architecture,
+        latents, biases and thresholds shrink by target_scale (`fold_input_scale`), and encoder and skip weights
+        grow by input_scale / target_scale; the input's centre shrinks by input_scale."""
+        self.fold_input_scale(target_scale)
+        if self.b_in_D is not None:
+            self.b_in_D.div_(input_scale)
+        ratio = input_scale / target_scale
+        if ratio != 1.0:
+            self.W_enc_DF.mul_(ratio)
+            if self.W_skip_DO is not None:
+                self.W_skip_DO.mul_(ratio)
+
     def _check_width(self, x_BD: torch.Tensor) -> None:
         if x_BD.shape[-1] != self.cfg.d_in:
+            if self.cfg.is_transcoder:
+                raise SAEError(
+                    f"input has width {x_BD.shape[-1]} but the transcoder reads d_in={self.cfg.d_in} (from "
+                    f"{self.cfg.hookpoint or 'its input hookpoint'}); give it its input hookpoint's activations"
+                )
             raise SAEError(
                 f"input has d_in={x_BD.shape[-1]} but the SAE expects {self.cfg.d_in} "
                 f"(trained on {self.cfg.hookpoint or 'another hookpoint'}); use the SAE's own hookpoint"

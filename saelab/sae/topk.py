@@ -98,8 +98,9 @@ class KSparseSAE(SAE):
             raw_BF = self.linear(x_BD)
         entries, pre_N = self.train_entries(raw_BF)
         vals_N = self._entry_acts(x_BD, pre_N, entries)
-        recon, x_hat_BD = self.entry_reconstruction_loss(x_BD, vals_N, entries)
-        resid_BD = (x_BD - x_hat_BD).detach()
+        y_BD = self.recon_target(x_BD, inputs)  # x, or a transcoder's target (saelab.sae.base)
+        recon, x_hat_BD = self.entry_reconstruction_loss(y_BD, vals_N, entries)
+        resid_BD = (y_BD - x_hat_BD).detach()
         aux = recon.new_zeros(())
         if inputs.auxk_coef > 0 and bool(inputs.dead_F.any()):
             aux = self._entry_auxk(x_BD, raw_BF, resid_BD, inputs)
@@ -117,7 +118,7 @@ class KSparseSAE(SAE):
         )
 
     def _entry_acts(self, x_BD: torch.Tensor, pre_N: torch.Tensor, entries: Entries) -> torch.Tensor:
-        return entry_preacts(pre_N, x_BD, self.W_enc_DF, self.b_enc_F, self.b_dec_D, entries).relu()
+        return entry_preacts(pre_N, x_BD, self.W_enc_DF, self.b_enc_F, self.b_pre_D, entries).relu()
 
     def _entry_auxk(
         self, x_BD: torch.Tensor, raw_BF: torch.Tensor, resid_BD: torch.Tensor, inputs: LossInputs

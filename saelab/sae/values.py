@@ -51,6 +51,8 @@ class LossInputs(NamedTuple):
     sum_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None
     """Data-parallel training: sums a tensor over the ranks, so statistics of the batch (AuxK's residual
     variance) are those of the whole batch rather than of this rank's share."""
+    target_BD: torch.Tensor | None = None
+    """Transcoder: the batch's target [B, O] (scaled as in training), row for row with x; None for an SAE."""
 
 
 class TrainLoss(NamedTuple):

@@ -88,5 +88,5 @@ def checkpoint_sae(path: Path) -> SAE:
     state = load_checkpoint(path)
     sae = build(SAEConfig.from_json(state["sae_config"]))
     sae.load_state_dict(state["sae"])
-    sae.fold_input_scale(state["scale"])
+    sae.fold_scales(state["scale"], state.get("target_scale", state["scale"]))
     return sae.eval()

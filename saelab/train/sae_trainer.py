@@ -99,13 +99,18 @@ class SAETrainer:
         dist: DistInfo,
         stream: StreamSource | None = None,
         slot: int = 0,
+        target: BatchSource | None = None,
+        target_slot: int | None = None,
     ) -> None:
         """`source` gives the statistics the SAE starts from (`init_from_data`) and the resampler's rows; with
         `stream`, the shared on-the-fly source whose position goes into checkpoints, and `slot` the hookpoint of
-        its batches this SAE takes."""
+        its batches this SAE takes. A transcoder also has `target` (the target hookpoint's view, for its
+        statistics) and `target_slot` (its tensor in each batch)."""
         self.source, self.cfg, self.seed, self.dist, self.stream = source, cfg, seed, dist, stream
         self.slot = slot
         """Which tensor of a multi-hookpoint batch this SAE trains on."""
+        self.target, self.target_slot = target, target_slot
+        """A transcoder's target: its statistics' source and which tensor of a batch it is (None: an SAE)."""
         self.gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
         self.device = torch.device(source.device)
@@ -128,6 +133,8 @@ class SAETrainer:
         self.resumed_from = 0
         self.loss_val = float("nan")
         self.scale = 1.0
+        self.target_scale = 1.0
+        """A transcoder's target is scaled on its own (E||y * target_scale||^2 = d_out); an SAE's equals `scale`."""
         self.epoch_gen_state = self.gen.get_state()
         """The shuffling generator's state at the start of the current epoch (its order is drawn from it)."""
 
@@ -138,17 +145,36 @@ class SAETrainer:
         self.scale = input_scale(self.source.head(65536))
         with torch.no_grad():
             sample = self.source.sample(8192, self.gen) * self.scale
-            self.sae.b_dec_D.copy_(geometric_median(sample))
+            if self.target is None:
+                self.sae.b_dec_D.copy_(geometric_median(sample))
+                self.target_scale = self.scale
+            else:
+                self._init_transcoder(sample)
             if self.dist.world > 1:
-                scale = torch.tensor([self.scale], dtype=torch.float64, device=self.device)
-                ddp.broadcast_tensor_(scale)
-                self.scale = float(scale.item())
+                scales = torch.tensor(
+                    [self.scale, self.target_scale], dtype=torch.float64, device=self.device
+                )
+                ddp.broadcast_tensor_(scales)
+                self.scale, self.target_scale = (float(v) for v in scales.tolist())
                 ddp.broadcast_module_(self.sae)
         self.epoch_gen_state = self.gen.get_state()
 
+    def _init_transcoder(self, sample_ND: torch.Tensor) -> None:
+        """A transcoder's start: the input's centre at the geometric median of the (scaled) input sample; the
+        target scaled on its own, b_dec at the geometric median of a target sample (drawn with a generator of
+        its own, so the batches' order is an SAE's)."""
+        assert self.target is not None and self.sae.b_in_D is not None
+        self.sae.b_in_D.copy_(geometric_median(sample_ND))
+        self.target_scale = input_scale(self.target.head(65536))
+        gen = torch.Generator().manual_seed(self.seed + 1)
+        self.sae.b_dec_D.copy_(geometric_median(self.target.sample(8192, gen) * self.target_scale))
+
     # --- one step ------------------------------------------------------------------------------------------
-    def _step(self, x_BD: torch.Tensor) -> tuple[TrainLoss, torch.Tensor]:
-        """One optimisation step on (this rank's share of) a batch of scaled inputs."""
+    def _step(
+        self, x_BD: torch.Tensor, target_BD: torch.Tensor | None = None
+    ) -> tuple[TrainLoss, torch.Tensor]:
+        """One optimisation step on (this rank's share of) a batch of scaled inputs (and a transcoder's scaled
+        targets)."""
         cfg, step = self.cfg, self.step
         for group in self.opt.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(step, self.total)
@@ -161,6 +187,7 @@ class SAETrainer:
             cfg.l1_coef * warm,
             cfg.l0_coef * warm,
             ddp.sum_ranks_ if self.dist.world > 1 else None,
+            target_BD,
         )
         loss = self.sae.training_loss(x_BD, inputs)
         self.opt.zero_grad(set_to_none=True)
@@ -189,15 +216,18 @@ class SAETrainer:
         dead_F: torch.Tensor,
         sink: TrainLog,
         checkpoint_dir: Path | None,
+        target_BD: torch.Tensor | None = None,
     ) -> dict[str, Any] | None:
-        """Count the step, resample, log and checkpoint when due; returns the log record if one was written."""
+        """Count the step, resample, log and checkpoint when due; returns the log record if one was written.
+        `target_BD`: a transcoder's raw targets (its log's explained variance is the target's)."""
         self.loss_val = _finite(loss.total.item(), self.step)
         self.step += 1
         if self.resampler is not None and self.resampler.due(self.step, self.total):
             self._resample(sink)
         rec = None
         if (self.step - 1) % self.cfg.log_every == 0:
-            rec = self._log_record(x_BD * self.scale, loss, dead_F)
+            ref_BD = x_BD * self.scale if target_BD is None else target_BD * self.target_scale
+            rec = self._log_record(ref_BD, loss, dead_F)
             sink.write(rec)
         every = self.cfg.checkpoint_every
         if checkpoint_dir is not None and every and self.step % every == 0:
@@ -281,6 +311,7 @@ class SAETrainer:
             "torch_rng_state": torch.get_rng_state(),
             "cuda_rng_states": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "scale": self.scale,
+            "target_scale": self.target_scale,
             "loss": self.loss_val,
             "resampler": self.resampler.state_dict() if self.resampler is not None else {},
             "fingerprint": self.fingerprint(),
@@ -297,6 +328,7 @@ class SAETrainer:
         if state["cuda_rng_states"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng_states"]])
         self.scale, self.loss_val = state["scale"], state["loss"]
+        self.target_scale = state.get("target_scale", self.scale)
         if self.resampler is not None:
             self.resampler.load_state_dict(state["resampler"])
         self.step = self.resumed_from = state["step"]
@@ -341,7 +373,7 @@ class SAETrainer:
     def result(self) -> TrainResult:
         dead_fraction = float((self.since_fired_F >= self.cfg.dead_tokens).float().mean())
         events = tuple(self.resampler.summary()) if self.resampler is not None else ()
-        self.sae.fold_input_scale(self.scale)
+        self.sae.fold_scales(self.scale, self.target_scale)
         return TrainResult(
             self.sae.eval(),
             self.step,

@@ -22,7 +22,9 @@ from typing import Any
 
 from saelab.activations.onthefly import StreamSource
 from saelab.activations.stage import CollectRecord
-from saelab.config import to_dict
+from saelab.activations.store import ActivationError
+from saelab.config import TrainConfig, to_dict
+from saelab.models.loading import resolve_hookpoint
 from saelab.run.manifest import Run
 from saelab.run.session import Session
 from saelab.sae import base as sae_lib
@@ -146,15 +148,43 @@ def run_sae_sha256(run_folder: Path) -> str:
     return sae_lib.file_sha256(run_folder / SAE_DIR)
 
 
-def _training_data(s: Session, collected: CollectRecord) -> Any:
-    """The collected activations, or for a streamed run the on-the-fly source over the run's corpus."""
+def _training_data(s: Session, collected: CollectRecord, hookpoints: tuple[str, ...]) -> Any:
+    """The collected activations, or for a streamed run the on-the-fly source over the run's corpus, capturing
+    `hookpoints` (the collected ones, then the transcoders' targets) from each forward."""
     if not collected.streamed:
         return collected.training_data(s.folder)
     t = s.cfg.train
     return StreamSource(
-        s.lm(), s.cfg.data, s.cfg.seed, collected.hookpoints, collected.n_tokens, t.batch_size,
+        s.lm(), s.cfg.data, s.cfg.seed, hookpoints, collected.n_tokens, t.batch_size,
         t.stream_buffer_rows, s.cfg.collect.batch_size, DistInfo.current().part,
     )  # fmt: skip
+
+
+def _transcoder_targets(s: Session, collected: CollectRecord, cfgs: list[TrainConfig]) -> list[str]:
+    """Each config's target hookpoint as a module name ('' for an SAE); transcoders need a streamed run and
+    train at collect.hookpoint alone."""
+    if not any(c.target_hookpoint for c in cfgs):
+        return ["" for _ in cfgs]
+    if not collected.streamed:
+        raise ActivationError(
+            f"a transcoder (--train.target-hookpoint) trains on its input and target row for row, but run "
+            f"{s.folder} stored {collected.hookpoint}'s activations alone; train it on the fly: a new run with "
+            "--collect.format stream (`saelab train` in a folder that holds no run starts one)"
+        )
+    if collected.extra_hookpoints:
+        raise ActivationError(
+            "a transcoder reads collect.hookpoint and reconstructs --train.target-hookpoint; leave out "
+            "--collect.extra-hookpoints (train transcoders at other layers in runs of their own)"
+        )
+    targets = [
+        resolve_hookpoint(s.lm().model, c.target_hookpoint) if c.target_hookpoint else "" for c in cfgs
+    ]
+    if collected.hookpoint in targets:
+        raise ActivationError(
+            f"--train.target-hookpoint {collected.hookpoint} is the input hookpoint: that is an SAE; leave it out, "
+            "or name another module (e.g. the MLP whose input, after its norm, is collect.hookpoint)"
+        )
+    return targets
 
 
 def stage_train(s: Session) -> None:
@@ -168,13 +198,17 @@ def stage_train(s: Session) -> None:
         cfgs += base
         folders += [SAEFolder(s.folder / hookpoint_dir(hookpoint) / n) for n in names]
         slots += [h] * len(base)
-    data = _training_data(s, collected)
+    targets = _transcoder_targets(s, collected, cfgs)
+    hookpoints = (*collected.hookpoints, *sorted({t for t in targets if t}))
+    target_slots = [hookpoints.index(t) if t else None for t in targets]
+    data = _training_data(s, collected, hookpoints)
 
     def fit() -> list[TrainResult]:
         return train_many(
             data, cfgs, s.cfg.seed, collected.hookpoint, s.cfg.model.name,
             [f.log for f in folders], [f.checkpoints for f in folders],
             previous_checkpoint_dirs=[f.finished_checkpoints for f in folders], slots=slots,
+            target_slots=target_slots,
         )  # fmt: skip
 
     if (

@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saelab.activations.onthefly import StreamSource
+from saelab.activations.paired import PairedTensorSource
 from saelab.activations.sources import BatchSource, StoreSource, TensorSource
 from saelab.activations.store import ActivationStore, check_finite
 from saelab.config import TrainConfig, to_dict
@@ -70,9 +71,18 @@ StepHook = Callable[[int, SAE, TrainLoss], None]
 """Called after every step with (steps completed, the SAE as trained, the step's loss); for tests and monitoring."""
 
 
-def sae_config(cfg: TrainConfig, d_in: int, hookpoint: str = "", model: str = "") -> SAEConfig:
-    """The SAE's config: width from `expansion`, and the parameters its architecture takes from `cfg`."""
+def sae_config(
+    cfg: TrainConfig,
+    d_in: int,
+    hookpoint: str = "",
+    model: str = "",
+    target: tuple[str, int] | None = None,
+) -> SAEConfig:
+    """The SAE's config: width from `expansion`, and the parameters its architecture takes from `cfg`; with
+    `target` (the target hookpoint and its width), a transcoder's."""
     params = architecture_class(cfg.architecture).params_from(cfg)
+    if target is not None:
+        params.update(target_hookpoint=target[0], d_out=target[1], skip=cfg.skip)
     return SAEConfig(cfg.architecture, d_in, d_in * cfg.expansion, hookpoint=hookpoint, model=model, **params)
 
 
@@ -115,6 +125,7 @@ def train_many(
     step_hook: StepHook | None = None,
     previous_checkpoint_dirs: Sequence[Path | None] | None = None,
     slots: Sequence[int] | None = None,
+    target_slots: Sequence[int | None] | None = None,
 ) -> list[TrainResult]:
     """Train one SAE per config on the SAME stream of batches: each batch is read (or, streaming from a store,
     loaded and shuffled) once and every SAE takes a step on it. So a sweep over architectures, widths, k or lr
@@ -128,7 +139,9 @@ def train_many(
 
     `data` may be a `StreamSource` (activations generated on the fly, `saelab.activations.onthefly`), whose
     batches hold one tensor per hookpoint: `slots[i]` is the hookpoint the i-th SAE trains on (all 0 by
-    default), and `hookpoint` is then taken from the source."""
+    default), and `hookpoint` is then taken from the source. A transcoder (`TrainConfig.target_hookpoint`) reads
+    slot `slots[i]` and reconstructs slot `target_slots[i]` of a multi-hookpoint source (a `StreamSource`, or a
+    `PairedTensorSource` of tensors in hand); its SAE config records both hookpoints, d_out and the skip."""
     if not cfgs:
         raise TrainError("no SAE to train: give at least one TrainConfig")
     shapes = {(c.batch_size, c.epochs, c.stream_buffer_rows) for c in cfgs}
@@ -145,18 +158,24 @@ def train_many(
         check_sinks(cfg.log_to, log_path)
     source = as_source(data, cfgs[0])
     stream = source if isinstance(source, StreamSource) else None
+    slotted = source if isinstance(source, (StreamSource, PairedTensorSource)) else None
     slots = list(slots) if slots is not None else [0] * len(cfgs)
-    views = [stream.slot(h) if stream is not None else source for h in slots]
-    hookpoints = [stream.hookpoints[h] if stream is not None else hookpoint for h in slots]
+    targets = _target_slots(cfgs, target_slots, slotted)
+    views = [slotted.slot(h) if slotted is not None else source for h in slots]
+    target_views = [slotted.slot(t) if slotted is not None and t is not None else None for t in targets]
+    hookpoints = [slotted.hookpoints[h] or hookpoint if slotted is not None else hookpoint for h in slots]
     dist = DistInfo.current()
     _check_batches(source, cfgs[0], dist)
-    sae_cfgs = [sae_config(c, v.d_in, hp, model) for c, v, hp in zip(cfgs, views, hookpoints, strict=True)]
+    sae_cfgs = [
+        sae_config(c, v.d_in, hp, model, None if tv is None else (_target_name(slotted, t, c), tv.d_in))
+        for c, v, hp, tv, t in zip(cfgs, views, hookpoints, target_views, targets, strict=True)
+    ]
     device = torch.device(source.device)
     if why := shortfall(sae_cfgs, cfgs[0].batch_size // dist.world, device, [c.expansion for c in cfgs]):
         raise TrainError(why)
     trainers = [
-        SAETrainer(v, c, seed, sae_cfg, dist, stream, h)
-        for v, c, sae_cfg, h in zip(views, cfgs, sae_cfgs, slots, strict=True)
+        SAETrainer(v, c, seed, sae_cfg, dist, stream, h, tv, t)
+        for v, c, sae_cfg, h, tv, t in zip(views, cfgs, sae_cfgs, slots, target_views, targets, strict=True)
     ]
     previous = list(previous_checkpoint_dirs) if previous_checkpoint_dirs is not None else [None] * len(cfgs)
     for trainer, folder, before in zip(trainers, checkpoint_dirs, previous, strict=True):
@@ -222,8 +241,9 @@ def _fit(
                             sink.write({"step": lead.step, **event})
                 for t, sink, folder in zip(trainers, sinks, checkpoint_dirs, strict=True):
                     x_BD = batch[t.slot] if isinstance(batch, tuple) else batch
-                    loss, dead_F = t._step(x_BD * t.scale)
-                    rec = t._after_step(x_BD, loss, dead_F, sink, folder)
+                    y_BD = batch[t.target_slot] if t.target_slot is not None else None
+                    loss, dead_F = t._step(x_BD * t.scale, None if y_BD is None else y_BD * t.target_scale)
+                    rec = t._after_step(x_BD, loss, dead_F, sink, folder, y_BD)
                     if rec is not None and t is lead:
                         bar.set_postfix(
                             loss=f"{rec['loss']:.3g}",
@@ -243,6 +263,37 @@ def _fit(
             sink.write(
                 {"step": t.step, "event": "resample_summary", **t._resample_totals(), "events": events}
             )
+
+
+def _target_slots(
+    cfgs: Sequence[TrainConfig],
+    target_slots: Sequence[int | None] | None,
+    slotted: StreamSource | PairedTensorSource | None,
+) -> list[int | None]:
+    """Each config's target slot; a transcoder without one, or an SAE given one, is refused."""
+    targets: list[int | None] = list(target_slots) if target_slots is not None else [None] * len(cfgs)
+    if len(targets) != len(cfgs):
+        raise TrainError(f"{len(cfgs)} configs need as many target slots, got {len(targets)}")
+    for c, t in zip(cfgs, targets, strict=True):
+        if c.target_hookpoint and (t is None or slotted is None):
+            raise TrainError(
+                f"a transcoder (target hookpoint {c.target_hookpoint}) trains on (input, target) pairs: give a "
+                "source holding both (a StreamSource with both hookpoints, or a PairedTensorSource) and its "
+                "target slot"
+            )
+        if t is not None and not c.target_hookpoint:
+            raise TrainError(
+                f"target slot {t} given for an SAE; set TrainConfig.target_hookpoint for a transcoder"
+            )
+    return targets
+
+
+def _target_name(
+    slotted: StreamSource | PairedTensorSource | None, slot: int | None, cfg: TrainConfig
+) -> str:
+    """The target hookpoint's module name (the source's, resolved), else the config's spelling."""
+    assert slotted is not None and slot is not None
+    return slotted.hookpoints[slot] or cfg.target_hookpoint
 
 
 def _check_batches(source: BatchSource, cfg: TrainConfig, dist: DistInfo) -> None:

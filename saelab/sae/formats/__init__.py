@@ -93,6 +93,12 @@ def export_sae(sae: SAE, folder: Path | str, fmt: str) -> None:
     """Write `sae` into `folder` in format `fmt`. A format that cannot hold its architecture, or a folder that
     already holds another format's checkpoint, is an SAEError."""
     spec, folder = get_format(fmt), Path(folder)
+    if sae.cfg.is_transcoder and spec is not native.FORMAT:
+        raise SAEError(
+            f"this is a transcoder ({sae.cfg.hookpoint} -> {sae.cfg.target_hookpoint}{', skip' if sae.cfg.skip else ''}), "
+            f"and saelab writes the {fmt} format for SAEs only: keep it in saelab's own format (transcoder files "
+            "of SAELens and sparsify are not supported yet)"
+        )
     check_holds(spec, sae.architecture)
     others = [name for name in formats_in(folder) if name != fmt]
     if others:
