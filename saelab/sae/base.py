@@ -49,6 +49,7 @@ from saelab.sae.registry import REGISTRY as REGISTRY
 from saelab.sae.registry import architecture_names as architecture_names
 from saelab.sae.registry import register as register
 from saelab.sae.values import ForwardOutput, LossInputs, SparseCode, TrainLoss
+from saelab.sae.values import auxk_error as auxk_error
 from saelab.sae.values import sparse_code as sparse_code
 
 if TYPE_CHECKING:
@@ -77,23 +78,6 @@ def auxk_loss(
     acts, idx = masked_BF.topk(min(k_aux, n_dead), dim=-1, sorted=False)
     resid_hat_BD = sae.decode(SparseCode(acts.relu(), idx)) - sae.b_dec_D
     return auxk_error(resid_hat_BD, resid_BD, sum_ranks)
-
-
-def auxk_error(
-    resid_hat_BD: torch.Tensor,
-    resid_BD: torch.Tensor,
-    sum_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Squared error of the residual's reconstruction over the residual's variance (Gao et al. 2024, A.2); the
-    variance is the whole batch's when `sum_ranks` sums over data-parallel ranks."""
-    stats = torch.cat(
-        [resid_BD.sum(dim=0), resid_BD.pow(2).sum().view(1), resid_BD.new_full((1,), len(resid_BD))]
-    )
-    if sum_ranks is not None:
-        stats = sum_ranks(stats.detach().clone())
-    total, sq, n = stats[:-2], stats[-2], stats[-1]
-    var = ((sq - total.pow(2).sum() / n) / n).clamp_min(1e-8)
-    return (resid_hat_BD - resid_BD).pow(2).sum(dim=-1).mean() / var
 
 
 class SAE(nn.Module):

@@ -84,3 +84,20 @@ def sparse_code(z_BF: torch.Tensor) -> SparseCode:
     K = max(1, int((z_BF > 0).sum(dim=1).max())) if z_BF.shape[0] else 1
     acts, idx = z_BF.topk(K, dim=-1, sorted=False)
     return SparseCode(acts, idx)
+
+
+def auxk_error(
+    resid_hat_BD: torch.Tensor,
+    resid_BD: torch.Tensor,
+    sum_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Squared error of the residual's reconstruction over the residual's variance (Gao et al. 2024, A.2); the
+    variance is the whole batch's when `sum_ranks` sums over data-parallel ranks."""
+    stats = torch.cat(
+        [resid_BD.sum(dim=0), resid_BD.pow(2).sum().view(1), resid_BD.new_full((1,), len(resid_BD))]
+    )
+    if sum_ranks is not None:
+        stats = sum_ranks(stats.detach().clone())
+    total, sq, n = stats[:-2], stats[-2], stats[-1]
+    var = ((sq - total.pow(2).sum() / n) / n).clamp_min(1e-8)
+    return (resid_hat_BD - resid_BD).pow(2).sum(dim=-1).mean() / var
