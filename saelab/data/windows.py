@@ -128,8 +128,7 @@ def read_windows(cfg: DataConfig, tokenizer: Any, seed: int, n_train_tokens: int
     packer, n_docs, exhausted = _read(cfg, tokenizer, seed, budget)
     if exhausted:
         _check_exhausted(cfg, packer, budget, n_docs)
-    n_held = sum(held_out(seed, i, cfg.eval_fraction) for i in range(n_docs))
-    return CorpusRead(packer.windows(), n_docs, n_held, packer.tokens, exhausted)
+    return _corpus_read(cfg, seed, packer, n_docs, exhausted)
 
 
 def read_held_out(cfg: DataConfig, tokenizer: Any, seed: int) -> CorpusRead:
@@ -138,17 +137,17 @@ def read_held_out(cfg: DataConfig, tokenizer: Any, seed: int) -> CorpusRead:
     budget = _Budget(0, cfg.min_eval_windows, cfg.eval_fraction)
     packer, n_docs, exhausted = _read(cfg, tokenizer, seed, budget)
     if exhausted and packer.n_windows[True] == 0:
-        raise DataError(
-            f"dataset {cfg.dataset!r} gives no held-out window: the held-out documents among its {n_docs} "
-            f"documents (eval_fraction {cfg.eval_fraction}) hold fewer than {cfg.ctx_len} tokens; raise "
-            "--data.eval-fraction, lower --data.ctx-len or use a larger corpus"
-        )
+        raise _no_held_out_window(cfg, n_docs)
     if exhausted:
         log.warning(
             "the corpus ended with %d held-out windows, fewer than the %d of --data.min-eval-windows",
             packer.n_windows[True],
             cfg.min_eval_windows,
         )
+    return _corpus_read(cfg, seed, packer, n_docs, exhausted)
+
+
+def _corpus_read(cfg: DataConfig, seed: int, packer: _Packer, n_docs: int, exhausted: bool) -> CorpusRead:
     n_held = sum(held_out(seed, i, cfg.eval_fraction) for i in range(n_docs))
     return CorpusRead(packer.windows(), n_docs, n_held, packer.tokens, exhausted)
 
@@ -314,6 +313,19 @@ def keep_mask(tokens: np.ndarray, cfg: DataConfig, special: Sequence[int]) -> np
     return keep
 
 
+def _documents_read(cfg: DataConfig, n_docs: int) -> str:
+    limited = bool(cfg.max_docs) and n_docs == cfg.max_docs
+    return f"{n_docs} documents" + (" (the --data.max-docs limit)" if limited else "")
+
+
+def _no_held_out_window(cfg: DataConfig, n_docs: int) -> DataError:
+    return DataError(
+        f"dataset {cfg.dataset!r} gives no held-out window: the held-out documents among its "
+        f"{_documents_read(cfg, n_docs)} (eval_fraction {cfg.eval_fraction}) hold fewer than {cfg.ctx_len} tokens; "
+        "raise --data.eval-fraction, lower --data.ctx-len or use a larger corpus"
+    )
+
+
 def _check_exhausted(cfg: DataConfig, p: _Packer, budget: _Budget | None, n_docs: int) -> None:
     """Refuse a corpus that ended before the run had what it needs; warn when it is short of held-out windows."""
     total = p.n_windows[False] + p.n_windows[True]
@@ -322,8 +334,7 @@ def _check_exhausted(cfg: DataConfig, p: _Packer, budget: _Budget | None, n_docs
             f"dataset {cfg.dataset!r} gives {p.tokens} tokens, fewer than two windows of {cfg.ctx_len}; "
             "use a larger corpus or a smaller --data.ctx-len"
         )
-    limited = bool(cfg.max_docs) and n_docs == cfg.max_docs
-    ended = f"{n_docs} documents" + (" (the --data.max-docs limit)" if limited else "")
+    ended = _documents_read(cfg, n_docs)
     if budget is not None and not budget.train_done(p):
         raise DataError(
             f"dataset {cfg.dataset!r} ran out after {ended} and {p.tokens} tokens: its training windows hold "
@@ -331,11 +342,7 @@ def _check_exhausted(cfg: DataConfig, p: _Packer, budget: _Budget | None, n_docs
             f"--collect.n-train-tokens to at most {p.kept[False]}, or use a larger corpus"
         )
     if p.n_windows[True] == 0:
-        raise DataError(
-            f"dataset {cfg.dataset!r} gives no held-out window: the held-out documents among its {ended} "
-            f"(eval_fraction {cfg.eval_fraction}) hold fewer than {cfg.ctx_len} tokens; raise --data.eval-fraction, "
-            "lower --data.ctx-len or use a larger corpus"
-        )
+        raise _no_held_out_window(cfg, n_docs)
     if p.n_windows[False] == 0:
         raise DataError(
             f"dataset {cfg.dataset!r} gives no training window: its {ended} are (nearly) all held out; lower "
