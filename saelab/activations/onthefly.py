@@ -98,9 +98,7 @@ class StreamSource:
         forward_windows: int,
         part: tuple[int, int] = (0, 1),
     ) -> None:
-        _, world = part
-        if batch_size % world:
-            raise ActivationError(f"train.batch_size {batch_size} must divide evenly over {world} ranks")
+        _, world = part  # the trainer refuses a batch that does not divide over the ranks (`_check_batches`)
         if buffer_rows < batch_size:
             raise ActivationError(
                 f"train.stream_buffer_rows {buffer_rows} is smaller than one batch of {batch_size}; raise it "
