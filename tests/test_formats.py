@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from saelab import cli
+from saelab.config import commands
 from saelab.sae import base as sae_lib
 from saelab.sae.base import REGISTRY, SAEConfig, SAEError, build, register
 from saelab.sae.formats import FORMATS, convert, detect_format, export_sae, import_sae
@@ -335,7 +336,7 @@ def test_export_never_mixes_formats_in_one_folder(first: str, second: str, tmp_p
 
 # --- the command line ------------------------------------------------------------------------------------------
 def test_cli_format_names_match_the_registry() -> None:
-    assert typing.get_args(cli.CheckpointFormat) == tuple(FORMATS)
+    assert typing.get_args(commands.CheckpointFormat) == tuple(FORMATS)
 
 
 def test_cli_convert_chain(tmp_path: Path) -> None:

@@ -26,6 +26,8 @@ def test_the_whole_loop_on_a_streamed_run(tmp_path: Path, capsys: pytest.Capture
     run = tmp_path / "streamed"
     base = ["--run-dir", str(run)]
     train = [
+        "--collect.format",
+        "stream",
         *flags("collect"),
         *flags("train"),
         "--train.stream-buffer-rows",
