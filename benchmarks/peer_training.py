@@ -11,7 +11,7 @@ What it does, in one invocation so every ratio comes from one run on one machine
    (a seeded document split, each side concatenated and cut into windows as the data stage does). They are cached
    under `benchmarks/.cache/`, keyed by a hash of these settings, so reruns skip the ~6 minutes of collection.
 2. Each trainer runs in its own virtual environment as a subprocess (`benchmarks/peers/<name>_train.py`; saelab's
-   runs in `.venv`), with the same architecture and hyperparameters (TopK, width 4608, k 32, batch 4096, Adam lr
+   runs in `.venv`), with the same architecture and hyperparameters (TopK, width 4608 or `--expansion` x d_model, k 32 or `--k`, batch 4096, Adam lr
    4e-4, one pass over the same tokens, seed 0, 2 torch threads). Each times its own training loop (wall clock,
    data already in memory and the trainer built) and writes plain weights (`W_enc` [D, F], `b_enc`, `W_dec`
    [F, D], `b_dec`, `k`, with any normalisation folded in) plus its own reconstruction of a few held-out rows.
@@ -278,9 +278,11 @@ def trainers(batchtopk: bool) -> list[Trainer]:
     return out
 
 
-def run_trainer(t: Trainer, acts: Acts, tokens: int, out: Path, saelab_src: Path) -> dict[str, Any]:
-    """Run one trainer script in its environment (saelab imported from `saelab_src`); its result.json plus metrics
-    from the shared function."""
+def run_trainer(
+    t: Trainer, acts: Acts, tokens: int, out: Path, saelab_src: Path, shape: tuple[str, ...]
+) -> dict[str, Any]:
+    """Run one trainer script in its environment (saelab imported from `saelab_src`) with the SAE's `shape` flags
+    (`--expansion E --k K`, the same for every trainer); its result.json plus metrics from the shared function."""
     if not t.python.exists():
         raise SystemExit(f"{t.python} is missing: run `make peers` first")
     env = {
@@ -294,7 +296,7 @@ def run_trainer(t: Trainer, acts: Acts, tokens: int, out: Path, saelab_src: Path
         "PYTHONPATH": str(saelab_src),
     }
     cmd = [str(t.python), str(PEERS / t.script), "--acts", str(acts.path), "--tokens", str(tokens)]
-    cmd += ["--out", str(out), *t.args]
+    cmd += ["--out", str(out), *shape, *t.args]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
@@ -399,6 +401,13 @@ def main() -> None:
         "--batchtopk", action="store_true", help="also BatchTopK (saelab, SAELens, dictionary_learning)"
     )
     p.add_argument("--only", nargs="*", help="run only trainers whose name starts with one of these")
+    p.add_argument(
+        "--expansion",
+        type=int,
+        default=8,
+        help="latents per input dimension, for every trainer (8: 4,608 latents)",
+    )
+    p.add_argument("--k", type=int, default=32, help="active latents per token, for every trainer")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "peer_training.json")
     args = p.parse_args()
     torch.set_num_threads(2)
@@ -409,11 +418,14 @@ def main() -> None:
     facts = machine()
     saelab_src, facts["saelab_sources_sha256"] = snapshot_saelab()
     load_before = os.getloadavg()
+    shape = ("--expansion", str(args.expansion), "--k", str(args.k))
     runs: dict[str, list[dict[str, Any]]] = {t.name: [] for t in todo}
     for rep in range(args.repeats):
         for t in todo:
-            out = CACHE / "runs" / f"{t.name.replace(' ', '_').replace(',', '')}-{rep}"
-            r = run_trainer(t, acts, args.tokens, out, saelab_src)
+            out = CACHE / "runs" / f"{t.name.replace(' ', '_').replace(',', '')}-x{args.expansion}-{rep}"
+            r = run_trainer(t, acts, args.tokens, out, saelab_src, shape)
+            if (r["width"], r["k"]) != (acts.train_ND.shape[1] * args.expansion, args.k):
+                raise SystemExit(f"{t.name} trained width {r['width']}, k {r['k']}: not the shape asked for")
             runs[t.name].append(r)
             print(
                 f"[{rep}] {t.name}: {r['tokens_per_second']:,.0f} tok/s, EV {r['explained_variance']:.3f}, "
@@ -427,8 +439,9 @@ def main() -> None:
         "machine": {**facts, "load_avg_before": load_before, "load_avg_after": os.getloadavg()},
         "settings": {
             "architecture": "topk",
-            "width": 4608,
-            "k": 32,
+            "width": acts.train_ND.shape[1] * args.expansion,
+            "expansion": args.expansion,
+            "k": args.k,
             "batch": 4096,
             "lr": 4e-4,
             "epochs": 1,

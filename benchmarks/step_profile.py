@@ -1,0 +1,167 @@
+"""Where one TopK training step's time goes, against the floor of exact TopK: the dense encoder matmul.
+
+    .venv/bin/python benchmarks/step_profile.py [--widths 4608 18432 36864] [--steps 12] \
+        [--out benchmarks/results/step_profile.json]
+
+Exact TopK must compute every pre-activation to choose the k largest: one [B, D] @ [D, F] matmul, B*D*F
+multiply-adds a step. Everything else (top-k, AuxK, decoder, backward, Adam, the decoder-norm projection) is what
+a trainer adds to it. For each width this script
+1. times that matmul alone (`x @ W_enc` on the same shapes, median of repeats): the floor;
+2. builds saelab's own `SAETrainer` (TrainConfig defaults, TopK, batch 4,096) on real activations of the bundled
+   model when `benchmarks/peer_training.py` has cached them (else Gaussian rows, said in the output), runs warm-up
+   steps until AuxK has dead latents to work on (as in a real run after `dead_tokens`), then times `--steps`
+   whole steps (`SAETrainer._step`, the trainer's own code) with wall clocks;
+3. profiles a few of those steps with `torch.profiler` and sums the self CPU time of each operator into the
+   phases of the step, so the table shows what to close.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch.profiler import ProfilerActivity, profile
+
+from saelab.activations.sources import TensorSource
+from saelab.config import TrainConfig
+from saelab.train.distributed import DistInfo
+from saelab.train.sae_trainer import SAETrainer
+from saelab.train.trainer import sae_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+PHASES = (
+    ("matmul (dense: encoder forward; sparse: entry backward)", ("aten::mm", "aten::addmm", "aten::linear")),
+    ("top-k", ("aten::topk",)),
+    ("sparse kernels (CSR products, sampled dot products)", ("sparse", "sampled_addmm", "embedding_bag")),
+    ("optimizer (fused Adam)", ("adam",)),
+    ("index/scatter/gather (AuxK columns, counts)", ("index", "scatter", "gather", "nonzero", "argsort")),
+    (
+        "elementwise and reductions",
+        ("add", "mul", "sub", "div", "pow", "relu", "where", "sum", "mean", "norm"),
+    ),
+)
+
+
+def phase_of(op: str) -> str:
+    name = op.lower()
+    for phase, keys in PHASES:
+        if any(k in name for k in keys):
+            return phase
+    return "other"
+
+
+def activations(n: int) -> tuple[torch.Tensor, str]:
+    """Real layer-15 activations from peer_training's cache (the newest file), else Gaussian rows."""
+    caches = sorted((ROOT / "benchmarks" / ".cache").glob("acts-*.safetensors"), key=os.path.getmtime)
+    if caches:
+        with safe_open(str(caches[-1]), framework="pt") as f:
+            train = f.get_slice("train")
+            if train.get_shape()[0] >= n:
+                return train[:n].contiguous(), f"real: {caches[-1].name}"
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(n, 576, generator=gen) * 3 + 1, "gaussian (no peer_training cache)"
+
+
+def floor_seconds(batch: int, d_in: int, width: int, repeats: int = 5) -> float:
+    x, w = torch.randn(batch, d_in), torch.randn(d_in, width)
+    x @ w
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x @ w
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def profile_width(acts_ND: torch.Tensor, width: int, steps: int, batch: int) -> dict[str, Any]:
+    d_in = acts_ND.shape[1]
+    cfg = TrainConfig(architecture="topk", expansion=width // d_in, k=32, batch_size=batch, epochs=1)
+    sae_cfg = sae_config(cfg, d_in)
+    source = TensorSource(acts_ND)
+    trainer = SAETrainer(source, cfg, 0, sae_cfg, DistInfo())
+    trainer.init_from_data()
+    trainer.total = 10**6  # a long run's middle: the lr schedule at full strength
+    rows = acts_ND * trainer.scale
+    n_batches = rows.shape[0] // batch
+
+    def step(i: int) -> None:
+        x_BD = rows[(i % n_batches) * batch : (i % n_batches + 1) * batch]
+        trainer._step(x_BD)
+        trainer.step += 1
+
+    warm = cfg.dead_tokens // batch + 2  # past `dead_tokens`: AuxK has dead latents to work on
+    for i in range(warm):
+        step(i)
+    dead = int((trainer.since_fired_F >= cfg.dead_tokens).sum())
+    walls = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        step(warm + i)
+        walls.append(time.perf_counter() - t0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(3):
+            step(warm + steps + i)
+    phases: dict[str, float] = defaultdict(float)
+    for ev in prof.key_averages():
+        phases[phase_of(ev.key)] += ev.self_cpu_time_total / 1e6 / 3
+    floor = floor_seconds(batch, d_in, width)
+    wall = statistics.median(walls)
+    return {
+        "width": width,
+        "dead_latents_during_timing": dead,
+        "step_seconds_median": wall,
+        "step_seconds_all": walls,
+        "encoder_matmul_seconds": floor,
+        "step_over_encoder_matmul": wall / floor,
+        "tokens_per_second": batch / wall,
+        "profiled_self_cpu_seconds_per_step": dict(sorted(phases.items(), key=lambda kv: -kv[1])),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--widths", type=int, nargs="+", default=[4608, 18432, 36864])
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "step_profile.json")
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    acts, what = activations(args.batch * 40)
+    load_before = os.getloadavg()
+    results = []
+    for width in args.widths:
+        r = profile_width(acts, width, args.steps, args.batch)
+        results.append(r)
+        phases = ", ".join(
+            f"{k.split(' (')[0]} {v:.3f}" for k, v in r["profiled_self_cpu_seconds_per_step"].items()
+        )
+        print(
+            f"width {width}: step {r['step_seconds_median']:.3f} s = {r['step_over_encoder_matmul']:.2f}x the "
+            f"encoder matmul ({r['encoder_matmul_seconds']:.3f} s), {r['tokens_per_second']:,.0f} tok/s; "
+            f"self CPU s/step: {phases}",
+            flush=True,
+        )
+    out = {
+        "command": "python benchmarks/step_profile.py " + " ".join(sys.argv[1:]),
+        "activations": what,
+        "threads": 2,
+        "load_avg_before": load_before,
+        "load_avg_after": os.getloadavg(),
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
