@@ -211,6 +211,7 @@ def test_scr_sets_follow_saebench_construction() -> None:
     )  # reseed = resample
 
 
+@pytest.mark.bad_input
 def test_a_quadrant_or_class_too_small_for_its_probe_is_one_clear_error() -> None:
     quads = {(p, g): [f"{p}{g}{i}" for i in range(40)] for p in ("a", "b") for g in ("m", "f")}
     quads[("a", "f")] = quads[("a", "f")][:5]
@@ -262,6 +263,7 @@ def test_local_bias_in_bios_folder_gives_saebench_pairs_and_classes(tmp_path: Pa
     assert sum(" 1 " in t for t in tpp.test[0]) == 4  # n / 2 of each gender
 
 
+@pytest.mark.bad_input
 def test_local_dataset_without_saebench_columns_is_one_clear_error(tmp_path: Path) -> None:
     from saelab.eval.scr_local import local_tpp
 
@@ -332,6 +334,7 @@ def test_eval_writes_scr_tpp_with_provenance_noise_and_a_report_section(run: Pat
     assert all(d.within_noise and d.diff == 0 for d in compared.differences)
 
 
+@pytest.mark.bad_input
 def test_eval_with_a_bad_scr_dataset_is_one_error_line(
     run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -342,6 +345,7 @@ def test_eval_with_a_bad_scr_dataset_is_one_error_line(
     assert "ScrTppError" in line and "has columns ['stars', 'text']" in line and "rename its columns" in line
 
 
+@pytest.mark.bad_input
 def test_compare_without_a_noise_record_is_one_error_line(
     run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -357,6 +361,37 @@ def test_compare_without_a_noise_record_is_one_error_line(
     ]
     assert main(args) == 1
     assert "no eval/noise.json there; run `saelab eval" in error_line(capsys.readouterr().err)
+
+
+def test_repeats_give_probing_its_noise_and_compare_flags_a_real_difference(
+    run: Path, tmp_path: Path
+) -> None:
+    """--eval.repeats reruns sparse probing at every seed into eval/noise.json; comparing with a run whose SAE was
+    retrained differently finds the metrics it shares and says for each whether the difference is inside the
+    noise."""
+    base = ["eval", *SMALL["eval"], "--eval.probing.tasks", "wiki_people_vs_places", "--eval.probing.n-per-class",
+            "16", "--eval.repeats", "3", "--force"]  # fmt: skip
+    assert main([base[0], "--run-dir", str(run), *base[1:]]) == 0
+    noise = NoiseRecord.load(run / NOISE)
+    acc = noise.metrics["probing.lm_logreg.accuracy"]
+    assert noise.seeds == (0, 1, 2) and len(acc.values) == 3 and acc.ci_low <= acc.mean <= acc.ci_high
+    assert "probing.sae_logreg_k1.accuracy" in noise.metrics
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    assert (
+        main(["train", "--run-dir", str(other), *SMALL["train"], "--train.k", "2", "--seed", "5", "--force"])
+        == 0
+    )
+    assert main([base[0], "--run-dir", str(other), *base[1:]]) == 0
+    assert main([base[0], "--run-dir", str(run), *base[1:], "--eval.compare", str(other)]) == 0
+    record = NoiseRecord.load(run / NOISE)
+    assert record.compared_sae_sha256 == NoiseRecord.load(other / NOISE).sae_sha256 != record.sae_sha256
+    by_metric = {d.metric: d for d in record.differences}
+    lm = by_metric["probing.lm_logreg.accuracy"]  # the LM probe does not see the SAE: the same at every seed
+    assert lm.diff == 0 and lm.within_noise
+    assert all(d.within_noise == (d.ci_low <= 0 <= d.ci_high) for d in record.differences)
 
 
 @pytest.mark.slow

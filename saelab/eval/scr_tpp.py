@@ -257,11 +257,15 @@ def _tpp_sets(texts: tuple[tuple[str, ...], ...], f: Features, rng: np.random.Ge
     return out
 
 
-def _tpp(data: TppData, f: Features, s: ScrTppSettings, seed: int) -> list[TppClassResult]:
+def _tpp(
+    data: TppData, f: Features, s: ScrTppSettings, seed: int, probes: list[LinearProbe] | None = None
+) -> list[TppClassResult]:
+    """TPP of every class; `probes` (one per class) replace the trained ones (the parity test's)."""
     x_ND, z_NF, W = f.pooled.lm_ND, f.pooled.sae_NF, f.W_dec_FD
     rng = np.random.default_rng([seed, 7])
     train, test = _tpp_sets(data.train, f, rng), _tpp_sets(data.test, f, rng)
-    probes = [train_probe(x_ND[r.idx_N], r.y_N, s.probe, seed * 31 + c) for c, r in enumerate(train)]
+    if probes is None:
+        probes = [train_probe(x_ND[r.idx_N], r.y_N, s.probe, seed * 31 + c) for c, r in enumerate(train)]
     clean = [p.accuracy(x_ND[r.idx_N], r.y_N) for p, r in zip(probes, test, strict=True)]
     effects = [
         latent_effects(z_NF[r.idx_N], r.y_N, p, W, scr=False) for p, r in zip(probes, train, strict=True)
