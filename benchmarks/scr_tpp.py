@@ -7,8 +7,8 @@ Collects activations at the middle layer from the Wikipedia corpus, trains a Top
 (the demo's SAE: 2,304 latents, k = 48), then runs `run_scr_tpp` on the bundled tasks once per seed (probe seed
 and data subsample both change) and writes its JSON with wall times to --out. The speed ratio is the time of the
 bare forwards alone (the same texts, the same batches, stopped at the hookpoint, no SAE, no probe) over the time
-of the whole `run_scr_tpp` call, so 1.0 means SCR/TPP cost nothing beyond the forwards they need; both are timed
-twice, alternating, and the faster of each kept (other jobs share this machine).
+of the whole `run_scr_tpp` call, so 1.0 means SCR/TPP cost nothing beyond the forwards they need; each is timed
+`--passes` times, alternating, and the faster of each kept (other jobs share this machine).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--n-train-tokens", type=int, default=40_000)
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--passes", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results/scr_tpp.json")
     args = p.parse_args()
     load_before = os.getloadavg()
@@ -69,7 +70,7 @@ def main() -> None:
     ids = tokenize(lm.tokenizer, texts, settings.ctx_len)
     bare, whole = [], []
     result = None
-    for _ in range(2):
+    for _ in range(args.passes):
         bare.append(bare_forwards(lm, hookpoint, ids, settings.batch_size))
         start = time.perf_counter()
         result = run_scr_tpp(lm, sae, hookpoint, settings, seeds)

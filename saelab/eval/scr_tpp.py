@@ -209,14 +209,17 @@ def scr_score(changed: float, original: float, clean: float) -> float:
     return 0.0 if clean - original < SCR_MIN_DENOMINATOR else (changed - original) / (clean - original)
 
 
-def _scr_pair(pair: ScrPair, f: Features, s: ScrTppSettings, seed: int) -> ScrPairResult:
+def _scr_pair(
+    pair: ScrPair, f: Features, s: ScrTppSettings, seed: int, probes: dict[str, LinearProbe] | None = None
+) -> ScrPairResult:
+    """One pair's SCR; `probes` (gender, profession, biased) replace the trained ones (the parity test's)."""
     x_ND, z_NF, W = f.pooled.lm_ND, f.pooled.sae_NF, f.W_dec_FD
     kinds = ("gender", "profession", "biased")
     tr = {k: rows_of(getattr(pair.train, k), f.row_of) for k in kinds}
     te = {k: rows_of(getattr(pair.test, k), f.row_of) for k in kinds}
-    probes = {
-        k: train_probe(x_ND[tr[k].idx_N], tr[k].y_N, s.probe, seed * 31 + i) for i, k in enumerate(kinds)
-    }
+    if probes is None:
+        probes = {k: train_probe(x_ND[tr[k].idx_N], tr[k].y_N, s.probe, seed * 31 + i)
+                  for i, k in enumerate(kinds)}  # fmt: skip
 
     def acc(probe: LinearProbe, rows: Rows, latents: np.ndarray | None = None) -> float:
         x = x_ND[rows.idx_N] if latents is None else ablate(x_ND[rows.idx_N], z_NF[rows.idx_N], W, latents)
