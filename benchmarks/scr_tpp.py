@@ -48,6 +48,8 @@ def main() -> None:
     p.add_argument("--n-train-tokens", type=int, default=40_000)
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--passes", type=int, default=2)
+    p.add_argument("--tpp-n-train", type=int, default=128, help="TPP texts per class (the eval's default)")
+    p.add_argument("--tpp-n-test", type=int, default=32)
     p.add_argument("--out", default="benchmarks/results/scr_tpp.json")
     args = p.parse_args()
     load_before = os.getloadavg()
@@ -64,7 +66,7 @@ def main() -> None:
     windows = build_windows(DataConfig(max_docs=2000), lm.tokenizer, 0)
     acts = collect(lm, windows, hookpoint, args.n_train_tokens, batch_size=16)
     sae = train(acts.acts_ND, TrainConfig(checkpoint_every=0), 0, hookpoint, lm.name).sae.eval()
-    settings = ScrTppSettings()
+    settings = ScrTppSettings(tpp_n_train=args.tpp_n_train, tpp_n_test=args.tpp_n_test)
     seeds = tuple(range(args.seeds))
     texts = list(dict.fromkeys(t for seed in seeds for t in _texts(*build_data(settings, seed))))
     ids = tokenize(lm.tokenizer, texts, settings.ctx_len)
@@ -87,6 +89,8 @@ def main() -> None:
             "d_sae": sae.cfg.d_sae,
             "k": sae.cfg.k,
             "n_train_tokens": args.n_train_tokens,
+            "tpp_n_train": args.tpp_n_train,
+            "tpp_n_test": args.tpp_n_test,
             "machine": machine_facts(torch.get_num_threads(), load_before),
         },
     }
