@@ -19,6 +19,8 @@ OWNERS = {
     "matched_l0.json": "eval",
     "probing.json": "eval",
     "absorption.json": "eval",
+    "scr_tpp.json": "eval",
+    "noise.json": "eval",
     "cache.json": "latents",
     "samples.json": "latents",
     "explanations.jsonl": "autointerp",

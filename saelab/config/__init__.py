@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from saelab.config.autointerp import ExplainConfig, LLMConfig, ScoreConfig
 from saelab.config.base import ConfigError, from_dict, to_dict
 from saelab.config.collect import CollectConfig, DataConfig, ModelConfig
-from saelab.config.eval import EvalAbsorptionConfig, EvalConfig, EvalProbingConfig
+from saelab.config.eval import EvalAbsorptionConfig, EvalConfig, EvalProbingConfig, EvalScrTppConfig
 from saelab.config.latents import CacheConfig, SampleConfig
 from saelab.config.report import TARGET_METRICS, CompareConfig, ReportConfig, ServeConfig
 from saelab.config.train import JumpReLUConfig, MatryoshkaConfig, ResampleConfig, TrainConfig
@@ -32,6 +32,7 @@ __all__ = [
     "EvalAbsorptionConfig",
     "EvalConfig",
     "EvalProbingConfig",
+    "EvalScrTppConfig",
     "ExplainConfig",
     "JumpReLUConfig",
     "LLMConfig",

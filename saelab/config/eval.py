@@ -1,4 +1,5 @@
-"""Settings of `saelab eval`: the core metrics on held-out windows, sparse probing and feature absorption."""
+"""Settings of `saelab eval`: the core metrics on held-out windows, sparse probing, feature absorption, SCR/TPP
+and the reseed noise of the slower evaluations."""
 
 from __future__ import annotations
 
@@ -51,6 +52,46 @@ class EvalAbsorptionConfig:
 
 
 @dataclass(frozen=True)
+class EvalScrTppConfig:
+    """SCR and TPP (SAEBench definitions, `saelab.eval.scr_tpp`): probes on mean-pooled LM activations, the SAE
+    latents most tied to a class by probe attribution zero-ablated, the probes re-tested."""
+
+    scr: bool = False
+    """Spurious correlation removal: a probe trained where profession and gender agree, cleaned by ablating
+    gender (or profession) latents. The bundled task takes about a minute on 2 CPU cores."""
+    tpp: bool = False
+    """Targeted probe perturbation: accuracy drop of one class's probe against the others' when that class's
+    latents are ablated (Wikipedia topics on the bundled corpus). About 2-3 minutes on 2 CPU cores."""
+    dataset: str = ""
+    """"" for the bundled Wikipedia tasks; or a `datasets.save_to_disk` folder of bias_in_bios (`hard_text`,
+    `profession`, `gender`) or Amazon reviews (`text`, `category`, `rating`) with `train` and `test` splits."""
+    n_values: tuple[int, ...] = (2, 5, 10, 20, 50, 100, 500)
+    """Numbers of latents ablated (SAEBench's); those above the SAE's width are left out with a warning."""
+    scr_n_train: int = 64
+    """Texts per SCR probe and split (n / 4 per profession-gender quadrant; SAEBench 4,000)."""
+    scr_n_test: int = 28
+    """SCR test texts per probe (SAEBench 1,000). The bundled biographies hold 25 women writers and 47 women
+    performers, which bound (scr_n_train + scr_n_test) / 4 at 23."""
+    tpp_n_train: int = 128
+    """Texts per TPP class (SAEBench 2,000)."""
+    tpp_n_test: int = 32
+    """TPP test texts per class (SAEBench 500)."""
+    probe_epochs: int = 20
+    """Epochs of each linear probe (AdamW, lr 1e-3, batch 16, L1 1e-3, as SAEBench)."""
+
+    def __post_init__(self) -> None:
+        _check(
+            len(self.n_values) > 0 and all(n > 0 for n in self.n_values),
+            f"eval.scr_tpp.n_values must be positive numbers of latents, got {self.n_values}",
+        )
+        _check(self.scr_n_train >= 16, "eval.scr_tpp.scr_n_train must be >= 16 (4 texts per quadrant)")
+        _check(self.scr_n_test >= 8, "eval.scr_tpp.scr_n_test must be >= 8 (2 texts per quadrant)")
+        _check(self.tpp_n_train >= 8, "eval.scr_tpp.tpp_n_train must be >= 8")
+        _check(self.tpp_n_test >= 4, "eval.scr_tpp.tpp_n_test must be >= 4")
+        _check(self.probe_epochs > 0, "eval.scr_tpp.probe_epochs must be > 0")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """SAE evaluation on held-out windows (SAEBench core-metric definitions)."""
 
@@ -68,6 +109,15 @@ class EvalConfig:
     """Sparse probing of the run's SAE (`eval/probing.json`)."""
     absorption: EvalAbsorptionConfig = field(default_factory=EvalAbsorptionConfig)
     """First-letter feature absorption of every SAE evaluated (`eval/absorption.json`)."""
+    scr_tpp: EvalScrTppConfig = field(default_factory=EvalScrTppConfig)
+    """SCR and TPP of the run's SAE (`eval/scr_tpp.json`)."""
+    repeats: int = 1
+    """Run SCR, TPP, absorption and sparse probing (those switched on) once per seed, seed .. seed + repeats - 1
+    (probe seed and data subsample), and write each metric's mean, standard deviation and bootstrap interval to
+    `eval/noise.json` (with 2 or more). Each repeat of absorption and probing runs their forwards again."""
+    compare: str = ""
+    """Another run folder evaluated with the same evaluations: `eval/noise.json` then says, per metric, whether
+    the two SAEs differ by less than the reseed noise."""
     extra_saes: tuple[str, ...] = ()
     """Further SAE folders (saelab, SAELens, sparsify or dictionary_learning format) evaluated on the same tokens
     as this run's SAE and its `train.variants`, for the matched-sparsity comparison (`eval/matched_l0.json` and
@@ -81,3 +131,4 @@ class EvalConfig:
         _check(self.batch_size > 0, "eval.batch_size must be > 0")
         _check(self.ce_batch_size > 0, "eval.ce_batch_size must be > 0")
         _check(0 < self.dense_threshold <= 1, "eval.dense_threshold must be in (0, 1]")
+        _check(self.repeats >= 1, "eval.repeats must be >= 1")

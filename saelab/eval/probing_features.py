@@ -2,13 +2,13 @@
 excluded, as in training), of the hookpoint activation (`lm`) and of the SAE's dense latents (`sae`).
 
 `tokenize` cuts the texts to `ctx_len` tokens; `pooled_features` runs them through the model in batches, longest
-first, and pools both feature sets at once. Used by `saelab.eval.probing.run_probing`.
+first, and pools both feature sets at once. Used by `saelab.eval.probing.run_probing` and `saelab.eval.scr_tpp`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -18,8 +18,16 @@ from saelab.eval.probing_tasks import ProbingError
 from saelab.models.loading import LoadedModel, capture, forward_until
 from saelab.sae.base import SAE
 
-if TYPE_CHECKING:
-    from saelab.eval.probing import ProbingConfig
+
+class PoolingSettings(Protocol):
+    """What pooling reads from a config (`ProbingConfig` and `ScrTppSettings` have it)."""
+
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def exclude_first(self) -> int: ...
+    @property
+    def exclude_special(self) -> bool: ...
 
 
 class PooledFeatures(NamedTuple):
@@ -41,7 +49,7 @@ def tokenize(tokenizer: Any, texts: Sequence[str], ctx_len: int) -> list[list[in
 
 @torch.no_grad()
 def pooled_features(
-    lm: LoadedModel, sae: SAE, hookpoint: str, ids: Sequence[Sequence[int]], cfg: ProbingConfig
+    lm: LoadedModel, sae: SAE, hookpoint: str, ids: Sequence[Sequence[int]], cfg: PoolingSettings
 ) -> PooledFeatures:
     """Mean hookpoint activation and mean SAE latents over each text's kept positions, batched (longest texts
     first, each batch cut to its longest text and right-padded: a causal model's kept positions never see the

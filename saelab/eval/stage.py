@@ -3,7 +3,8 @@ of every SAE on the same tokens (`eval/matched_l0.json`); sparse probing and abs
 
 Artifacts (relative to the run folder), each defined by its record's module: `eval/metrics.json`
 (`saelab.eval.core`), `eval/matched_l0.json` (`saelab.eval.matched_l0`), `eval/probing.json`
-(`saelab.eval.probing`), `eval/absorption.json` (`saelab.eval.absorption`).
+(`saelab.eval.probing`), `eval/absorption.json` (`saelab.eval.absorption`), `eval/scr_tpp.json`
+(`saelab.eval.scr_tpp`), `eval/noise.json` (`saelab.eval.noise`, with `--eval.repeats` >= 2 or `--eval.compare`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,20 @@ from saelab.eval.absorption import ABSORPTION, AbsorptionResult, collect_letter_
 from saelab.eval.absorption_config import AbsorptionConfig, AbsorptionError
 from saelab.eval.core import METRICS, EvalResult, Provenance, evaluate_many
 from saelab.eval.matched_l0 import MatchedL0, mark_dominated
+from saelab.eval.noise import NOISE
 from saelab.eval.probing import PROBING, ProbingConfig, ProbingResult, run_probing
 from saelab.eval.probing_tasks import ProbingError
+from saelab.eval.repeats import (
+    PerSeed,
+    absorption_metrics,
+    noise_record,
+    probing_metrics,
+    scr_tpp_metrics,
+    with_comparison,
+)
+from saelab.eval.scr_data import ScrTppError
+from saelab.eval.scr_probes import ProbeSettings
+from saelab.eval.scr_tpp import SCR_TPP, ScrTppResult, ScrTppSettings, run_scr_tpp
 from saelab.eval.transcoder import describe, evaluate_models
 from saelab.models.loading import LoadedModel
 from saelab.run.session import Session
@@ -94,8 +107,12 @@ def stage_eval(s: Session) -> None:
         rec["outputs"].append(METRICS)
         rec["summary"] = {**_summary(results[0]), **extra[0]}
         with _cli_names():
-            absorption = _absorption(s, lm, saes, hookpoint) if s.cfg.eval.absorption.enabled else []
-            probing = _probing(s, lm, saes[0], hookpoint) if s.cfg.eval.probing.tasks else None
+            absorption = (
+                _absorption(s, lm, saes, hookpoint, s.cfg.seed) if s.cfg.eval.absorption.enabled else []
+            )
+            probing = _probing(s, lm, saes[0], hookpoint, s.cfg.seed) if s.cfg.eval.probing.tasks else None
+            scr_cfg = s.cfg.eval.scr_tpp
+            scr_tpp = _scr_tpp(s, lm, saes[0], hookpoint) if scr_cfg.scr or scr_cfg.tpp else None
         if absorption:
             absorption[0].save(
                 s.folder / ABSORPTION,
@@ -108,6 +125,19 @@ def stage_eval(s: Session) -> None:
         if probing is not None:
             probing.save(s.folder / PROBING)
             rec["outputs"].append(PROBING)
+        if scr_tpp is not None:
+            scr_tpp.save(s.folder / SCR_TPP)
+            rec["outputs"].append(SCR_TPP)
+            rec["summary"].update(
+                {f"{k}_mean": v.mean for k, v in scr_tpp.noise.items() if k.endswith("_n20")}
+            )
+        if s.cfg.eval.repeats > 1 or s.cfg.eval.compare:
+            per_seed = _repeated(s, lm, saes[0], hookpoint, absorption[:1], probing, scr_tpp)
+            record = noise_record(_seeds(s), per_seed, hashes[0], lm.weights_sha256, hookpoint)
+            with _cli_names():
+                record = with_comparison(record, s.cfg.eval.compare) if s.cfg.eval.compare else record
+            record.save(s.folder / NOISE)
+            rec["outputs"].append(NOISE)
         if len(named) > 1:
             entries = [
                 {"name": name, "architecture": sae.architecture, "d_sae": sae.cfg.d_sae, "sae_sha256": h,
@@ -124,7 +154,8 @@ _CLI_NAMES = {
     "probing.n_per_class": "--eval.probing.n-per-class",
     "absorption.vocab_size": "--eval.absorption.vocab-size",
 }
-"""Settings the library's probing/absorption errors name, as the eval stage's flags spell them."""
+"""Settings the library's probing/absorption errors name, as the eval stage's flags spell them (SCR/TPP errors
+name the flags themselves)."""
 
 
 @contextlib.contextmanager
@@ -133,14 +164,54 @@ def _cli_names() -> Iterator[None]:
     they advise can be typed as it reads. The config settings only the library exposes keep their names."""
     try:
         yield
-    except (ProbingError, AbsorptionError) as err:
+    except (ProbingError, AbsorptionError, ScrTppError) as err:
         message = str(err)
         for name, flag in _CLI_NAMES.items():
             message = message.replace(name, flag)
         raise type(err)(message) from err
 
 
-def _probing(s: Session, lm: LoadedModel, sae: sae_lib.SAE, hookpoint: str) -> ProbingResult:
+def _seeds(s: Session) -> tuple[int, ...]:
+    return tuple(s.cfg.seed + i for i in range(s.cfg.eval.repeats))
+
+
+def _repeated(
+    s: Session, lm: LoadedModel, sae: sae_lib.SAE, hookpoint: str, absorption: list[AbsorptionResult],
+    probing: ProbingResult | None, scr_tpp: ScrTppResult | None,
+) -> list[PerSeed]:  # fmt: skip
+    """The headline numbers at every seed: the first seed's from the results already computed, the others' from
+    absorption and probing run again (SCR/TPP ran every seed at once)."""
+    per_seed: list[PerSeed] = [{} for _ in _seeds(s)]
+    for i, seed in enumerate(_seeds(s)):
+        with _cli_names():
+            if absorption:
+                a = absorption[0] if i == 0 else _absorption(s, lm, [sae], hookpoint, seed)[0]
+                per_seed[i].update(absorption_metrics(a))
+            if probing is not None:
+                per_seed[i].update(
+                    probing_metrics(probing if i == 0 else _probing(s, lm, sae, hookpoint, seed))
+                )
+    if scr_tpp is not None:
+        for d, extra in zip(per_seed, scr_tpp_metrics(scr_tpp), strict=True):
+            d.update(extra)
+    return per_seed
+
+
+def _scr_tpp(s: Session, lm: LoadedModel, sae: sae_lib.SAE, hookpoint: str) -> ScrTppResult:
+    c, d = s.cfg.eval.scr_tpp, s.cfg.data
+    n_values = tuple(n for n in c.n_values if n <= sae.cfg.d_sae)
+    if len(n_values) < len(c.n_values):
+        log.warning("scr/tpp: n <= %d only (the SAE has %d latents)", sae.cfg.d_sae, sae.cfg.d_sae)
+    settings = ScrTppSettings(
+        scr=c.scr, tpp=c.tpp, dataset=c.dataset, n_values=n_values, scr_n_train=c.scr_n_train,
+        scr_n_test=c.scr_n_test, tpp_n_train=c.tpp_n_train, tpp_n_test=c.tpp_n_test,
+        probe=ProbeSettings(epochs=c.probe_epochs), ctx_len=d.ctx_len, exclude_first=d.exclude_first,
+        exclude_special=d.exclude_special,
+    )  # fmt: skip
+    return run_scr_tpp(lm, sae, hookpoint, settings, _seeds(s))
+
+
+def _probing(s: Session, lm: LoadedModel, sae: sae_lib.SAE, hookpoint: str, seed: int) -> ProbingResult:
     d = s.cfg.data
     width = min(sae.cfg.d_in, sae.cfg.d_sae)  # a top-k probe needs k features on both sides
     ks = tuple(k for k in ProbingConfig().ks if k <= width)
@@ -154,16 +225,16 @@ def _probing(s: Session, lm: LoadedModel, sae: sae_lib.SAE, hookpoint: str) -> P
         exclude_first=d.exclude_first,
         exclude_special=d.exclude_special,
     )
-    return run_probing(lm, sae, hookpoint, cfg, s.cfg.seed)
+    return run_probing(lm, sae, hookpoint, cfg, seed)
 
 
 def _absorption(
-    s: Session, lm: LoadedModel, saes: list[sae_lib.SAE], hookpoint: str
+    s: Session, lm: LoadedModel, saes: list[sae_lib.SAE], hookpoint: str, seed: int
 ) -> list[AbsorptionResult]:
     """First-letter absorption of every SAE; the forwards and letter probes are shared (one hookpoint)."""
     cfg = AbsorptionConfig(vocab_size=s.cfg.eval.absorption.vocab_size)
-    probes = collect_letter_probes(lm, hookpoint, cfg, s.cfg.seed)
-    return [score_absorption(probes, sae, cfg, s.cfg.seed) for sae in saes]
+    probes = collect_letter_probes(lm, hookpoint, cfg, seed)
+    return [score_absorption(probes, sae, cfg, seed) for sae in saes]
 
 
 def _summary(result: EvalResult) -> dict[str, Any]:

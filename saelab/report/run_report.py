@@ -24,7 +24,9 @@ from saelab.config import ReportConfig
 from saelab.eval.absorption import ABSORPTION, load_run_absorption
 from saelab.eval.core import METRICS, load_run_metrics
 from saelab.eval.matched_l0 import MATCHED_L0, MatchedL0
+from saelab.eval.noise import NOISE, load_run_noise
 from saelab.eval.probing import PROBING, load_run_probing
+from saelab.eval.scr_tpp import SCR_TPP, load_run_scr_tpp
 from saelab.latents.sampling import SampleSet
 from saelab.report.doc import PLOTS, Doc, PlotDir, flags_section, pareto_plot, write_documents
 from saelab.report.flags import Flag, TargetGap, classifier_flags, target_flags, target_gaps
@@ -37,6 +39,7 @@ from saelab.report.interp_tables import (
     per_latent,
     score_plot,
 )
+from saelab.report.noise_sections import noise_section, scr_tpp_section
 from saelab.run.manifest import Run
 
 CLASS_METRICS = ("balanced_accuracy", "f1", "precision", "recall", "specificity", "accuracy")
@@ -60,6 +63,9 @@ def write_report(run: Run, cfg: ReportConfig | None = None) -> list[Path]:
     written += _compare_section(run, doc, plots)
     _probing_section(run, doc)
     written += _absorption_section(run, doc, plots)
+    scr_tpp = load_run_scr_tpp(folder) if recorded(run, "eval", SCR_TPP) else None
+    written += scr_tpp_section(scr_tpp, doc, plots)
+    noise_section(load_run_noise(folder) if recorded(run, "eval", NOISE) else None, doc)
     written += _interp_section(run, doc, plots)
     flags, gaps = run_flags(run, cfg)
     flags_section(doc, flags, gaps)
