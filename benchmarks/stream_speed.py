@@ -122,7 +122,7 @@ def run_saelab(
     )
     load = os.getloadavg()[0]
     cpu0, t0 = time.process_time(), time.perf_counter()
-    source = StreamSource(
+    source: Any = StreamSource(
         lm, data, args.seed, [hookpoint], args.tokens, args.batch, cfg.stream_buffer_rows, FORWARD_WINDOWS
     )
     result = train(source, cfg, args.seed, hookpoint=hookpoint)

@@ -46,11 +46,15 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", help="the LM's dtype (the SAE is float32)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t_load = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model_dir, dtype=getattr(torch, args.dtype), local_files_only=True
+    ).to(args.device)
     load_seconds = time.perf_counter() - t_load
     windows = np.load(args.windows)
     order = np.random.default_rng(args.seed).permutation(len(windows))
@@ -81,7 +85,7 @@ def main() -> None:
     trained = int((~np.isin(used, cfg.exclude_tokens)).sum())
     check_x = load_file(str(args.check))["x"]
     with torch.no_grad():
-        check_x_hat = sae(check_x).sae_out
+        check_x_hat = sae(check_x.to(args.device)).sae_out.cpu()
     args.out.mkdir(parents=True, exist_ok=True)
     tensors = {
         "W_enc": sae.encoder.weight.T,
@@ -91,7 +95,7 @@ def main() -> None:
         "check_x": check_x,
         "check_x_hat": check_x_hat,
     }
-    out = {n: t.detach().float().contiguous() for n, t in tensors.items() if t is not None}
+    out = {n: t.detach().float().cpu().contiguous() for n, t in tensors.items() if t is not None}
     save_file({**out, "k": torch.tensor(args.k)}, str(args.out / "sae.safetensors"))
     result = {
         "library": "sparsify",
