@@ -1,4 +1,5 @@
-"""Corpus cost: `saelab collect` of 20,000 tokens from a 60 MB text file against the first 5 MB of it.
+"""Corpus cost: `saelab collect`, and an on-the-fly `saelab train`, of 20,000 tokens from a 60 MB text file against
+the first 5 MB of it.
 
 With the corpus streamed (saelab/data/corpus.py) and read only as far as the run needs (saelab/data/windows.py),
 the two collects should take the same time and peak memory; before, the whole corpus was tokenised first.
@@ -11,6 +12,11 @@ own (`os.wait4`). The sizes, and with `--baseline-code` the two checkouts, are i
 (the order reversed every other round), since a shared machine's load drifts; medians are reported.
 
     python benchmarks/corpus_cost.py --repeats 3 --baseline-code /tmp/saelab-parent
+    python benchmarks/corpus_cost.py --repeats 3 --parts train --out benchmarks/results/corpus_cost_train.json
+
+The `train` part is `saelab train --run-dir R --collect.format stream --data.dataset FILE --collect.n-train-tokens
+20000 --train.epochs 1 --train.checkpoint-every 0` in a fresh folder (a streamed run: the held-out windows are
+collected, then the SAE trains on activations generated on the fly from the streamed training windows).
 
 `--baseline-code` is a folder holding an older `saelab/` package, e.g. `git archive <commit> saelab | tar -x -C DIR`.
 Results: benchmarks/results/corpus_cost.json.
@@ -140,6 +146,30 @@ def collect_once(code: Path, corpus: Path, run_dir: Path) -> dict[str, float]:
     }
 
 
+def train_once(code: Path, corpus: Path, run_dir: Path) -> dict[str, Any]:
+    """One on-the-fly `saelab train` (a new streamed run) in a fresh process."""
+    args = ["train", "--run-dir", str(run_dir), "--collect.format", "stream", "--data.dataset", str(corpus)]
+    args += [
+        "--collect.n-train-tokens",
+        str(N_TOKENS),
+        "--train.epochs",
+        "1",
+        "--train.checkpoint-every",
+        "0",
+    ]
+    load = os.getloadavg()[0]
+    wall, usage, _ = child(code, run_dir.parent, RUN, *args)
+    stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    return {
+        **figures(wall, usage, load),
+        "stage_s": stages["train"]["seconds"],
+        "collect_stage_s": stages["collect"]["seconds"],
+        "steps": stages["train"]["steps"],
+        "tokens": stages["train"]["tokens"],
+        "documents_read": stages["collect"].get("corpus", {}).get("documents_read", -1),
+    }
+
+
 def windows_once(code: Path, corpus: Path, cwd: Path) -> dict[str, Any]:
     """The corpus part alone in a fresh process: `build_windows` with the tokenizer."""
     load = os.getloadavg()[0]
@@ -153,7 +183,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--code", type=Path, default=ROOT, help="checkout under test (holds saelab/)")
     ap.add_argument("--baseline-code", type=Path, default=None, help="an older checkout, measured alongside")
-    ap.add_argument("--parts", nargs="+", default=["windows", "collect"], choices=["windows", "collect"])
+    ap.add_argument(
+        "--parts", nargs="+", default=["windows", "collect"], choices=["windows", "collect", "train"]
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "saelab-corpus-cost")
     args = ap.parse_args()
@@ -166,14 +198,15 @@ def main() -> None:
         codes["baseline"] = args.baseline_code.resolve()
     for code in codes.values():
         which_saelab(code)
-    parts = {p: {"windows": windows_once, "collect": collect_once}[p] for p in args.parts}
+    once = {"windows": windows_once, "collect": collect_once, "train": train_once}
+    parts = {p: once[p] for p in args.parts}
     runs: dict[str, Any] = {p: {c: {s: [] for s in SIZES} for c in codes} for p in parts}
     order = [(p, c, s) for p in parts for c in codes for s in SIZES]
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
             for p, c, s in order if r % 2 == 0 else order[::-1]:
                 where = Path(tmp) / f"{p}-{c}-{s}-{r}"
-                result = parts[p](codes[c], corpora[s], where if p == "collect" else Path(tmp))
+                result = parts[p](codes[c], corpora[s], where if p != "windows" else Path(tmp))
                 runs[p][c][s].append(result)
                 print(f"round {r} {p:>7} {c:>9} {s:>5}: {result}", flush=True)
     keys = ("wall_s", "cpu_s", "peak_rss_gb")

@@ -1,0 +1,278 @@
+"""On-the-fly TopK training against the bare forward and against sparsify's own `Trainer`, in one run.
+
+    make peers   # once: .venv-peers/sparsify
+    .venv/bin/python benchmarks/stream_speed.py [--tokens 32768] [--batch 1024] [--repeats 2] \
+        [--out benchmarks/results/stream_speed.json]
+
+On the bundled SmolLM2-135M at `layers.15` and the bundled Wikipedia corpus (saelab's streamed windows, default
+`DataConfig`), each round measures, in turn (the order reversed every other round, so a change of load shows):
+- forward: the bare forward to the hookpoint (stopped after the hooked layer, `capture` + `forward_until`, no
+  SAE) over the windows saelab's on-the-fly source reads, `collect.batch_size` (16) windows per forward;
+- saelab: `train()` on a `StreamSource`, the code path of `saelab train --collect.format stream` (model forwards
+  into the mixing buffer, statistics, every SAE step), `--tokens` kept rows;
+- sparsify: its `Trainer.fit()` in `.venv-peers/sparsify` (`benchmarks/peers/sparsify_stream.py`), which hooks the
+  model and runs its whole forward per step, on the same windows.
+Rates are model tokens per second (window tokens through the LM, the unit of the bare forward) and trained tokens
+per second. Every run uses the same SAE: TopK, `--expansion` x 576 latents, k `--k`, batch `--batch` tokens (sparsify:
+`--batch` / 128 windows), Adam lr `--lr`, one pass. Each SAE's held-out explained variance, L0 and dead fraction come
+from ONE forward and metric function (`peer_training.reconstruction_stats`) on the held-out windows' kept tokens
+(positions 0-1 and special tokens excluded), after the shared forward has reproduced each library's own
+reconstruction. Model loading is outside every clock (sparsify's process loads its own copy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from peer_training import (
+    CACHE,
+    PEERS,
+    ROOT,
+    PlainSAE,
+    check_own_forward,
+    machine,
+    plain_forward,
+    reconstruction_stats,
+    self_test_metrics,
+)
+from safetensors.torch import save_file
+
+from saelab.activations.onthefly import StreamSource
+from saelab.config import DataConfig, TrainConfig
+from saelab.data.stream import TrainStream
+from saelab.data.windows import read_held_out
+from saelab.models.loading import LoadedModel, capture, forward_until, load_model, resolve_hookpoint
+from saelab.train.trainer import train
+
+MODEL = "bundled:smollm2-135m-instruct"
+FORWARD_WINDOWS = 16
+"""`collect.batch_size`'s default: windows per forward of the on-the-fly source."""
+
+
+def stream_windows(lm: LoadedModel, data: DataConfig, seed: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, keep) of the training windows saelab's stream reads to fill `rows` kept rows, in whole forwards."""
+    stream = TrainStream(data, lm.tokenizer, seed)
+    tokens, keep, have = [], [], 0
+    while have < rows:
+        block = stream.windows(FORWARD_WINDOWS)
+        if len(block.tokens) == 0:
+            raise SystemExit(f"the corpus holds fewer than {rows} kept training tokens")
+        tokens.append(block.tokens)
+        keep.append(block.keep)
+        have += int(block.keep.sum())
+    stream.close()
+    return np.concatenate(tokens), np.concatenate(keep)
+
+
+def held_out_acts(lm: LoadedModel, data: DataConfig, seed: int, hookpoint: str) -> torch.Tensor:
+    windows = read_held_out(data, lm.tokenizer, seed).windows
+    idx = windows.eval_idx
+    out = []
+    for lo in range(0, len(idx), FORWARD_WINDOWS):
+        sel = idx[lo : lo + FORWARD_WINDOWS]
+        ids = torch.as_tensor(windows.tokens[sel], dtype=torch.long)
+        with torch.inference_mode(), capture(lm.model, [hookpoint]) as store:
+            forward_until(lm.model, ids)
+        out.append(store[hookpoint][torch.as_tensor(windows.keep[sel])].float())
+    return torch.cat(out)
+
+
+def run_forward(lm: LoadedModel, hookpoint: str, tokens: np.ndarray) -> dict[str, Any]:
+    load = os.getloadavg()[0]
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    for lo in range(0, len(tokens), FORWARD_WINDOWS):
+        ids = torch.as_tensor(tokens[lo : lo + FORWARD_WINDOWS], dtype=torch.long)
+        with torch.inference_mode(), capture(lm.model, [hookpoint]) as store:
+            forward_until(lm.model, ids)
+        store[hookpoint].float()
+    wall = time.perf_counter() - t0
+    return {
+        "seconds": wall,
+        "cpu_seconds": time.process_time() - cpu0,
+        "model_tokens": tokens.size,
+        "model_tokens_per_second": tokens.size / wall,
+        "load_1min_before": load,
+        "load_1min_after": os.getloadavg()[0],
+    }
+
+
+def run_saelab(
+    lm: LoadedModel, hookpoint: str, data: DataConfig, args: argparse.Namespace, model_tokens: int
+) -> tuple[dict[str, Any], PlainSAE]:
+    cfg = TrainConfig(
+        architecture="topk",
+        expansion=args.expansion,
+        k=args.k,
+        lr=args.lr,
+        batch_size=args.batch,
+        epochs=1,
+        checkpoint_every=0,
+    )
+    load = os.getloadavg()[0]
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    source: Any = StreamSource(
+        lm, data, args.seed, [hookpoint], args.tokens, args.batch, cfg.stream_buffer_rows, FORWARD_WINDOWS
+    )
+    result = train(source, cfg, args.seed, hookpoint=hookpoint)
+    wall = time.perf_counter() - t0
+    sae = result.sae.eval()
+    plain = PlainSAE(sae.W_enc_DF.detach(), sae.b_enc_F.detach(), sae.W_dec_FD.detach(), sae.b_dec_D.detach(),
+                     args.k, None)  # fmt: skip
+    trained = result.steps * args.batch
+    return {
+        "seconds": wall,
+        "cpu_seconds": time.process_time() - cpu0,
+        "steps": result.steps,
+        "model_tokens": model_tokens,
+        "trained_tokens": trained,
+        "model_tokens_per_second": model_tokens / wall,
+        "trained_tokens_per_second": trained / wall,
+        "load_1min_before": load,
+        "load_1min_after": os.getloadavg()[0],
+        "recipe": {"auxk_coef": cfg.auxk_coef, "stream_buffer_rows": cfg.stream_buffer_rows},
+    }, plain
+
+
+def run_sparsify(
+    files: dict[str, Path], hookpoint: str, args: argparse.Namespace, n_windows: int, out: Path
+) -> tuple[dict[str, Any], PlainSAE, torch.Tensor, torch.Tensor]:
+    python = ROOT / ".venv-peers" / "sparsify" / "bin" / "python"
+    if not python.exists():
+        raise SystemExit(f"{python} is missing: run `make peers` first")
+    batch_windows = args.batch // 128
+    steps = n_windows // batch_windows
+    cmd = [
+        str(python), str(PEERS / "sparsify_stream.py"), "--model-dir", str(files["model"]),
+        "--windows", str(files["windows"]), "--check", str(files["check"]),
+        "--hookpoint", hookpoint.removeprefix("model."), "--out", str(out),
+        "--batch-windows", str(batch_windows), "--expansion", str(args.expansion), "--k", str(args.k),
+        "--lr", str(args.lr), "--warmup", str(max(1, int(0.05 * steps))), "--seed", str(args.seed),
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "2",
+        "TQDM_DISABLE": "1",
+        "SPARSIFY_DISABLE_TRITON": "1",
+        "WANDB_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"sparsify failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
+    r = json.loads((out / "result.json").read_text())
+    r["seconds"] = r["train_seconds"]
+    r["model_tokens_per_second"] = r["model_tokens"] / r["train_seconds"]
+    r["trained_tokens_per_second"] = r["trained_tokens"] / r["train_seconds"]
+    sae, check_x, check_x_hat = PlainSAE.load(out / "sae.safetensors")
+    return r, sae, check_x, check_x_hat
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=32_768, help="kept training tokens saelab trains on")
+    p.add_argument("--batch", type=int, default=1024, help="tokens per SAE step (a multiple of 128)")
+    p.add_argument("--expansion", type=int, default=8)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--only", nargs="*", choices=("forward", "saelab", "sparsify"))
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "stream_speed.json")
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    load_start = os.getloadavg()
+    todo = args.only or ["forward", "saelab", "sparsify"]
+    data = DataConfig()
+    lm = load_model(MODEL)
+    hookpoint = resolve_hookpoint(lm.model, "layers.15")
+    eval_ND = held_out_acts(lm, data, args.seed, hookpoint)
+    self_test_metrics(eval_ND)
+    tokens, keep = stream_windows(lm, data, args.seed, args.tokens)
+    from saelab.models.loading import _bundled_cache
+
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in todo}
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {"model": _bundled_cache(MODEL), "windows": Path(tmp) / "w.npy", "check": Path(tmp) / "c.st"}
+        needed = (
+            int(np.searchsorted(np.cumsum(keep.sum(1)), args.tokens)) + 1
+        )  # windows holding the kept rows
+        n_windows = math.ceil(needed / (args.batch // 128)) * (args.batch // 128)
+        np.save(files["windows"], tokens[:n_windows])
+        save_file({"x": eval_ND[:64].contiguous()}, str(files["check"]))
+        for rep in range(args.repeats):
+            for name in todo if rep % 2 == 0 else todo[::-1]:
+                if name == "forward":
+                    r = run_forward(lm, hookpoint, tokens)
+                else:
+                    if name == "saelab":
+                        r, sae = run_saelab(lm, hookpoint, data, args, tokens.size)
+                        own = plain_forward(sae)(eval_ND[:64])[0]  # its own forward is the folded one
+                        check_x, check_x_hat = eval_ND[:64], own
+                    else:
+                        r, sae, check_x, check_x_hat = run_sparsify(
+                            files, hookpoint, args, n_windows, CACHE / "stream_speed" / f"sparsify-{rep}"
+                        )
+                    r["check_max_rel_diff"] = check_own_forward(sae, check_x, check_x_hat, name)
+                    r.update(reconstruction_stats(eval_ND, plain_forward(sae), sae.d_sae))
+                runs[name].append(r)
+                ev = f", EV {r['explained_variance']:.3f}, L0 {r['l0']:.1f}" if "l0" in r else ""
+                print(
+                    f"[{rep}] {name}: {r['model_tokens_per_second']:,.0f} model tok/s in {r['seconds']:.1f} s"
+                    f"{ev}, load {r['load_1min_before']:.2f}->{r['load_1min_after']:.2f}",
+                    flush=True,
+                )
+    med = {n: {k: statistics.median(r[k] for r in rs) for k in ("model_tokens_per_second", "seconds")}
+           for n, rs in runs.items()}  # fmt: skip
+    for name in ("saelab", "sparsify"):
+        if name in runs:
+            for key in ("explained_variance", "l0", "dead_fraction", "trained_tokens_per_second"):
+                med[name][key] = statistics.median(r[key] for r in runs[name])
+    ratios = {}
+    if "saelab" in med and "forward" in med:
+        ratios["saelab_over_forward"] = (
+            med["saelab"]["model_tokens_per_second"] / med["forward"]["model_tokens_per_second"]
+        )
+    if "saelab" in med and "sparsify" in med:
+        ratios["saelab_over_sparsify"] = (
+            med["saelab"]["model_tokens_per_second"] / med["sparsify"]["model_tokens_per_second"]
+        )
+        ratios["saelab_over_sparsify_trained"] = (
+            med["saelab"]["trained_tokens_per_second"] / med["sparsify"]["trained_tokens_per_second"]
+        )
+    result = {
+        "command": "python benchmarks/stream_speed.py " + " ".join(sys.argv[1:]),
+        "machine": {**machine(), "load_avg_start": load_start, "load_avg_end": os.getloadavg()},
+        "settings": {
+            **vars(args),
+            "out": str(args.out),
+            "hookpoint": hookpoint,
+            "model": MODEL,
+            "forward_windows": FORWARD_WINDOWS,
+            "forward_windows_total": len(tokens),
+            "sparsify_windows": n_windows,
+            "eval_tokens": eval_ND.shape[0],
+        },
+        "medians": med,
+        "ratios": ratios,
+        "runs": runs,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(json.dumps({"medians": med, "ratios": ratios}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
