@@ -374,6 +374,8 @@ def test_cache_build_crashed_then_resumed_equals_one_build(tmp_path: Path, sourc
         build_cache(
             sae, crash_after(chunks_from_activations(acts, 100), 7), tmp_path / "r", SMALL, "sae-a", "data-a"
         )
+    # a SIGKILL during a checkpoint leaves its temporary file beside the last complete one
+    (tmp_path / "r.tmp" / "progress.npz.0123abcd.tmp").write_bytes(b"half a checkpoint")
     resumed_cfg = dataclasses.replace(SMALL, resume=True)
 
     def from_token(start: int) -> Iterator[Chunk]:
@@ -384,7 +386,9 @@ def test_cache_build_crashed_then_resumed_equals_one_build(tmp_path: Path, sourc
     resumed = build_cache(sae, chunks, tmp_path / "r", resumed_cfg, "sae-a", "data-a", progress)
     assert 0 < progress.resumed_tokens <= 700 and progress.resumed_tokens % 100 == 0
     assert progress.encoded_chunks == -(-acts.acts_ND.shape[0] // 100) - progress.resumed_tokens // 100
-    for name in sorted(p.name for p in (tmp_path / "full").iterdir()):
+    names = sorted(p.name for p in (tmp_path / "full").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "r").iterdir())
+    for name in names:
         assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "r" / name).read_bytes(), name
     assert resumed.info == full.info
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 TMP_SUFFIX = ".tmp"
+_TEMPORARY = re.compile(r".+\.[0-9a-f]{8}\.tmp")
 
 
 def temporary_path(path: Path) -> Path:
@@ -32,6 +34,16 @@ def temporary_path(path: Path) -> Path:
         except OSError as err:  # a full or read-only disk: name the file being written, not its temporary
             raise OSError(err.errno, err.strerror, str(path)) from err
         return tmp
+
+
+def remove_temporaries(folder: Path) -> list[str]:
+    """Remove the temporary files (`<name>.<random>.tmp`) a killed writer left in `folder`; their names.
+
+    Only for a folder that no other writer can be using: one a stage resumes under the run's lock."""
+    left = sorted(p.name for p in folder.iterdir() if _TEMPORARY.fullmatch(p.name) and p.is_file())
+    for name in left:
+        (folder / name).unlink()
+    return left
 
 
 @contextmanager
