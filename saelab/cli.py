@@ -305,5 +305,21 @@ def _train_distributed(session: Any) -> bool:
     return info.is_main
 
 
+def entry() -> None:
+    """The `saelab` command (and `python -m saelab.cli`, which torchrun starts): `main`, then exit.
+
+    A process that was one of torchrun's ranks leaves with `os._exit` once its output is flushed: its stage is
+    finished and its process group destroyed by then, and the interpreter's own finalisation can still meet gloo's
+    worker threads and abort the process (SIGABRT; torch 2.x, pytorch/pytorch#179291), which torchrun reports as a
+    failed training. No rank holds anything that finalisation would write."""
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -274,7 +274,9 @@ def test_train_under_torchrun(tmp_path: Path, tiny_model_dir: Path, corpus_file:
     proc = subprocess.run(
         cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the ranks' own errors first: torchrun's report of a failed rank fills the end of stderr
+    errors = [ln for ln in proc.stderr.splitlines() if any(w in ln for w in ("Error", "terminate", "Abort"))]
+    assert proc.returncode == 0, "\n".join(errors[:40]) + "\n...\n" + proc.stderr[-3000:]
     assert proc.stderr.count("train done in") == 1  # rank 0 alone reports
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["stages"]["train"]["steps"] > 0
