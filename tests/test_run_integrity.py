@@ -92,6 +92,22 @@ def test_a_later_stage_rerun_drops_only_the_report(run: Path) -> None:
     assert "invalidated" not in manifest(run)
 
 
+@pytest.mark.fault
+def test_temporaries_a_killed_stage_left_are_removed_by_the_next_stage(
+    run: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A SIGKILL between writing a temporary file and renaming it leaves `<name>.<random>.tmp`; the next stage on
+    the run (holding its lock) removes them all, and nothing else."""
+    left = [run / "manifest.json.0a1b2c3d.tmp", run / "latents" / "stats.safetensors.deadbeef.tmp"]
+    kept = [run / "notes.0a1b2c3d.tmp.txt", run / "mine.tmp"]  # not written by saelab: left alone
+    for path in [*left, *kept]:
+        path.write_bytes(b"half")
+    with caplog.at_level("INFO", logger="saelab"):
+        assert main(["report", "--run-dir", str(run)]) == 0
+    assert [p for p in left if p.exists()] == [] and all(p.exists() for p in kept)
+    assert "removed 2 temporary file(s) a killed stage left" in caplog.text
+
+
 # --- one verdict for an altered artifact ----------------------------------------------------------------------
 
 

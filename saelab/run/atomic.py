@@ -46,6 +46,18 @@ def remove_temporaries(folder: Path) -> list[str]:
     return left
 
 
+def sweep_temporaries(root: Path) -> int:
+    """Remove every temporary file a killed writer left anywhere under `root` (a run folder whose lock this
+    process holds); how many there were."""
+    n = 0
+    for folder, _, names in os.walk(root):
+        for name in names:
+            if _TEMPORARY.fullmatch(name):
+                Path(folder, name).unlink(missing_ok=True)
+                n += 1
+    return n
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path to write `path`'s content to; renamed onto `path` when the block ends without error."""

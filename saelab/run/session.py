@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -18,11 +19,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from saelab.config import RunConfig, from_dict, to_dict
+from saelab.run import atomic
 from saelab.run.lock import RunLock
 from saelab.run.manifest import Run, RunError
 
 if TYPE_CHECKING:
     from saelab.models.loading import LoadedModel
+
+log = logging.getLogger("saelab")
 
 
 @dataclass
@@ -126,6 +130,8 @@ def stage_session(cfg: RunConfig, stage: str, *, new: bool, force: bool = False)
     # torchrun's other ranks of one `train` only read the run: rank 0 holds the lock for them all
     lock = RunLock(folder, stage) if int(os.environ.get("RANK", "0")) == 0 else None
     with lock if lock is not None else contextlib.nullcontext():
+        if lock is not None and (n := atomic.sweep_temporaries(folder)):
+            log.info("%s: removed %d temporary file(s) a killed stage left", folder, n)
         session = open_session(cfg, new=new, force=force)
         session.lock = lock
         yield session
