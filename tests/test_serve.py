@@ -504,6 +504,33 @@ def test_report_link_inside_the_run_is_served(runs: tuple[Path, Path], tmp_path:
         assert status == 200 and body == (run / "report-v1.html").read_text()
 
 
+@pytest.mark.fault
+def test_what_a_forced_rerun_dropped_is_not_shown(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    """`cache` run again with other settings (`--force`) drops sample, explain, score and report from the manifest and leaves their files: the
+    browser shows none of them beside the new latents (nor the old report)."""
+    run = tmp_path / "run"
+    shutil.copytree(runs[0], run)
+    before = RunData("run", run)
+    latent = next(iter(before.index.explanations))
+    text = before.index.explanations[latent][0].explanation
+    assert before.index.metrics() and before.index.samples is not None
+    assert main(["cache", "--run-dir", str(run), "--cache.value-dtype", "float32", "--force"]) == 0
+    assert list(json.loads((run / "manifest.json").read_text())["stages"]) == [
+        "collect",
+        "train",
+        "eval",
+        "cache",
+    ]
+    assert (run / "score" / "scores.jsonl").exists() and (run / "report.html").exists()  # kept on disk
+    after = RunData("run", run)
+    assert after.index.explanations == {} and after.index.metrics() == {} and after.index.samples is None
+    assert after.scores(latent) == [] and after.examples(latent) is None
+    for base in served([run]):
+        assert get(f"{base}run/run/report")[0] == 404
+        status, page, _ = get(f"{base}run/run/latent/{latent}")
+        assert status == 200 and html.escape(text) not in page
+
+
 # ---------------------------------------------------------------------------------------------- load
 
 

@@ -24,6 +24,7 @@ from saelab.autointerp.results import SCORE_DIR, SCORES_FILE, index_score_lines,
 from saelab.latents.cache import LATENTS, LatentCache
 from saelab.latents.sampling import SAMPLES, LatentExamples, SampleIndex
 from saelab.report.doc import REPORT_HTML
+from saelab.run.manifest import MANIFEST, read_manifest
 from saelab.sae.base import WEIGHTS_FILE
 from saelab.train.stage import SAE_DIR
 
@@ -122,10 +123,20 @@ class RunData:
         path = self.folder / rel
         return path if path.is_file() else None
 
+    @cached_property
+    def stages(self) -> frozenset[str]:
+        """The stages the run's manifest records. What a stage dropped by a `--force` rerun left on disk is not
+        shown (its explanations and scores were made from latents the run no longer has)."""
+        return frozenset(read_manifest(self.folder / MANIFEST).get("stages", {}))
+
+    def recorded(self, stage: str) -> bool:
+        """Whether the manifest records `stage` now (read again, for pages that are not cached)."""
+        return stage in read_manifest(self.folder / MANIFEST).get("stages", {})
+
     def _build_index(self) -> _Index:
         stats = self.cache.stats
         explanations: dict[int, list[ExplanationRecord]] = {}
-        for rec in load_run_explanations(self.folder):
+        for rec in load_run_explanations(self.folder) if "explain" in self.stages else []:
             explanations.setdefault(rec.latent, []).append(rec)
         metrics, score_lines = self._index_scores(len(stats.count))
         return _Index(
@@ -144,7 +155,7 @@ class RunData:
         """Every score line's metrics (LIST_METRICS) and (offset, length), by latent."""
         found: dict[str, list[tuple[int, list[float]]]] = {}
         lines: dict[int, list[tuple[int, int]]] = {}
-        path = self.file(SCORES)
+        path = self.file(SCORES) if "score" in self.stages else None
         for line in index_score_lines(path) if path else []:
             values = [np.nan if line.metrics.get(m) is None else float(line.metrics[m]) for m in LIST_METRICS]
             found.setdefault(f"{line.explainer}/{line.scorer}", []).append((line.latent, values))
@@ -158,7 +169,7 @@ class RunData:
         return metrics, lines
 
     def _index_samples(self) -> SampleIndex | None:
-        path = self.file(SAMPLES)
+        path = self.file(SAMPLES) if "sample" in self.stages else None
         return SampleIndex(path) if path is not None else None
 
     # ------------------------------------------------------------------------------------------ one latent

@@ -184,7 +184,8 @@ class Browser:
             case ["run", name, "latent", latent] if _is_id(latent):
                 return self.latent_page(self.run(name), int(latent))
             case ["run", name, "report"]:
-                body = read_inside(self.run(name, (REPORT,)).folder, REPORT)
+                run = self.run(name, (REPORT,))
+                body = read_inside(run.folder, REPORT) if run.recorded("report") else None
                 if body is None:
                     raise NotFound(f"{name} has no report.html; run `saelab report --run-dir RUN`")
                 return Response(200, body)
