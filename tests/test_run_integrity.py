@@ -145,6 +145,41 @@ def test_an_altered_sae_gets_one_verdict_at_every_stage(
 
 
 @pytest.mark.bad_input
+def test_verification_reads_again_only_what_was_written_since(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stages verify upstream artifacts by file state (size, inode, mtime, ctime) and hash only files written
+    since they were recorded, so a stored run's activations are not read whole by every later stage; an edit that
+    puts size and mtime back is still caught (ctime cannot be set back)."""
+    import os
+
+    from saelab.run import manifest as m
+
+    folder = tmp_path / "r"
+    run = m.Run.create(folder, {}, 0)
+    with run.stage("collect", {}) as rec:
+        for name in ("a.bin", "b.bin"):
+            (folder / name).write_bytes(b"x" * 1000)
+        rec["outputs"] += ["a.bin", "b.bin"]
+    hashed: list[str] = []
+    sha256 = m.sha256_file
+    monkeypatch.setattr(m, "sha256_file", lambda p: hashed.append(p.name) or sha256(p))
+    run = m.Run.open(folder)
+    run.verify("collect")
+    assert hashed == []
+    (folder / "a.bin").write_bytes(b"x" * 1000)  # the same bytes written again: read again, and accepted
+    run.verify("collect")
+    assert hashed == ["a.bin"]
+    b = folder / "b.bin"
+    st = b.stat()
+    b.write_bytes(b"y" * 1000)
+    os.utime(b, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert b.stat().st_mtime_ns == st.st_mtime_ns and b.stat().st_size == st.st_size
+    with pytest.raises(m.RunError, match=r"artifact b\.bin was altered after stage 'collect'"):
+        run.verify("collect")
+
+
+@pytest.mark.bad_input
 def test_altered_activations_name_collect_at_every_stage(
     run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
