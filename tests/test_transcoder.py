@@ -270,19 +270,29 @@ def test_matched_l0_compares_only_models_reconstructing_the_same_hookpoint() -> 
 
 
 @pytest.mark.bad_input
-def test_a_transcoder_given_to_a_converter_for_sae_formats_is_refused(tmp_path: Path, capsys) -> None:
+def test_a_transcoder_a_format_cannot_hold_is_refused_by_the_converter_in_one_line(
+    tmp_path: Path, capsys
+) -> None:
+    """A TopK skip transcoder 12 -> 20 wide: SAELens has no TopK transcoder, sparsify's write their input's width,
+    dictionary_learning has none (tests/test_transcoder_formats.py: what each format holds)."""
     from saelab.cli import main
 
     sae_lib.save(randomised(tc_config("topk", skip=True)), tmp_path / "tc")
-    for fmt in ("saelens", "sparsify", "dictionary_learning"):
+    why = {
+        "saelens": "SAELens has no topk transcoder",
+        "sparsify": "d_out=20 differs from d_in=12",
+        "dictionary_learning": "dictionary_learning has no transcoder layout",
+    }
+    for fmt, reason in why.items():
         assert (
             main(["convert", "--src", str(tmp_path / "tc"), "--dst", str(tmp_path / fmt), "--to", fmt]) == 1
         )
         err = capsys.readouterr().err.strip().splitlines()
-        assert (
-            len(err) == 1 and f"this is a transcoder (in -> t, skip), and saelab writes the {fmt}" in err[0]
-        )
-        assert not (tmp_path / fmt).exists() or not any((tmp_path / fmt).iterdir())
+        assert len(err) == 1 and err[0].startswith(
+            f"saelab: SAEError: the {fmt} format cannot hold this topk transcoder (in -> t, skip): {reason}"
+        ), err
+        assert err[0].endswith("formats that can: saelab")
+        assert not (tmp_path / fmt).exists()
 
 
 def tiny_run_args(model: Path, corpus: Path) -> list[str]:
