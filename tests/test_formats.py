@@ -2,7 +2,8 @@
 
 Fast tests run in our own environment: every (architecture, format) pair survives a round trip with the same
 latents and reconstructions, the pairs a format cannot hold and the peer kinds we cannot read are clear errors.
-Tests marked `peers` check parity with the peer libraries themselves (SAELens, sparsify, dictionary_learning),
+Transcoders in these formats: tests/test_transcoder_formats.py. Tests marked `peers` check parity with the peer
+libraries themselves (SAELens, sparsify, dictionary_learning),
 each in its own environment under .venv-peers/ (`make peers`): the peer loads what we write, and we load what the
 peer saves, and both sides compute latents and reconstructions of the same inputs (tests/peer_scripts/).
 """
@@ -238,8 +239,7 @@ def _edit_json(path: Path, **changes: Any) -> None:
             {"activation": "groupmax"},
             "activation='groupmax': saelab reads sparsify's topk",
         ),
-        ("sparsify", "topk", {"transcode": True}, "transcode=true: saelab reads plain sparsify SAEs only"),
-        ("sparsify", "topk", {"skip_connection": True}, "skip_connection=true"),
+        ("sparsify", "topk", {"skip_connection": True}, "skip_connection=true without transcode"),
         ("saelens", "topk", {"d_in": D + 1}, r"W_enc has shape \(16, 64\), expected \(17, 64\)"),
     ],
 )
@@ -394,7 +394,7 @@ PEER_KINDS = {
 PEER_UNREADABLE = {
     ("saelens", "gated"): "SAELens architecture 'gated' has no saelab equivalent",
     ("sparsify", "groupmax"): "activation='groupmax'",
-    ("sparsify", "transcode"): "transcode=true",
+    ("sparsify", "skip_sae"): "skip_connection=true without transcode",
     ("dictlearn", "GatedAutoEncoder"): "class 'GatedAutoEncoder' has no saelab equivalent",
 }
 OURS = [(peer, arch) for peer, fmt in PEER_FORMAT.items() for arch in FORMATS[fmt].architectures]

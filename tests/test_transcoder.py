@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -252,6 +253,32 @@ def test_a_transcoder_whose_target_the_model_lacks_or_is_not_d_out_wide_is_refus
         evaluate_models(lm, [wrong], windows, IN_HP, cfg)
 
 
+@pytest.mark.bad_input
+def test_a_transcoder_where_an_sae_is_expected_or_with_an_end_its_file_does_not_name_is_refused(
+    lm, windows, tmp_path: Path
+) -> None:
+    """The MLP's input and output are both 32 wide here, so only the model's kind can stop SAE metrics (the
+    prediction of the MLP's output scored against its input). A sparsify transcoder names only the module it
+    rebuilds: outside the Llama layout its input is unknown, and evaluation says where to write it."""
+    from saelab.config import EvalConfig
+    from saelab.eval.core import evaluate_many
+    from saelab.eval.transcoder import evaluate_models
+    from saelab.sae.formats import export_sae, import_sae
+
+    cfg = EvalConfig(n_windows=2, n_ce_windows=1)
+    tc = build(SAEConfig("topk", 32, 64, k=4, hookpoint=IN_HP, target_hookpoint=MLP_HP, d_out=32)).eval()
+    line = f"a transcoder ({IN_HP} -> {MLP_HP}) was given where an SAE of {IN_HP} is expected; `saelab eval`"
+    with pytest.raises(SAEError, match=f"^{re.escape(line)}"):
+        evaluate_many(lm, [tc], windows, IN_HP, cfg)
+    export_sae(tc, tmp_path / "h.1.c_fc", "sparsify")
+    doc = json.loads((tmp_path / "h.1.c_fc" / "cfg.json").read_text())
+    del doc["input_hookpoint"]
+    (tmp_path / "h.1.c_fc" / "cfg.json").write_text(json.dumps(doc))
+    with pytest.raises(SAEError, match=r"^the transcoder's input hookpoint is not recorded in its checkpoint; "
+                                       r"write it into the file \(sparsify: `input_hookpoint`"):  # fmt: skip
+        evaluate_models(lm, [import_sae(tmp_path / "h.1.c_fc")], windows, IN_HP, cfg)
+
+
 def test_matched_l0_compares_only_models_reconstructing_the_same_hookpoint() -> None:
     from saelab.eval.matched_l0 import mark_dominated
 
@@ -270,19 +297,29 @@ def test_matched_l0_compares_only_models_reconstructing_the_same_hookpoint() -> 
 
 
 @pytest.mark.bad_input
-def test_a_transcoder_given_to_a_converter_for_sae_formats_is_refused(tmp_path: Path, capsys) -> None:
+def test_a_transcoder_a_format_cannot_hold_is_refused_by_the_converter_in_one_line(
+    tmp_path: Path, capsys
+) -> None:
+    """A TopK skip transcoder 12 -> 20 wide: SAELens has no TopK transcoder, sparsify's write their input's width,
+    dictionary_learning has none (tests/test_transcoder_formats.py: what each format holds)."""
     from saelab.cli import main
 
     sae_lib.save(randomised(tc_config("topk", skip=True)), tmp_path / "tc")
-    for fmt in ("saelens", "sparsify", "dictionary_learning"):
+    why = {
+        "saelens": "SAELens has no topk transcoder",
+        "sparsify": "d_out=20 differs from d_in=12",
+        "dictionary_learning": "dictionary_learning has no transcoder layout",
+    }
+    for fmt, reason in why.items():
         assert (
             main(["convert", "--src", str(tmp_path / "tc"), "--dst", str(tmp_path / fmt), "--to", fmt]) == 1
         )
         err = capsys.readouterr().err.strip().splitlines()
-        assert (
-            len(err) == 1 and f"this is a transcoder (in -> t, skip), and saelab writes the {fmt}" in err[0]
-        )
-        assert not (tmp_path / fmt).exists() or not any((tmp_path / fmt).iterdir())
+        assert len(err) == 1 and err[0].startswith(
+            f"saelab: SAEError: the {fmt} format cannot hold this topk transcoder (in -> t, skip): {reason}"
+        ), err
+        assert err[0].endswith("formats that can: saelab")
+        assert not (tmp_path / fmt).exists()
 
 
 def tiny_run_args(model: Path, corpus: Path) -> list[str]:
@@ -392,3 +429,43 @@ def test_a_stopped_skip_transcoder_resumes_to_the_weights_of_an_uninterrupted_ru
     resumed = run(dataclasses.replace(cfg, resume=True), tmp_path / "b")
     for name, t in straight.state_dict().items():
         assert torch.equal(t, resumed.state_dict()[name]), name  # b_in_D, W_skip and both scales' folding
+
+
+@pytest.mark.bad_input
+def test_eval_extra_saes_reads_a_peers_transcoder_and_names_an_end_its_file_lacks(
+    tmp_path: Path, tiny_model_dir: Path, corpus_file: Path, capsys
+) -> None:
+    """`saelab eval --eval.extra-saes` on a run collected at an SAE's hookpoint: a SAELens transcoder whose file
+    does not name its output hookpoint is refused in one line that says where to write it; a sparsify skip
+    transcoder in a folder named the sparsify way (`layers.1.mlp`, the input the norm before it) is evaluated
+    at its own hookpoints."""
+    from saelab.cli import main
+    from saelab.sae.formats import export_sae
+
+    run = tmp_path / "run"
+    assert main(["collect", "--run-dir", str(run), *tiny_run_args(tiny_model_dir, corpus_file)]) == 0
+    eval_args = ["eval", "--run-dir", str(run), "--eval.n-windows", "2", "--eval.n-ce-windows", "1"]
+    tc_cfg = SAEConfig("relu", 32, 64, hookpoint="model.layers.1.post_attention_layernorm",
+                       target_hookpoint="model.layers.1.mlp", d_out=32, skip=True)  # fmt: skip
+    export_sae(build(tc_cfg).eval(), tmp_path / "sl", "saelens")
+    doc = json.loads((tmp_path / "sl" / "cfg.json").read_text())
+    del doc["metadata"]["hook_name_out"]
+    (tmp_path / "sl" / "cfg.json").write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert main([*eval_args, "--eval.extra-saes", str(tmp_path / "sl")]) == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("saelab: ")]
+    assert (
+        len(err) == 1 and "the transcoder's target hookpoint is not recorded in its checkpoint" in err[0]
+    ), err
+    assert "SAELens: `metadata.hook_name_out`" in err[0]
+    sparsify_tc = build(dataclasses.replace(tc_cfg, architecture="topk", k=4)).eval()
+    folder = tmp_path / "sp" / "layers.1.mlp"
+    export_sae(sparsify_tc, folder, "sparsify")
+    doc = json.loads((folder / "cfg.json").read_text())
+    del doc["input_hookpoint"]
+    (folder / "cfg.json").write_text(json.dumps(doc))
+    assert main([*eval_args, "--eval.extra-saes", str(folder)]) == 0
+    summary = json.loads((run / "manifest.json").read_text())["stages"]["eval"]["summary"]
+    assert (summary["kind"], summary["hookpoint"], summary["reconstructs"]) == (
+        "skip transcoder", "model.layers.1.post_attention_layernorm", "model.layers.1.mlp",
+    )  # fmt: skip

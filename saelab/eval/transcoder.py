@@ -50,21 +50,30 @@ def reads_of(lm: LoadedModel, sae: SAE, run_hookpoint: str) -> Reads:
         hp = cfg.hookpoint if cfg.hookpoint in modules else run_hookpoint
         check_width(sae, hookpoint_width(lm, hp), hp)
         return Reads(hp, hp)
+    names = {}
     for role, hp in (("input", cfg.hookpoint), ("target", cfg.target_hookpoint)):
-        if hp not in modules:
+        if not hp:  # a peer's file that names one end only (saelab.sae.formats.sparsify, .saelens)
+            raise SAEError(
+                f"the transcoder's {role} hookpoint is not recorded in its checkpoint; write it into the file "
+                "(sparsify: `input_hookpoint` in cfg.json; SAELens: `metadata.hook_name_out`) and load it again"
+            )
+        # A unique suffix names the module too: sparsify names modules from the base model (`layers.15.mlp`).
+        suffix = [m for m in modules if m.endswith("." + hp)]
+        if hp not in modules and len(suffix) != 1:
             raise SAEError(
                 f"the transcoder's {role} hookpoint {hp!r} is not a module of {lm.name}; evaluate it on the model "
                 f"it was trained on ({cfg.model or 'see its cfg.json'})"
             )
-    for role, hp, width in (("input", cfg.hookpoint, cfg.d_in), ("target", cfg.target_hookpoint, cfg.d_out)):
-        found = hookpoint_width(lm, hp)
+        names[role] = hp if hp in modules else suffix[0]
+    for role, width in (("input", cfg.d_in), ("target", cfg.d_out)):
+        hp, found = names[role], hookpoint_width(lm, names[role])
         if found != width:
             name = "d_in" if role == "input" else "d_out"
             raise SAEError(
                 f"{hp} is {found} wide but the transcoder's {name} is {width}; evaluate it on the model it was "
                 f"trained on ({cfg.model or 'see its cfg.json'})"
             )
-    return Reads(cfg.hookpoint, cfg.target_hookpoint)
+    return Reads(names["input"], names["target"])
 
 
 def describe(sae: SAE, reads: Reads) -> dict[str, Any]:

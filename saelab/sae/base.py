@@ -408,7 +408,11 @@ def file_sha256(folder: Path) -> str:
 
 
 def check_width(sae: SAE, width: int, where: str) -> None:
-    """Raise SAEError unless `sae` reads activations of `width` (the output width of `where`, a hookpoint)."""
+    """Raise SAEError unless `sae` is an SAE reading activations of `width` (the output width of `where`, a
+    hookpoint); a transcoder, even of that width, would be scored against its own input: silently wrong."""
+    if (cfg := sae.cfg).is_transcoder:
+        raise SAEError(f"a transcoder ({cfg.hookpoint} -> {cfg.target_hookpoint}) was given where an SAE of "
+                       f"{where} is expected; `saelab eval` evaluates it at its own hookpoints")  # fmt: skip
     if sae.cfg.d_in != width:
         raise SAEError(
             f"SAE d_in={sae.cfg.d_in} does not match the width {width} of {where}; "

@@ -4,7 +4,10 @@ load: `SAE.load_from_disk(folder)`, whatever architecture the folder holds. save
 apply_b_dec_to_input=False, so the importer must fold b_dec into b_enc), `topk` (rescale_acts_by_decoder_norm=True,
 folded on import), `jumprelu`, `gated` (no saelab equivalent), and the training-only `batchtopk` and
 `matryoshka_batchtopk`, saved the way SAELens's trainer does (`save_inference_model`, an inference jumprelu);
-their outputs come from that saved inference SAE, since the training SAE selects per batch.
+their outputs come from that saved inference SAE, since the training SAE selects per batch. Transcoder kinds
+(SAELens loads them, it does not train them): `transcoder`, `skip_transcoder`, `jumprelu_transcoder`,
+`jumprelu_skip_transcoder`, of the job's `d_out`, with the output hookpoint in `metadata.hook_name_out`. A
+transcoder's reconstruction is its forward output (skip path included); `skip` is x @ W_skip.T alone.
 """
 
 from __future__ import annotations
@@ -21,19 +24,39 @@ from sae_lens import (
     GatedSAEConfig,
     JumpReLUSAE,
     JumpReLUSAEConfig,
+    JumpReLUSkipTranscoder,
+    JumpReLUSkipTranscoderConfig,
+    JumpReLUTranscoder,
+    JumpReLUTranscoderConfig,
     MatryoshkaBatchTopKTrainingSAE,
     MatryoshkaBatchTopKTrainingSAEConfig,
+    SkipTranscoder,
+    SkipTranscoderConfig,
     StandardSAE,
     StandardSAEConfig,
     TopKSAE,
     TopKSAEConfig,
+    Transcoder,
+    TranscoderConfig,
 )
 from sae_lens.saes.sae import SAEMetadata
+
+TRANSCODERS = {
+    "transcoder": (Transcoder, TranscoderConfig),
+    "skip_transcoder": (SkipTranscoder, SkipTranscoderConfig),
+    "jumprelu_transcoder": (JumpReLUTranscoder, JumpReLUTranscoderConfig),
+    "jumprelu_skip_transcoder": (JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig),
+}
 
 
 def outputs(sae: SAE, x: torch.Tensor) -> dict[str, torch.Tensor]:
     latents = sae.encode(x)
-    return {"latents": latents, "x_hat": sae.decode(latents)}
+    if not isinstance(sae, Transcoder):
+        return {"latents": latents, "x_hat": sae.decode(latents)}
+    out = {"latents": latents, "x_hat": sae(x)}
+    if isinstance(sae, SkipTranscoder):
+        out["skip"] = x @ sae.W_skip.T
+    return out
 
 
 def load(job: Job, x: torch.Tensor, d_sae: int) -> dict[str, torch.Tensor]:
@@ -56,6 +79,12 @@ def save(job: Job, x: torch.Tensor, d_sae: int) -> dict[str, torch.Tensor]:
         sae = JumpReLUSAE(JumpReLUSAEConfig(**common))
     elif kind == "gated":
         sae = GatedSAE(GatedSAEConfig(**common))
+    elif kind in TRANSCODERS:
+        cls, cfg_cls = TRANSCODERS[kind]
+        meta = SAEMetadata(
+            hook_name=job["hookpoint"], hook_name_out=job["target_hookpoint"], model_name=job["model"]
+        )
+        sae = cls(cfg_cls(**{**common, "metadata": meta}, d_out=job["d_out"], apply_b_dec_to_input=False))
     else:
         return save_trained(kind, folder, x, common)
     randomise(dict(sae.named_parameters()), thresholds=("threshold",))

@@ -10,7 +10,10 @@ so the imported or exported SAE gives the same latents and reconstructions as th
 checks this against the peer libraries themselves). One module per format (`native`, `saelens`, `sparsify`,
 `dictionary_learning`), each defining its `FORMAT`, registered in `FORMATS` below. A format declares the
 architectures it can hold (`Format.holds`; saelab's own holds every registered one): exporting or importing
-any other is an SAEError that names the architecture, the format and the formats that can hold it.
+any other is an SAEError that names the architecture, the format and the formats that can hold it. Transcoders
+too: sparsify holds TopK ones (plain and skip) as wide as their input, SAELens ReLU and JumpReLU ones (and
+batchtopk / matryoshka as JumpReLU), dictionary_learning none; `Format.refuse` says why a format cannot hold a
+config whose architecture it has (tests/test_transcoder_formats.py checks the peers' own code on both sides).
 
 Training-only hyperparameters a format has no place for (JumpReLU's kernel bandwidth and initial threshold) take
 the peer's defaults on import; inference never reads them. Imports are float32 on CPU, in eval mode.
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from saelab.sae.base import SAE, SAEError
+from saelab.sae.base import SAE, SAEConfig, SAEError
 from saelab.sae.formats import dictionary_learning, native, saelens, sparsify
 from saelab.sae.formats.common import Format, Weights, assemble, weights_of
 
@@ -30,12 +33,14 @@ __all__ = [
     "Weights",
     "assemble",
     "check_holds",
+    "check_holds_config",
     "convert",
     "detect_format",
     "export_sae",
     "formats_in",
     "get_format",
     "holders",
+    "holders_of",
     "import_sae",
     "weights_of",
 ]
@@ -89,17 +94,30 @@ def check_holds(spec: Format, architecture: str) -> None:
         )
 
 
+def holders_of(cfg: SAEConfig) -> list[str]:
+    """The formats that can hold an SAE of `cfg` (its architecture, and for a transcoder its shape)."""
+    return [name for name in holders(cfg.architecture) if FORMATS[name].refuse(cfg) is None]
+
+
+def check_holds_config(spec: Format, cfg: SAEConfig) -> None:
+    """Refuse, in one line, a transcoder the format has no layout for (or an SAE of a shape it lacks)."""
+    why = spec.refuse(cfg)
+    if why is not None:
+        what = f"a {cfg.architecture} SAE"
+        if cfg.is_transcoder:
+            skip = ", skip" if cfg.skip else ""
+            what = f"this {cfg.architecture} transcoder ({cfg.hookpoint} -> {cfg.target_hookpoint}{skip})"
+        raise SAEError(
+            f"the {spec.name} format cannot hold {what}: {why}; formats that can: {', '.join(holders_of(cfg))}"
+        )
+
+
 def export_sae(sae: SAE, folder: Path | str, fmt: str) -> None:
     """Write `sae` into `folder` in format `fmt`. A format that cannot hold its architecture, or a folder that
     already holds another format's checkpoint, is an SAEError."""
     spec, folder = get_format(fmt), Path(folder)
-    if sae.cfg.is_transcoder and spec is not native.FORMAT:
-        raise SAEError(
-            f"this is a transcoder ({sae.cfg.hookpoint} -> {sae.cfg.target_hookpoint}{', skip' if sae.cfg.skip else ''}), "
-            f"and saelab writes the {fmt} format for SAEs only: keep it in saelab's own format (transcoder files "
-            "of SAELens and sparsify are not supported yet)"
-        )
     check_holds(spec, sae.architecture)
+    check_holds_config(spec, sae.cfg)
     others = [name for name in formats_in(folder) if name != fmt]
     if others:
         raise SAEError(

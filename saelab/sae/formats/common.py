@@ -29,6 +29,10 @@ class Format:
     read: Callable[[Path], SAE]
     recognise: Callable[[Path], bool]
     """Whether a folder holds a checkpoint of this format (by its files)."""
+    refuse: Callable[[SAEConfig], str | None] = lambda cfg: None
+    """Why the format cannot hold an SAE of this config although it holds its architecture (a transcoder where
+    the format has no transcoder layout, or one of a shape it lacks), in words that finish "cannot hold ...: ";
+    None where it can."""
 
     @property
     def architectures(self) -> tuple[str, ...]:
@@ -38,7 +42,10 @@ class Format:
 
 @dataclass(frozen=True)
 class Weights:
-    """An SAE's tensors in saelab's convention: pre = (x - b_dec) @ W_enc + b_enc, x_hat = z @ W_dec + b_dec."""
+    """An SAE's tensors in saelab's convention: pre = (x - b_dec) @ W_enc + b_enc, x_hat = z @ W_dec + b_dec.
+
+    A transcoder's in the convention both peers use for theirs: pre = x @ W_enc + b_enc (nothing subtracted: saelab's
+    input centre is folded into b_enc), x_hat = z @ W_dec + b_dec + x @ W_skip, with W_dec [F, O], b_dec [O]."""
 
     W_enc_DF: torch.Tensor
     b_enc_F: torch.Tensor
@@ -46,6 +53,8 @@ class Weights:
     b_dec_D: torch.Tensor
     threshold: torch.Tensor | None = None
     """batchtopk and matryoshka: the scalar inference threshold; jumprelu: per-latent thresholds [F]."""
+    W_skip_DO: torch.Tensor | None = None
+    """A skip transcoder's linear path [D, O]; None otherwise."""
 
 
 def weights_of(sae: SAE) -> Weights:
@@ -56,27 +65,41 @@ def weights_of(sae: SAE) -> Weights:
 
     values = sae.threshold_values()
     threshold = None if values is None else copy(values)
-    return Weights(copy(sae.W_enc_DF), copy(sae.b_enc_F), copy(sae.W_dec_FD), copy(sae.b_dec_D), threshold)
+    b_enc_F = copy(sae.b_enc_F)
+    if sae.b_in_D is not None:  # (x - b_in) W_enc + b_enc = x W_enc + (b_enc - b_in W_enc)
+        b_enc_F = b_enc_F - copy(sae.b_in_D) @ copy(sae.W_enc_DF)
+    skip = None if sae.W_skip_DO is None else copy(sae.W_skip_DO)
+    return Weights(copy(sae.W_enc_DF), b_enc_F, copy(sae.W_dec_FD), copy(sae.b_dec_D), threshold, skip)
 
 
 def assemble(cfg: SAEConfig, w: Weights) -> SAE:
-    """Build an SAE of `cfg` holding `w` (cast to float32); a shape that does not fit is an SAEError."""
-    D, F = cfg.d_in, cfg.d_sae
+    """Build an SAE of `cfg` holding `w` (cast to float32); a shape that does not fit is an SAEError. A
+    transcoder's input centre stays 0 (`Weights` has it folded into b_enc)."""
+    D, F, D_out = cfg.d_in, cfg.d_sae, cfg.out_width
     shapes = {
         "W_enc": (w.W_enc_DF, (D, F)),
         "b_enc": (w.b_enc_F, (F,)),
-        "W_dec": (w.W_dec_FD, (F, D)),
-        "b_dec": (w.b_dec_D, (D,)),
+        "W_dec": (w.W_dec_FD, (F, D_out)),
+        "b_dec": (w.b_dec_D, (D_out,)),
     }
+    if cfg.skip:
+        if w.W_skip_DO is None:
+            raise SAEError("a skip transcoder needs W_skip; the checkpoint has none")
+        shapes["W_skip"] = (w.W_skip_DO, (D, D_out))
     for name, (t, shape) in shapes.items():
         if tuple(t.shape) != shape:
-            raise SAEError(f"{name} has shape {tuple(t.shape)}, expected {shape} for d_in={D}, d_sae={F}")
+            out = f", d_out={D_out}" if cfg.is_transcoder else ""
+            raise SAEError(
+                f"{name} has shape {tuple(t.shape)}, expected {shape} for d_in={D}, d_sae={F}{out}"
+            )
     sae = sae_lib.build(cfg)
     with torch.no_grad():
         sae.W_enc_DF.copy_(w.W_enc_DF)
         sae.b_enc_F.copy_(w.b_enc_F)
         sae.W_dec_FD.copy_(w.W_dec_FD)
         sae.b_dec_D.copy_(w.b_dec_D)
+        if sae.W_skip_DO is not None and w.W_skip_DO is not None:
+            sae.W_skip_DO.copy_(w.W_skip_DO)
         if sae.has_threshold:
             if w.threshold is None:
                 raise SAEError(f"a {cfg.architecture} SAE needs a threshold; the checkpoint has none")

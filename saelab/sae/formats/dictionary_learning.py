@@ -4,7 +4,7 @@ relu <-> `AutoEncoder`, topk <-> `AutoEncoderTopK`, batchtopk <-> `BatchTopKSAE`
 `MatryoshkaBatchTopKSAE` (`group_sizes`), jumprelu <-> `JumpReluAutoEncoder`, whose encoder does not subtract b_dec
 (folded into b_enc). `AutoEncoder`'s `from_pretrained` rescales latents to unit-norm decoder rows unless given
 `normalize_decoder=False` (the reconstruction is the same either way). Hookpoint and model go to
-`trainer.submodule_name` / `trainer.lm_name`.
+`trainer.submodule_name` / `trainer.lm_name`. dictionary_learning has no transcoders: exporting one is refused.
 """
 
 from __future__ import annotations
@@ -188,4 +188,9 @@ FORMAT = Format(
     _write_dictionary_learning,
     _read_dictionary_learning,
     lambda f: (f / "ae.pt").exists(),
+    lambda cfg: (
+        "dictionary_learning has no transcoder layout (its dictionaries reconstruct their input)"
+        if cfg.is_transcoder
+        else None
+    ),
 )

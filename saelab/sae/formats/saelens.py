@@ -6,6 +6,13 @@ SAELens saves its own: an inference `jumprelu` whose thresholds all equal the le
 `apply_b_dec_to_input=false` (pre = x W_enc + b_enc) is folded into b_enc, `rescale_acts_by_decoder_norm` into the
 weights. Hookpoint and model go to `metadata.hook_name` / `metadata.model_name`. Where the file has no training
 details, JumpReLU's bandwidth and initial threshold take SAELens's defaults.
+
+Transcoders (SAELens loads them; it does not train them): relu <-> `transcoder` / `skip_transcoder`, jumprelu (and
+batchtopk / matryoshka, as above) <-> `jumprelu_transcoder` / `jumprelu_skip_transcoder`, with `d_out` and, for the
+skip, `W_skip` [O, D] (x_hat += x @ W_skip.T). Their encoder subtracts nothing (`apply_b_dec_to_input` must be
+false), so saelab's input centre is folded into b_enc. SAELens has no TopK transcoder: exporting one is refused.
+SAELens's config has no field for the output hookpoint; saelab writes it to `metadata.hook_name_out` (SAELens
+keeps extra metadata) and reads a file without it with an empty target, which evaluation refuses by name.
 """
 
 from __future__ import annotations
@@ -52,6 +59,21 @@ _SAELENS_ARCH = {
 """The SAELens inference architecture each saelab architecture is written as: what this format can hold."""
 _SAELENS_TRAINING_ARCH = {"batchtopk": "batchtopk", "matryoshka": "matryoshka_batchtopk"}
 _SAELENS_READS = ("standard", "topk", "jumprelu")
+_SAELENS_TRANSCODER = {
+    ("standard", False): "transcoder",
+    ("standard", True): "skip_transcoder",
+    ("jumprelu", False): "jumprelu_transcoder",
+    ("jumprelu", True): "jumprelu_skip_transcoder",
+}
+"""(inference architecture, skip) -> SAELens's transcoder architecture; SAELens has no TopK transcoder."""
+_SAELENS_TRANSCODER_READS = {name: key for key, name in _SAELENS_TRANSCODER.items()}
+
+
+def _refuse(cfg: SAEConfig) -> str | None:
+    if cfg.is_transcoder and (_SAELENS_ARCH[cfg.architecture], cfg.skip) not in _SAELENS_TRANSCODER:
+        kinds = ", ".join(sorted(set(_SAELENS_TRANSCODER.values())))
+        return f"SAELens has no {_SAELENS_ARCH[cfg.architecture]} transcoder (it loads {kinds})"
+    return None
 
 
 def _write_saelens(sae: SAE, folder: Path) -> None:
@@ -61,6 +83,8 @@ def _write_saelens(sae: SAE, folder: Path) -> None:
     arch = _SAELENS_ARCH[cfg.architecture]
     if w.threshold is not None:
         tensors["threshold"] = w.threshold.expand(cfg.d_sae).to(dtype).contiguous()
+    if w.W_skip_DO is not None:
+        tensors["W_skip"] = w.W_skip_DO.T.contiguous()
     details: dict[str, Any] = {}
     if cfg.architecture in _SAELENS_TRAINING_ARCH:
         details["k"] = cfg.k
@@ -72,12 +96,12 @@ def _write_saelens(sae: SAE, folder: Path) -> None:
             "jumprelu_init_threshold": cfg.jumprelu_init_threshold,
         }
     doc: dict[str, Any] = {
-        "architecture": arch,
+        "architecture": _SAELENS_TRANSCODER[arch, cfg.skip] if cfg.is_transcoder else arch,
         "d_in": cfg.d_in,
         "d_sae": cfg.d_sae,
         "dtype": str(dtype).removeprefix("torch."),
         "device": "cpu",
-        "apply_b_dec_to_input": True,
+        "apply_b_dec_to_input": not cfg.is_transcoder,
         "normalize_activations": "none",
         "reshape_activations": "none",
         "metadata": {
@@ -90,6 +114,9 @@ def _write_saelens(sae: SAE, folder: Path) -> None:
     }
     if arch == "topk":
         doc |= {"k": cfg.k, "rescale_acts_by_decoder_norm": False}
+    if cfg.is_transcoder:
+        doc["d_out"] = cfg.d_out
+        doc["metadata"]["hook_name_out"] = cfg.target_hookpoint
     write_files(
         folder,
         {
@@ -107,11 +134,18 @@ def _read_saelens(folder: Path) -> SAE:
             "(SAE.load_from_disk, then save_model)"
         )
     doc = {**_SAELENS_DEFAULTS, **raw}
-    arch = doc["architecture"]
-    if arch not in _SAELENS_READS:
+    arch, skip = doc["architecture"], False
+    transcoder = arch in _SAELENS_TRANSCODER_READS
+    if transcoder:
+        arch, skip = _SAELENS_TRANSCODER_READS[arch]
+        if doc["apply_b_dec_to_input"] and "apply_b_dec_to_input" in raw:
+            raise SAEError("apply_b_dec_to_input=true on a transcoder, which SAELens itself refuses")
+        doc["apply_b_dec_to_input"] = True  # nothing to fold: the encoder subtracts nothing
+    elif arch not in _SAELENS_READS:
         raise SAEError(
             f"SAELens architecture {arch!r} has no saelab equivalent; saelab reads SAELens "
-            f"{', '.join(_SAELENS_READS)} SAEs (SAELens saves its batchtopk and matryoshka_batchtopk as jumprelu)"
+            f"{', '.join(_SAELENS_READS)} SAEs (SAELens saves its batchtopk and matryoshka_batchtopk as jumprelu) "
+            f"and {', '.join(_SAELENS_TRANSCODER_READS)}"
         )
     for key in ("normalize_activations", "reshape_activations"):
         if doc[key] != "none":
@@ -122,7 +156,10 @@ def _read_saelens(folder: Path) -> SAE:
             )
     state = read_safetensors(folder / "sae_weights.safetensors")
     expect_keys(
-        state, {"W_enc", "b_enc", "W_dec", "b_dec"} | ({"threshold"} if arch == "jumprelu" else set())
+        state,
+        {"W_enc", "b_enc", "W_dec", "b_dec"}
+        | ({"threshold"} if arch == "jumprelu" else set())
+        | ({"W_skip"} if skip else set()),
     )
     t = {k: v.float() for k, v in state.items()}
     W_enc, b_enc, W_dec = t["W_enc"], t["b_enc"], t["W_dec"]
@@ -140,6 +177,12 @@ def _read_saelens(folder: Path) -> SAE:
         "hookpoint": meta.get("hook_name") or doc.get("hook_name") or "",
         "model": meta.get("model_name") or doc.get("model_name") or "",
     }
+    if transcoder:
+        common |= {
+            "d_out": int(doc["d_out"]),
+            "target_hookpoint": meta.get("hook_name_out") or "",
+            "skip": skip,
+        }
     threshold = t.get("threshold")
     if arch == "standard":
         cfg = SAEConfig("relu", **common)
@@ -149,7 +192,8 @@ def _read_saelens(folder: Path) -> SAE:
         assert threshold is not None
         cfg = _saelens_jumprelu_config(meta, threshold, common)
         threshold = threshold[0] if cfg.architecture != "jumprelu" else threshold
-    return assemble(cfg, Weights(W_enc, b_enc, W_dec, t["b_dec"], threshold))
+    skip_DO = t["W_skip"].T if skip else None
+    return assemble(cfg, Weights(W_enc, b_enc, W_dec, t["b_dec"], threshold, skip_DO))
 
 
 def _saelens_jumprelu_config(
@@ -185,4 +229,5 @@ FORMAT = Format(
     _write_saelens,
     _read_saelens,
     lambda f: (f / "sae_weights.safetensors").exists(),
+    _refuse,
 )

@@ -1,0 +1,328 @@
+"""Transcoders and skip transcoders in other libraries' checkpoint formats (saelab/sae/formats/, issue 20).
+
+Fast tests run in our own environment: every (architecture, skip, format) a format can hold survives a round trip
+with the same latents and prediction of the target (skip path included) and the same config; what a format cannot
+hold is refused in one line that names it; peer files of kinds we cannot read are named. Tests marked `peers`
+check parity with sparsify 1.3.3 and SAELens 6.54.12 themselves, each in its own environment under .venv-peers/
+(`make peers`): the peer loads what we write, and we load what the peer saves, and both sides compute latents and
+the transcoder's output on the same inputs, equal within rtol 1e-5 and atol 1e-6 x max|reference| (float32
+rounding of the folded input centre; see test_formats.assert_same_outputs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from test_formats import PEER_TIMEOUT_S, ROOT, PeerRun, assert_same_outputs, peer_run
+
+from saelab.sae import base as sae_lib
+from saelab.sae.base import SAEConfig, SAEError, build
+from saelab.sae.formats import FORMATS, detect_format, export_sae, import_sae
+
+D, D_OUT, F = 16, 20, 64
+IN_HP, OUT_HP, MODEL = "model.layers.3.post_attention_layernorm", "model.layers.3.mlp", "tiny-llama"
+PARAMS: dict[str, dict[str, Any]] = {
+    "topk": {"k": 4},
+    "batchtopk": {"k": 4},
+    "matryoshka": {"k": 4, "matryoshka_prefix_fractions": (0.25, 0.5, 1.0)},
+    "relu": {},
+    "jumprelu": {"jumprelu_bandwidth": 0.05, "jumprelu_init_threshold": 0.5},
+}
+# What each format holds as a transcoder: (architecture, skip, d_out). sparsify's transcoders are TopK and write
+# their input's width; SAELens loads ReLU and JumpReLU transcoders (batchtopk and matryoshka go as JumpReLU).
+HOLDS = {
+    "saelab": [(a, s, D_OUT) for a in PARAMS for s in (False, True)],
+    "saelens": [
+        (a, s, D_OUT) for a in ("relu", "jumprelu", "batchtopk", "matryoshka") for s in (False, True)
+    ],
+    "sparsify": [("topk", s, D) for s in (False, True)],
+    "dictionary_learning": [],
+}
+SUPPORTED = [(fmt, *held) for fmt, kinds in HOLDS.items() for held in kinds]
+
+
+def test_support_matrix() -> None:
+    """Each format holds exactly the transcoders listed in HOLDS (and the README): every other (architecture,
+    skip, d_out) is refused before a file is written."""
+    for fmt in FORMATS:
+        held = []
+        for arch in PARAMS:
+            for skip in (False, True):
+                for d_out in (D, D_OUT):
+                    cfg = random_transcoder(arch, skip, d_out).cfg
+                    if arch in FORMATS[fmt].architectures and FORMATS[fmt].refuse(cfg) is None:
+                        held.append((arch, skip, d_out))
+        expected = HOLDS[fmt] + [(a, s, D) for a, s, _ in HOLDS[fmt] if fmt != "sparsify"]
+        assert sorted(held) == sorted(expected), fmt
+
+
+def random_transcoder(arch: str, skip: bool, d_out: int = D_OUT, seed: int = 0) -> sae_lib.SAE:
+    """A transcoder with weights of no particular training: every parameter and buffer non-zero (the input centre
+    too, which the peers' formats have no place for and must be folded), thresholds through the pre-activations."""
+    torch.manual_seed(seed)
+    cfg = SAEConfig(arch, D, F, hookpoint=IN_HP, model=MODEL, target_hookpoint=OUT_HP, d_out=d_out, skip=skip,
+                    **PARAMS[arch])  # fmt: skip
+    s = build(cfg)
+    with torch.no_grad():
+        for name, t in [*s.named_parameters(), *s.named_buffers()]:
+            if name == "log_threshold_F":
+                t.copy_((torch.rand_like(t) * 2 + 0.5).log())
+            elif name == "threshold":
+                t.fill_(1.5)
+            else:
+                t.normal_(0.0, 0.5)
+    return s.eval()
+
+
+def inputs(seed: int = 1) -> torch.Tensor:
+    return torch.randn(64, D, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+def outputs(s: sae_lib.SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dense latents [B, F], prediction of the target [B, D_OUT], skip path included)."""
+    with torch.no_grad():
+        return s.dense_latents(x), s(x).x_hat_BD
+
+
+@pytest.mark.parametrize(("fmt", "arch", "skip", "d_out"), SUPPORTED)
+def test_round_trip_keeps_latents_prediction_and_config(
+    fmt: str, arch: str, skip: bool, d_out: int, tmp_path: Path
+) -> None:
+    s, x = random_transcoder(arch, skip, d_out), inputs()
+    folder = tmp_path / OUT_HP  # sparsify names a transcoder's folder after the module it rebuilds
+    export_sae(s, folder, fmt)
+    assert detect_format(folder) == fmt
+    back = import_sae(folder)
+    assert_same_outputs(*outputs(back, x), *outputs(s, x))
+    if skip:  # the skip path alone, too: a transposed W_skip would still pass for a symmetric one
+        assert back.W_skip_DO is not None and s.W_skip_DO is not None
+        torch.testing.assert_close(back.W_skip_DO, s.W_skip_DO)
+    expected = s.cfg
+    if fmt == "sparsify":  # no field for the model name
+        expected = dataclasses.replace(expected, model="")
+    assert back.cfg == expected
+
+
+def test_skip_path_carries_what_it_should_after_a_round_trip(tmp_path: Path) -> None:
+    """With every latent off, the prediction is b_dec + x W_skip on both sides: the skip survives on its own."""
+    for fmt, arch, d_out in (("sparsify", "topk", D), ("saelens", "relu", D_OUT)):
+        s = random_transcoder(arch, True, d_out)
+        with torch.no_grad():
+            s.b_enc_F.fill_(-1e4)
+        export_sae(s, tmp_path / fmt / OUT_HP, fmt)
+        back, x = import_sae(tmp_path / fmt / OUT_HP), inputs()
+        assert s.W_skip_DO is not None
+        expected = x @ s.W_skip_DO + s.b_dec_D
+        torch.testing.assert_close(outputs(back, x)[1], expected.detach(), rtol=1e-5, atol=1e-5)
+        assert int((outputs(back, x)[0] > 0).sum()) == 0
+
+
+# --- what a format cannot hold, and what we cannot read --------------------------------------------------------
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("fmt", "arch", "skip", "d_out", "line"),
+    [
+        (
+            "sparsify", "topk", True, D_OUT,
+            f"the sparsify format cannot hold this topk transcoder ({IN_HP} -> {OUT_HP}, skip): d_out=20 differs "
+            "from d_in=16, and a sparsify transcoder writes its input's width; formats that can: saelab",
+        ),
+        (
+            "saelens", "topk", False, D_OUT,
+            f"the saelens format cannot hold this topk transcoder ({IN_HP} -> {OUT_HP}): SAELens has no topk "
+            "transcoder (it loads jumprelu_skip_transcoder, jumprelu_transcoder, skip_transcoder, transcoder); "
+            "formats that can: saelab",
+        ),
+        (
+            "dictionary_learning", "relu", False, D_OUT,
+            f"the dictionary_learning format cannot hold this relu transcoder ({IN_HP} -> {OUT_HP}): "
+            "dictionary_learning has no transcoder layout (its dictionaries reconstruct their input); formats that "
+            "can: saelab, saelens",
+        ),
+        (
+            "sparsify", "relu", False, D,
+            "the sparsify format cannot hold a relu SAE (it holds topk); formats that can: saelab, saelens, "
+            "dictionary_learning",
+        ),
+        (
+            "dictionary_learning", "topk", False, D,
+            f"the dictionary_learning format cannot hold this topk transcoder ({IN_HP} -> {OUT_HP}): "
+            "dictionary_learning has no transcoder layout (its dictionaries reconstruct their input); formats that "
+            "can: saelab, sparsify",
+        ),
+    ],
+)  # fmt: skip
+def test_what_a_format_cannot_hold_is_refused_by_name_and_writes_nothing(
+    fmt: str, arch: str, skip: bool, d_out: int, line: str, tmp_path: Path
+) -> None:
+    with pytest.raises(SAEError, match=f"^{re.escape(line)}$"):
+        export_sae(random_transcoder(arch, skip, d_out), tmp_path / "out", fmt)
+    assert not (tmp_path / "out").exists()
+
+
+def _edit_json(path: Path, edit: dict[str, Any]) -> None:
+    doc = json.loads(path.read_text())
+    for key, value in edit.items():
+        if value is None:
+            del doc[key]
+        else:
+            doc[key] = value
+    path.write_text(json.dumps(doc))
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("fmt", "arch", "skip", "d_out", "edit", "match"),
+    [
+        ("sparsify", "topk", False, D, {"transcode": False, "skip_connection": True},
+         "skip_connection=true without transcode: an SAE with a skip path"),
+        ("sparsify", "topk", False, D, {"skip_connection": True}, r"tensors do not fit: missing \['W_skip'\]"),
+        ("sparsify", "topk", True, D, {"d_in": D + 1}, r"W_enc has shape \(16, 64\), expected \(17, 64\)"),
+        ("saelens", "relu", True, D_OUT, {"apply_b_dec_to_input": True}, "apply_b_dec_to_input=true on a transcoder"),
+        ("saelens", "relu", False, D_OUT, {"d_out": D_OUT + 1},
+         r"W_dec has shape \(64, 20\), expected \(64, 21\) for d_in=16, d_sae=64, d_out=21"),
+        ("saelens", "relu", True, D_OUT, {"architecture": "transcoder"}, r"tensors do not fit: missing \[\], unexpected \['W_skip'\]"),
+    ],
+)  # fmt: skip
+def test_peer_transcoder_files_that_do_not_fit_are_named(
+    fmt: str, arch: str, skip: bool, d_out: int, edit: dict[str, Any], match: str, tmp_path: Path
+) -> None:
+    folder = tmp_path / OUT_HP
+    export_sae(random_transcoder(arch, skip, d_out), folder, fmt)
+    _edit_json(folder / "cfg.json", edit)
+    with pytest.raises(SAEError, match=f"{fmt} checkpoint in {re.escape(str(folder))}: {match}"):
+        import_sae(folder)
+
+
+def test_hookpoints_of_peer_files_without_saelabs_fields(tmp_path: Path) -> None:
+    """A sparsify transcoder names only the module it rebuilds (its folder): the input of a Llama-layout `mlp` is
+    its `post_attention_layernorm`; elsewhere the input is unknown (empty). A SAELens transcoder without
+    `metadata.hook_name_out` has an empty target."""
+    for folder, input_hp in (("layers.7.mlp", "layers.7.post_attention_layernorm"), ("h.7.c_fc", "")):
+        export_sae(random_transcoder("topk", False, D), tmp_path / folder, "sparsify")
+        _edit_json(tmp_path / folder / "cfg.json", {"input_hookpoint": None})
+        cfg = import_sae(tmp_path / folder).cfg
+        assert (cfg.hookpoint, cfg.target_hookpoint) == (input_hp, folder)
+    export_sae(random_transcoder("relu", False), tmp_path / "sl", "saelens")
+    doc = json.loads((tmp_path / "sl" / "cfg.json").read_text())
+    del doc["metadata"]["hook_name_out"]
+    (tmp_path / "sl" / "cfg.json").write_text(json.dumps(doc))
+    cfg = import_sae(tmp_path / "sl").cfg
+    assert (cfg.hookpoint, cfg.target_hookpoint, cfg.d_out) == (IN_HP, "", D_OUT)
+
+
+# --- parity with the peer libraries, each in its own environment -----------------------------------------------
+PEER_FORMAT = {"saelens": "saelens", "sparsify": "sparsify"}
+OURS = [(peer, arch, skip, d_out) for peer, fmt in PEER_FORMAT.items() for arch, skip, d_out in HOLDS[fmt]]
+# What each peer script builds and saves with the peer's own save method: (architecture, skip, d_out) in saelab.
+PEER_KINDS: dict[str, dict[str, tuple[str, bool, int]]] = {
+    "saelens": {
+        "transcoder": ("relu", False, D_OUT),
+        "skip_transcoder": ("relu", True, D_OUT),
+        "jumprelu_transcoder": ("jumprelu", False, D_OUT),
+        "jumprelu_skip_transcoder": ("jumprelu", True, D_OUT),
+    },
+    "sparsify": {"transcode": ("topk", False, D), "transcode_skip": ("topk", True, D)},
+}
+THEIRS = [(peer, kind) for peer, kinds in PEER_KINDS.items() for kind in kinds]
+
+
+def _tag(arch: str, skip: bool) -> str:
+    return f"{arch}{'_skip' if skip else ''}"
+
+
+@pytest.fixture(scope="session")
+def transcoder_peer_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, PeerRun]:
+    """Every built peer environment runs its script once: it loads each transcoder we exported in its format and
+    builds, saves and runs each of its own transcoder kinds, on the same inputs."""
+    root = tmp_path_factory.mktemp("tc-peers")
+    save_file({"x": inputs()}, str(root / "x.safetensors"))
+    started = {}
+    for peer, fmt in PEER_FORMAT.items():
+        venv = ROOT / ".venv-peers" / peer
+        if not (venv / ".installed").exists():
+            continue
+        folder = root / peer
+        jobs: list[dict[str, Any]] = []
+        for arch, skip, d_out in HOLDS[fmt]:
+            tag = _tag(arch, skip)
+            export_sae(random_transcoder(arch, skip, d_out), folder / f"ours_{tag}" / OUT_HP, fmt)
+            jobs.append({"mode": "load", "kind": "", "folder": str(folder / f"ours_{tag}" / OUT_HP),
+                         "out": str(folder / f"ours_{tag}.out"), "seed": 0})  # fmt: skip
+        for seed, (kind, (_, _, d_out)) in enumerate(PEER_KINDS[peer].items()):
+            jobs.append({"mode": "save", "kind": kind, "folder": str(folder / f"theirs_{kind}" / OUT_HP),
+                         "out": str(folder / f"theirs_{kind}.out"), "seed": seed, "d_out": d_out,
+                         "hookpoint": IN_HP, "target_hookpoint": OUT_HP})  # fmt: skip
+        spec = {
+            "x": str(root / "x.safetensors"),
+            "d_sae": F,
+            "hookpoint": IN_HP,
+            "model": MODEL,
+            "jobs": jobs,
+        }
+        (folder / "jobs.json").write_text(json.dumps(spec))
+        log = (folder / "log.txt").open("w")
+        cmd = [str(venv / "bin" / "python"), f"tests/peer_scripts/peer_{peer}.py", str(folder / "jobs.json")]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "SPARSIFY_DISABLE_TRITON": "1"}
+        started[peer] = (
+            folder,
+            log,
+            subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT),
+        )
+    runs = {}
+    for peer, (folder, log, proc) in started.items():
+        try:
+            returncode = proc.wait(timeout=PEER_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            returncode = proc.wait()
+        log.close()
+        runs[peer] = PeerRun(folder, returncode, (folder / "log.txt").read_text())
+    return runs
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize(("peer", "arch", "skip", "d_out"), OURS)
+def test_peer_library_reads_our_transcoder(
+    peer: str, arch: str, skip: bool, d_out: int, transcoder_peer_runs: dict[str, PeerRun]
+) -> None:
+    theirs = peer_run(transcoder_peer_runs, peer).out(f"ours_{_tag(arch, skip)}")
+    ours = random_transcoder(arch, skip, d_out)
+    assert theirs["x_hat"].shape == (64, d_out)
+    assert_same_outputs(theirs["latents"], theirs["x_hat"], *outputs(ours, inputs()))
+    if skip:
+        assert ours.W_skip_DO is not None
+        ref = (inputs() @ ours.W_skip_DO).detach()
+        torch.testing.assert_close(theirs["skip"], ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize(("peer", "kind"), THEIRS)
+def test_we_read_the_transcoders_the_peer_library_saves(
+    peer: str, kind: str, transcoder_peer_runs: dict[str, PeerRun]
+) -> None:
+    run = peer_run(transcoder_peer_runs, peer)
+    folder = run.folder / f"theirs_{kind}" / OUT_HP
+    assert detect_format(folder) == PEER_FORMAT[peer]
+    ours, theirs = import_sae(folder), run.out(f"theirs_{kind}")
+    arch, skip, d_out = PEER_KINDS[peer][kind]
+    assert (ours.cfg.architecture, ours.cfg.skip, ours.cfg.d_out) == (arch, skip, d_out)
+    assert_same_outputs(*outputs(ours, inputs()), theirs["latents"], theirs["x_hat"])
+    if skip:
+        assert ours.W_skip_DO is not None
+        ref = theirs["skip"]
+        torch.testing.assert_close(
+            inputs() @ ours.W_skip_DO.detach(), ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max())
+        )
+    # sparsify names the rebuilt module by the folder (and saelab reads a Llama MLP's input as the norm before
+    # it); SAELens's metadata names the input, and the output where the saving code put it there
+    assert (ours.cfg.hookpoint, ours.cfg.target_hookpoint) == (IN_HP, OUT_HP)
