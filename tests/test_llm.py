@@ -400,3 +400,31 @@ def test_prefix_groups_follow_explanations() -> None:
     groups = _prefix_groups(sorted(rows, key=lambda r: r.ids))
     assert [len(g) for g in groups] == [5, 4]  # one group per explanation, not one group on the template
     assert groups[0][0].ids[:33] == template + expl_a
+
+
+def test_chunk_bounds_fewest_forwards_then_least_padding() -> None:
+    """Every way to cut sorted lengths into runs (brute force) against the dynamic programme: no run over the
+    budget unless it is one row, the fewest runs, and among those the fewest padded tokens."""
+    import itertools
+    import random
+
+    from saelab.autointerp.llm.local import _chunk_bounds
+
+    def cost(bounds: list[tuple[int, int]], lengths: list[int]) -> tuple[int, int]:
+        return len(bounds), sum((b - a) * lengths[b - 1] for a, b in bounds)
+
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = sorted(rng.randint(1, 12) for _ in range(rng.randint(1, 9)))
+        budget = rng.randint(4, 40)
+        n = len(lengths)
+        feasible = []
+        for k in range(n):
+            for cuts in itertools.combinations(range(1, n), k):
+                bounds = list(zip((0, *cuts), (*cuts, n)))
+                if all(b - a == 1 or (b - a) * lengths[b - 1] <= budget for a, b in bounds):
+                    feasible.append(cost(bounds, lengths))
+        got = _chunk_bounds(lengths, budget)
+        assert [i for a, b in got for i in range(a, b)] == list(range(n))
+        assert all(b - a == 1 or (b - a) * lengths[b - 1] <= budget for a, b in got)
+        assert cost(got, lengths) == min(feasible)
