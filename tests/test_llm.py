@@ -400,3 +400,76 @@ def test_prefix_groups_follow_explanations() -> None:
     groups = _prefix_groups(sorted(rows, key=lambda r: r.ids))
     assert [len(g) for g in groups] == [5, 4]  # one group per explanation, not one group on the template
     assert groups[0][0].ids[:33] == template + expl_a
+
+
+def test_chunk_bounds_fewest_forwards_then_least_padding() -> None:
+    """Every way to cut sorted lengths into runs (brute force) against the dynamic programme: no run over the
+    budget unless it is one row, the fewest runs, and among those the fewest padded tokens."""
+    import itertools
+    import random
+
+    from saelab.autointerp.llm.local import _chunk_bounds
+
+    def cost(bounds: list[tuple[int, int]], lengths: list[int]) -> tuple[int, int]:
+        return len(bounds), sum((b - a) * lengths[b - 1] for a, b in bounds)
+
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = sorted(rng.randint(1, 12) for _ in range(rng.randint(1, 9)))
+        budget = rng.randint(4, 40)
+        n = len(lengths)
+        feasible = []
+        for k in range(n):
+            for cuts in itertools.combinations(range(1, n), k):
+                bounds = list(zip((0, *cuts), (*cuts, n)))
+                if all(b - a == 1 or (b - a) * lengths[b - 1] <= budget for a, b in bounds):
+                    feasible.append(cost(bounds, lengths))
+        got = _chunk_bounds(lengths, budget)
+        assert [i for a, b in got for i in range(a, b)] == list(range(n))
+        assert all(b - a == 1 or (b - a) * lengths[b - 1] <= budget for a, b in got)
+        assert cost(got, lengths) == min(feasible)
+
+
+@pytest.fixture(scope="module")
+def tiny_batch_sensitive(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    """A tiny model whose floats depend on what a batch holds, as the bundled model's do."""
+    return tiny_chat_model(tmp_path_factory.mktemp("tiny-chat-128"), hidden=128, heads=2, kv_heads=1)
+
+
+def test_judge_yes_probability_of_the_engine_equals_each_prompt_alone(
+    tiny_batch_sensitive: LoadedModel, prefill_tokens: int
+) -> None:
+    """Judge prompts as the scorers build them (instructions, then an explanation shared by its examples, then
+    one example of varying length): P(yes) from the engine's batched run over cached shared prefixes, cut into
+    forwards, equals P(yes) of each prompt run alone to 1e-4, and so does the judgement."""
+    from saelab.autointerp.scorers.base import yes_probability
+
+    lm = tiny_batch_sensitive
+    words = ["the", "city", "river", "year", "song", "team", "star", "light", "music", "war", "king", "born"]
+    explanations = [" ".join(words[i : i + n]) for i, n in ((0, 2), (3, 7), (5, 4))]
+    examples = [" ".join(words[(3 * j) % 12 :][: 1 + (5 * j) % 9]) for j in range(9)]
+    prompts = [
+        [
+            {"role": "system", "content": "yes or no " * 4},
+            {"role": "user", "content": f"{e} describe {x} words"},
+        ]
+        for e in explanations
+        for x in examples
+    ]
+    client = LocalChatClient(lm, batch_size=len(prompts))
+    vocab = len(lm.tokenizer)
+
+    async def run() -> list:
+        return await asyncio.gather(*(client.chat(m, max_tokens=1, logprobs=vocab) for m in prompts))
+
+    responses = asyncio.run(run())
+    assert client.batches_run == 1
+    assert client.tokens_run < sum(len(client.encode(m)) for m in prompts)  # shared prefixes ran once
+    for msgs, resp in zip(prompts, responses):
+        ref = _reference_logprobs(lm, client, msgs)
+        p_ref = yes_probability({lm.tokenizer.decode([i]): float(v) for i, v in enumerate(ref)})
+        assert resp.top_logprobs is not None
+        p = yes_probability(resp.top_logprobs)
+        assert p is not None and p_ref is not None
+        assert p == pytest.approx(p_ref, abs=1e-4)
+        assert (p > 0.5) == (p_ref > 0.5)

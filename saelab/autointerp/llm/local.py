@@ -12,7 +12,6 @@ Run the unit tests with `pytest tests/test_llm.py`.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -261,11 +260,10 @@ class LocalChatClient:
         self, state: _Rows, rows: torch.Tensor, seqs: list[list[int]], keep: bool
     ) -> tuple[_Rows | None, torch.Tensor]:
         """`_run` of `seqs[i]` after state row `rows[i]`, in forwards of at most `PREFILL_TOKENS` (padded)
-        tokens, similar lengths together; `state` is left untouched. Results are in the order of `seqs`."""
+        tokens, similar lengths together (`_chunk_bounds`); `state` is left untouched. Results are in the order of
+        `seqs`."""
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-        n_chunks = math.ceil(len(seqs) * len(seqs[order[-1]]) / PREFILL_TOKENS)
-        size = math.ceil(len(seqs) / n_chunks)  # equal chunks: no small leftover forward
-        chunks = [order[i : i + size] for i in range(0, len(order), size)]
+        chunks = [order[a:b] for a, b in _chunk_bounds([len(seqs[i]) for i in order], PREFILL_TOKENS)]
         parts, logits = [], []
         for chunk in chunks:
             part, lg = self._run(state.select(rows[chunk]), [seqs[i] for i in chunk])
@@ -356,6 +354,28 @@ def _prefix_groups(reqs: Sequence[_Request]) -> list[list[_Request]]:
         groups.append(list(reqs[start_of[j] : j]))
         j = start_of[j]
     return groups[::-1]
+
+
+def _chunk_bounds(lengths: Sequence[int], budget: int) -> list[tuple[int, int]]:
+    """Cut sorted `lengths` into runs [a, b) of at most `budget` padded tokens each ((b - a) x lengths[b - 1]; a
+    longer row runs alone): the fewest forwards, and among those the fewest padded tokens (padding is computed
+    like real tokens). Dynamic programming over the cut points."""
+    n = len(lengths)
+    best: list[tuple[int, int]] = [(0, 0)] + [(n + 1, 0)] * n  # (forwards, padded tokens) of the first j
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j - 1, -1, -1):
+            if i < j - 1 and (j - i) * lengths[j - 1] > budget:
+                break
+            cand = (best[i][0] + 1, best[i][1] + (j - i) * lengths[j - 1])
+            if cand < best[j]:
+                best[j], cut[j] = cand, i
+    bounds = []
+    j = n
+    while j > 0:
+        bounds.append((cut[j], j))
+        j = cut[j]
+    return bounds[::-1]
 
 
 def _common_prefix_all(seqs: Sequence[Sequence[int]]) -> int:
