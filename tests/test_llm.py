@@ -84,6 +84,11 @@ def test_timeout_is_retried_then_reported() -> None:
         client = OpenAIClient(srv.url, "m", timeout_s=0.1, max_retries=1, backoff_s=0.01)
         with pytest.raises(LLMError, match=r"failed after 2 attempts: timed out after 0.1 s"):
             run_sync(client.chat(MSG, max_tokens=3))
+        # the client gave up on each attempt after 0.1 s; on a loaded machine the server's thread may read the
+        # second request later than that: wait for it (bounded), then count
+        deadline = time.monotonic() + 10
+        while len(srv.requests) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
     assert len(srv.requests) == 2
 
 
