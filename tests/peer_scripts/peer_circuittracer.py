@@ -1,0 +1,73 @@
+"""circuit-tracer side of the format parity tests (see peer_io.py for the job protocol).
+
+load kinds: `layer` reads `folder`/layer_{job["layer"]}.safetensors with circuit-tracer's per-layer loader
+(`load_relu_transcoder`, eager); `set` reads the whole folder as a set with circuit-tracer's cache loader
+(`load_transcoders_from_cache`, which reads config.yaml and every layer_{i}.safetensors; nothing is downloaded) and
+writes each layer's outputs with the suffix `_{i}`, and the set's hooks to `out`.json. save kinds: `relu`,
+`jumprelu`, `relu_skip`, `jumprelu_skip`: a `SingleLayerTranscoder` at layer `job["layer"]` with random weights,
+saved with its own `to_safetensors` beside a config.yaml of the form circuit-tracer's cache writes (circuit-tracer
+writes that file only while caching a set from the hub). Outputs: `latents` (encode), `x_hat` (forward: decode,
+skip path included) and `skip` (compute_skip) alone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from circuit_tracer.transcoder.activation_functions import JumpReLU
+from circuit_tracer.transcoder.single_layer_transcoder import SingleLayerTranscoder, load_relu_transcoder
+from circuit_tracer.utils.caching import load_transcoders_from_cache
+from peer_io import Job, randomise, run
+
+CPU = torch.device("cpu")
+
+
+def outputs(tc: SingleLayerTranscoder, x: torch.Tensor, suffix: str = "") -> dict[str, torch.Tensor]:
+    out = {f"latents{suffix}": tc.encode(x), f"x_hat{suffix}": tc(x)}
+    if tc.W_skip is not None:
+        out[f"skip{suffix}"] = tc.compute_skip(x)
+    return out
+
+
+def load(job: Job, x: torch.Tensor, d_sae: int) -> dict[str, torch.Tensor]:
+    folder = Path(job["folder"])
+    if job["kind"] == "layer":
+        path = folder / f"layer_{job['layer']}.safetensors"
+        tc = load_relu_transcoder(str(path), job["layer"], device=CPU, lazy_encoder=False, lazy_decoder=False)
+        return outputs(tc, x)
+    tcs, config = load_transcoders_from_cache(
+        folder.name, cache_dir=folder.parent, device=CPU, lazy_encoder=False, lazy_decoder=False
+    )
+    hooks = {"feature_input_hook": tcs.feature_input_hook, "feature_output_hook": tcs.feature_output_hook}
+    Path(job["out"] + ".json").write_text(json.dumps({**hooks, "n_layers": len(tcs), "config": config}))
+    return {k: v for i, tc in enumerate(tcs) for k, v in outputs(tc, x, f"_{i}").items()}
+
+
+def save(job: Job, x: torch.Tensor, d_sae: int) -> dict[str, torch.Tensor]:
+    kind, folder = job["kind"], Path(job["folder"])
+    if kind not in ("relu", "jumprelu", "relu_skip", "jumprelu_skip"):
+        raise ValueError(f"unknown circuit-tracer kind {kind!r}")
+    act = JumpReLU(torch.zeros(d_sae), 0.1) if kind.startswith("jumprelu") else F.relu
+    tc = SingleLayerTranscoder(
+        x.shape[1],
+        d_sae,
+        act,
+        job["layer"],
+        skip_connection=kind.endswith("_skip"),
+        device=CPU,
+        dtype=torch.float32,
+    )
+    randomise(dict(tc.named_parameters()), ("activation_function.threshold",))
+    folder.mkdir(parents=True, exist_ok=True)
+    tc.to_safetensors(str(folder / f"layer_{job['layer']}.safetensors"))
+    config = {"model_kind": "transcoder_set", "model_name": job["model"]} | job["hooks"]
+    (folder / "config.yaml").write_text(yaml.dump(config))
+    return outputs(tc, x)
+
+
+if __name__ == "__main__":
+    run(load, save)
