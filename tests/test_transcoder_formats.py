@@ -3,9 +3,10 @@
 Fast tests run in our own environment: every (architecture, skip, format) a format can hold survives a round trip
 with the same latents and prediction of the target (skip path included) and the same config; what a format cannot
 hold is refused in one line that names it; peer files of kinds we cannot read are named. Tests marked `peers`
-check parity with sparsify 1.3.3 and SAELens 6.54.12 themselves, each in its own environment under .venv-peers/
-(`make peers`): the peer loads what we write, and we load what the peer saves, and both sides compute latents and
-the transcoder's output on the same inputs, equal within rtol 1e-5 and atol 1e-6 x max|reference| (float32
+check parity with sparsify 1.3.3, SAELens 6.54.12 and circuit-tracer 0.5.0 themselves, each in its own
+environment under .venv-peers/ (`make peers`): the peer loads what we write (circuit-tracer: one layer's file with
+its per-layer loader, and a set we wrote layer by layer with its set loader), and we load what the peer saves, and
+both sides compute latents and the transcoder's output (and the skip path alone) on the same inputs, equal within rtol 1e-5 and atol 1e-6 x max|reference| (float32
 rounding of the folded input centre; see test_formats.assert_same_outputs).
 """
 
