@@ -533,6 +533,8 @@ def circuit_tracer_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pe
     for seed, kind in enumerate(CT_KINDS):
         jobs.append({"mode": "save", "kind": kind, "layer": 3, "hooks": CT_HOOKS, "folder": str(root / f"theirs_{kind}"),
                      "out": str(root / f"theirs_{kind}.out"), "seed": seed})  # fmt: skip
+    jobs.append({"mode": "save", "kind": "set", "set_kind": "jumprelu_skip", "n_layers": 2, "hooks": CT_HOOKS,
+                 "folder": str(root / "theirs_set"), "out": str(root / "theirs_set.out"), "seed": 9})  # fmt: skip
     spec = {"x": str(root / "x.safetensors"), "d_sae": F, "hookpoint": IN_HP, "model": MODEL, "jobs": jobs}
     (root / "jobs.json").write_text(json.dumps(spec))
     cmd = [str(venv / "bin" / "python"), "tests/peer_scripts/peer_circuittracer.py", str(root / "jobs.json")]
@@ -602,3 +604,24 @@ def test_we_read_the_layer_files_circuit_tracer_saves(
         torch.testing.assert_close(
             inputs() @ ours.W_skip_DO.detach(), ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max())
         )
+
+
+@pytest.mark.peers
+def test_we_read_the_sets_circuit_tracer_saves(circuit_tracer_run: dict[str, PeerRun]) -> None:
+    """A two-layer set saved by circuit-tracer's TranscoderSet: read layer by layer (read_set); import_sae, which
+    reads one transcoder, names the layers instead."""
+    run = peer_run(circuit_tracer_run, "circuittracer")
+    folder, theirs = run.folder / "theirs_set", run.out("theirs_set")
+    got = circuit_tracer.read_set(folder)
+    assert sorted(got) == [0, 1]
+    for i, tc in got.items():
+        assert (tc.cfg.architecture, tc.cfg.skip) == ("jumprelu", True)
+        assert (tc.cfg.hookpoint, tc.cfg.target_hookpoint) == (
+            f"layers.{i}.post_attention_layernorm",
+            f"layers.{i}.mlp",
+        )
+        assert_same_outputs(*outputs(tc, inputs()), theirs[f"latents_{i}"], theirs[f"x_hat_{i}"])
+    with pytest.raises(
+        SAEError, match=r"the set holds 2 layers \(layer_0.safetensors, layer_1.safetensors\)"
+    ):
+        import_sae(folder)
