@@ -45,7 +45,7 @@ clean-venv:
 # benchmark and the SCR/TPP parity test. They cannot share one environment with each other or with saelab, so each
 # gets its own, next to the local CPU torch (peers/constraints.txt). saelab itself is installed into each (--no-deps) so a test can run one
 # script against both libraries.
-PEERS := saelens sparsify dictlearn saebench
+PEERS := saelens sparsify dictlearn saebench circuittracer
 PEER_STAMPS := $(PEERS:%=.venv-peers/%/.installed)
 
 peers: $(PEER_STAMPS)

@@ -43,9 +43,11 @@ PARAMS: dict[str, dict[str, Any]] = {
     "relu": {},
     "jumprelu": {"jumprelu_bandwidth": 0.05, "jumprelu_init_threshold": 0.5},
 }
-SUPPORTED = [(arch, fmt) for fmt, spec in FORMATS.items() for arch in spec.architectures]
+# circuit-tracer's files hold transcoders only (tests/test_transcoder_formats.py): the SAE formats are the others.
+SAE_FORMATS = {fmt: spec for fmt, spec in FORMATS.items() if fmt != "circuit_tracer"}
+SUPPORTED = [(arch, fmt) for fmt, spec in SAE_FORMATS.items() for arch in spec.architectures]
 UNSUPPORTED = [
-    (arch, fmt) for fmt, spec in FORMATS.items() for arch in REGISTRY if arch not in spec.architectures
+    (arch, fmt) for fmt, spec in SAE_FORMATS.items() for arch in REGISTRY if arch not in spec.architectures
 ]
 
 
@@ -98,6 +100,7 @@ def test_support_matrix() -> None:
         "saelens": BUILT_IN,
         "sparsify": {"topk"},
         "dictionary_learning": BUILT_IN,
+        "circuit_tracer": BUILT_IN - {"topk"},
     }
 
 

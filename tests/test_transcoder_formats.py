@@ -3,9 +3,10 @@
 Fast tests run in our own environment: every (architecture, skip, format) a format can hold survives a round trip
 with the same latents and prediction of the target (skip path included) and the same config; what a format cannot
 hold is refused in one line that names it; peer files of kinds we cannot read are named. Tests marked `peers`
-check parity with sparsify 1.3.3 and SAELens 6.54.12 themselves, each in its own environment under .venv-peers/
-(`make peers`): the peer loads what we write, and we load what the peer saves, and both sides compute latents and
-the transcoder's output on the same inputs, equal within rtol 1e-5 and atol 1e-6 x max|reference| (float32
+check parity with sparsify 1.3.3, SAELens 6.54.12 and circuit-tracer 0.5.0 themselves, each in its own
+environment under .venv-peers/ (`make peers`): the peer loads what we write (circuit-tracer: one layer's file with
+its per-layer loader, and a set we wrote layer by layer with its set loader), and we load what the peer saves, and
+both sides compute latents and the transcoder's output (and the skip path alone) on the same inputs, equal within rtol 1e-5 and atol 1e-6 x max|reference| (float32
 rounding of the folded input centre; see test_formats.assert_same_outputs).
 """
 
@@ -21,12 +22,13 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import save_file
+import yaml
+from safetensors.torch import load_file, save_file
 from test_formats import PEER_TIMEOUT_S, ROOT, PeerRun, assert_same_outputs, peer_run
 
 from saelab.sae import base as sae_lib
 from saelab.sae.base import SAEConfig, SAEError, build
-from saelab.sae.formats import FORMATS, detect_format, export_sae, import_sae
+from saelab.sae.formats import FORMATS, circuit_tracer, detect_format, export_sae, import_sae
 
 D, D_OUT, F = 16, 20, 64
 IN_HP, OUT_HP, MODEL = "model.layers.3.post_attention_layernorm", "model.layers.3.mlp", "tiny-llama"
@@ -38,7 +40,8 @@ PARAMS: dict[str, dict[str, Any]] = {
     "jumprelu": {"jumprelu_bandwidth": 0.05, "jumprelu_init_threshold": 0.5},
 }
 # What each format holds as a transcoder: (architecture, skip, d_out). sparsify's transcoders are TopK and write
-# their input's width; SAELens loads ReLU and JumpReLU transcoders (batchtopk and matryoshka go as JumpReLU).
+# their input's width; SAELens loads ReLU and JumpReLU transcoders (batchtopk and matryoshka go as JumpReLU);
+# circuit-tracer's per-layer files hold what SAELens does, as wide as their input.
 HOLDS = {
     "saelab": [(a, s, D_OUT) for a in PARAMS for s in (False, True)],
     "saelens": [
@@ -46,6 +49,9 @@ HOLDS = {
     ],
     "sparsify": [("topk", s, D) for s in (False, True)],
     "dictionary_learning": [],
+    "circuit_tracer": [
+        (a, s, D) for a in ("relu", "jumprelu", "batchtopk", "matryoshka") for s in (False, True)
+    ],
 }
 SUPPORTED = [(fmt, *held) for fmt, kinds in HOLDS.items() for held in kinds]
 
@@ -61,7 +67,9 @@ def test_support_matrix() -> None:
                     cfg = random_transcoder(arch, skip, d_out).cfg
                     if arch in FORMATS[fmt].architectures and FORMATS[fmt].refuse(cfg) is None:
                         held.append((arch, skip, d_out))
-        expected = HOLDS[fmt] + [(a, s, D) for a, s, _ in HOLDS[fmt] if fmt != "sparsify"]
+        expected = HOLDS[fmt] + [
+            (a, s, D) for a, s, _ in HOLDS[fmt] if fmt not in ("sparsify", "circuit_tracer")
+        ]
         assert sorted(held) == sorted(expected), fmt
 
 
@@ -151,7 +159,7 @@ def test_skip_path_carries_what_it_should_after_a_round_trip(tmp_path: Path) -> 
         (
             "sparsify", "relu", False, D,
             "the sparsify format cannot hold a relu SAE (it holds topk); formats that can: saelab, saelens, "
-            "dictionary_learning",
+            "circuit_tracer",
         ),
         (
             "dictionary_learning", "topk", False, D,
@@ -326,3 +334,294 @@ def test_we_read_the_transcoders_the_peer_library_saves(
     # sparsify names the rebuilt module by the folder (and saelab reads a Llama MLP's input as the norm before
     # it); SAELens's metadata names the input, and the output where the saving code put it there
     assert (ours.cfg.hookpoint, ours.cfg.target_hookpoint) == (IN_HP, OUT_HP)
+
+
+# --- circuit-tracer's per-layer files (saelab/sae/formats/circuit_tracer.py) ------------------------------------
+def _moved(s: sae_lib.SAE, hookpoint: str, target: str, **changes: Any) -> sae_lib.SAE:
+    """`s` with other hookpoints (and config changes), the same weights."""
+    moved = build(dataclasses.replace(s.cfg, hookpoint=hookpoint, target_hookpoint=target, **changes))
+    moved.load_state_dict(s.state_dict())
+    return moved.eval()
+
+
+def _strip_saelab_metadata(path: Path) -> None:
+    """Save a layer's file again without saelab's metadata, as circuit-tracer's `to_safetensors` would."""
+    save_file(load_file(str(path)), str(path))
+
+
+def test_circuit_tracer_layer_file_layout(tmp_path: Path) -> None:
+    """One layer's file in circuit-tracer's names and orientations, beside the set's config.yaml."""
+    s = random_transcoder("jumprelu", True, D)
+    export_sae(s, tmp_path / "ct", "circuit_tracer")
+    assert sorted(p.name for p in (tmp_path / "ct").iterdir()) == ["config.yaml", "layer_3.safetensors"]
+    state = load_file(str(tmp_path / "ct" / "layer_3.safetensors"))
+    assert {k: tuple(v.shape) for k, v in state.items()} == {
+        "W_enc": (F, D), "W_dec": (F, D), "b_enc": (F,), "b_dec": (D,),
+        "activation_function.threshold": (F,), "W_skip": (D, D),
+    }  # fmt: skip
+    assert s.W_skip_DO is not None
+    torch.testing.assert_close(state["W_skip"], s.W_skip_DO.detach().T)
+    assert yaml.safe_load((tmp_path / "ct" / "config.yaml").read_text()) == {
+        "model_kind": "transcoder_set",
+        "model_name": MODEL,
+        "feature_input_hook": "mlp.hook_in",
+        "feature_output_hook": "mlp.hook_out",
+    }
+
+
+@pytest.mark.parametrize(
+    ("arch", "read_as"), [("relu", "relu"), ("batchtopk", "jumprelu"), ("jumprelu", "jumprelu")]
+)
+def test_circuit_tracer_files_without_saelabs_metadata(arch: str, read_as: str, tmp_path: Path) -> None:
+    """A layer file circuit-tracer saved (no saelab config): ReLU or JumpReLU by its tensors, hookpoints from the
+    set's TransformerLens hooks, the same latents and prediction; a hook saelab has no module name for stays a
+    TransformerLens name."""
+    s = random_transcoder(arch, True, D)
+    export_sae(s, tmp_path, "circuit_tracer")
+    _strip_saelab_metadata(tmp_path / "layer_3.safetensors")
+    back = import_sae(tmp_path)
+    assert_same_outputs(*outputs(back, inputs()), *outputs(s, inputs()))
+    assert (back.cfg.architecture, back.cfg.skip, back.cfg.model) == (read_as, True, MODEL)
+    assert (back.cfg.hookpoint, back.cfg.target_hookpoint) == (
+        "layers.3.post_attention_layernorm",
+        "layers.3.mlp",
+    )
+    config = tmp_path / "config.yaml"
+    config.write_text(config.read_text().replace("mlp.hook_in", "ln2.hook_normalized"))
+    assert import_sae(tmp_path).cfg.hookpoint == "blocks.3.ln2.hook_normalized"
+
+
+def test_circuit_tracer_sets_grow_one_layer_at_a_time(tmp_path: Path) -> None:
+    """Each layer exported into one folder joins the set; saelab reads one layer at a time (read_layer, read_set),
+    and a folder of several layers is named as such; a layer that does not fit the set is refused."""
+    folder = tmp_path / "set"
+    layers = {
+        i: _moved(random_transcoder("relu", True, D, seed=i), f"layers.{i}.post_attention_layernorm", f"layers.{i}.mlp")
+        for i in (0, 1)
+    }  # fmt: skip
+    for tc in layers.values():
+        export_sae(tc, folder, "circuit_tracer")
+    assert detect_format(folder) == "circuit_tracer"
+    with pytest.raises(
+        SAEError, match=r"the set holds 2 layers \(layer_0.safetensors, layer_1.safetensors\)"
+    ):
+        import_sae(folder)
+    got = circuit_tracer.read_set(folder)
+    assert sorted(got) == [0, 1]
+    for i, tc in layers.items():
+        assert got[i].cfg == tc.cfg
+        assert_same_outputs(*outputs(got[i], inputs()), *outputs(tc, inputs()))
+    other_model = _moved(layers[1], "layers.2.post_attention_layernorm", "layers.2.mlp", model="other")
+    with pytest.raises(SAEError, match="holds a circuit-tracer set with model_name='tiny-llama', and this"):
+        export_sae(other_model, folder, "circuit_tracer")
+    wider = build(dataclasses.replace(layers[1].cfg, d_sae=2 * F, hookpoint="blocks.2.mlp.hook_in",
+                                      target_hookpoint="blocks.2.mlp.hook_out"))  # fmt: skip
+    with pytest.raises(SAEError, match=r"set of 64 latents per layer \(layer 0\), and circuit-tracer needs"):
+        export_sae(wider, folder, "circuit_tracer")
+    assert sorted(circuit_tracer.layers_in(folder)) == [0, 1]
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("arch", "d_out", "hookpoints", "why"),
+    [
+        ("relu", D_OUT, (IN_HP, OUT_HP),
+         "d_out=20 differs from d_in=16, and circuit-tracer's SingleLayerTranscoder has one width (d_model) for "
+         "input and output; formats that can: saelab, saelens"),
+        ("jumprelu", D, ("h.3.ln_2", "h.3.mlp"),
+         "circuit-tracer names hooks by layer and TransformerLens hook, which saelab knows for "
+         "layers.{i}.post_attention_layernorm -> layers.{i}.mlp (Llama layout) and blocks.{i}.<hook>; "
+         "formats that can: saelab, saelens"),
+        ("relu", D, ("layers.2.post_attention_layernorm", "layers.3.mlp"),
+         "its input is in layer 2 and its output in layer 3, and a circuit-tracer layer file reads and writes one "
+         "layer; formats that can: saelab, saelens"),
+    ],
+)  # fmt: skip
+def test_what_circuit_tracer_cannot_hold_is_refused_by_name(
+    arch: str, d_out: int, hookpoints: tuple[str, str], why: str, tmp_path: Path
+) -> None:
+    s = _moved(random_transcoder(arch, False, d_out), *hookpoints)
+    line = f"the circuit_tracer format cannot hold this {arch} transcoder ({hookpoints[0]} -> {hookpoints[1]}): {why}"
+    with pytest.raises(SAEError, match=f"^{re.escape(line)}$"):
+        export_sae(s, tmp_path / "out", "circuit_tracer")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.bad_input
+def test_circuit_tracer_refuses_topk_and_saes(tmp_path: Path) -> None:
+    with pytest.raises(
+        SAEError, match=r"^the circuit_tracer format cannot hold a topk SAE \(it holds relu, "
+    ):
+        export_sae(random_transcoder("topk", False, D), tmp_path / "out", "circuit_tracer")
+    sae = build(SAEConfig("relu", D, F, hookpoint=IN_HP))
+    with pytest.raises(
+        SAEError, match=r"circuit-tracer's files hold transcoders \(one layer's MLP input to its"
+    ):
+        export_sae(sae, tmp_path / "out", "circuit_tracer")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (
+            "threshold",
+            "layer_3.safetensors has thresholds below 0: circuit-tracer's JumpReLU passes negative",
+        ),
+        ("kind", "model_kind='cross_layer_transcoder': saelab reads circuit-tracer's per-layer sets"),
+        ("hook", "config.yaml names no feature_output_hook"),
+        ("W_dec", r"tensors do not fit: missing \['W_dec'\]"),
+    ],
+)
+def test_circuit_tracer_files_that_do_not_fit_are_named(edit: str, match: str, tmp_path: Path) -> None:
+    export_sae(random_transcoder("jumprelu", False, D), tmp_path, "circuit_tracer")
+    path, config = tmp_path / "layer_3.safetensors", tmp_path / "config.yaml"
+    state = load_file(str(path))
+    if edit == "threshold":
+        state["activation_function.threshold"][0] = -0.5
+    if edit == "W_dec":
+        del state["W_dec"]
+    save_file(state, str(path))
+    doc = yaml.safe_load(config.read_text())
+    if edit == "kind":
+        doc["model_kind"] = "cross_layer_transcoder"
+    if edit == "hook":
+        del doc["feature_output_hook"]
+    config.write_text(yaml.safe_dump(doc))
+    with pytest.raises(SAEError, match=f"circuit_tracer checkpoint in {re.escape(str(tmp_path))}: {match}"):
+        import_sae(tmp_path)
+
+
+# circuit-tracer's own code in .venv-peers/circuittracer: its per-layer loader reads each layer we write, its set
+# loader a set of two layers we wrote one at a time, and we read the layer files its SingleLayerTranscoder saves.
+CT_HOOKS = {"feature_input_hook": "mlp.hook_in", "feature_output_hook": "mlp.hook_out"}
+CT_KINDS = {
+    "relu": ("relu", False),
+    "relu_skip": ("relu", True),
+    "jumprelu": ("jumprelu", False),
+    "jumprelu_skip": ("jumprelu", True),
+}
+CT_SET = {0: ("relu", True), 1: ("jumprelu", False)}
+
+
+def _ct_set_layer(i: int) -> sae_lib.SAE:
+    arch, skip = CT_SET[i]
+    return _moved(
+        random_transcoder(arch, skip, D, seed=i), f"layers.{i}.post_attention_layernorm", f"layers.{i}.mlp"
+    )
+
+
+@pytest.fixture(scope="session")
+def circuit_tracer_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, PeerRun]:
+    """circuit-tracer's script, run once over every job (no run where its environment is missing)."""
+    venv = ROOT / ".venv-peers" / "circuittracer"
+    if not (venv / ".installed").exists():
+        return {}
+    root = tmp_path_factory.mktemp("ct-peer")
+    save_file({"x": inputs()}, str(root / "x.safetensors"))
+    jobs: list[dict[str, Any]] = []
+    for arch, skip, d_out in HOLDS["circuit_tracer"]:
+        tag = _tag(arch, skip)
+        export_sae(random_transcoder(arch, skip, d_out), root / f"ours_{tag}", "circuit_tracer")
+        jobs.append({"mode": "load", "kind": "layer", "layer": 3, "folder": str(root / f"ours_{tag}"),
+                     "out": str(root / f"ours_{tag}.out"), "seed": 0})  # fmt: skip
+    for i in CT_SET:
+        export_sae(_ct_set_layer(i), root / "ours_set", "circuit_tracer")
+    jobs.append({"mode": "load", "kind": "set", "folder": str(root / "ours_set"), "out": str(root / "ours_set.out"),
+                 "seed": 0})  # fmt: skip
+    for seed, kind in enumerate(CT_KINDS):
+        jobs.append({"mode": "save", "kind": kind, "layer": 3, "hooks": CT_HOOKS, "folder": str(root / f"theirs_{kind}"),
+                     "out": str(root / f"theirs_{kind}.out"), "seed": seed})  # fmt: skip
+    jobs.append({"mode": "save", "kind": "set", "set_kind": "jumprelu_skip", "n_layers": 2, "hooks": CT_HOOKS,
+                 "folder": str(root / "theirs_set"), "out": str(root / "theirs_set.out"), "seed": 9})  # fmt: skip
+    spec = {"x": str(root / "x.safetensors"), "d_sae": F, "hookpoint": IN_HP, "model": MODEL, "jobs": jobs}
+    (root / "jobs.json").write_text(json.dumps(spec))
+    cmd = [str(venv / "bin" / "python"), "tests/peer_scripts/peer_circuittracer.py", str(root / "jobs.json")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=PEER_TIMEOUT_S)
+        returncode, log = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as err:
+        returncode, log = -1, f"timed out after {PEER_TIMEOUT_S} s: {err}"
+    return {"circuittracer": PeerRun(root, returncode, log)}
+
+
+def _assert_same_skip(skip: torch.Tensor, s: sae_lib.SAE) -> None:
+    assert s.W_skip_DO is not None
+    ref = (inputs() @ s.W_skip_DO).detach()
+    torch.testing.assert_close(skip, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize(("arch", "skip", "d_out"), HOLDS["circuit_tracer"])
+def test_circuit_tracer_reads_our_layer_file(
+    arch: str, skip: bool, d_out: int, circuit_tracer_run: dict[str, PeerRun]
+) -> None:
+    theirs = peer_run(circuit_tracer_run, "circuittracer").out(f"ours_{_tag(arch, skip)}")
+    ours = random_transcoder(arch, skip, d_out)
+    assert_same_outputs(theirs["latents"], theirs["x_hat"], *outputs(ours, inputs()))
+    if skip:
+        _assert_same_skip(theirs["skip"], ours)
+
+
+@pytest.mark.peers
+def test_circuit_tracer_loads_the_set_we_wrote_layer_by_layer(circuit_tracer_run: dict[str, PeerRun]) -> None:
+    run = peer_run(circuit_tracer_run, "circuittracer")
+    theirs = run.out("ours_set")
+    seen = json.loads((run.folder / "ours_set.out.json").read_text())
+    assert (seen["n_layers"], seen["feature_input_hook"], seen["feature_output_hook"]) == (
+        2,
+        *CT_HOOKS.values(),
+    )
+    assert seen["config"]["model_name"] == MODEL
+    for i, (_, skip) in CT_SET.items():
+        ours = _ct_set_layer(i)
+        assert_same_outputs(theirs[f"latents_{i}"], theirs[f"x_hat_{i}"], *outputs(ours, inputs()))
+        if skip:
+            _assert_same_skip(theirs[f"skip_{i}"], ours)
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("kind", CT_KINDS)
+def test_we_read_the_layer_files_circuit_tracer_saves(
+    kind: str, circuit_tracer_run: dict[str, PeerRun]
+) -> None:
+    run = peer_run(circuit_tracer_run, "circuittracer")
+    folder = run.folder / f"theirs_{kind}"
+    assert detect_format(folder) == "circuit_tracer"
+    ours, theirs = import_sae(folder), run.out(f"theirs_{kind}")
+    arch, skip = CT_KINDS[kind]
+    assert (ours.cfg.architecture, ours.cfg.skip, ours.cfg.d_out, ours.cfg.model) == (arch, skip, D, MODEL)
+    assert (ours.cfg.hookpoint, ours.cfg.target_hookpoint) == (
+        "layers.3.post_attention_layernorm",
+        "layers.3.mlp",
+    )
+    assert_same_outputs(*outputs(ours, inputs()), theirs["latents"], theirs["x_hat"])
+    if skip:
+        ref = theirs["skip"]
+        assert ours.W_skip_DO is not None
+        torch.testing.assert_close(
+            inputs() @ ours.W_skip_DO.detach(), ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max())
+        )
+
+
+@pytest.mark.peers
+def test_we_read_the_sets_circuit_tracer_saves(circuit_tracer_run: dict[str, PeerRun]) -> None:
+    """A two-layer set saved by circuit-tracer's TranscoderSet: read layer by layer (read_set); import_sae, which
+    reads one transcoder, names the layers instead."""
+    run = peer_run(circuit_tracer_run, "circuittracer")
+    folder, theirs = run.folder / "theirs_set", run.out("theirs_set")
+    got = circuit_tracer.read_set(folder)
+    assert sorted(got) == [0, 1]
+    for i, tc in got.items():
+        assert (tc.cfg.architecture, tc.cfg.skip) == ("jumprelu", True)
+        assert (tc.cfg.hookpoint, tc.cfg.target_hookpoint) == (
+            f"layers.{i}.post_attention_layernorm",
+            f"layers.{i}.mlp",
+        )
+        assert_same_outputs(*outputs(tc, inputs()), theirs[f"latents_{i}"], theirs[f"x_hat_{i}"])
+    with pytest.raises(
+        SAEError, match=r"the set holds 2 layers \(layer_0.safetensors, layer_1.safetensors\)"
+    ):
+        import_sae(folder)

@@ -126,7 +126,7 @@ class ReportArgs(_RunArgs):
     report: ReportConfig = field(default_factory=ReportConfig)
 
 
-CheckpointFormat = Literal["saelab", "saelens", "sparsify", "dictionary_learning"]
+CheckpointFormat = Literal["saelab", "saelens", "sparsify", "dictionary_learning", "circuit_tracer"]
 """saelab.sae.formats.FORMATS, named here so that `--help` does not import torch."""
 
 

@@ -8,11 +8,12 @@ dictionary_learning folders.
 Every peer's SAE is our affine encoder/decoder (`saelab.sae.base`) under other conventions; each is mapped exactly,
 so the imported or exported SAE gives the same latents and reconstructions as the original (tests/test_formats.py
 checks this against the peer libraries themselves). One module per format (`native`, `saelens`, `sparsify`,
-`dictionary_learning`), each defining its `FORMAT`, registered in `FORMATS` below. A format declares the
-architectures it can hold (`Format.holds`; saelab's own holds every registered one): exporting or importing
-any other is an SAEError that names the architecture, the format and the formats that can hold it. Transcoders
-too: sparsify holds TopK ones (plain and skip) as wide as their input, SAELens ReLU and JumpReLU ones (and
-batchtopk / matryoshka as JumpReLU), dictionary_learning none; `Format.refuse` says why a format cannot hold a
+`dictionary_learning`, `circuit_tracer`), each defining its `FORMAT`, registered in `FORMATS` below. A format
+declares the architectures it can hold (`Format.holds`; saelab's own holds every registered one): exporting or
+importing any other is an SAEError that names the architecture, the format and the formats that can hold it.
+Transcoders too: sparsify holds TopK ones (plain and skip) as wide as their input, SAELens ReLU and JumpReLU ones
+(and batchtopk / matryoshka as JumpReLU), circuit-tracer's per-layer files the same kinds as wide as their input
+(and no SAEs), dictionary_learning none; `Format.refuse` says why a format cannot hold a
 config whose architecture it has (tests/test_transcoder_formats.py checks the peers' own code on both sides).
 
 Training-only hyperparameters a format has no place for (JumpReLU's kernel bandwidth and initial threshold) take
@@ -24,7 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from saelab.sae.base import SAE, SAEConfig, SAEError
-from saelab.sae.formats import dictionary_learning, native, saelens, sparsify
+from saelab.sae.formats import circuit_tracer, dictionary_learning, native, saelens, sparsify
 from saelab.sae.formats.common import Format, Weights, assemble, weights_of
 
 __all__ = [
@@ -46,7 +47,14 @@ __all__ = [
 ]
 
 FORMATS: dict[str, Format] = {
-    spec.name: spec for spec in (native.FORMAT, saelens.FORMAT, sparsify.FORMAT, dictionary_learning.FORMAT)
+    spec.name: spec
+    for spec in (
+        native.FORMAT,
+        saelens.FORMAT,
+        sparsify.FORMAT,
+        dictionary_learning.FORMAT,
+        circuit_tracer.FORMAT,
+    )
 }
 """Format name -> Format; a new format is a module here and its `FORMAT` in this line."""
 
@@ -85,12 +93,14 @@ def holders(architecture: str) -> list[str]:
     return [name for name, spec in FORMATS.items() if architecture in spec.architectures]
 
 
-def check_holds(spec: Format, architecture: str) -> None:
-    """Refuse, in one line, an SAE of an architecture the format cannot hold."""
+def check_holds(spec: Format, architecture: str, cfg: SAEConfig | None = None) -> None:
+    """Refuse, in one line, an SAE of an architecture the format cannot hold (naming the formats that can hold
+    `cfg`, where given: one that holds the architecture may still refuse its shape)."""
     if architecture not in spec.architectures:
+        can = holders(architecture) if cfg is None else holders_of(cfg)
         raise SAEError(
             f"the {spec.name} format cannot hold a {architecture} SAE (it holds {', '.join(spec.architectures)}); "
-            f"formats that can: {', '.join(holders(architecture)) or 'none'}"
+            f"formats that can: {', '.join(can) or 'none'}"
         )
 
 
@@ -116,7 +126,7 @@ def export_sae(sae: SAE, folder: Path | str, fmt: str) -> None:
     """Write `sae` into `folder` in format `fmt`. A format that cannot hold its architecture, or a folder that
     already holds another format's checkpoint, is an SAEError."""
     spec, folder = get_format(fmt), Path(folder)
-    check_holds(spec, sae.architecture)
+    check_holds(spec, sae.architecture, sae.cfg)
     check_holds_config(spec, sae.cfg)
     others = [name for name in formats_in(folder) if name != fmt]
     if others:
