@@ -30,7 +30,7 @@ typecheck: $(STAMP)
 # The peer environments and headless Chromium are part of the suite: the format parity tests and the report
 # render tests fail, not skip, without them (.ci/run installs chromium with apt; playwright drives it).
 test: $(STAMP) lint typecheck
-	@# the four peer environments build side by side (mostly downloads)
+	@# the peer environments build side by side (mostly downloads)
 	$(MAKE) -j4 peers
 	$(MAKE) llama-venv
 	SAELAB_REQUIRE_PEERS=1 SAELAB_REQUIRE_BROWSER=1 SAELAB_REQUIRE_LLAMA=1 SAELAB_RELIABILITY_README=1 $(BIN)/pytest -q
@@ -41,7 +41,7 @@ test-fast: $(STAMP)
 clean-venv:
 	rm -rf $(VENV) .venv-peers .venv-llama
 
-# Peer libraries (SAELens, sparsify, dictionary_learning, SAEBench) for the format round-trip tests, the trainer
+# Peer libraries (SAELens, sparsify, dictionary_learning, SAEBench, circuit-tracer) for the format round-trip tests, the trainer
 # benchmark and the SCR/TPP parity test. They cannot share one environment with each other or with saelab, so each
 # gets its own, next to the local CPU torch (peers/constraints.txt). saelab itself is installed into each (--no-deps) so a test can run one
 # script against both libraries.
