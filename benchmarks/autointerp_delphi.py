@@ -7,10 +7,10 @@ the same llama.cpp server, measured in one run.
         [--repeats 2] [--no-constrain] [--out benchmarks/results/autointerp_delphi_equal.json]
 
 What it does:
-1. Copies the run's SAE, latent cache and windows into `benchmarks/.cache/autointerp-run/` and runs saelab's
-   `sample` stage there with counts both tools can use: 10 explainer examples, 10 activating + 10 non-activating
-   scoring examples per latent (multiples of Delphi's 5 examples per scorer prompt: Delphi's parser rejects a
-   short last prompt). The first `--latents` sampled latents are used by both tools.
+1. Copies the run's activations, SAE, latent cache and windows into `benchmarks/.cache/autointerp-run/` and runs
+   saelab's `sample` stage there with counts both tools can use: 10 explainer examples, 10 activating + 10
+   non-activating scoring examples per latent (multiples of Delphi's 5 examples per scorer prompt: Delphi's parser
+   rejects a short last prompt). The first `--latents` sampled latents are used by both tools.
 2. Starts llama.cpp's own `llama-server` (`make llama-server` builds it into .venv-llama/llama.cpp/bin) on the
    bundled SmolLM2-135M-Instruct GGUF: `-np PARALLEL` slots with continuous batching, `-c 4096 x PARALLEL`
    context, `--threads` threads (2).
@@ -64,7 +64,8 @@ CACHE = ROOT / "benchmarks" / ".cache"
 SERVER = ROOT / ".venv-llama" / "llama.cpp" / "bin" / "llama-server"
 DELPHI_PY = ROOT / ".venv-peers" / "delphi" / "bin" / "python"
 N_TRAIN, N_TEST, N_NEG = 10, 10, 10
-COPY = ("sae", "latents", "data", "manifest.json")
+COPY = ("sae", "latents", "data", "activations", "manifest.json")
+"""What of the source run is copied (the manifest checks every earlier stage's artifacts)."""
 
 
 def bundled_gguf() -> Path:
@@ -315,7 +316,8 @@ def main() -> None:
         "delphi_answers": theirs.get("answers"),
         "saelab_explanations": ours["explanations"],
         "ratio_latents_per_hour": (n / ours["wall_s"]) / (n / theirs["wall_s"]),
-        "ratio_latents_per_hour_by_repeat": [d["wall_s"] / o["wall_s"] for o, d in zip(results["saelab"], results["delphi"])],
+        "ratio_latents_per_hour_by_repeat": [d["wall_s"] / o["wall_s"]
+                                             for o, d in zip(results["saelab"], results["delphi"])],
         "ratio_tokens_per_latent": (ours["prompt_tokens"] + ours["completion_tokens"])
         / max(1, theirs["prompt_tokens"] + theirs["completion_tokens"]),
         "all_runs": {k: [{kk: vv for kk, vv in r.items() if kk not in ("latents", "explanations", "answers")}
