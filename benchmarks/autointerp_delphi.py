@@ -13,7 +13,9 @@ What it does:
    rejects a short last prompt). The first `--latents` sampled latents are used by both tools.
 2. Starts llama.cpp's own `llama-server` (`make llama-server` builds it into .venv-llama/llama.cpp/bin) on the
    bundled SmolLM2-135M-Instruct GGUF: `-np PARALLEL` slots with continuous batching, `-c 4096 x PARALLEL`
-   context, `--threads` threads (2).
+   context, `--threads` threads (2); a fresh server for each tool run, so that no prompt one run left in the
+   server's slots or prompt cache shortens the next (the server log's timing lines give the prompt tokens it
+   evaluated, i.e. not reused from a cache).
 3. saelab: `run_explain` (the `default` LLM explainer) then `run_score` with `detection` and `fuzzing` (saelab's
    defaults: one example per judgement, one answer token read from its top log-probabilities; the shuffled
    control is off because Delphi has none), through `OpenAIClient` with `PARALLEL` requests in flight and no
@@ -38,6 +40,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -101,6 +104,18 @@ def start_server(parallel: int, threads: int, log_path: Path) -> tuple[subproces
         time.sleep(0.5)
     proc.kill()
     sys.exit(f"llama-server did not start; see {log_path}")
+
+
+def server_counts(log: str) -> dict[str, int]:
+    """Tokens the server computed, from its per-request timing lines: `prompt eval` counts only the prompt tokens
+    not reused from a slot's cache (the `usage` prompt_tokens count them all), `eval` the generated ones."""
+    prompt = [int(m) for m in re.findall(r"prompt eval time =\s*[\d.]+ ms /\s*(\d+) tokens", log)]
+    gen = [int(m) for m in re.findall(r"\|\s+eval time =\s*[\d.]+ ms /\s*(\d+) tokens", log)]
+    return {
+        "server_requests": len(prompt),
+        "server_prompt_tokens_evaluated": sum(prompt),
+        "server_generated": sum(gen),
+    }
 
 
 def prepare_run(src: Path, dst: Path) -> Path:
@@ -213,6 +228,7 @@ def run_delphi(
 
 def per_latent(r: dict[str, Any], n: int) -> dict[str, float]:
     return {
+        "prompt_tokens_evaluated_per_latent": r.get("server_prompt_tokens_evaluated", 0) / n,
         "latents_per_hour": n / r["wall_s"] * 3600,
         "seconds_per_latent": r["wall_s"] / n,
         "requests_per_latent": r["requests"] / n,
@@ -258,33 +274,36 @@ def main() -> None:
     ), "every latent needs full example sets; pick a run with more cached tokens"
 
     work = Path(tempfile.mkdtemp(prefix="autointerp-", dir=CACHE))
-    proc, url = start_server(args.parallel, args.threads, work / "llama-server.log")
     results: dict[str, list[dict[str, Any]]] = {"saelab": [], "delphi": []}
-    try:
-        for rep in range(args.repeats):
-            order = ["saelab", "delphi"] if rep % 2 == 0 else ["delphi", "saelab"]
-            for tool in order:
-                d = work / f"{tool}-{rep}"
-                d.mkdir()
-                print(f"repeat {rep}: {tool} on {n} latents", flush=True)
+    for rep in range(args.repeats):
+        order = ["saelab", "delphi"] if rep % 2 == 0 else ["delphi", "saelab"]
+        for tool in order:
+            d = work / f"{tool}-{rep}"
+            d.mkdir()
+            print(f"repeat {rep}: {tool} on {n} latents", flush=True)
+            # a fresh server per tool run: no prompt a run left in the slots or the prompt cache helps the next
+            proc, url = start_server(args.parallel, args.threads, d / "llama-server.log")
+            try:
                 load = os.getloadavg()
                 if tool == "saelab":
                     r = run_saelab(samples, url, args.parallel, d)
                 else:
                     r = run_delphi(samples, url, args.parallel, d, args.delphi_timeout, args.constrain)
-                r.update(
-                    repeat=rep, position=order.index(tool), loadavg_before=load, loadavg_after=os.getloadavg()
-                )
-                r["balanced_accuracy"] = balanced_accuracy(r)
-                print(
-                    f"  {r['wall_s']:.1f} s, {r['requests']} requests, {r['judgements']}/{r['judgements_asked']} "
-                    f"judgements, {r['explanations_parsed']}/{n} explanations, load {load[0]:.1f}",
-                    flush=True,
-                )
-                results[tool].append(r)
-    finally:
-        proc.terminate()
-        proc.wait()
+            finally:
+                proc.terminate()
+                proc.wait()
+            r.update(server_counts((d / "llama-server.log").read_text(errors="replace")))
+            r.update(
+                repeat=rep, position=order.index(tool), loadavg_before=load, loadavg_after=os.getloadavg()
+            )
+            r["balanced_accuracy"] = balanced_accuracy(r)
+            print(
+                f"  {r['wall_s']:.1f} s, {r['requests']} requests, {r['judgements']}/{r['judgements_asked']} "
+                f"judgements, {r['explanations_parsed']}/{n} explanations, "
+                f"{r['server_prompt_tokens_evaluated']} prompt tokens evaluated, load {load[0]:.1f}",
+                flush=True,
+            )
+            results[tool].append(r)
 
     def med(tool: str) -> dict[str, Any]:
         rs = sorted(results[tool], key=lambda r: r["wall_s"])
