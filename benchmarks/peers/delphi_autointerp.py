@@ -15,20 +15,35 @@ default prompt, activations shown, no chain of thought), then `DetectionScorer` 
 client, but its explainer and scorers pass temperature 0.0), 100 s timeout, one attempt). Latents run concurrently,
 at most `concurrency` at a time, explain -> detection -> fuzzing per latent, as Delphi's `Pipeline` runs them.
 
-The changes to Delphi: its client module imports `vllm` at import time (for its offline client, unused here), so a
-stub module stands in for it; `OpenRouter.postprocess` is wrapped to count requests and the server's `usage`
-token counts (the text it returns is unchanged); and its fixed 100 s request timeout is replaced by IN.json's
-`timeout_s` (its few-shot scorer prompts of ~1,650 tokens can take longer than 100 s on a 2-core CPU server, and
-then Delphi returns no judgement at all), with timed-out requests counted.
+Nothing in Delphi's code is changed. Around it: its client module imports `vllm` at import time (for its offline
+client, unused here), so a stub module stands in for it; `OpenRouter.postprocess` is wrapped to count requests and
+the server's `usage` token counts (the text it returns is unchanged); its fixed 100 s request timeout is replaced
+by IN.json's `timeout_s` (its few-shot scorer prompts of ~1,650 tokens can take longer than 100 s on a 2-core CPU
+server, and then Delphi returns no judgement at all), with timed-out requests counted.
+
+With IN.json `constrain` true (the default of the benchmark), the request body Delphi's client posts gets one more
+field, llama-server's `grammar` (a GBNF grammar the server samples under; llama.cpp copies request fields it does
+not map itself into the slot's parameters, so /v1/chat/completions honours it), chosen by which of Delphi's
+objects sends the request (each gets its own client):
+- the explainer: `[EXPLANATION]: ` then 1-200 characters other than a newline (EXPLANATION_GRAMMAR), the form its
+  `parse_explanation` reads (its prompt asks for reasoning lines first and this line last; the grammar leaves
+  only the last line);
+- the scorers: a list of exactly as many 0/1 as the prompt's last message shows examples, e.g. `[1, 0, 0, 1, 0]`
+  (`list_grammar`), the form `Classifier._parse` reads (json.loads of the first `[...]`, length checked).
+Everything else Delphi sends (messages, max_tokens 3000, temperature) is unchanged; the answers are parsed by
+Delphi's own code. Without a grammar SmolLM2-135M never writes that list and each scorer answer runs to 3,000
+tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,20 +79,53 @@ UNPARSED = "Explanation could not be parsed."
 TIMEOUT_S = 100.0
 """Request timeout (IN.json `timeout_s`; Delphi's own is 100 s)."""
 
+EXPLANATION_GRAMMAR = r"""root ::= "[EXPLANATION]: " [^\n]{1,200}"""
+"""Delphi's explainer answer: its `[EXPLANATION]:` line alone, at most 200 characters after the tag (saelab's
+explainer has a 40-token budget)."""
+
+Grammar = Callable[[list[dict[str, Any]]], str]
+
+
+def list_grammar(n: int) -> str:
+    """A Python list of n 0/1 answers, with or without a space after each comma (Delphi's few-shot answers have
+    none, json.loads reads both)."""
+    return 'root ::= "[" d' + " sep d" * (n - 1) + ' "]"\nsep ::= "," " "?\nd ::= [01]'
+
+
+def examples_in(messages: list[dict[str, Any]]) -> int:
+    """How many examples the last message of a Delphi scorer prompt shows (`Example i:` lines, i from 0)."""
+    ids = {int(m) for m in re.findall(r"^Example (\d+):", str(messages[-1]["content"]), re.M)}
+    assert ids == set(range(len(ids))) and ids, f"unexpected scorer prompt: example ids {sorted(ids)}"
+    return len(ids)
+
+
+def scorer_grammar(messages: list[dict[str, Any]]) -> str:
+    return list_grammar(examples_in(messages))
+
+
+def explainer_grammar(messages: list[dict[str, Any]]) -> str:
+    return EXPLANATION_GRAMMAR
+
 
 class CountingClient(OpenRouter):
-    """Delphi's OpenRouter client, counting requests and the server's usage fields."""
+    """Delphi's OpenRouter client, counting requests and the server's usage fields, and adding `grammar(messages)`
+    to the request body when given."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, grammar: Grammar | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.requests = 0
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.timeouts = 0
+        self.answers: list[str] = []
         post = self.client.post
 
         async def post_with_timeout(*args: Any, **kwargs: Any) -> Any:
             kwargs["timeout"] = TIMEOUT_S
+            if grammar is not None:
+                body = dict(kwargs["json"])
+                body["grammar"] = grammar(body["messages"])
+                kwargs["json"] = body
             try:
                 return await post(*args, **kwargs)
             except httpx.TimeoutException:
@@ -89,9 +137,11 @@ class CountingClient(OpenRouter):
     def postprocess(self, response: Any) -> Any:
         self.requests += 1
         try:
-            usage = response.json().get("usage") or {}
+            body = response.json()
+            usage = body.get("usage") or {}
             self.prompt_tokens += int(usage.get("prompt_tokens") or 0)
             self.completion_tokens += int(usage.get("completion_tokens") or 0)
+            self.answers.append(str(body["choices"][0]["message"]["content"])[:300])
         except Exception:  # the original postprocess raises on a bad body
             pass
         return super().postprocess(response)
@@ -129,27 +179,36 @@ def record_of(le: dict[str, Any]) -> LatentRecord:
 
 
 async def one_latent(
-    le: dict[str, Any], client: CountingClient, sem: asyncio.Semaphore, threshold: float
+    le: dict[str, Any],
+    explainer_client: CountingClient,
+    scorer_client: CountingClient,
+    sem: asyncio.Semaphore,
+    threshold: float,
 ) -> dict[str, Any]:
     async with sem:
         rec = record_of(le)
         out: dict[str, Any] = {"latent": le["latent"]}
         try:
-            result = await DefaultExplainer(client, threshold=threshold)(rec)
+            result = await DefaultExplainer(explainer_client, threshold=threshold)(rec)
             rec.explanation = result.explanation
         except Exception as err:  # Delphi's explainer does not catch request errors
             out["error"] = f"explainer: {err!r}"
             rec.explanation = ""
         out["explanation"] = rec.explanation
         for scorer in (
-            DetectionScorer(client, n_examples_shown=5, log_prob=False),
-            FuzzingScorer(client, n_examples_shown=5, log_prob=False),
+            DetectionScorer(scorer_client, n_examples_shown=5, log_prob=False),
+            FuzzingScorer(scorer_client, n_examples_shown=5, log_prob=False),
         ):
             res = (await scorer(rec)).score
+            judged = [r for r in res if r.prediction is not None]
             out[scorer.name] = {
                 "n": len(res),
-                "parsed": sum(r.prediction is not None for r in res),
-                "correct": sum(bool(r.correct) for r in res),
+                "parsed": len(judged),
+                "correct": sum(bool(r.correct) for r in judged),
+                "positives": sum(bool(r.activating) for r in judged),
+                "true_positives": sum(bool(r.activating and r.prediction) for r in judged),
+                "true_negatives": sum(bool(not r.activating and not r.prediction) for r in judged),
+                "predicted_1": sum(bool(r.prediction) for r in judged),
             }
         return out  # requests and tokens are counted over all latents (they run concurrently)
 
@@ -157,20 +216,50 @@ async def one_latent(
 async def main(cfg: dict[str, Any]) -> dict[str, Any]:
     global TIMEOUT_S
     TIMEOUT_S = float(cfg.get("timeout_s", 100.0))
-    client = CountingClient(cfg["model"], base_url=cfg["url"].rstrip("/") + "/chat/completions")
+    constrain = bool(cfg.get("constrain", False))
+    url = cfg["url"].rstrip("/") + "/chat/completions"
+    explainer_client = CountingClient(
+        cfg["model"], base_url=url, grammar=explainer_grammar if constrain else None
+    )
+    scorer_client = CountingClient(cfg["model"], base_url=url, grammar=scorer_grammar if constrain else None)
+    clients = {"explainer": explainer_client, "scorers": scorer_client}
     sem = asyncio.Semaphore(int(cfg["concurrency"]))
     t0 = time.perf_counter()
-    rows = await asyncio.gather(*(one_latent(le, client, sem, 0.3) for le in cfg["latents"]))
+    rows = await asyncio.gather(
+        *(one_latent(le, explainer_client, scorer_client, sem, 0.3) for le in cfg["latents"])
+    )
     wall = time.perf_counter() - t0
+    judged = [r[s] for r in rows for s in ("detection", "fuzz")]
     return {
         "wall_s": wall,
-        "requests": client.requests,
-        "prompt_tokens": client.prompt_tokens,
-        "completion_tokens": client.completion_tokens,
-        "timed_out_requests": client.timeouts,
+        "constrained": constrain,
+        "grammars": {"explainer": EXPLANATION_GRAMMAR, "scorers (5 examples)": list_grammar(5)}
+        if constrain
+        else None,
+        "requests": sum(c.requests for c in clients.values()),
+        "prompt_tokens": sum(c.prompt_tokens for c in clients.values()),
+        "completion_tokens": sum(c.completion_tokens for c in clients.values()),
+        "by_role": {
+            name: {
+                "requests": c.requests,
+                "prompt_tokens": c.prompt_tokens,
+                "completion_tokens": c.completion_tokens,
+                "timed_out_requests": c.timeouts,
+            }
+            for name, c in clients.items()
+        },
+        "timed_out_requests": sum(c.timeouts for c in clients.values()),
         "timeout_s": TIMEOUT_S,
         "explanations_parsed": sum(r["explanation"] not in ("", UNPARSED) for r in rows),
+        "judgements_asked": sum(j["n"] for j in judged),
+        "judgements": sum(j["parsed"] for j in judged),
+        "correct": sum(j["correct"] for j in judged),
+        "positives": sum(j["positives"] for j in judged),
+        "true_positives": sum(j["true_positives"] for j in judged),
+        "true_negatives": sum(j["true_negatives"] for j in judged),
+        "predicted_1": sum(j["predicted_1"] for j in judged),
         "latents": rows,
+        "answers": {name: c.answers for name, c in clients.items()},
     }
 
 
