@@ -94,6 +94,7 @@ def ddp_worker(rank: int, world: int, port: int, folder: str, cfgs: list[TrainCo
             out = Path(folder) / str(i)
             result = train(x, cfg, seed=0, log_path=out / "log.jsonl", checkpoint_dir=out / "ckpt")
             torch.save(result.sae.state_dict(), out / f"rank{rank}.pt")
+        dist.barrier()  # the ranks leave together, as saelab.cli's do: rank 0 writes checkpoints after the last step
     finally:
         dist.destroy_process_group()
 
@@ -128,6 +129,7 @@ def stream_ddp_worker(rank: int, world: int, port: int, folder: str, model_dir: 
         result = train_many(source, [STREAM_DDP_CFG], 0)[0]
         out = {"batches": batches, "docs": docs, "first": source.head(65536), "sae": result.sae.state_dict()}
         torch.save(out, Path(folder) / f"rank{rank}.pt")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
