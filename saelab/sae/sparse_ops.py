@@ -62,6 +62,12 @@ class Entries:
         rows = torch.div(flat, n_cols, rounding_mode="floor")
         return cls(_crow(rows, n_rows), flat - rows * n_cols, n_cols), order
 
+    @classmethod
+    def stacked(cls, top: Entries, bottom: Entries) -> Entries:
+        """The entries of `top`'s rows, then `bottom`'s as rows n_rows..: a pattern over [x_top; x_bottom]."""
+        crow = torch.cat([top.crow_B1, bottom.crow_B1[1:] + top.crow_B1[-1]])
+        return cls(crow, torch.cat([top.col_N, bottom.col_N]), top.n_cols)
+
     def rows_N(self) -> torch.Tensor:
         counts = self.crow_B1.diff()
         return torch.repeat_interleave(torch.arange(self.n_rows, device=counts.device), counts)

@@ -118,13 +118,16 @@ class KSparseSAE(SAE):
             return super().training_loss(x_BD, inputs)
         raw_BF = self.selection_preacts(x_BD)
         entries, pre_N = self.train_entries(raw_BF)
-        vals_N = self._entry_acts(x_BD, pre_N, entries)
+        aux_sel = self._auxk_entries(raw_BF, inputs)
+        vals_N, aux_vals_N = self._entry_acts(x_BD, pre_N, entries, aux_sel)
         y_BD = self.recon_target(x_BD, inputs)  # x, or a transcoder's target (saelab.sae.base)
         recon, x_hat_BD = self.entry_reconstruction_loss(y_BD, vals_N, entries)
         resid_BD = (y_BD - x_hat_BD).detach()
         aux = recon.new_zeros(())
-        if inputs.auxk_coef > 0 and bool(inputs.dead_F.any()):
-            aux = self._entry_auxk(x_BD, raw_BF, resid_BD, inputs)
+        if aux_sel is not None:
+            # `auxk_loss` over the dead latents' columns only.
+            aux_BD = decode_entries(aux_vals_N, self.W_dec_FD, aux_sel[0])
+            aux = auxk_error(aux_BD, resid_BD, inputs.sum_ranks)
         vals_N = vals_N.detach()
         zeros_F = vals_N.new_zeros(self.cfg.d_sae)
         count_F = zeros_F.index_add(0, entries.col_N, (vals_N > 0).to(vals_N.dtype))
@@ -138,20 +141,37 @@ class KSparseSAE(SAE):
             act_sum_F=zeros_F.index_add(0, entries.col_N, vals_N),
         )
 
-    def _entry_acts(self, x_BD: torch.Tensor, pre_N: torch.Tensor, entries: Entries) -> torch.Tensor:
-        return entry_preacts(pre_N, x_BD, self.W_enc_DF, self.b_enc_F, self.b_pre_D, entries).relu()
+    def _entry_acts(
+        self,
+        x_BD: torch.Tensor,
+        pre_N: torch.Tensor,
+        entries: Entries,
+        aux: tuple[Entries, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """ReLU'd differentiable values of the entries, and of the AuxK entries `aux` (empty without). Both go
+        through ONE `entry_preacts` (the AuxK entries as rows B..2B-1 of a stacked pattern over [x; x]), so the
+        encoder's gradient from both losses is one sparse product instead of two products, two [F, D] results
+        and their sum."""
+        if aux is None:
+            acts_N = entry_preacts(pre_N, x_BD, self.W_enc_DF, self.b_enc_F, self.b_pre_D, entries).relu()
+            return acts_N, acts_N[:0]
+        aux_entries, aux_pre_N = aux
+        both = Entries.stacked(entries, aux_entries)
+        x2_BD = torch.cat([x_BD, x_BD])
+        pre2_N = torch.cat([pre_N, aux_pre_N])
+        acts_N = entry_preacts(pre2_N, x2_BD, self.W_enc_DF, self.b_enc_F, self.b_pre_D, both).relu()
+        return acts_N[: pre_N.numel()], acts_N[pre_N.numel() :]
 
-    def _entry_auxk(
-        self, x_BD: torch.Tensor, raw_BF: torch.Tensor, resid_BD: torch.Tensor, inputs: LossInputs
-    ) -> torch.Tensor:
-        """`auxk_loss` over the dead latents' columns only."""
+    def _auxk_entries(self, raw_BF: torch.Tensor, inputs: LossInputs) -> tuple[Entries, torch.Tensor] | None:
+        """AuxK's entries (Gao et al. 2024, Appendix A.2): each row's top-`k_aux` raw pre-activations among the
+        dead latents, and their values; None when AuxK is off or no latent is dead."""
+        if not (inputs.auxk_coef > 0 and bool(inputs.dead_F.any())):
+            return None
         dead_idx = inputs.dead_F.nonzero().flatten()
         pre, j = raw_BF.index_select(1, dead_idx).topk(
             min(inputs.k_aux, dead_idx.numel()), dim=-1, sorted=False
         )
-        entries = Entries.rectangle(dead_idx[j], self.cfg.d_sae)
-        vals_N = self._entry_acts(x_BD, pre.reshape(-1), entries)
-        return auxk_error(decode_entries(vals_N, self.W_dec_FD, entries), resid_BD, inputs.sum_ranks)
+        return Entries.rectangle(dead_idx[j], self.cfg.d_sae), pre.reshape(-1)
 
 
 @register
