@@ -32,7 +32,7 @@ from saelab.sae.base import (
     sparse_code,
     sq_err,
 )
-from saelab.sae.sparse_ops import Entries, decode_entries, entry_preacts
+from saelab.sae.sparse_ops import Entries, decode_entries, entry_preacts, torch_threads
 
 if TYPE_CHECKING:
     from saelab.config import TrainConfig
@@ -62,6 +62,20 @@ class KSparseSAE(SAE):
         self.sparse_training = True
         self._preacts_BF: torch.Tensor | None = None
         """The training step's dense pre-activations, kept between steps (`selection_preacts`)."""
+        self._matmul_threads = 0
+        """Threads for the dense selection matmul when the rest of the step runs on one (`step_threads`)."""
+
+    def step_threads(self, threads: int) -> int:
+        """One thread for a CPU step with the sparse kernels, all `threads` kept for the dense selection matmul.
+        Everything after that matmul is many short operations (top-k, CSR products, gathers, Adam) that gain
+        little from a second thread and lose much when a busy core stalls their barriers: at 18,432 latents on
+        2 cores (load ~10) a step took 2.2 CPU s with 2 threads throughout and 1.2-1.3 with 1 thread after the
+        matmul, at half the wall time, same loss (`benchmarks/step_profile.py`)."""
+        if not self.sparse_training or self.W_enc_DF.device.type != "cpu" or threads <= 1:
+            self._matmul_threads = 0
+            return threads
+        self._matmul_threads = threads
+        return 1
 
     def train(self, mode: bool = True) -> Self:
         if not mode:
@@ -81,7 +95,8 @@ class KSparseSAE(SAE):
         buf = self._preacts_BF
         if buf is None or buf.shape != shape or buf.dtype != x_BD.dtype or buf.device != x_BD.device:
             buf = self._preacts_BF = x_BD.new_empty(shape)
-        return torch.addmm(self.b_enc_F, x_BD - self.b_pre_D, self.W_enc_DF, out=buf)
+        with torch_threads(self._matmul_threads or torch.get_num_threads()):
+            return torch.addmm(self.b_enc_F, x_BD - self.b_pre_D, self.W_enc_DF, out=buf)
 
     @classmethod
     def params_from(cls, train: TrainConfig) -> dict[str, Any]:

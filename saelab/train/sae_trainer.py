@@ -17,6 +17,7 @@ from saelab.activations.onthefly import StreamSource
 from saelab.activations.sources import BatchSource, TensorSource
 from saelab.config import TrainConfig, to_dict
 from saelab.sae.base import SAE, LossInputs, SAEConfig, TrainLoss, build
+from saelab.sae.sparse_ops import torch_threads
 from saelab.train import distributed as ddp
 from saelab.train.checkpoint import (
     CheckpointError,
@@ -189,14 +190,15 @@ class SAETrainer:
             ddp.sum_ranks_ if self.dist.world > 1 else None,
             target_BD,
         )
-        loss = self.sae.training_loss(x_BD, inputs)
-        self.opt.zero_grad(set_to_none=True)
-        loss.total.backward()
-        if self.dist.world > 1:
-            ddp.average_grads_(self.sae, self.dist.world)
-        self.sae.project_decoder_grad()
-        self.opt.step()
-        self.sae.normalize_decoder()
+        with torch_threads(self.sae.step_threads(torch.get_num_threads())):
+            loss = self.sae.training_loss(x_BD, inputs)
+            self.opt.zero_grad(set_to_none=True)
+            loss.total.backward()
+            if self.dist.world > 1:
+                ddp.average_grads_(self.sae, self.dist.world)
+            self.sae.project_decoder_grad()
+            self.opt.step()
+            self.sae.normalize_decoder()
         fired_F = loss.fired_F
         if self.dist.world > 1:
             ddp.average_buffers_(self.sae, self.dist.world)
