@@ -259,6 +259,12 @@ def trainers(batchtopk: bool) -> list[Trainer]:
     peers = ROOT / ".venv-peers"
     out = [
         Trainer("saelab", ROOT / ".venv" / "bin" / "python", "saelab_train.py"),
+        Trainer(
+            "saelab, one thread after matmul",
+            ROOT / ".venv" / "bin" / "python",
+            "saelab_train.py",
+            ("--variant", "one-after-matmul"),
+        ),
         Trainer("SAELens", peers / "saelens" / "bin" / "python", "saelens_train.py"),
         Trainer(
             "SAELens, b_dec at median",
@@ -273,7 +279,8 @@ def trainers(batchtopk: bool) -> list[Trainer]:
         out += [
             Trainer(f"{t.name} BatchTopK", t.python, t.script, ("--arch", "batchtopk"))
             for t in out
-            if t.script in ("saelab_train.py", "dictlearn_train.py") or t.args == ("--variant", "bdec-median")
+            if (t.script in ("saelab_train.py", "dictlearn_train.py") and not t.args)
+            or t.args == ("--variant", "bdec-median")
         ]
     return out
 

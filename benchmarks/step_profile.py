@@ -60,32 +60,41 @@ def phase_of(op: str) -> str:
     return "other"
 
 
-def activations(n: int) -> tuple[torch.Tensor, str]:
-    """Real layer-15 activations from peer_training's cache (the newest file), else Gaussian rows."""
+def activations(n: int, at_least: int) -> tuple[torch.Tensor, str]:
+    """Up to n real layer-15 activations from peer_training's cache (the newest file, if it holds at least
+    `at_least` rows), else n Gaussian rows."""
     caches = sorted((ROOT / "benchmarks" / ".cache").glob("acts-*.safetensors"), key=os.path.getmtime)
     if caches:
         with safe_open(str(caches[-1]), framework="pt") as f:
             train = f.get_slice("train")
-            if train.get_shape()[0] >= n:
-                return train[:n].contiguous(), f"real: {caches[-1].name}"
+            have = train.get_shape()[0]
+            if have >= at_least:
+                return train[: min(n, have)].contiguous(), f"real: {caches[-1].name}, {min(n, have)} rows"
     gen = torch.Generator().manual_seed(0)
     return torch.randn(n, 576, generator=gen) * 3 + 1, "gaussian (no peer_training cache)"
 
 
-def floor_seconds(batch: int, d_in: int, width: int, repeats: int = 5) -> float:
+def floor_seconds(batch: int, d_in: int, width: int, repeats: int = 5) -> tuple[float, float]:
+    """Median wall and CPU seconds of the encoder matmul alone (into a kept output, as the step does)."""
     x, w = torch.randn(batch, d_in), torch.randn(d_in, width)
-    x @ w
-    times = []
+    out = x @ w
+    walls, cpus = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        x @ w
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        t0, c0 = time.perf_counter(), time.process_time()
+        torch.mm(x, w, out=out)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return statistics.median(walls), statistics.median(cpus)
 
 
-def profile_width(acts_ND: torch.Tensor, width: int, steps: int, batch: int) -> dict[str, Any]:
+def profile_width(
+    acts_ND: torch.Tensor, width: int, steps: int, batch: int, threads: str = "all"
+) -> dict[str, Any]:
     d_in = acts_ND.shape[1]
-    cfg = TrainConfig(architecture="topk", expansion=width // d_in, k=32, batch_size=batch, epochs=1)
+    cfg = TrainConfig(
+        architecture="topk", expansion=width // d_in, k=32, batch_size=batch, epochs=1,
+        cpu_step_threads="one-after-matmul" if threads == "one-after-matmul" else "all",
+    )  # fmt: skip
     sae_cfg = sae_config(cfg, d_in)
     source = TensorSource(acts_ND)
     trainer = SAETrainer(source, cfg, 0, sae_cfg, DistInfo())
@@ -103,19 +112,20 @@ def profile_width(acts_ND: torch.Tensor, width: int, steps: int, batch: int) -> 
     for i in range(warm):
         step(i)
     dead = int((trainer.since_fired_F >= cfg.dead_tokens).sum())
-    walls = []
+    walls, cpus = [], []
     for i in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step(warm + i)
         walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for i in range(3):
             step(warm + steps + i)
     phases: dict[str, float] = defaultdict(float)
     for ev in prof.key_averages():
         phases[phase_of(ev.key)] += ev.self_cpu_time_total / 1e6 / 3
-    floor = floor_seconds(batch, d_in, width)
-    wall = statistics.median(walls)
+    floor, floor_cpu = floor_seconds(batch, d_in, width)
+    wall, cpu = statistics.median(walls), statistics.median(cpus)
     return {
         "width": width,
         "dead_latents_during_timing": dead,
@@ -123,6 +133,9 @@ def profile_width(acts_ND: torch.Tensor, width: int, steps: int, batch: int) -> 
         "step_seconds_all": walls,
         "encoder_matmul_seconds": floor,
         "step_over_encoder_matmul": wall / floor,
+        "step_cpu_seconds_median": cpu,
+        "encoder_matmul_cpu_seconds": floor_cpu,
+        "step_cpu_over_encoder_matmul_cpu": cpu / floor_cpu,
         "tokens_per_second": batch / wall,
         "profiled_self_cpu_seconds_per_step": dict(sorted(phases.items(), key=lambda kv: -kv[1])),
     }
@@ -133,21 +146,26 @@ def main() -> None:
     p.add_argument("--widths", type=int, nargs="+", default=[4608, 18432, 36864])
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--batch", type=int, default=4096)
+    p.add_argument(
+        "--cpu-step-threads", choices=("all", "one-after-matmul"), default="all", help="TrainConfig's setting"
+    )
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "step_profile.json")
     args = p.parse_args()
     torch.set_num_threads(2)
-    acts, what = activations(args.batch * 40)
+    acts, what = activations(args.batch * 40, args.batch * 16)
+    print(f"activations: {what}", flush=True)
     load_before = os.getloadavg()
     results = []
     for width in args.widths:
-        r = profile_width(acts, width, args.steps, args.batch)
+        r = profile_width(acts, width, args.steps, args.batch, args.cpu_step_threads)
         results.append(r)
         phases = ", ".join(
             f"{k.split(' (')[0]} {v:.3f}" for k, v in r["profiled_self_cpu_seconds_per_step"].items()
         )
         print(
             f"width {width}: step {r['step_seconds_median']:.3f} s = {r['step_over_encoder_matmul']:.2f}x the "
-            f"encoder matmul ({r['encoder_matmul_seconds']:.3f} s), {r['tokens_per_second']:,.0f} tok/s; "
+            f"encoder matmul ({r['encoder_matmul_seconds']:.3f} s), {r['tokens_per_second']:,.0f} tok/s; CPU "
+            f"{r['step_cpu_seconds_median']:.3f} s = {r['step_cpu_over_encoder_matmul_cpu']:.2f}x the matmul's; "
             f"self CPU s/step: {phases}",
             flush=True,
         )

@@ -375,3 +375,25 @@ def test_training_bytes_counts_weights_gradients_adam_moments_and_a_batch_of_lat
     cfg = sae_config(TrainConfig(expansion=4, k=4), d_in=16)
     n_params = 2 * 16 * 64 + 64 + 16  # W_enc, W_dec, b_enc, b_dec
     assert memory.training_bytes(cfg, 128) == (4 * 4 * n_params + 128 * 64 * 4, n_params)
+
+
+def test_cpu_step_threads_one_after_matmul_trains_the_same_sae_and_restores_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`cpu_step_threads="one-after-matmul"` runs a TopK step on one thread after its selection matmul (which keeps
+    the caller's threads) and leaves the caller's thread count as it was; the SAE is the default setting's."""
+    x = planted(n=2048, d=16)
+    cfg = TrainConfig(expansion=4, k=3, lr=3e-3, batch_size=128, epochs=1, checkpoint_every=0)
+    old, real = torch.get_num_threads(), torch.set_num_threads
+    counts: list[int] = []
+    real(2)
+    try:
+        default = train(x, cfg, seed=0).sae.state_dict()
+        monkeypatch.setattr(torch, "set_num_threads", lambda n: counts.append(n) or real(n))
+        one = train(x, dataclasses.replace(cfg, cpu_step_threads="one-after-matmul"), seed=0).sae.state_dict()
+        assert torch.get_num_threads() == 2
+    finally:
+        real(old)
+    assert 1 in counts and 2 in counts  # one thread for the step, two for its matmul and after it
+    for name, value in default.items():
+        torch.testing.assert_close(one[name], value, rtol=1e-5, atol=1e-6, msg=name)

@@ -30,6 +30,8 @@ def main() -> None:
         batch_size=args.batch,
         epochs=1,
         checkpoint_every=0,
+        # --variant one-after-matmul: the CPU step's work after its selection matmul on one thread
+        cpu_step_threads="one-after-matmul" if args.variant == "one-after-matmul" else "all",
     )
     d_in = train_ND.shape[1]
     common.warm_up(d_in, d_in * args.expansion, args.batch)

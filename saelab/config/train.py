@@ -156,6 +156,12 @@ class TrainConfig:
     tensorboard package) and/or Weights & Biases (needs wandb; project from $WANDB_PROJECT, else saelab)."""
     stream_buffer_rows: int = 262_144
     """Training from an on-disk activation store: rows shuffled together in memory (bounds memory use)."""
+    cpu_step_threads: Literal["all", "one-after-matmul"] = "all"
+    """Intra-op threads of a k-sparse SAE's training step on CPU. `all`: every op on all of torch's threads.
+    `one-after-matmul`: the dense selection matmul on all of them, the many short ops after it (top-k, sparse
+    products, Adam) on one. The second halved the wall time of a step at 18,432 latents on 2 cores that other
+    work kept busy (BENCHMARKS.md, TopK training at width) and loses where cores are free (the post-matmul work
+    runs on one of them): use it on a shared or oversubscribed machine."""
     encoder_init_scale: float = 0.577
     """The encoder starts as the decoder's transpose times this (Gao et al. 2024 tie them at 1; 0.577 = 1/sqrt(3)
     is the row norm of PyTorch's default Linear init, which sparsify's tied start amounts to). A smaller start

@@ -231,6 +231,11 @@ class SAE(nn.Module):
         """Adam's parameter groups, each with the `base_lr` the trainer's schedule scales."""
         return [{"params": list(self.parameters()), "base_lr": train.lr}]
 
+    def step_threads(self, threads: int, mode: str = "all") -> int:
+        """Intra-op threads for a training step given `threads` and `TrainConfig.cpu_step_threads` (all of them;
+        `KSparseSAE` differs)."""
+        return threads
+
     def use_sparse_kernels(self, on: bool) -> None:
         """Train with the sparse kernels of `sparse_ops` where this architecture has them (no-op otherwise)."""
 

@@ -21,10 +21,25 @@ latents (BatchTopK) and a row may hold none.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with `n` intra-op threads, then restore the caller's count."""
+    old = torch.get_num_threads()
+    if n != old:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n != old:
+            torch.set_num_threads(old)
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -61,6 +76,12 @@ class Entries:
         flat = flat_N[order]
         rows = torch.div(flat, n_cols, rounding_mode="floor")
         return cls(_crow(rows, n_rows), flat - rows * n_cols, n_cols), order
+
+    @classmethod
+    def stacked(cls, top: Entries, bottom: Entries) -> Entries:
+        """The entries of `top`'s rows, then `bottom`'s as rows n_rows..: a pattern over [x_top; x_bottom]."""
+        crow = torch.cat([top.crow_B1, bottom.crow_B1[1:] + top.crow_B1[-1]])
+        return cls(crow, torch.cat([top.col_N, bottom.col_N]), top.n_cols)
 
     def rows_N(self) -> torch.Tensor:
         counts = self.crow_B1.diff()

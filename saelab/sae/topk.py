@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import torch
 
@@ -32,7 +32,7 @@ from saelab.sae.base import (
     sparse_code,
     sq_err,
 )
-from saelab.sae.sparse_ops import Entries, decode_entries, entry_preacts
+from saelab.sae.sparse_ops import Entries, decode_entries, entry_preacts, torch_threads
 
 if TYPE_CHECKING:
     from saelab.config import TrainConfig
@@ -60,6 +60,49 @@ class KSparseSAE(SAE):
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
         self.sparse_training = True
+        self._preacts_BF: torch.Tensor | None = None
+        """The training step's dense pre-activations, kept between steps (`selection_preacts`)."""
+        self._matmul_threads = 0
+        """Threads for the dense selection matmul when the rest of the step runs on one (`step_threads`)."""
+
+    def step_threads(self, threads: int, mode: str = "all") -> int:
+        """With `mode` "one-after-matmul", one thread for a CPU step with the sparse kernels, all `threads` kept
+        for the dense selection matmul. Everything after that matmul is many short operations (top-k, CSR
+        products, gathers, Adam) that gain little from a second thread and lose much when a busy core stalls
+        their barriers: at 18,432 latents on 2 cores (load ~10) a step took 2.2 CPU s with 2 threads throughout and
+        1.2-1.3 with 1 thread after the matmul, at half the wall time, same loss (`benchmarks/step_profile.py`).
+        Where cores are free it loses (the post-matmul work holds one), so "all" is the default."""
+        if (
+            mode != "one-after-matmul"
+            or not self.sparse_training
+            or self.W_enc_DF.device.type != "cpu"
+            or threads <= 1
+        ):
+            self._matmul_threads = 0
+            return threads
+        self._matmul_threads = threads
+        return 1
+
+    def train(self, mode: bool = True) -> Self:
+        if not mode:
+            self._preacts_BF = None  # an SAE put to use holds no training buffer
+        return super().train(mode)
+
+    @torch.no_grad()
+    def selection_preacts(self, x_BD: torch.Tensor) -> torch.Tensor:
+        """`linear(x)` for choosing the entries, written into a [B, F] buffer kept from the last step. A fresh
+        [B, F] tensor each step is a fresh mapping of B*F*4 bytes (300 MB at 4,096 x 18,432) whose pages the
+        kernel faults in and zeroes on first touch: ~15% of the encoder matmul's CPU time measured at that
+        width. Valid until the next call."""
+        if x_BD.dim() != 2:
+            return self.linear(x_BD)
+        self._check_width(x_BD)
+        shape = (x_BD.shape[0], self.cfg.d_sae)
+        buf = self._preacts_BF
+        if buf is None or buf.shape != shape or buf.dtype != x_BD.dtype or buf.device != x_BD.device:
+            buf = self._preacts_BF = x_BD.new_empty(shape)
+        with torch_threads(self._matmul_threads or torch.get_num_threads()):
+            return torch.addmm(self.b_enc_F, x_BD - self.b_pre_D, self.W_enc_DF, out=buf)
 
     @classmethod
     def params_from(cls, train: TrainConfig) -> dict[str, Any]:
@@ -94,16 +137,18 @@ class KSparseSAE(SAE):
     def training_loss(self, x_BD: torch.Tensor, inputs: LossInputs) -> TrainLoss:
         if not self.sparse_training:
             return super().training_loss(x_BD, inputs)
-        with torch.no_grad():
-            raw_BF = self.linear(x_BD)
+        raw_BF = self.selection_preacts(x_BD)
         entries, pre_N = self.train_entries(raw_BF)
-        vals_N = self._entry_acts(x_BD, pre_N, entries)
+        aux_sel = self._auxk_entries(raw_BF, inputs)
+        vals_N, aux_vals_N = self._entry_acts(x_BD, pre_N, entries, aux_sel)
         y_BD = self.recon_target(x_BD, inputs)  # x, or a transcoder's target (saelab.sae.base)
         recon, x_hat_BD = self.entry_reconstruction_loss(y_BD, vals_N, entries)
         resid_BD = (y_BD - x_hat_BD).detach()
         aux = recon.new_zeros(())
-        if inputs.auxk_coef > 0 and bool(inputs.dead_F.any()):
-            aux = self._entry_auxk(x_BD, raw_BF, resid_BD, inputs)
+        if aux_sel is not None:
+            # `auxk_loss` over the dead latents' columns only.
+            aux_BD = decode_entries(aux_vals_N, self.W_dec_FD, aux_sel[0])
+            aux = auxk_error(aux_BD, resid_BD, inputs.sum_ranks)
         vals_N = vals_N.detach()
         zeros_F = vals_N.new_zeros(self.cfg.d_sae)
         count_F = zeros_F.index_add(0, entries.col_N, (vals_N > 0).to(vals_N.dtype))
@@ -117,20 +162,37 @@ class KSparseSAE(SAE):
             act_sum_F=zeros_F.index_add(0, entries.col_N, vals_N),
         )
 
-    def _entry_acts(self, x_BD: torch.Tensor, pre_N: torch.Tensor, entries: Entries) -> torch.Tensor:
-        return entry_preacts(pre_N, x_BD, self.W_enc_DF, self.b_enc_F, self.b_pre_D, entries).relu()
+    def _entry_acts(
+        self,
+        x_BD: torch.Tensor,
+        pre_N: torch.Tensor,
+        entries: Entries,
+        aux: tuple[Entries, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """ReLU'd differentiable values of the entries, and of the AuxK entries `aux` (empty without). Both go
+        through ONE `entry_preacts` (the AuxK entries as rows B..2B-1 of a stacked pattern over [x; x]), so the
+        encoder's gradient from both losses is one sparse product instead of two products, two [F, D] results
+        and their sum."""
+        if aux is None:
+            acts_N = entry_preacts(pre_N, x_BD, self.W_enc_DF, self.b_enc_F, self.b_pre_D, entries).relu()
+            return acts_N, acts_N[:0]
+        aux_entries, aux_pre_N = aux
+        both = Entries.stacked(entries, aux_entries)
+        x2_BD = torch.cat([x_BD, x_BD])
+        pre2_N = torch.cat([pre_N, aux_pre_N])
+        acts_N = entry_preacts(pre2_N, x2_BD, self.W_enc_DF, self.b_enc_F, self.b_pre_D, both).relu()
+        return acts_N[: pre_N.numel()], acts_N[pre_N.numel() :]
 
-    def _entry_auxk(
-        self, x_BD: torch.Tensor, raw_BF: torch.Tensor, resid_BD: torch.Tensor, inputs: LossInputs
-    ) -> torch.Tensor:
-        """`auxk_loss` over the dead latents' columns only."""
+    def _auxk_entries(self, raw_BF: torch.Tensor, inputs: LossInputs) -> tuple[Entries, torch.Tensor] | None:
+        """AuxK's entries (Gao et al. 2024, Appendix A.2): each row's top-`k_aux` raw pre-activations among the
+        dead latents, and their values; None when AuxK is off or no latent is dead."""
+        if not (inputs.auxk_coef > 0 and bool(inputs.dead_F.any())):
+            return None
         dead_idx = inputs.dead_F.nonzero().flatten()
         pre, j = raw_BF.index_select(1, dead_idx).topk(
             min(inputs.k_aux, dead_idx.numel()), dim=-1, sorted=False
         )
-        entries = Entries.rectangle(dead_idx[j], self.cfg.d_sae)
-        vals_N = self._entry_acts(x_BD, pre.reshape(-1), entries)
-        return auxk_error(decode_entries(vals_N, self.W_dec_FD, entries), resid_BD, inputs.sum_ranks)
+        return Entries.rectangle(dead_idx[j], self.cfg.d_sae), pre.reshape(-1)
 
 
 @register

@@ -17,6 +17,7 @@ from saelab.activations.onthefly import StreamSource
 from saelab.activations.sources import BatchSource, TensorSource
 from saelab.config import TrainConfig, to_dict
 from saelab.sae.base import SAE, LossInputs, SAEConfig, TrainLoss, build
+from saelab.sae.sparse_ops import torch_threads
 from saelab.train import distributed as ddp
 from saelab.train.checkpoint import (
     CheckpointError,
@@ -84,7 +85,7 @@ def input_scale(acts_ND: torch.Tensor) -> float:
 
 
 # Fields that do not change what a run computes: a run may resume with other values of these.
-_RESUMABLE_CHANGES = frozenset({"resume", "checkpoint_every", "log_every", "log_to"})
+_RESUMABLE_CHANGES = frozenset({"resume", "checkpoint_every", "log_every", "log_to", "cpu_step_threads"})
 
 
 class SAETrainer:
@@ -189,14 +190,15 @@ class SAETrainer:
             ddp.sum_ranks_ if self.dist.world > 1 else None,
             target_BD,
         )
-        loss = self.sae.training_loss(x_BD, inputs)
-        self.opt.zero_grad(set_to_none=True)
-        loss.total.backward()
-        if self.dist.world > 1:
-            ddp.average_grads_(self.sae, self.dist.world)
-        self.sae.project_decoder_grad()
-        self.opt.step()
-        self.sae.normalize_decoder()
+        with torch_threads(self.sae.step_threads(torch.get_num_threads(), cfg.cpu_step_threads)):
+            loss = self.sae.training_loss(x_BD, inputs)
+            self.opt.zero_grad(set_to_none=True)
+            loss.total.backward()
+            if self.dist.world > 1:
+                ddp.average_grads_(self.sae, self.dist.world)
+            self.sae.project_decoder_grad()
+            self.opt.step()
+            self.sae.normalize_decoder()
         fired_F = loss.fired_F
         if self.dist.world > 1:
             ddp.average_buffers_(self.sae, self.dist.world)
