@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +83,15 @@ def same_state(a: SAE, b: SAE) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def leave() -> None:
+    """End a spawned rank that finished its work now, as `saelab.cli.entry` ends torchrun's ranks: interpreter
+    finalisation can meet gloo's threads and abort the process ("terminate called without an active exception",
+    SIGABRT), which torch.multiprocessing.spawn reports as a failed rank."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def ddp_worker(rank: int, world: int, port: int, folder: str, cfgs: list[TrainConfig]) -> None:
     """One data-parallel rank (run by torch.multiprocessing.spawn): trains on `folder`/x.pt with each config in
     turn (run i in `folder`/i/) and saves its SAE there as rank{rank}.pt."""
@@ -97,6 +108,7 @@ def ddp_worker(rank: int, world: int, port: int, folder: str, cfgs: list[TrainCo
         dist.barrier()  # the ranks leave together, as saelab.cli's do: rank 0 writes checkpoints after the last step
     finally:
         dist.destroy_process_group()
+    leave()
 
 
 def stream_ddp_worker(rank: int, world: int, port: int, folder: str, model_dir: str, corpus: str) -> None:
@@ -132,6 +144,7 @@ def stream_ddp_worker(rank: int, world: int, port: int, folder: str, model_dir: 
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    leave()
 
 
 STREAM_DDP_CFG = TrainConfig(
