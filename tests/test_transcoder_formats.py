@@ -24,7 +24,16 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
-from test_formats import PEER_TIMEOUT_S, ROOT, PeerRun, assert_same_outputs, peer_run
+from test_formats import (
+    PARAMS,
+    PEER_TIMEOUT_S,
+    ROOT,
+    PeerRun,
+    assert_same_outputs,
+    inputs,
+    outputs,
+    peer_run,
+)
 
 from saelab.sae import base as sae_lib
 from saelab.sae.base import SAEConfig, SAEError, build
@@ -32,13 +41,6 @@ from saelab.sae.formats import FORMATS, circuit_tracer, detect_format, export_sa
 
 D, D_OUT, F = 16, 20, 64
 IN_HP, OUT_HP, MODEL = "model.layers.3.post_attention_layernorm", "model.layers.3.mlp", "tiny-llama"
-PARAMS: dict[str, dict[str, Any]] = {
-    "topk": {"k": 4},
-    "batchtopk": {"k": 4},
-    "matryoshka": {"k": 4, "matryoshka_prefix_fractions": (0.25, 0.5, 1.0)},
-    "relu": {},
-    "jumprelu": {"jumprelu_bandwidth": 0.05, "jumprelu_init_threshold": 0.5},
-}
 # What each format holds as a transcoder: (architecture, skip, d_out). sparsify's transcoders are TopK and write
 # their input's width; SAELens loads ReLU and JumpReLU transcoders (batchtopk and matryoshka go as JumpReLU);
 # circuit-tracer's per-layer files hold what SAELens does, as wide as their input.
@@ -89,16 +91,6 @@ def random_transcoder(arch: str, skip: bool, d_out: int = D_OUT, seed: int = 0) 
             else:
                 t.normal_(0.0, 0.5)
     return s.eval()
-
-
-def inputs(seed: int = 1) -> torch.Tensor:
-    return torch.randn(64, D, generator=torch.Generator().manual_seed(seed)) * 2
-
-
-def outputs(s: sae_lib.SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dense latents [B, F], prediction of the target [B, D_OUT], skip path included)."""
-    with torch.no_grad():
-        return s.dense_latents(x), s(x).x_hat_BD
 
 
 @pytest.mark.parametrize(("fmt", "arch", "skip", "d_out"), SUPPORTED)
