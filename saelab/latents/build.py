@@ -111,7 +111,7 @@ class _Accumulator:
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
         else:  # a kill during a checkpoint leaves its temporary file, which the finished cache must not hold
-            atomic.remove_temporaries(folder)
+            atomic.sweep_temporaries(folder)
             self.count_F, self.sum_F, self.max_F = saved["count"], saved["sum"], saved["max"]
             self.n_tokens, n_runs = int(saved["n_tokens"]), int(saved["n_runs"])
         self.resumed_tokens, self.encoded_chunks = self.n_tokens, 0

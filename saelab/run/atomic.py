@@ -36,19 +36,10 @@ def temporary_path(path: Path) -> Path:
         return tmp
 
 
-def remove_temporaries(folder: Path) -> list[str]:
-    """Remove the temporary files (`<name>.<random>.tmp`) a killed writer left in `folder`; their names.
-
-    Only for a folder that no other writer can be using: one a stage resumes under the run's lock."""
-    left = sorted(p.name for p in folder.iterdir() if _TEMPORARY.fullmatch(p.name) and p.is_file())
-    for name in left:
-        (folder / name).unlink()
-    return left
-
-
 def sweep_temporaries(root: Path) -> int:
-    """Remove every temporary file a killed writer left anywhere under `root` (a run folder whose lock this
-    process holds); how many there were."""
+    """Remove every temporary file (`<name>.<random>.tmp`) a killed writer left anywhere under `root`; how many
+    there were. Only for a folder no other writer can be using: a run whose lock this process holds, or a folder
+    build it resumes."""
     n = 0
     for folder, _, names in os.walk(root):
         for name in names:
