@@ -123,22 +123,18 @@ class RunData:
         path = self.folder / rel
         return path if path.is_file() else None
 
-    @cached_property
-    def stages(self) -> frozenset[str]:
-        """The stages the run's manifest records. What a stage dropped by a `--force` rerun left on disk is not
+    def recorded(self) -> frozenset[str]:
+        """The stages the run's manifest records now. What a stage dropped by a `--force` rerun left on disk is not
         shown (its explanations and scores were made from latents the run no longer has)."""
         return frozenset(read_manifest(self.folder / MANIFEST).get("stages", {}))
 
-    def recorded(self, stage: str) -> bool:
-        """Whether the manifest records `stage` now (read again, for pages that are not cached)."""
-        return stage in read_manifest(self.folder / MANIFEST).get("stages", {})
-
     def _build_index(self) -> _Index:
         stats = self.cache.stats
+        stages = self.recorded()
         explanations: dict[int, list[ExplanationRecord]] = {}
-        for rec in load_run_explanations(self.folder) if "explain" in self.stages else []:
+        for rec in load_run_explanations(self.folder) if "explain" in stages else []:
             explanations.setdefault(rec.latent, []).append(rec)
-        metrics, score_lines = self._index_scores(len(stats.count))
+        metrics, score_lines = self._index_scores(len(stats.count), "score" in stages)
         return _Index(
             stats.frequency,
             stats.max_act,
@@ -146,16 +142,17 @@ class RunData:
             explanations,
             metrics,
             score_lines,
-            self._index_samples(),
+            self._index_samples() if "sample" in stages else None,
         )
 
     def _index_scores(
-        self, d_sae: int
+        self, d_sae: int, scored: bool
     ) -> tuple[dict[str, dict[str, np.ndarray]], dict[int, list[tuple[int, int]]]]:
-        """Every score line's metrics (LIST_METRICS) and (offset, length), by latent."""
+        """Every score line's metrics (LIST_METRICS) and (offset, length), by latent (none unless `scored`: the
+        manifest records the score stage)."""
         found: dict[str, list[tuple[int, list[float]]]] = {}
         lines: dict[int, list[tuple[int, int]]] = {}
-        path = self.file(SCORES) if "score" in self.stages else None
+        path = self.file(SCORES) if scored else None
         for line in index_score_lines(path) if path else []:
             values = [np.nan if line.metrics.get(m) is None else float(line.metrics[m]) for m in LIST_METRICS]
             found.setdefault(f"{line.explainer}/{line.scorer}", []).append((line.latent, values))
@@ -169,7 +166,7 @@ class RunData:
         return metrics, lines
 
     def _index_samples(self) -> SampleIndex | None:
-        path = self.file(SAMPLES) if "sample" in self.stages else None
+        path = self.file(SAMPLES)
         return SampleIndex(path) if path is not None else None
 
     # ------------------------------------------------------------------------------------------ one latent

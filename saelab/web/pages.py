@@ -185,7 +185,7 @@ class Browser:
                 return self.latent_page(self.run(name), int(latent))
             case ["run", name, "report"]:
                 run = self.run(name, (REPORT,))
-                body = read_inside(run.folder, REPORT) if run.recorded("report") else None
+                body = read_inside(run.folder, REPORT) if "report" in run.recorded() else None
                 if body is None:
                     raise NotFound(f"{name} has no report.html; run `saelab report --run-dir RUN`")
                 return Response(200, body)
