@@ -36,7 +36,7 @@ from saelab.config.commands import (
     ServeArgs,
     TrainArgs,
 )
-from saelab.train.distributed import init_from_env
+from saelab.train.distributed import exit_rank, init_from_env
 
 
 def to_run_config(args: Any) -> RunConfig:
@@ -306,18 +306,11 @@ def _train_distributed(session: Any) -> bool:
 
 
 def entry() -> None:
-    """The `saelab` command (and `python -m saelab.cli`, which torchrun starts): `main`, then exit.
-
-    A process that was one of torchrun's ranks leaves with `os._exit` once its output is flushed: its stage is
-    finished and its process group destroyed by then, and the interpreter's own finalisation can still meet gloo's
-    worker threads and abort the process (SIGABRT; torch 2.x, pytorch/pytorch#179291), which torchrun reports as a
-    failed training. No rank holds anything that finalisation would write."""
+    """The `saelab` command (and `python -m saelab.cli`, which torchrun starts): `main`, then exit; one of
+    torchrun's ranks leaves through `exit_rank`, past the interpreter's finalisation."""
     code = main()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        exit_rank(code)
     sys.exit(code)
 
 

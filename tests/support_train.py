@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +9,7 @@ import torch
 
 from saelab.config import TrainConfig
 from saelab.sae.base import SAE, TrainLoss
+from saelab.train.distributed import exit_rank
 from saelab.train.trainer import StepHook, TrainResult, train
 
 
@@ -83,15 +82,6 @@ def same_state(a: SAE, b: SAE) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def leave() -> None:
-    """End a spawned rank that finished its work now, as `saelab.cli.entry` ends torchrun's ranks: interpreter
-    finalisation can meet gloo's threads and abort the process ("terminate called without an active exception",
-    SIGABRT), which torch.multiprocessing.spawn reports as a failed rank."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 def ddp_worker(rank: int, world: int, port: int, folder: str, cfgs: list[TrainConfig]) -> None:
     """One data-parallel rank (run by torch.multiprocessing.spawn): trains on `folder`/x.pt with each config in
     turn (run i in `folder`/i/) and saves its SAE there as rank{rank}.pt."""
@@ -108,7 +98,7 @@ def ddp_worker(rank: int, world: int, port: int, folder: str, cfgs: list[TrainCo
         dist.barrier()  # the ranks leave together, as saelab.cli's do: rank 0 writes checkpoints after the last step
     finally:
         dist.destroy_process_group()
-    leave()
+    exit_rank()  # as saelab.cli's ranks leave: past the interpreter's finalisation
 
 
 def stream_ddp_worker(rank: int, world: int, port: int, folder: str, model_dir: str, corpus: str) -> None:
@@ -144,7 +134,7 @@ def stream_ddp_worker(rank: int, world: int, port: int, folder: str, model_dir: 
         dist.barrier()
     finally:
         dist.destroy_process_group()
-    leave()
+    exit_rank()  # as saelab.cli's ranks leave: past the interpreter's finalisation
 
 
 STREAM_DDP_CFG = TrainConfig(

@@ -12,8 +12,10 @@ Run with torchrun, e.g. `torchrun --nproc-per-node 2 my_script.py`, where the sc
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +56,18 @@ def init_from_env() -> DistInfo:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
     return DistInfo.current()
+
+
+def exit_rank(code: int = 0) -> None:
+    """End a data-parallel rank that has finished (its process group destroyed) with `os._exit`, once its logs and
+    output are flushed. The interpreter's own finalisation can still meet gloo's worker threads and abort the
+    process ("terminate called without an active exception", SIGABRT; torch 2.x, pytorch/pytorch#179291), which
+    torchrun or torch.multiprocessing.spawn would report as a failed rank. No rank holds anything finalisation
+    would write."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def free_port() -> int:
