@@ -162,6 +162,12 @@ class TrainConfig:
     products, Adam) on one. The second halved the wall time of a step at 18,432 latents on 2 cores that other
     work kept busy (BENCHMARKS.md, TopK training at width) and loses where cores are free (the post-matmul work
     runs on one of them): use it on a shared or oversubscribed machine."""
+    selection_matmul: Literal["auto", "float32", "bfloat16"] = "auto"
+    """topk with the sparse kernels: the precision of the matmul that chooses each token's k latents. `bfloat16`
+    chooses from a bfloat16 matmul and confirms every row's choice against a rigorous bound in float32, recomputing
+    a row in float32 where the bound cannot confirm it (saelab/sae/selection.py): the same entries and float32
+    values as `float32`, 2.5-4x faster for that matmul where bfloat16 is native. `auto`: bfloat16 on AVX512-BF16 or
+    AMX CPUs and on CUDA GPUs with native bfloat16, else float32. The other architectures choose in float32."""
     encoder_init_scale: float = 0.577
     """The encoder starts as the decoder's transpose times this (Gao et al. 2024 tie them at 1; 0.577 = 1/sqrt(3)
     is the row norm of PyTorch's default Linear init, which sparsify's tied start amounts to). A smaller start

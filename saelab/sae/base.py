@@ -239,6 +239,10 @@ class SAE(nn.Module):
     def use_sparse_kernels(self, on: bool) -> None:
         """Train with the sparse kernels of `sparse_ops` where this architecture has them (no-op otherwise)."""
 
+    def use_selection(self, precision: str) -> None:
+        """Choose the training step's active latents from a `precision` matmul where this architecture can
+        (`saelab.sae.selection`; no-op otherwise)."""
+
     def train_latents(self, raw_BF: torch.Tensor) -> torch.Tensor:
         """Dense latents [B, F] the training objective sees, from raw pre-activations (differentiable)."""
         raise NotImplementedError

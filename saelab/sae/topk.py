@@ -32,6 +32,7 @@ from saelab.sae.base import (
     sparse_code,
     sq_err,
 )
+from saelab.sae.selection import BF16Selector
 from saelab.sae.sparse_ops import Entries, decode_entries, entry_preacts, torch_threads
 
 if TYPE_CHECKING:
@@ -64,6 +65,17 @@ class KSparseSAE(SAE):
         """The training step's dense pre-activations, kept between steps (`selection_preacts`)."""
         self._matmul_threads = 0
         """Threads for the dense selection matmul when the rest of the step runs on one (`step_threads`)."""
+        self.selector: BF16Selector | None = None
+        """The bfloat16 choice of the entries checked in float32 (`selection.py`), where an architecture has one
+        and `use_selection` asked for it; None: the float32 matmul."""
+
+    def use_selection(self, precision: str) -> None:
+        """Choose the training entries from a `precision` matmul (`float32`, or `bfloat16` checked in float32 where
+        the architecture supports it: topk). Either choice keeps the same entries."""
+        self.selector = BF16Selector() if precision == "bfloat16" and self.bf16_selection else None
+
+    bf16_selection: ClassVar[bool] = False
+    """Whether `choose_entries` can take its entries from `BF16Selector` (per-row TopK)."""
 
     def step_threads(self, threads: int, mode: str = "all") -> int:
         """With `mode` "one-after-matmul", one thread for a CPU step with the sparse kernels, all `threads` kept
@@ -86,6 +98,8 @@ class KSparseSAE(SAE):
     def train(self, mode: bool = True) -> Self:
         if not mode:
             self._preacts_BF = None  # an SAE put to use holds no training buffer
+            if self.selector is not None:
+                self.selector.release()
         return super().train(mode)
 
     @torch.no_grad()
@@ -137,9 +151,8 @@ class KSparseSAE(SAE):
     def training_loss(self, x_BD: torch.Tensor, inputs: LossInputs) -> TrainLoss:
         if not self.sparse_training:
             return super().training_loss(x_BD, inputs)
-        raw_BF = self.selection_preacts(x_BD)
-        entries, pre_N = self.train_entries(raw_BF)
-        aux_sel = self._auxk_entries(raw_BF, inputs)
+        entries, pre_N, raw_BF = self.choose_entries(x_BD)
+        aux_sel = self._auxk_entries(x_BD, raw_BF, inputs)
         vals_N, aux_vals_N = self._entry_acts(x_BD, pre_N, entries, aux_sel)
         y_BD = self.recon_target(x_BD, inputs)  # x, or a transcoder's target (saelab.sae.base)
         recon, x_hat_BD = self.entry_reconstruction_loss(y_BD, vals_N, entries)
@@ -162,6 +175,13 @@ class KSparseSAE(SAE):
             act_sum_F=zeros_F.index_add(0, entries.col_N, vals_N),
         )
 
+    def choose_entries(self, x_BD: torch.Tensor) -> tuple[Entries, torch.Tensor, torch.Tensor | None]:
+        """The training entries, their float32 pre-activations in CSR order, and the dense pre-activations they
+        were chosen from (None when `selector` chose them without float32 ones)."""
+        raw_BF = self.selection_preacts(x_BD)
+        entries, pre_N = self.train_entries(raw_BF)
+        return entries, pre_N, raw_BF
+
     def _entry_acts(
         self,
         x_BD: torch.Tensor,
@@ -183,15 +203,23 @@ class KSparseSAE(SAE):
         acts_N = entry_preacts(pre2_N, x2_BD, self.W_enc_DF, self.b_enc_F, self.b_pre_D, both).relu()
         return acts_N[: pre_N.numel()], acts_N[pre_N.numel() :]
 
-    def _auxk_entries(self, raw_BF: torch.Tensor, inputs: LossInputs) -> tuple[Entries, torch.Tensor] | None:
+    def _auxk_entries(
+        self, x_BD: torch.Tensor, raw_BF: torch.Tensor | None, inputs: LossInputs
+    ) -> tuple[Entries, torch.Tensor] | None:
         """AuxK's entries (Gao et al. 2024, Appendix A.2): each row's top-`k_aux` raw pre-activations among the
-        dead latents, and their values; None when AuxK is off or no latent is dead."""
+        dead latents, and their values; None when AuxK is off or no latent is dead. Without `raw_BF` the dead
+        latents' pre-activations are computed in float32 (a [B, D] @ [D, dead] matmul)."""
         if not (inputs.auxk_coef > 0 and bool(inputs.dead_F.any())):
             return None
         dead_idx = inputs.dead_F.nonzero().flatten()
-        pre, j = raw_BF.index_select(1, dead_idx).topk(
-            min(inputs.k_aux, dead_idx.numel()), dim=-1, sorted=False
-        )
+        if raw_BF is None:
+            with torch.no_grad():
+                dead_BF = torch.addmm(
+                    self.b_enc_F[dead_idx], x_BD - self.b_pre_D, self.W_enc_DF.index_select(1, dead_idx)
+                )
+        else:
+            dead_BF = raw_BF.index_select(1, dead_idx)
+        pre, j = dead_BF.topk(min(inputs.k_aux, dead_idx.numel()), dim=-1, sorted=False)
         return Entries.rectangle(dead_idx[j], self.cfg.d_sae), pre.reshape(-1)
 
 
@@ -200,6 +228,7 @@ class TopKSAE(KSparseSAE):
     """TopK sparse autoencoder with unit-norm decoder rows."""
 
     architecture = "topk"
+    bf16_selection = True
 
     def select(self, pre_BF: torch.Tensor) -> SparseCode:
         acts, idx = pre_BF.topk(self.cfg.k, dim=-1, sorted=False)
@@ -211,6 +240,14 @@ class TopKSAE(KSparseSAE):
         check_input_finite(x_BD)
         acts, idx = self.linear(x_BD).topk(self.cfg.k, dim=-1, sorted=False)
         return SparseCode(acts.relu(), idx)
+
+    def choose_entries(self, x_BD: torch.Tensor) -> tuple[Entries, torch.Tensor, torch.Tensor | None]:
+        if self.selector is None or x_BD.dim() != 2:
+            return super().choose_entries(x_BD)
+        self._check_width(x_BD)
+        with torch_threads(self._matmul_threads or torch.get_num_threads()):
+            chosen = self.selector.topk(x_BD, self.W_enc_DF, self.b_enc_F, self.b_pre_D, self.cfg.k)
+        return Entries.rectangle(chosen.idx_BK, self.cfg.d_sae), chosen.vals_BK.reshape(-1), None
 
     def train_entries(self, raw_BF: torch.Tensor) -> tuple[Entries, torch.Tensor]:
         # TopK of the raw values equals TopK after the ReLU wherever the kept values are positive.

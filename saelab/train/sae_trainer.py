@@ -17,6 +17,7 @@ from saelab.activations.onthefly import StreamSource
 from saelab.activations.sources import BatchSource, TensorSource
 from saelab.config import TrainConfig, to_dict
 from saelab.sae.base import SAE, LossInputs, SAEConfig, TrainLoss, build
+from saelab.sae.selection import selection_precision
 from saelab.sae.sparse_ops import torch_threads
 from saelab.train import distributed as ddp
 from saelab.train.checkpoint import (
@@ -85,7 +86,10 @@ def input_scale(acts_ND: torch.Tensor) -> float:
 
 
 # Fields that do not change what a run computes: a run may resume with other values of these.
-_RESUMABLE_CHANGES = frozenset({"resume", "checkpoint_every", "log_every", "log_to", "cpu_step_threads"})
+# selection_matmul chooses the same entries either way (saelab/sae/selection.py).
+_RESUMABLE_CHANGES = frozenset(
+    {"resume", "checkpoint_every", "log_every", "log_to", "cpu_step_threads", "selection_matmul"}
+)
 
 
 class SAETrainer:
@@ -121,6 +125,7 @@ class SAETrainer:
         self.sae.use_sparse_kernels(
             cfg.kernels == "sparse" or (cfg.kernels == "auto" and self.device.type == "cpu")
         )
+        self.sae.use_selection(selection_precision(cfg.selection_matmul, self.device))
         # The fused implementation does the whole update in one pass per tensor (~40% less optimizer time on CPU).
         fused = self.device.type in ("cpu", "cuda")
         self.opt = torch.optim.Adam(self.sae.param_groups(cfg), lr=cfg.lr, betas=(0.9, 0.999), fused=fused)

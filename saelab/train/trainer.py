@@ -36,6 +36,7 @@ from saelab.activations.sources import BatchSource, StoreSource, TensorSource
 from saelab.activations.store import ActivationStore, check_finite
 from saelab.config import TrainConfig, to_dict
 from saelab.sae.base import SAE, SAEConfig, TrainLoss, architecture_class, auxk_loss
+from saelab.train.allocator import reuse_freed_memory
 from saelab.train.distributed import DistInfo
 from saelab.train.log import TrainLog, check_sinks
 from saelab.train.memory import shortfall
@@ -203,6 +204,7 @@ def train_many(
                     TrainLog(cfg.log_to, log_path, trainer.step, run_cfg, enabled=dist.is_main)
                 )
             )
+        stack.enter_context(reuse_freed_memory(device))
         _fit(source, trainers, sinks, checkpoint_dirs, step_hook)
     return [t.result() for t in trainers]
 

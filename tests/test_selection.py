@@ -1,0 +1,132 @@
+"""The bfloat16 choice of a TopK training step's entries (saelab/sae/selection.py) against the float32 matmul's
+top-k, the recheck of rows its bound cannot confirm, whole training runs in both precisions, and the allocator
+setting the training loop runs under (saelab/train/allocator.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from support_train import planted
+
+from saelab.config import TrainConfig
+from saelab.sae import base as sae_lib
+from saelab.sae.selection import BF16Selector, native_bf16, selection_precision
+from saelab.train.allocator import reuse_freed_memory
+from saelab.train.trainer import train
+
+
+def float32_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, b_pre: torch.Tensor, k: int):
+    return torch.addmm(b, x - b_pre, W).topk(k, dim=-1)
+
+
+def same_sets(a_BK: torch.Tensor, b_BK: torch.Tensor) -> torch.Tensor:
+    return (a_BK.sort(dim=1).values == b_BK.sort(dim=1).values).all(dim=1)
+
+
+@pytest.mark.parametrize("F", [64, 1000])
+def test_bf16_choice_equals_the_float32_topk(F: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    B, D, k = 300, 48, 8
+    x = torch.randn(B, D, generator=gen) * 3 + 1
+    W = torch.randn(D, F, generator=gen) / D**0.5
+    b = torch.randn(F, generator=gen) * 0.1
+    b_pre = torch.randn(D, generator=gen)
+    sel = BF16Selector()
+    chosen = sel.topk(x, W, b, b_pre, k)
+    ref = float32_topk(x, W, b, b_pre, k)
+    assert bool(same_sets(chosen.idx_BK, ref.indices).all())
+    torch.testing.assert_close(chosen.vals_BK.sort(dim=1).values, ref.values.sort(dim=1).values)
+    assert chosen.vals_BK.dtype == torch.float32
+    assert chosen.rechecked == sel.rechecked < B // 10  # the bound confirms nearly every row of such data
+
+
+def test_rows_the_bound_cannot_confirm_are_recomputed_in_float32() -> None:
+    """Columns that differ by less than bfloat16 resolves: the 2k candidates cut through values that round
+    alike, so the bound confirms no row and every row comes from the float32 matmul, with its answer."""
+    gen = torch.Generator().manual_seed(1)
+    B, D, F, k = 40, 32, 96, 4
+    base = torch.randn(D, 1, generator=gen)
+    W = base + 1e-5 * torch.randn(D, F, generator=gen)  # 96 nearly equal columns
+    x = torch.randn(B, D, generator=gen).abs() * torch.sign(base.T)  # every pre-activation large and positive
+    b, b_pre = torch.zeros(F), torch.zeros(D)
+    sel = BF16Selector()
+    chosen = sel.topk(x, W, b, b_pre, k)
+    ref = float32_topk(x, W, b, b_pre, k)
+    assert chosen.rechecked == B
+    assert torch.equal(chosen.idx_BK.sort(dim=1).values, ref.indices.sort(dim=1).values)
+
+
+def test_training_in_either_precision_learns_the_same_sae() -> None:
+    """Same entries each step, so the same trajectory up to float32 rounding of the chosen values."""
+    x = planted(n=4096, d=24, n_feat=48)
+    cfg = TrainConfig(architecture="topk", expansion=4, k=4, batch_size=512, epochs=2, checkpoint_every=0)
+    runs = {}
+    for precision in ("float32", "bfloat16"):
+        result = train(x, dataclasses.replace(cfg, selection_matmul=precision), seed=0)
+        assert (result.sae.selector is not None) == (precision == "bfloat16")
+        runs[precision] = result.sae.state_dict()
+    for name, t in runs["float32"].items():
+        torch.testing.assert_close(runs["bfloat16"][name], t, rtol=1e-3, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("n_dead", [0, 5, 64])
+def test_loss_and_gradients_equal_the_dense_reference(n_dead: int) -> None:
+    """The sparse step with the bfloat16 choice (AuxK then computes the dead latents' pre-activations itself)
+    against the dense reference path."""
+    gen = torch.Generator().manual_seed(n_dead)
+    x = torch.randn(32, 16, generator=gen) * 2
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[torch.randperm(64, generator=gen)[:n_dead]] = True
+    inputs = sae_lib.LossInputs(dead, k_aux=8, auxk_coef=0.5)
+    results = []
+    for bf16 in (True, False):
+        torch.manual_seed(0)
+        sae = sae_lib.build(sae_lib.SAEConfig(architecture="topk", d_in=16, d_sae=64, k=4)).train()
+        sae.use_sparse_kernels(bf16)
+        sae.use_selection("bfloat16" if bf16 else "float32")
+        loss = sae.training_loss(x, inputs)
+        loss.total.backward()
+        results.append((loss, {n: p.grad for n, p in sae.named_parameters()}))
+    (sp, sp_grads), (de, de_grads) = results
+    for field in ("total", "mse", "aux", "l0", "count_F"):
+        torch.testing.assert_close(getattr(sp, field), getattr(de, field), rtol=1e-4, atol=1e-5)
+    assert (float(sp.aux) > 0) == (n_dead > 0)
+    for name, g in sp_grads.items():
+        torch.testing.assert_close(g, de_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_auto_uses_bfloat16_only_where_it_is_native() -> None:
+    cpu = torch.device("cpu")
+    assert selection_precision("float32", cpu) == "float32"
+    assert selection_precision("bfloat16", cpu) == "bfloat16"
+    assert selection_precision("auto", cpu) == ("bfloat16" if native_bf16(cpu) else "float32")
+    assert selection_precision("auto", torch.device("meta")) == "float32"
+
+
+def _anonymous_mappings() -> int:
+    return sum(1 for line in Path("/proc/self/maps").read_text().splitlines() if len(line.split()) == 5)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_training_loop_keeps_freed_blocks_then_restores_malloc() -> None:
+    """Inside, a 64 MiB block comes from the heap (no new mapping); after, glibc maps such blocks again."""
+
+    def new_mappings() -> int:
+        before = _anonymous_mappings()
+        block = torch.empty(16 << 20)  # 64 MiB, over glibc's largest mmap threshold
+        block.fill_(1.0)
+        after = _anonymous_mappings()
+        del block
+        return after - before
+
+    assert new_mappings() >= 1
+    with reuse_freed_memory(torch.device("cpu")) as active:
+        assert active
+        assert new_mappings() <= 0
+    assert new_mappings() >= 1
+    with reuse_freed_memory(torch.device("meta")) as active:
+        assert not active
