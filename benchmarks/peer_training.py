@@ -253,6 +253,8 @@ class Trainer(NamedTuple):
     python: Path
     script: str
     args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    """Environment variables set for this trainer only."""
 
 
 def trainers(batchtopk: bool) -> list[Trainer]:
@@ -265,6 +267,12 @@ def trainers(batchtopk: bool) -> list[Trainer]:
             "saelab_train.py",
             ("--variant", "one-after-matmul"),
         ),
+        Trainer(
+            "saelab, float32 selection",
+            ROOT / ".venv" / "bin" / "python",
+            "saelab_train.py",
+            ("--variant", "float32-selection"),
+        ),
         Trainer("SAELens", peers / "saelens" / "bin" / "python", "saelens_train.py"),
         Trainer(
             "SAELens, b_dec at median",
@@ -274,6 +282,14 @@ def trainers(batchtopk: bool) -> list[Trainer]:
         ),
         Trainer("dictionary_learning", peers / "dictlearn" / "bin" / "python", "dictlearn_train.py"),
         Trainer("sparsify", peers / "sparsify" / "bin" / "python", "sparsify_train.py"),
+        # What saelab's training loop does for itself (saelab/train/allocator.py), given to sparsify from outside:
+        # glibc keeps freed blocks over 32 MiB in the heap instead of mapping fresh pages each step.
+        Trainer(
+            "sparsify, freed memory kept",
+            peers / "sparsify" / "bin" / "python",
+            "sparsify_train.py",
+            env=(("MALLOC_MMAP_MAX_", "0"), ("MALLOC_TRIM_THRESHOLD_", str(1 << 30))),
+        ),
     ]
     if batchtopk:
         out += [
@@ -301,6 +317,7 @@ def run_trainer(
         "WANDB_MODE": "disabled",
         "HF_HUB_OFFLINE": "1",
         "PYTHONPATH": str(saelab_src),
+        **dict(t.env),
     }
     cmd = [str(t.python), str(PEERS / t.script), "--acts", str(acts.path), "--tokens", str(tokens)]
     cmd += ["--out", str(out), *shape, *t.args]
@@ -409,6 +426,9 @@ def main() -> None:
     )
     p.add_argument("--only", nargs="*", help="run only trainers whose name starts with one of these")
     p.add_argument(
+        "--skip", nargs="*", default=[], help="leave out trainers whose name starts with one of these"
+    )
+    p.add_argument(
         "--expansion",
         type=int,
         default=8,
@@ -421,7 +441,11 @@ def main() -> None:
     spec = ActsSpec(n_train=args.tokens)
     acts = load_or_collect(spec)
     self_test_metrics(acts.eval_ND)
-    todo = [t for t in trainers(args.batchtopk) if not args.only or t.name.startswith(tuple(args.only))]
+    todo = [
+        t
+        for t in trainers(args.batchtopk)
+        if (not args.only or t.name.startswith(tuple(args.only))) and not t.name.startswith(tuple(args.skip))
+    ]
     facts = machine()
     saelab_src, facts["saelab_sources_sha256"] = snapshot_saelab()
     load_before = os.getloadavg()

@@ -32,6 +32,8 @@ def main() -> None:
         checkpoint_every=0,
         # --variant one-after-matmul: the CPU step's work after its selection matmul on one thread
         cpu_step_threads="one-after-matmul" if args.variant == "one-after-matmul" else "all",
+        # --variant float32-selection: the entries chosen from the float32 matmul (the default is `auto`)
+        selection_matmul="float32" if args.variant == "float32-selection" else "auto",
     )
     d_in = train_ND.shape[1]
     common.warm_up(d_in, d_in * args.expansion, args.batch)
