@@ -6,11 +6,13 @@
 Exact TopK must compute every pre-activation to choose the k largest: one [B, D] @ [D, F] matmul, B*D*F
 multiply-adds a step. Everything else (top-k, AuxK, decoder, backward, Adam, the decoder-norm projection) is what
 a trainer adds to it. For each width this script
-1. times that matmul alone (`x @ W_enc` on the same shapes, median of repeats): the floor;
+1. times that matmul alone (`x @ W_enc` on the same shapes, median of repeats): the floor; and the same matmul in
+   bfloat16, the floor of the `selection_matmul` bfloat16 choice (saelab/sae/selection.py);
 2. builds saelab's own `SAETrainer` (TrainConfig defaults, TopK, batch 4,096) on real activations of the bundled
    model when `benchmarks/peer_training.py` has cached them (else Gaussian rows, said in the output), runs warm-up
    steps until AuxK has dead latents to work on (as in a real run after `dead_tokens`), then times `--steps`
-   whole steps (`SAETrainer._step`, the trainer's own code) with wall clocks;
+   whole steps (`SAETrainer._step`, the trainer's own code, under the trainer's allocator setting
+   `reuse_freed_memory`) with wall clocks;
 3. profiles a few of those steps with `torch.profiler` and sums the self CPU time of each operator into the
    phases of the step, so the table shows what to close.
 """
@@ -33,6 +35,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from saelab.activations.sources import TensorSource
 from saelab.config import TrainConfig
+from saelab.train.allocator import reuse_freed_memory
 from saelab.train.distributed import DistInfo
 from saelab.train.sae_trainer import SAETrainer
 from saelab.train.trainer import sae_config
@@ -74,9 +77,11 @@ def activations(n: int, at_least: int) -> tuple[torch.Tensor, str]:
     return torch.randn(n, 576, generator=gen) * 3 + 1, "gaussian (no peer_training cache)"
 
 
-def floor_seconds(batch: int, d_in: int, width: int, repeats: int = 5) -> tuple[float, float]:
+def floor_seconds(
+    batch: int, d_in: int, width: int, repeats: int = 5, dtype: torch.dtype = torch.float32
+) -> tuple[float, float]:
     """Median wall and CPU seconds of the encoder matmul alone (into a kept output, as the step does)."""
-    x, w = torch.randn(batch, d_in), torch.randn(d_in, width)
+    x, w = torch.randn(batch, d_in, dtype=dtype), torch.randn(d_in, width, dtype=dtype)
     out = x @ w
     walls, cpus = [], []
     for _ in range(repeats):
@@ -88,12 +93,20 @@ def floor_seconds(batch: int, d_in: int, width: int, repeats: int = 5) -> tuple[
 
 
 def profile_width(
-    acts_ND: torch.Tensor, width: int, steps: int, batch: int, threads: str = "all"
+    acts_ND: torch.Tensor, width: int, steps: int, batch: int, threads: str = "all", selection: str = "auto"
+) -> dict[str, Any]:
+    with reuse_freed_memory(torch.device("cpu")):
+        return _profile_width(acts_ND, width, steps, batch, threads, selection)
+
+
+def _profile_width(
+    acts_ND: torch.Tensor, width: int, steps: int, batch: int, threads: str, selection: str
 ) -> dict[str, Any]:
     d_in = acts_ND.shape[1]
     cfg = TrainConfig(
         architecture="topk", expansion=width // d_in, k=32, batch_size=batch, epochs=1,
         cpu_step_threads="one-after-matmul" if threads == "one-after-matmul" else "all",
+        selection_matmul=selection,
     )  # fmt: skip
     sae_cfg = sae_config(cfg, d_in)
     source = TensorSource(acts_ND)
@@ -125,9 +138,14 @@ def profile_width(
     for ev in prof.key_averages():
         phases[phase_of(ev.key)] += ev.self_cpu_time_total / 1e6 / 3
     floor, floor_cpu = floor_seconds(batch, d_in, width)
+    bf16_floor, _ = floor_seconds(batch, d_in, width, dtype=torch.bfloat16)
     wall, cpu = statistics.median(walls), statistics.median(cpus)
+    selector = getattr(trainer.sae, "selector", None)
     return {
         "width": width,
+        "selection": "bfloat16" if selector is not None else "float32",
+        "rows_rechecked_in_float32": selector.rechecked if selector is not None else None,
+        "encoder_matmul_bf16_seconds": bf16_floor,
         "dead_latents_during_timing": dead,
         "step_seconds_median": wall,
         "step_seconds_all": walls,
@@ -149,6 +167,12 @@ def main() -> None:
     p.add_argument(
         "--cpu-step-threads", choices=("all", "one-after-matmul"), default="all", help="TrainConfig's setting"
     )
+    p.add_argument(
+        "--selection",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="TrainConfig.selection_matmul",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "step_profile.json")
     args = p.parse_args()
     torch.set_num_threads(2)
@@ -157,14 +181,15 @@ def main() -> None:
     load_before = os.getloadavg()
     results = []
     for width in args.widths:
-        r = profile_width(acts, width, args.steps, args.batch, args.cpu_step_threads)
+        r = profile_width(acts, width, args.steps, args.batch, args.cpu_step_threads, args.selection)
         results.append(r)
         phases = ", ".join(
             f"{k.split(' (')[0]} {v:.3f}" for k, v in r["profiled_self_cpu_seconds_per_step"].items()
         )
         print(
             f"width {width}: step {r['step_seconds_median']:.3f} s = {r['step_over_encoder_matmul']:.2f}x the "
-            f"encoder matmul ({r['encoder_matmul_seconds']:.3f} s), {r['tokens_per_second']:,.0f} tok/s; CPU "
+            f"encoder matmul ({r['encoder_matmul_seconds']:.3f} s; bfloat16 {r['encoder_matmul_bf16_seconds']:.3f} s), "
+            f"{r['selection']} selection, {r['tokens_per_second']:,.0f} tok/s; CPU "
             f"{r['step_cpu_seconds_median']:.3f} s = {r['step_cpu_over_encoder_matmul_cpu']:.2f}x the matmul's; "
             f"self CPU s/step: {phases}",
             flush=True,
