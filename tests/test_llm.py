@@ -323,8 +323,22 @@ def test_local_rejects_overlong_prompt(tiny: LoadedModel) -> None:
 
 
 def test_make_client_reuses_loaded_model(tiny: LoadedModel) -> None:
-    client = make_client(LLMConfig(local_model="tiny-chat", concurrency=2), tiny)
+    client = make_client(LLMConfig(local_model="tiny-chat", concurrency=2, local_dtype="float32"), tiny)
     assert isinstance(client, LocalChatClient) and client.loaded is tiny
+    assert client.model_name == "tiny-chat"
+
+
+def test_make_client_in_bfloat16_copies_a_float32_model(tiny: LoadedModel) -> None:
+    """The loaded float32 model stays as it is (the subject model); the client holds a bfloat16 copy, whose
+    answers are cached under another name."""
+    client = make_client(LLMConfig(local_model="tiny-chat", concurrency=2, local_dtype="bfloat16"), tiny)
+    assert isinstance(client, LocalChatClient) and client.loaded.model is not tiny.model
+    assert next(tiny.model.parameters()).dtype == torch.float32
+    assert {p.dtype for p in client.loaded.model.parameters()} == {torch.bfloat16}
+    assert client.model_name == "tiny-chat (bfloat16)"
+    msgs = [{"role": "user", "content": "Is the sky blue?"}]
+    resp = asyncio.run(client.chat(msgs, max_tokens=1, logprobs=5))
+    assert resp.top_logprobs and all(v <= 0.0 for v in resp.top_logprobs.values())
 
 
 # ------------------------------------------------------------------------------------------ real, slow

@@ -13,8 +13,9 @@ import torch
 from support_train import planted
 
 from saelab.config import TrainConfig
+from saelab.models.precision import native_bf16
 from saelab.sae import base as sae_lib
-from saelab.sae.selection import BF16Selector, native_bf16, selection_precision
+from saelab.sae.selection import BF16Selector, selection_precision
 from saelab.train.allocator import reuse_freed_memory
 from saelab.train.trainer import train
 

@@ -28,24 +28,15 @@ from typing import NamedTuple
 
 import torch
 
+from saelab.models.precision import resolve_float
+
 UNIT_ROUNDOFF_BF16 = 2.0**-8
 EPS_F32 = 2.0**-24
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` multiplies bfloat16 matrices in hardware (where the bfloat16 choice pays)."""
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
-    if device.type == "cpu":
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    return False
-
-
 def selection_precision(setting: str, device: torch.device) -> str:
     """`float32` or `bfloat16` for `TrainConfig.selection_matmul` (`auto`: bfloat16 where it is native)."""
-    if setting == "auto":
-        return "bfloat16" if native_bf16(device) else "float32"
-    return setting
+    return resolve_float(setting, device)
 
 
 class Chosen(NamedTuple):

@@ -12,6 +12,8 @@ Run the unit tests with `pytest tests/test_llm.py`.
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -114,7 +116,11 @@ class LocalChatClient:
                 "pass --llm.url"
             )
         self.loaded = loaded
-        self.model_name = loaded.name
+        dtype = next(loaded.model.parameters()).dtype
+        self.model_name = (
+            loaded.name if dtype == torch.float32 else f"{loaded.name} ({str(dtype).split('.')[-1]})"
+        )
+        """The model's name, with its float type unless float32: answers of the two are cached apart."""
         self.batch_size = batch_size
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saelab-llm")
         self._pending: list[_Request] = []
@@ -134,11 +140,18 @@ class LocalChatClient:
 
     @classmethod
     def from_config(cls, cfg: LLMConfig, loaded: LoadedModel | None = None) -> LocalChatClient:
-        """Reuse `loaded` when it is the configured chat model, else load `cfg.local_model`."""
-        if loaded is None or loaded.name != cfg.local_model:
-            from saelab.models.loading import load_model
+        """Reuse `loaded` when it is the configured chat model (a copy in `cfg.local_dtype` if it is held in
+        another float type), else load `cfg.local_model` in that type."""
+        from saelab.models.precision import resolve_float
 
-            loaded = load_model(cfg.local_model)
+        if loaded is None or loaded.name != cfg.local_model:
+            from saelab.models.loading import load_model, resolve_device
+
+            dtype = resolve_float(cfg.local_dtype, resolve_device("auto"))
+            return cls(load_model(cfg.local_model, dtype=dtype), batch_size=max(cfg.concurrency, LOCAL_BATCH))
+        dtype = getattr(torch, resolve_float(cfg.local_dtype, loaded.device))
+        if next(loaded.model.parameters()).dtype != dtype:
+            loaded = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model).to(dtype))
         return cls(loaded, batch_size=max(cfg.concurrency, LOCAL_BATCH))
 
     def encode(self, messages: Messages) -> list[int]:
