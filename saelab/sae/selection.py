@@ -54,17 +54,25 @@ class BF16Selector:
         self._x: torch.Tensor | None = None
         self._w: torch.Tensor | None = None
         self._out: torch.Tensor | None = None
+        self._scratch: torch.Tensor | None = None
+        """float32 [D + 1, F] for the weights' norms."""
+        self._w_t: torch.Tensor | None = None
+        """float32 [F, D]: the encoder's columns as rows, for the sampled dot products."""
         self.rechecked = 0
         """Rows recomputed in float32 so far (see the module docstring)."""
 
     def release(self) -> None:
         """Drop the buffers (an SAE put to use holds no training buffer); they are made again when needed."""
-        self._x = self._w = self._out = None
+        self._x = self._w = self._out = self._scratch = self._w_t = None
 
-    def _buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    def _buffer(
+        self, name: str, shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype = torch.bfloat16
+    ) -> torch.Tensor:
+        """A buffer kept between steps (a fresh large tensor each step costs page faults where the allocator
+        returns freed memory to the system)."""
         buf: torch.Tensor | None = getattr(self, name)
         if buf is None or buf.shape != shape or buf.device != like.device:
-            buf = torch.empty(shape, dtype=torch.bfloat16, device=like.device)
+            buf = torch.empty(shape, dtype=dtype, device=like.device)
             setattr(self, name, buf)
         return buf
 
@@ -87,11 +95,14 @@ class BF16Selector:
             torch.mm(xh, wh, out=approx_BF)
         n_cand = min(2 * k, F)
         approx_BC, cand_BC = approx_BF.topk(n_cand, dim=-1, sorted=False)
-        exact_BC = _sampled_preacts(xc_BD, W_DF, b_F, cand_BC)
+        w_FD = self._buffer("_w_t", (F, D), x_BD, torch.float32)
+        w_FD.copy_(W_DF.t())
+        exact_BC = _sampled_preacts(xc_BD, w_FD, b_F, cand_BC)
         vals_BK, j_BK = exact_BC.topk(k, dim=-1, sorted=False)
         idx_BK = cand_BC.gather(1, j_BK)
         if n_cand < F:
-            bad_B = ~self._confirmed(xc_BD, xh, W_DF, b_F, wh, approx_BC, vals_BK)
+            scratch = self._buffer("_scratch", (D + 1, F), x_BD, torch.float32)
+            bad_B = ~_confirmed(xc_BD, xh, W_DF, b_F, wh, approx_BC, vals_BK, scratch)
             if bool(bad_B.any()):
                 rows = bad_B.nonzero().flatten()
                 full = torch.addmm(b_F, xc_BD[rows], W_DF).topk(k, dim=-1, sorted=False)
@@ -100,53 +111,58 @@ class BF16Selector:
                 return Chosen(vals_BK, idx_BK, rows.numel())
         return Chosen(vals_BK, idx_BK, 0)
 
-    @staticmethod
-    def _confirmed(
-        xc_BD: torch.Tensor,
-        xh_BD1: torch.Tensor,
-        W_DF: torch.Tensor,
-        b_F: torch.Tensor,
-        wh_D1F: torch.Tensor,
-        approx_BC: torch.Tensor,
-        vals_BK: torch.Tensor,
-    ) -> torch.Tensor:
-        """Rows whose k-th float32 candidate beats the bound on every non-candidate (module docstring, step 3)."""
-        u, D1 = UNIT_ROUNDOFF_BF16, xh_BD1.shape[1]
-        gamma = D1 * EPS_F32 / (1 - D1 * EPS_F32)  # float32 sums of D + 1 terms, in any order
-        x_norm = torch.cat([xc_BD, xc_BD.new_ones(xc_BD.shape[0], 1)], dim=1).norm(dim=1)
-        D = xc_BD.shape[1]
-        xh_norm = xh_BD1.float().norm(dim=1)
-        xlo_norm = (xc_BD - xh_BD1[:, :D].float()).norm(dim=1)  # exact: a float32 minus its rounding
-        w_norm = torch.linalg.vector_norm(torch.cat([W_DF, b_F[None]]), dim=0).max()
-        lo_D1F = wh_D1F.float()
-        lo_D1F[:D].sub_(W_DF)
-        lo_D1F[D].sub_(b_F)
-        wlo_norm = torch.linalg.vector_norm(lo_D1F, dim=0).max()
-        wh_norm = w_norm + wlo_norm  # |w~| <= |w| + |w - w~|
-        # Norms are float32 sums themselves: a relative slack far above their rounding.
-        xh_norm, xlo_norm, wh_norm, wlo_norm = (
-            v * (1 + 1e-4) for v in (xh_norm, xlo_norm, wh_norm, wlo_norm)
-        )
-        err_B = xh_norm * wlo_norm + xlo_norm * wh_norm + xlo_norm * wlo_norm + gamma * xh_norm * wh_norm
-        t_B = approx_BC.min(dim=1).values.float()
-        above_B = t_B.clamp_min(0) / (1 - u) + err_B  # no non-candidate's exact value exceeds this
-        kth_B = vals_BK.min(dim=1).values - gamma * x_norm * w_norm  # the float32 candidates' own rounding
-        return kth_B > above_B * (1 + 1e-3)
+
+def _confirmed(
+    xc_BD: torch.Tensor,
+    xh_BD1: torch.Tensor,
+    W_DF: torch.Tensor,
+    b_F: torch.Tensor,
+    wh_D1F: torch.Tensor,
+    approx_BC: torch.Tensor,
+    vals_BK: torch.Tensor,
+    scratch_D1F: torch.Tensor,
+) -> torch.Tensor:
+    """Rows whose k-th float32 candidate beats the bound on every non-candidate (module docstring, step 3).
+    `scratch_D1F` is overwritten."""
+    u, D1 = UNIT_ROUNDOFF_BF16, xh_BD1.shape[1]
+    D = D1 - 1
+    gamma = D1 * EPS_F32 / (1 - D1 * EPS_F32)  # float32 sums of D + 1 terms, in any order
+    x_norm = (xc_BD.pow(2).sum(dim=1) + 1).sqrt()  # the input with its column of ones
+    xh_norm = xh_BD1.float().norm(dim=1)
+    xlo_norm = (xc_BD - xh_BD1[:, :D].float()).norm(dim=1)  # exact: a float32 minus its rounding
+    # Column norms of the weights (bias row included) and of their rounding errors, in place in the scratch.
+    torch.mul(W_DF, W_DF, out=scratch_D1F[:D])
+    torch.mul(b_F, b_F, out=scratch_D1F[D])
+    w_norm = scratch_D1F.sum(dim=0).max().sqrt()
+    scratch_D1F.copy_(wh_D1F)
+    scratch_D1F[:D].sub_(W_DF)
+    scratch_D1F[D].sub_(b_F)
+    scratch_D1F.mul_(scratch_D1F)
+    wlo_norm = scratch_D1F.sum(dim=0).max().sqrt()
+    wh_norm = w_norm + wlo_norm  # |w~| <= |w| + |w - w~|
+    # Norms are float32 sums themselves: a relative slack far above their rounding.
+    xh_norm, xlo_norm, wh_norm, wlo_norm = (v * (1 + 1e-4) for v in (xh_norm, xlo_norm, wh_norm, wlo_norm))
+    err_B = xh_norm * wlo_norm + xlo_norm * wh_norm + xlo_norm * wlo_norm + gamma * xh_norm * wh_norm
+    t_B = approx_BC.min(dim=1).values.float()
+    above_B = t_B.clamp_min(0) / (1 - u) + err_B  # no non-candidate's exact value exceeds this
+    kth_B = vals_BK.min(dim=1).values - gamma * x_norm * w_norm  # the float32 candidates' own rounding
+    return kth_B > above_B * (1 + 1e-3)
 
 
 def _sampled_preacts(
-    xc_BD: torch.Tensor, W_DF: torch.Tensor, b_F: torch.Tensor, idx_BC: torch.Tensor
+    xc_BD: torch.Tensor, W_FD: torch.Tensor, b_F: torch.Tensor, idx_BC: torch.Tensor
 ) -> torch.Tensor:
-    """float32 `xc[b] . W[:, idx[b, c]] + b[idx[b, c]]` for every (b, c): the C needed dot products per row."""
+    """float32 `xc[b] . W_FD[idx[b, c]] + b[idx[b, c]]` for every (b, c): the C needed dot products per row
+    (`W_FD`: the encoder's columns as contiguous rows, which the sampled product reads far faster than strided
+    columns)."""
     B, C = idx_BC.shape
     crow = torch.arange(0, B * C + 1, C, device=idx_BC.device)
     with warnings.catch_warnings():  # torch calls its CSR support beta; tests compare with the dense matmul
         warnings.simplefilter("ignore", UserWarning)
         pattern = torch.sparse_csr_tensor(
-            crow, idx_BC.reshape(-1), xc_BD.new_zeros(B * C), (B, W_DF.shape[1]), check_invariants=False
+            crow, idx_BC.reshape(-1), xc_BD.new_zeros(B * C), (B, W_FD.shape[0]), check_invariants=False
         )
-    # Columns of W as contiguous rows: one transposed copy reads far faster than W's strided columns.
-    dots = torch.sparse.sampled_addmm(pattern, xc_BD, W_DF.t().contiguous().t(), beta=0.0).values()
+    dots = torch.sparse.sampled_addmm(pattern, xc_BD, W_FD.t(), beta=0.0).values()
     return dots.view(B, C) + b_F[idx_BC]
 
 
