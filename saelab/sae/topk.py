@@ -39,6 +39,13 @@ if TYPE_CHECKING:
     from saelab.config import TrainConfig
 
 
+DENSE_AUXK_RATIO = 4
+"""AuxK runs as dense products over the dead latents' columns (`_auxk_dense`) while at most this many times
+k_aux latents are dead, else through the sparse kernels over its B * k_aux entries. Measured at 18,432 latents,
+B 4,096, k_aux 288 on 2 CPU cores, added to a step: 300 dead 0.07 s dense against 0.23 s sparse, 1,000 dead 0.19
+against 0.23, 3,000 dead 0.51 against 0.33."""
+
+
 def _check_k(cfg: SAEConfig) -> None:
     if not 0 < cfg.k < cfg.d_sae:
         raise SAEError(
@@ -152,13 +159,17 @@ class KSparseSAE(SAE):
         if not self.sparse_training:
             return super().training_loss(x_BD, inputs)
         entries, pre_N, raw_BF = self.choose_entries(x_BD)
-        aux_sel = self._auxk_entries(x_BD, raw_BF, inputs)
+        n_dead = int(inputs.dead_F.sum()) if inputs.auxk_coef > 0 else 0
+        dense_aux = 0 < n_dead <= DENSE_AUXK_RATIO * inputs.k_aux
+        aux_sel = None if dense_aux else self._auxk_entries(x_BD, raw_BF, inputs)
         vals_N, aux_vals_N = self._entry_acts(x_BD, pre_N, entries, aux_sel)
         y_BD = self.recon_target(x_BD, inputs)  # x, or a transcoder's target (saelab.sae.base)
         recon, x_hat_BD = self.entry_reconstruction_loss(y_BD, vals_N, entries)
         resid_BD = (y_BD - x_hat_BD).detach()
         aux = recon.new_zeros(())
-        if aux_sel is not None:
+        if dense_aux:
+            aux = self._auxk_dense(x_BD, resid_BD, inputs)
+        elif aux_sel is not None:
             # `auxk_loss` over the dead latents' columns only.
             aux_BD = decode_entries(aux_vals_N, self.W_dec_FD, aux_sel[0])
             aux = auxk_error(aux_BD, resid_BD, inputs.sum_ranks)
@@ -202,6 +213,20 @@ class KSparseSAE(SAE):
         pre2_N = torch.cat([pre_N, aux_pre_N])
         acts_N = entry_preacts(pre2_N, x2_BD, self.W_enc_DF, self.b_enc_F, self.b_pre_D, both).relu()
         return acts_N[: pre_N.numel()], acts_N[pre_N.numel() :]
+
+    def _auxk_dense(self, x_BD: torch.Tensor, resid_BD: torch.Tensor, inputs: LossInputs) -> torch.Tensor:
+        """`auxk_loss` as dense, differentiable products over the dead latents' columns only: [B, D] @ [D, dead],
+        top-`k_aux` per row, [B, dead] @ [dead, D]."""
+        dead_idx = inputs.dead_F.nonzero().flatten()
+        pre_BX = torch.addmm(
+            self.b_enc_F.index_select(0, dead_idx),
+            x_BD - self.b_pre_D,
+            self.W_enc_DF.index_select(1, dead_idx),
+        )
+        vals, j = pre_BX.topk(min(inputs.k_aux, dead_idx.numel()), dim=-1, sorted=False)
+        z_BX = torch.zeros_like(pre_BX).scatter(1, j, vals.relu())
+        aux_BD = z_BX @ self.W_dec_FD.index_select(0, dead_idx)
+        return auxk_error(aux_BD, resid_BD, inputs.sum_ranks)
 
     def _auxk_entries(
         self, x_BD: torch.Tensor, raw_BF: torch.Tensor | None, inputs: LossInputs
