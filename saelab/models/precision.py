@@ -15,8 +15,11 @@ def native_bf16(device: torch.device) -> bool:
     capability 8.0)."""
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported(including_emulation=False))
-    if device.type == "cpu":
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    if device.type == "cpu":  # private probes of torch.cpu; absent ones mean "not known to be native"
+        probes = (
+            getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        )
+        return any(bool(probe()) for probe in probes if probe is not None)
     return False
 
 
