@@ -5,6 +5,7 @@ setting the training loop runs under (saelab/train/allocator.py)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -131,3 +132,20 @@ def test_training_loop_keeps_freed_blocks_then_restores_malloc() -> None:
     assert new_mappings() >= 1
     with reuse_freed_memory(torch.device("meta")) as active:
         assert not active
+
+
+def test_the_result_and_the_train_log_record_the_choice(tmp_path: Path) -> None:
+    x = planted(n=2048, d=24, n_feat=48)
+    cfg = TrainConfig(architecture="topk", expansion=4, k=4, batch_size=512, epochs=1, checkpoint_every=0)
+    for precision in ("float32", "bfloat16"):
+        log_path = tmp_path / f"{precision}.jsonl"
+        result = train(
+            x, dataclasses.replace(cfg, selection_matmul=precision, log_every=1), 0, log_path=log_path
+        )
+        assert result.selection == precision
+        selector = result.sae.selector
+        assert result.rows_rechecked == (selector.rechecked if selector is not None else 0)
+        records = [json.loads(line) for line in log_path.read_text().splitlines()]
+        assert records and all(
+            ("selection_rows_rechecked" in r) == (precision == "bfloat16") for r in records
+        )

@@ -53,6 +53,10 @@ class TrainResult:
     """Each resampling: step, method, latents re-initialised, how many of them fired since."""
     resumed_from: int = 0
     """Steps restored from a checkpoint (0: started afresh); `steps - resumed_from` steps ran in this call."""
+    selection: str = "float32"
+    """The matmul the training entries were chosen from (`TrainConfig.selection_matmul` as resolved here)."""
+    rows_rechecked: int = 0
+    """Rows whose bfloat16 choice the bound could not confirm, recomputed in float32 (this call's steps)."""
 
 
 def geometric_median(x_ND: torch.Tensor, iters: int = 30) -> torch.Tensor:
@@ -274,6 +278,9 @@ class SAETrainer:
         }
         if self.resampler is not None:
             rec.update(self._resample_totals())
+        selector = getattr(self.sae, "selector", None)
+        if selector is not None:  # rows the bfloat16 choice could not confirm, recomputed in float32 (so far)
+            rec["selection_rows_rechecked"] = selector.rechecked
         return rec
 
     def _resample_totals(self) -> dict[str, Any]:
@@ -381,6 +388,7 @@ class SAETrainer:
         dead_fraction = float((self.since_fired_F >= self.cfg.dead_tokens).float().mean())
         events = tuple(self.resampler.summary()) if self.resampler is not None else ()
         self.sae.fold_scales(self.scale, self.target_scale)
+        selector = getattr(self.sae, "selector", None)
         return TrainResult(
             self.sae.eval(),
             self.step,
@@ -389,6 +397,8 @@ class SAETrainer:
             dead_fraction,
             events,
             self.resumed_from,
+            "bfloat16" if selector is not None else "float32",
+            selector.rechecked if selector is not None else 0,
         )
 
 

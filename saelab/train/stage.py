@@ -233,6 +233,8 @@ def stage_train(s: Session) -> None:
                     "dead_fraction": result.dead_fraction,
                     "resumed_from": result.resumed_from,
                     "resample_events": [e._asdict() for e in result.resample_events],
+                    "selection": result.selection,
+                    "selection_rows_rechecked": result.rows_rechecked,
                 }
             )
         rec.update({k: v for k, v in summaries[0].items() if k != "folder"})
