@@ -20,6 +20,7 @@ a trainer adds to it. For each width this script
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -106,8 +107,8 @@ def _profile_width(
     cfg = TrainConfig(
         architecture="topk", expansion=width // d_in, k=32, batch_size=batch, epochs=1,
         cpu_step_threads="one-after-matmul" if threads == "one-after-matmul" else "all",
-        selection_matmul=selection,
     )  # fmt: skip
+    cfg = dataclasses.replace(cfg, selection_matmul=selection)  # type: ignore[arg-type]  # argparse's choices
     sae_cfg = sae_config(cfg, d_in)
     source = TensorSource(acts_ND)
     trainer = SAETrainer(source, cfg, 0, sae_cfg, DistInfo())
