@@ -60,6 +60,8 @@ class BF16Selector:
         """float32 [F, D]: the encoder's columns as rows, for the sampled dot products."""
         self.rechecked = 0
         """Rows recomputed in float32 so far (see the module docstring)."""
+        self.last_rechecked = 0
+        """Rows recomputed in float32 by the last call (a step's count: the same in a resumed run)."""
 
     def release(self) -> None:
         """Drop the buffers (an SAE put to use holds no training buffer); they are made again when needed."""
@@ -108,7 +110,9 @@ class BF16Selector:
                 full = torch.addmm(b_F, xc_BD[rows], W_DF).topk(k, dim=-1, sorted=False)
                 vals_BK[rows], idx_BK[rows] = full.values, full.indices
                 self.rechecked += rows.numel()
+                self.last_rechecked = rows.numel()
                 return Chosen(vals_BK, idx_BK, rows.numel())
+        self.last_rechecked = 0
         return Chosen(vals_BK, idx_BK, 0)
 
 

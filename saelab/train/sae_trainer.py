@@ -279,8 +279,10 @@ class SAETrainer:
         if self.resampler is not None:
             rec.update(self._resample_totals())
         selector = getattr(self.sae, "selector", None)
-        if selector is not None:  # rows the bfloat16 choice could not confirm, recomputed in float32 (so far)
-            rec["selection_rows_rechecked"] = selector.rechecked
+        if (
+            selector is not None
+        ):  # rows of this step the bfloat16 choice could not confirm, recomputed in float32
+            rec["selection_rows_rechecked"] = selector.last_rechecked
         return rec
 
     def _resample_totals(self) -> dict[str, Any]:
