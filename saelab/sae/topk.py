@@ -218,15 +218,16 @@ class KSparseSAE(SAE):
         """`auxk_loss` as dense, differentiable products over the dead latents' columns only: [B, D] @ [D, dead],
         top-`k_aux` per row, [B, dead] @ [dead, D]."""
         dead_idx = inputs.dead_F.nonzero().flatten()
-        pre_BX = torch.addmm(
-            self.b_enc_F.index_select(0, dead_idx),
-            x_BD - self.b_pre_D,
-            self.W_enc_DF.index_select(1, dead_idx),
-        )
+        pre_BX = self._columns_preacts(x_BD, dead_idx)
         vals, j = pre_BX.topk(min(inputs.k_aux, dead_idx.numel()), dim=-1, sorted=False)
         z_BX = torch.zeros_like(pre_BX).scatter(1, j, vals.relu())
         aux_BD = z_BX @ self.W_dec_FD.index_select(0, dead_idx)
         return auxk_error(aux_BD, resid_BD, inputs.sum_ranks)
+
+    def _columns_preacts(self, x_BD: torch.Tensor, idx_X: torch.Tensor) -> torch.Tensor:
+        """[B, X] float32 pre-activations of latents `idx_X` only (differentiable where autograd is on)."""
+        W_DX = self.W_enc_DF.index_select(1, idx_X)
+        return torch.addmm(self.b_enc_F.index_select(0, idx_X), x_BD - self.b_pre_D, W_DX)
 
     def _auxk_entries(
         self, x_BD: torch.Tensor, raw_BF: torch.Tensor | None, inputs: LossInputs
@@ -239,9 +240,7 @@ class KSparseSAE(SAE):
         dead_idx = inputs.dead_F.nonzero().flatten()
         if raw_BF is None:
             with torch.no_grad():
-                dead_BF = torch.addmm(
-                    self.b_enc_F[dead_idx], x_BD - self.b_pre_D, self.W_enc_DF.index_select(1, dead_idx)
-                )
+                dead_BF = self._columns_preacts(x_BD, dead_idx)
         else:
             dead_BF = raw_BF.index_select(1, dead_idx)
         pre, j = dead_BF.topk(min(inputs.k_aux, dead_idx.numel()), dim=-1, sorted=False)
