@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +18,6 @@ from saelab.config import TrainConfig
 from saelab.models.precision import native_bf16
 from saelab.sae import base as sae_lib
 from saelab.sae.selection import BF16Selector, selection_precision
-from saelab.train.allocator import reuse_freed_memory
 from saelab.train.trainer import train
 
 
@@ -109,29 +109,49 @@ def test_auto_uses_bfloat16_only_where_it_is_native() -> None:
     assert selection_precision("auto", torch.device("meta")) == "float32"
 
 
-def _anonymous_mappings() -> int:
+MALLOC_PROBE = """
+from pathlib import Path
+import torch
+from saelab.train.allocator import reuse_freed_memory
+
+def anonymous_mappings():
     return sum(1 for line in Path("/proc/self/maps").read_text().splitlines() if len(line.split()) == 5)
+
+def rss_mib():
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+def new_mappings():
+    before = anonymous_mappings()
+    block = torch.empty(16 << 20)  # 64 MiB, over glibc's largest mmap threshold
+    block.fill_(1.0)
+    after = anonymous_mappings()
+    del block
+    return after - before
+
+first = new_mappings()
+base = rss_mib()
+with reuse_freed_memory(torch.device("cpu")) as active:
+    inside = new_mappings() + new_mappings()
+    kept = rss_mib() - base
+released = rss_mib() - base
+with reuse_freed_memory(torch.device("meta")) as meta_active:
+    pass
+print(first, int(active), inside, round(kept), round(released), int(meta_active))
+"""
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
 def test_training_loop_keeps_freed_blocks_then_restores_malloc() -> None:
-    """Inside, a 64 MiB block comes from the heap (no new mapping); after, glibc maps such blocks again."""
-
-    def new_mappings() -> int:
-        before = _anonymous_mappings()
-        block = torch.empty(16 << 20)  # 64 MiB, over glibc's largest mmap threshold
-        block.fill_(1.0)
-        after = _anonymous_mappings()
-        del block
-        return after - before
-
-    assert new_mappings() >= 1
-    with reuse_freed_memory(torch.device("cpu")) as active:
-        assert active
-        assert new_mappings() <= 0
-    assert new_mappings() >= 1
-    with reuse_freed_memory(torch.device("meta")) as active:
-        assert not active
+    """In a fresh process (malloc's state is the process's own). Before: a 64 MiB block is a mapping of its own,
+    unmapped when freed. Inside: such blocks come from the heap and stay there when freed (no new mapping, the
+    memory still held). After: the heap is trimmed, so the process holds no more than before."""
+    out = subprocess.run([sys.executable, "-c", MALLOC_PROBE], capture_output=True, text=True, check=True)
+    first, active, inside, kept_mib, released_mib, meta_active = (int(v) for v in out.stdout.split())
+    assert active == 1 and meta_active == 0
+    assert first >= 1
+    assert inside <= 0 and kept_mib >= 60, (inside, kept_mib)
+    assert released_mib < 16, released_mib
 
 
 def test_the_result_and_the_train_log_record_the_choice(tmp_path: Path) -> None:
