@@ -14,8 +14,8 @@ cores, 4,096 x 576 @ 576 x 18,432: 111 ms against 416 ms). `BF16Selector.topk` u
    any non-candidate has exact value <= max(t, 0) / (1 - u) + E, where E bounds the rounding of the operands
    (|x.w - x~.w~| <= |x~| |w - w~| + |x - x~| |w~| + |x - x~| |w - w~| by Cauchy-Schwarz, over the largest column
    norms) and of float32 accumulation (D * 2^-24 |x~| |w~|);
-4. rows that fail (none at 18,432 latents on the bundled model's activations; `rechecked` counts them) are
-   recomputed with the float32 matmul.
+4. rows that fail (5 to 21 of 110,592 at 18,432 and 36,864 latents on the bundled model's activations;
+   `rechecked` counts them) are recomputed with the float32 matmul.
 
 So the entries kept are the float32 top-k's, up to two pre-activations equal at float32 rounding, and their values
 are float32. `selection_precision` says where the bfloat16 path runs (`TrainConfig.selection_matmul`).
