@@ -278,10 +278,9 @@ class SAETrainer:
         }
         if self.resampler is not None:
             rec.update(self._resample_totals())
+        # rows of this step the bfloat16 choice could not confirm, recomputed in float32
         selector = getattr(self.sae, "selector", None)
-        if (
-            selector is not None
-        ):  # rows of this step the bfloat16 choice could not confirm, recomputed in float32
+        if selector is not None:
             rec["selection_rows_rechecked"] = selector.last_rechecked
         return rec
 
