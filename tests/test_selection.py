@@ -15,9 +15,9 @@ import torch
 from support_train import planted
 
 from saelab.config import TrainConfig
-from saelab.models.precision import native_bf16
+from saelab.models.precision import native_bf16, resolve_float
 from saelab.sae import base as sae_lib
-from saelab.sae.selection import BF16Selector, selection_precision
+from saelab.sae.selection import BF16Selector
 from saelab.train.trainer import train
 
 
@@ -103,10 +103,10 @@ def test_loss_and_gradients_equal_the_dense_reference(n_dead: int) -> None:
 
 def test_auto_uses_bfloat16_only_where_it_is_native() -> None:
     cpu = torch.device("cpu")
-    assert selection_precision("float32", cpu) == "float32"
-    assert selection_precision("bfloat16", cpu) == "bfloat16"
-    assert selection_precision("auto", cpu) == ("bfloat16" if native_bf16(cpu) else "float32")
-    assert selection_precision("auto", torch.device("meta")) == "float32"
+    assert resolve_float("float32", cpu) == "float32"
+    assert resolve_float("bfloat16", cpu) == "bfloat16"
+    assert resolve_float("auto", cpu) == ("bfloat16" if native_bf16(cpu) else "float32")
+    assert resolve_float("auto", torch.device("meta")) == "float32"
 
 
 MALLOC_PROBE = """

@@ -18,7 +18,8 @@ cores, 4,096 x 576 @ 576 x 18,432: 111 ms against 416 ms). `BF16Selector.topk` u
    `rechecked` counts them) are recomputed with the float32 matmul.
 
 So the entries kept are the float32 top-k's, up to two pre-activations equal at float32 rounding, and their values
-are float32. `selection_precision` says where the bfloat16 path runs (`TrainConfig.selection_matmul`).
+are float32. `saelab.models.precision.resolve_float` says where the bfloat16 path runs
+(`TrainConfig.selection_matmul`).
 """
 
 from __future__ import annotations
@@ -28,15 +29,8 @@ from typing import NamedTuple
 
 import torch
 
-from saelab.models.precision import resolve_float
-
 UNIT_ROUNDOFF_BF16 = 2.0**-8
 EPS_F32 = 2.0**-24
-
-
-def selection_precision(setting: str, device: torch.device) -> str:
-    """`float32` or `bfloat16` for `TrainConfig.selection_matmul` (`auto`: bfloat16 where it is native)."""
-    return resolve_float(setting, device)
 
 
 class Chosen(NamedTuple):

@@ -16,8 +16,8 @@ import torch
 from saelab.activations.onthefly import StreamSource
 from saelab.activations.sources import BatchSource, TensorSource
 from saelab.config import TrainConfig, to_dict
+from saelab.models.precision import resolve_float
 from saelab.sae.base import SAE, LossInputs, SAEConfig, TrainLoss, build
-from saelab.sae.selection import selection_precision
 from saelab.sae.sparse_ops import torch_threads
 from saelab.train import distributed as ddp
 from saelab.train.checkpoint import (
@@ -129,7 +129,7 @@ class SAETrainer:
         self.sae.use_sparse_kernels(
             cfg.kernels == "sparse" or (cfg.kernels == "auto" and self.device.type == "cpu")
         )
-        self.sae.use_selection(selection_precision(cfg.selection_matmul, self.device))
+        self.sae.use_selection(resolve_float(cfg.selection_matmul, self.device))
         # The fused implementation does the whole update in one pass per tensor (~40% less optimizer time on CPU).
         fused = self.device.type in ("cpu", "cuda")
         self.opt = torch.optim.Adam(self.sae.param_groups(cfg), lr=cfg.lr, betas=(0.9, 0.999), fused=fused)
