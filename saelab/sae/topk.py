@@ -159,16 +159,21 @@ class KSparseSAE(SAE):
         if not self.sparse_training:
             return super().training_loss(x_BD, inputs)
         entries, pre_N, raw_BF = self.choose_entries(x_BD)
-        n_dead = int(inputs.dead_F.sum()) if inputs.auxk_coef > 0 else 0
-        dense_aux = 0 < n_dead <= DENSE_AUXK_RATIO * inputs.k_aux
-        aux_sel = None if dense_aux else self._auxk_entries(x_BD, raw_BF, inputs)
+        # AuxK's latents: the dead ones, found once (one device sync), none when AuxK is off
+        dead_idx = (
+            inputs.dead_F.nonzero().flatten()
+            if inputs.auxk_coef > 0
+            else inputs.dead_F.new_zeros(0, dtype=torch.long)
+        )
+        dense_aux = 0 < dead_idx.numel() <= DENSE_AUXK_RATIO * inputs.k_aux
+        aux_sel = None if dense_aux else self._auxk_entries(x_BD, raw_BF, dead_idx, inputs.k_aux)
         vals_N, aux_vals_N = self._entry_acts(x_BD, pre_N, entries, aux_sel)
         y_BD = self.recon_target(x_BD, inputs)  # x, or a transcoder's target (saelab.sae.base)
         recon, x_hat_BD = self.entry_reconstruction_loss(y_BD, vals_N, entries)
         resid_BD = (y_BD - x_hat_BD).detach()
         aux = recon.new_zeros(())
         if dense_aux:
-            aux = self._auxk_dense(x_BD, resid_BD, inputs)
+            aux = self._auxk_dense(x_BD, resid_BD, dead_idx, inputs)
         elif aux_sel is not None:
             # `auxk_loss` over the dead latents' columns only.
             aux_BD = decode_entries(aux_vals_N, self.W_dec_FD, aux_sel[0])
@@ -214,10 +219,11 @@ class KSparseSAE(SAE):
         acts_N = entry_preacts(pre2_N, x2_BD, self.W_enc_DF, self.b_enc_F, self.b_pre_D, both).relu()
         return acts_N[: pre_N.numel()], acts_N[pre_N.numel() :]
 
-    def _auxk_dense(self, x_BD: torch.Tensor, resid_BD: torch.Tensor, inputs: LossInputs) -> torch.Tensor:
-        """`auxk_loss` as dense, differentiable products over the dead latents' columns only: [B, D] @ [D, dead],
-        top-`k_aux` per row, [B, dead] @ [dead, D]."""
-        dead_idx = inputs.dead_F.nonzero().flatten()
+    def _auxk_dense(
+        self, x_BD: torch.Tensor, resid_BD: torch.Tensor, dead_idx: torch.Tensor, inputs: LossInputs
+    ) -> torch.Tensor:
+        """`auxk_loss` as dense, differentiable products over the dead latents' columns `dead_idx` only:
+        [B, D] @ [D, dead], top-`k_aux` per row, [B, dead] @ [dead, D]."""
         pre_BX = self._columns_preacts(x_BD, dead_idx)
         vals, j = pre_BX.topk(min(inputs.k_aux, dead_idx.numel()), dim=-1, sorted=False)
         z_BX = torch.zeros_like(pre_BX).scatter(1, j, vals.relu())
@@ -230,20 +236,19 @@ class KSparseSAE(SAE):
         return torch.addmm(self.b_enc_F.index_select(0, idx_X), x_BD - self.b_pre_D, W_DX)
 
     def _auxk_entries(
-        self, x_BD: torch.Tensor, raw_BF: torch.Tensor | None, inputs: LossInputs
+        self, x_BD: torch.Tensor, raw_BF: torch.Tensor | None, dead_idx: torch.Tensor, k_aux: int
     ) -> tuple[Entries, torch.Tensor] | None:
         """AuxK's entries (Gao et al. 2024, Appendix A.2): each row's top-`k_aux` raw pre-activations among the
-        dead latents, and their values; None when AuxK is off or no latent is dead. Without `raw_BF` the dead
-        latents' pre-activations are computed in float32 (a [B, D] @ [D, dead] matmul)."""
-        if not (inputs.auxk_coef > 0 and bool(inputs.dead_F.any())):
+        dead latents `dead_idx`, and their values; None when there are none (no latent dead, or AuxK off). Without
+        `raw_BF` the dead latents' pre-activations are computed in float32 (a [B, D] @ [D, dead] matmul)."""
+        if dead_idx.numel() == 0:
             return None
-        dead_idx = inputs.dead_F.nonzero().flatten()
         if raw_BF is None:
             with torch.no_grad():
                 dead_BF = self._columns_preacts(x_BD, dead_idx)
         else:
             dead_BF = raw_BF.index_select(1, dead_idx)
-        pre, j = dead_BF.topk(min(inputs.k_aux, dead_idx.numel()), dim=-1, sorted=False)
+        pre, j = dead_BF.topk(min(k_aux, dead_idx.numel()), dim=-1, sorted=False)
         return Entries.rectangle(dead_idx[j], self.cfg.d_sae), pre.reshape(-1)
 
 
