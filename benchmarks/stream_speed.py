@@ -2,7 +2,7 @@
 
     make peers   # once: .venv-peers/sparsify
     .venv/bin/python benchmarks/stream_speed.py [--tokens 32768] [--batch 1024] [--repeats 2] \
-        [--out benchmarks/results/stream_speed.json]
+        [--dtype float32|bfloat16] [--out benchmarks/results/stream_speed.json]
 
 On the bundled SmolLM2-135M at `layers.15` and the bundled Wikipedia corpus (saelab's streamed windows, default
 `DataConfig`), each round measures, in turn (the order reversed every other round, so a change of load shows):
@@ -17,7 +17,8 @@ per second. Every run uses the same SAE: TopK, `--expansion` x 576 latents, k `-
 `--batch` / 128 windows), Adam lr `--lr`, one pass. Each SAE's held-out explained variance, L0 and dead fraction come
 from ONE forward and metric function (`peer_training.reconstruction_stats`) on the held-out windows' kept tokens
 (positions 0-1 and special tokens excluded), after the shared forward has reproduced each library's own
-reconstruction. Model loading is outside every clock (sparsify's process loads its own copy).
+reconstruction. Model loading is outside every clock (sparsify's process loads its own copy). `--dtype` sets the
+LM's dtype in every run and in the held-out forward (both libraries keep their SAEs in float32).
 """
 
 from __future__ import annotations
@@ -159,6 +160,7 @@ def run_sparsify(
         "--hookpoint", hookpoint.removeprefix("model."), "--out", str(out),
         "--batch-windows", str(batch_windows), "--expansion", str(args.expansion), "--k", str(args.k),
         "--lr", str(args.lr), "--warmup", str(max(1, int(0.05 * steps))), "--seed", str(args.seed),
+        "--dtype", args.dtype,
     ]  # fmt: skip
     env = {
         **os.environ,
@@ -189,6 +191,12 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="the LM's dtype in every run (saelab's `--model.dtype`); each SAE trains in float32",
+    )
     p.add_argument("--only", nargs="*", choices=("forward", "saelab", "sparsify"))
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "stream_speed.json")
     args = p.parse_args()
@@ -196,7 +204,7 @@ def main() -> None:
     load_start = os.getloadavg()
     todo = args.only or ["forward", "saelab", "sparsify"]
     data = DataConfig()
-    lm = load_model(MODEL)
+    lm = load_model(MODEL, dtype=args.dtype)
     hookpoint = resolve_hookpoint(lm.model, "layers.15")
     eval_ND = held_out_acts(lm, data, args.seed, hookpoint)
     self_test_metrics(eval_ND)
