@@ -2,9 +2,9 @@
 
     make peers   # once: .venv-peers/sparsify
     .venv/bin/python benchmarks/stream_speed.py [--tokens 32768] [--batch 1024] [--repeats 2] \
-        [--dtype float32|bfloat16] [--out benchmarks/results/stream_speed.json]
+        [--dtype float32|bfloat16] [--hookpoint layers.15] [--out benchmarks/results/stream_speed.json]
 
-On the bundled SmolLM2-135M at `layers.15` and the bundled Wikipedia corpus (saelab's streamed windows, default
+On the bundled SmolLM2-135M at `--hookpoint` (`layers.15` unless given) and the bundled Wikipedia corpus (saelab's streamed windows, default
 `DataConfig`), each round measures, in turn (the order reversed every other round, so a change of load shows):
 - forward: the bare forward to the hookpoint (stopped after the hooked layer, `capture` + `forward_until`, no
   SAE) over the windows saelab's on-the-fly source reads, `collect.batch_size` (16) windows per forward;
@@ -192,6 +192,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument(
+        "--hookpoint",
+        default="layers.15",
+        help="a residual-stream layer output, `layers.N` (the model has 30)",
+    )
+    p.add_argument(
         "--dtype",
         choices=("float32", "bfloat16"),
         default="float32",
@@ -205,7 +210,7 @@ def main() -> None:
     todo = args.only or ["forward", "saelab", "sparsify"]
     data = DataConfig()
     lm = load_model(MODEL, dtype=args.dtype)
-    hookpoint = resolve_hookpoint(lm.model, "layers.15")
+    hookpoint = resolve_hookpoint(lm.model, args.hookpoint)
     eval_ND = held_out_acts(lm, data, args.seed, hookpoint)
     self_test_metrics(eval_ND)
     tokens, keep = stream_windows(lm, data, args.seed, args.tokens)
