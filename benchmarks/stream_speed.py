@@ -5,7 +5,8 @@
         [--dtype float32|bfloat16] [--hookpoint layers.15] [--out benchmarks/results/stream_speed.json]
 
 On the bundled SmolLM2-135M at `--hookpoint` (`layers.15` unless given) and the bundled Wikipedia corpus
-(saelab's streamed windows, default `DataConfig`), each round measures, in turn (the order reversed every other round, so a change of load shows):
+(saelab's streamed windows, default `DataConfig`), each round measures, in turn (the order reversed every other
+round, so a change of load shows):
 - forward: the bare forward to the hookpoint (stopped after the hooked layer, `capture` + `forward_until`, no
   SAE) over the windows saelab's on-the-fly source reads, `collect.batch_size` (16) windows per forward;
 - saelab: `train()` on a `StreamSource`, the code path of `saelab train --collect.format stream` (model forwards
