@@ -5,7 +5,9 @@
 
 On a CUDA device (default shape): the bundled SmolLM2-135M in bfloat16 at `layers.15`, a TopK SAE of 65,536 latents,
 k 64, batch 4,096 tokens, float32 master weights, trained on the fly (`StreamSource` + `train()`, the code path of
-`saelab train --collect.format stream`) over `--tokens` kept tokens. Beside it, in the same run:
+`saelab train --collect.format stream`) over `--tokens` kept tokens, twice: with the default kernels (dense on a
+GPU) and with `--train.kernels sparse` (whose TopK selection runs in bfloat16 where the GPU has it natively,
+confirmed in float32). Beside them, in the same run:
 - the floor: the time of the dense matmuls one step needs alone (encoder x W_enc and decoder z W_dec forward, and
   the three of their backward: grad z, grad W_dec, grad W_enc), on random float32 tensors of the step's shapes;
 - sparsify's own `Trainer` (`benchmarks/peers/sparsify_stream.py` in `.venv-peers/sparsify`, the LM in bfloat16
@@ -85,8 +87,10 @@ def saelab_on_the_fly(
     batch: int,
     tokens: int,
     ctx_len: int,
+    kernels: str = "auto",
 ) -> dict[str, Any]:
-    """Train a TopK SAE of `d_sae` latents on the fly; trained tokens/s (model loading outside the clock)."""
+    """Train a TopK SAE of `d_sae` latents on the fly with `kernels` (`TrainConfig.kernels`); trained tokens/s
+    (model loading outside the clock)."""
     from saelab.activations.onthefly import StreamSource
     from saelab.config import DataConfig, TrainConfig
     from saelab.models.loading import hookpoint_width, load_model, resolve_hookpoint
@@ -99,7 +103,13 @@ def saelab_on_the_fly(
         raise SystemExit(f"--latents {d_sae} is not a multiple of the hookpoint's width {d_in}")
     data = DataConfig(dataset=dataset, ctx_len=ctx_len) if dataset else DataConfig(ctx_len=ctx_len)
     cfg = TrainConfig(
-        architecture="topk", expansion=d_sae // d_in, k=k, batch_size=batch, epochs=1, checkpoint_every=0
+        architecture="topk",
+        expansion=d_sae // d_in,
+        k=k,
+        batch_size=batch,
+        epochs=1,
+        checkpoint_every=0,
+        kernels=kernels,  # type: ignore[arg-type]  # a Literal, checked by TrainConfig
     )
     _sync(device)
     t0 = time.perf_counter()
@@ -112,6 +122,9 @@ def saelab_on_the_fly(
     sae = result.sae
     return {
         "hookpoint": hookpoint,
+        "kernels": kernels,
+        "selection": result.selection,
+        "rows_rechecked": result.rows_rechecked,
         "d_in": d_in,
         "d_sae": sae.cfg.d_sae,
         "steps": result.steps,
@@ -171,22 +184,27 @@ def measure(
     ctx_len: int,
     peer: bool,
 ) -> dict[str, Any]:
-    """The whole check: saelab on the fly, the matmul floor, and (with `peer`) sparsify; ratios of their rates."""
+    """The whole check: saelab on the fly with its default kernels (`saelab`: dense on a GPU) and with the sparse
+    kernels and `auto` selection (`saelab_sparse`: the bfloat16 selection where native), the matmul floor, and
+    (with `peer`) sparsify; ratios of their rates."""
     dtype = "bfloat16" if device.startswith("cuda") else "float32"
     load_before = os.getloadavg()
     saelab = saelab_on_the_fly(model, dataset, device, dtype, d_sae, k, batch, tokens, ctx_len)
+    sparse = saelab_on_the_fly(model, dataset, device, dtype, d_sae, k, batch, tokens, ctx_len, "sparse")
     floor = matmul_floor(saelab["d_in"], d_sae, batch, k, device)
-    out: dict[str, Any] = {"device": device, "saelab": saelab, "matmul_floor": floor}
-    out["saelab_over_matmul_floor"] = (
-        saelab["trained_tokens_per_second"] / floor["forward_backward_tokens_per_second"]
-    )
+    out: dict[str, Any] = {"device": device, "saelab": saelab, "saelab_sparse": sparse, "matmul_floor": floor}
+    for name in ("saelab", "saelab_sparse"):
+        out[f"{name}_over_matmul_floor"] = (
+            out[name]["trained_tokens_per_second"] / floor["forward_backward_tokens_per_second"]
+        )
     if peer:
         sp = sparsify_on_the_fly(device, d_sae, k, batch, tokens)
         out["sparsify"] = sp
         if "trained_tokens_per_second" in sp:
-            out["saelab_over_sparsify"] = (
-                saelab["trained_tokens_per_second"] / sp["trained_tokens_per_second"]
-            )
+            for name in ("saelab", "saelab_sparse"):
+                out[f"{name}_over_sparsify"] = (
+                    out[name]["trained_tokens_per_second"] / sp["trained_tokens_per_second"]
+                )
     out["load_avg"] = {"before": load_before, "after": os.getloadavg()}
     return out
 

@@ -43,11 +43,13 @@ def test_the_measuring_path_runs_on_cpu_with_the_test_model(tiny_model_dir: Path
         ctx_len=32,
         peer=False,
     )
-    s = res["saelab"]
-    assert s["d_sae"] == 128 and s["steps"] == 4 and s["trained_tokens"] == 256
-    assert s["sae_dtype"] == "torch.float32" and s["trained_tokens_per_second"] > 0
     floor = res["matmul_floor"]
     assert floor["forward_seconds"] <= floor["forward_backward_seconds"]
-    assert res["saelab_over_matmul_floor"] == pytest.approx(
-        s["trained_tokens_per_second"] / floor["forward_backward_tokens_per_second"]
-    )
+    for name, kernels in (("saelab", "auto"), ("saelab_sparse", "sparse")):
+        s = res[name]
+        assert s["kernels"] == kernels and s["selection"] in ("float32", "bfloat16")
+        assert s["d_sae"] == 128 and s["steps"] == 4 and s["trained_tokens"] == 256
+        assert s["sae_dtype"] == "torch.float32" and s["trained_tokens_per_second"] > 0
+        assert res[f"{name}_over_matmul_floor"] == pytest.approx(
+            s["trained_tokens_per_second"] / floor["forward_backward_tokens_per_second"]
+        )
