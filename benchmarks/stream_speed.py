@@ -147,40 +147,48 @@ def run_saelab(
     }, plain
 
 
-def run_sparsify(
-    files: dict[str, Path], hookpoint: str, args: argparse.Namespace, n_windows: int, out: Path
+PEER_ENV = {
+    "OMP_NUM_THREADS": "2",
+    "TQDM_DISABLE": "1",
+    "SPARSIFY_DISABLE_TRITON": "1",
+    "WANDB_MODE": "disabled",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+}
+
+
+def run_peer(
+    name: str, script: str, args: list[str], out: Path
 ) -> tuple[dict[str, Any], PlainSAE, torch.Tensor, torch.Tensor]:
-    python = ROOT / ".venv-peers" / "sparsify" / "bin" / "python"
+    """Run `benchmarks/peers/<script>` in `.venv-peers/<name>`: its result.json with rates, its SAE and check rows."""
+    python = ROOT / ".venv-peers" / name / "bin" / "python"
     if not python.exists():
         raise SystemExit(f"{python} is missing: run `make peers` first")
-    batch_windows = args.batch // 128
-    steps = n_windows // batch_windows
-    cmd = [
-        str(python), str(PEERS / "sparsify_stream.py"), "--model-dir", str(files["model"]),
-        "--windows", str(files["windows"]), "--check", str(files["check"]),
-        "--hookpoint", hookpoint.removeprefix("model."), "--out", str(out),
-        "--batch-windows", str(batch_windows), "--expansion", str(args.expansion), "--k", str(args.k),
-        "--lr", str(args.lr), "--warmup", str(max(1, int(0.05 * steps))), "--seed", str(args.seed),
-        "--dtype", args.dtype,
-    ]  # fmt: skip
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "2",
-        "TQDM_DISABLE": "1",
-        "SPARSIFY_DISABLE_TRITON": "1",
-        "WANDB_MODE": "disabled",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-    }
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    cmd = [str(python), str(PEERS / script), *args, "--out", str(out)]
+    proc = subprocess.run(cmd, env={**os.environ, **PEER_ENV}, capture_output=True, text=True)
     if proc.returncode:
-        raise SystemExit(f"sparsify failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{name} failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
     r = json.loads((out / "result.json").read_text())
     r["seconds"] = r["train_seconds"]
     r["model_tokens_per_second"] = r["model_tokens"] / r["train_seconds"]
     r["trained_tokens_per_second"] = r["trained_tokens"] / r["train_seconds"]
     sae, check_x, check_x_hat = PlainSAE.load(out / "sae.safetensors")
     return r, sae, check_x, check_x_hat
+
+
+def run_sparsify(
+    files: dict[str, Path], hookpoint: str, args: argparse.Namespace, n_windows: int, out: Path
+) -> tuple[dict[str, Any], PlainSAE, torch.Tensor, torch.Tensor]:
+    batch_windows = args.batch // 128
+    steps = n_windows // batch_windows
+    cmd = [
+        "--model-dir", str(files["model"]), "--windows", str(files["windows"]), "--check", str(files["check"]),
+        "--hookpoint", hookpoint.removeprefix("model."),
+        "--batch-windows", str(batch_windows), "--expansion", str(args.expansion), "--k", str(args.k),
+        "--lr", str(args.lr), "--warmup", str(max(1, int(0.05 * steps))), "--seed", str(args.seed),
+        "--dtype", args.dtype,
+    ]  # fmt: skip
+    return run_peer("sparsify", "sparsify_stream.py", cmd, out)
 
 
 def main() -> None:
