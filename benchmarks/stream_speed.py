@@ -1,6 +1,6 @@
-"""On-the-fly TopK training against the bare forward and against sparsify's own `Trainer`, in one run.
+"""On-the-fly TopK training against the bare forward, sparsify's own `Trainer` and SAELens's own runner, in one run.
 
-    make peers   # once: .venv-peers/sparsify
+    make peers   # once: .venv-peers/sparsify, .venv-peers/saelens
     .venv/bin/python benchmarks/stream_speed.py [--tokens 32768] [--batch 1024] [--repeats 2] \
         [--dtype float32|bfloat16] [--hookpoint layers.15] [--out benchmarks/results/stream_speed.json]
 
@@ -12,14 +12,22 @@ round, so a change of load shows):
 - saelab: `train()` on a `StreamSource`, the code path of `saelab train --collect.format stream` (model forwards
   into the mixing buffer, statistics, every SAE step), `--tokens` kept rows;
 - sparsify: its `Trainer.fit()` in `.venv-peers/sparsify` (`benchmarks/peers/sparsify_stream.py`), which hooks the
-  model and runs its whole forward per step, on the same windows.
-Rates are model tokens per second (window tokens through the LM, the unit of the bare forward) and trained tokens
-per second. Every run uses the same SAE: TopK, `--expansion` x 576 latents, k `--k`, batch `--batch` tokens (sparsify:
+  model and runs its whole forward per step, on the same windows;
+- saelens: its `LanguageModelSAETrainingRunner.run()` in `.venv-peers/saelens` (`benchmarks/peers/saelens_stream.py`):
+  its `ActivationsStore` runs the LM (wrapped as a `HookedProxyLM`, stopped after the hooked layer) 32 windows at a
+  time into its mixing buffer, on the first windows of the same stream, until it has trained on as many tokens as
+  saelab (`--tokens`, whole batches), with saelab's schedule; it trains on every position (SAELens excludes nothing
+  by default) and starts b_dec at zero.
+Rates are model tokens per second (window tokens through the LM, the unit of the bare forward; for SAELens those of
+the windows its forwards actually read, including tokens its buffer still held at the end) and trained tokens per
+second. Every run uses the same SAE: TopK, `--expansion` x 576 latents, k `--k`, batch `--batch` tokens (sparsify:
 `--batch` / 128 windows), Adam lr `--lr`, one pass. Each SAE's held-out explained variance, L0 and dead fraction come
 from ONE forward and metric function (`peer_training.reconstruction_stats`) on the held-out windows' kept tokens
 (positions 0-1 and special tokens excluded), after the shared forward has reproduced each library's own
-reconstruction. Model loading is outside every clock (sparsify's process loads its own copy). `--dtype` sets the
-LM's dtype in every run and in the held-out forward (both libraries keep their SAEs in float32).
+reconstruction. Model loading is outside every clock (each peer's process loads its own copy). `--dtype` sets the
+LM's dtype in every run and in the held-out forward (every library keeps its SAE in float32). The output JSON holds
+every run, the medians and the ratios saelab / forward, saelab / sparsify and saelab / saelens (model and trained
+tokens per second).
 """
 
 from __future__ import annotations
@@ -59,18 +67,26 @@ from saelab.models.loading import LoadedModel, capture, forward_until, load_mode
 from saelab.train.trainer import train
 
 MODEL = "bundled:smollm2-135m-instruct"
+PEER_RUNS = ("sparsify", "saelens")
 FORWARD_WINDOWS = 16
 """`collect.batch_size`'s default: windows per forward of the on-the-fly source."""
 
 
-def stream_windows(lm: LoadedModel, data: DataConfig, seed: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, keep) of the training windows saelab's stream reads to fill `rows` kept rows, in whole forwards."""
+def stream_windows(
+    lm: LoadedModel, data: DataConfig, seed: int, rows: int, min_windows: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, keep) of the training windows saelab's stream reads to fill `rows` kept rows, in whole forwards (and
+    at least `min_windows` windows)."""
     stream = TrainStream(data, lm.tokenizer, seed)
-    tokens, keep, have = [], [], 0
-    while have < rows:
+    tokens: list[np.ndarray] = []
+    keep: list[np.ndarray] = []
+    have = 0
+    while have < rows or sum(len(t) for t in tokens) < min_windows:
         block = stream.windows(FORWARD_WINDOWS)
         if len(block.tokens) == 0:
-            raise SystemExit(f"the corpus holds fewer than {rows} kept training tokens")
+            raise SystemExit(
+                f"the corpus holds fewer than {rows} kept training tokens or {min_windows} windows"
+            )
         tokens.append(block.tokens)
         keep.append(block.keep)
         have += int(block.keep.sum())
@@ -191,6 +207,22 @@ def run_sparsify(
     return run_peer("sparsify", "sparsify_stream.py", cmd, out)
 
 
+def run_saelens(
+    files: dict[str, Path], hookpoint: str, args: argparse.Namespace, out: Path
+) -> tuple[dict[str, Any], PlainSAE, torch.Tensor, torch.Tensor]:
+    """SAELens's runner on the first `saelens_windows` windows of the same stream, told to train on as many tokens
+    as saelab does (`--tokens`, whole batches), with saelab's schedule (5% warm-up, linear decay over the last 20%)."""
+    steps = args.tokens // args.batch
+    cmd = [
+        "--model-dir", str(files["model"]), "--windows", str(files["saelens_windows"]),
+        "--check", str(files["check"]), "--hookpoint", hookpoint, "--training-tokens", str(steps * args.batch),
+        "--batch", str(args.batch), "--expansion", str(args.expansion), "--k", str(args.k), "--lr", str(args.lr),
+        "--warmup", str(max(1, int(0.05 * steps))), "--decay", str(steps - int(0.8 * steps)),
+        "--seed", str(args.seed), "--dtype", args.dtype,
+    ]  # fmt: skip
+    return run_peer("saelens", "saelens_stream.py", cmd, out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=32_768, help="kept training tokens saelab trains on")
@@ -211,12 +243,12 @@ def main() -> None:
         default="float32",
         help="the LM's dtype in every run (saelab's `--model.dtype`); each SAE trains in float32",
     )
-    p.add_argument("--only", nargs="*", choices=("forward", "saelab", "sparsify"))
+    p.add_argument("--only", nargs="*", choices=("forward", "saelab", *PEER_RUNS))
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "stream_speed.json")
     args = p.parse_args()
     torch.set_num_threads(2)
     load_start = os.getloadavg()
-    todo = args.only or ["forward", "saelab", "sparsify"]
+    todo = args.only or ["forward", "saelab", *PEER_RUNS]
     data = DataConfig()
     lm = load_model(MODEL, dtype=args.dtype)
     hookpoint = resolve_hookpoint(lm.model, args.hookpoint)
@@ -227,12 +259,22 @@ def main() -> None:
 
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in todo}
     with tempfile.TemporaryDirectory() as tmp:
-        files = {"model": _bundled_cache(MODEL), "windows": Path(tmp) / "w.npy", "check": Path(tmp) / "c.st"}
+        files = {
+            "model": _bundled_cache(MODEL),
+            "windows": Path(tmp) / "w.npy",
+            "saelens_windows": Path(tmp) / "saelens_w.npy",
+            "check": Path(tmp) / "c.st",
+        }
         needed = (
             int(np.searchsorted(np.cumsum(keep.sum(1)), args.tokens)) + 1
         )  # windows holding the kept rows
         n_windows = math.ceil(needed / (args.batch // 128)) * (args.batch // 128)
         np.save(files["windows"], tokens[:n_windows])
+        # SAELens reads 32 windows per forward and its mixing buffer holds tokens back (10 windows by default), and
+        # it would reuse windows once they run out: give it the same stream's first windows with a margin.
+        saelens_windows = math.ceil(args.tokens / 128) + 64 + args.batch // 128
+        if "saelens" in todo:
+            np.save(files["saelens_windows"], stream_windows(lm, data, args.seed, 0, saelens_windows)[0])
         save_file({"x": eval_ND[:64].contiguous()}, str(files["check"]))
         for rep in range(args.repeats):
             for name in todo if rep % 2 == 0 else todo[::-1]:
@@ -243,9 +285,13 @@ def main() -> None:
                         r, sae = run_saelab(lm, hookpoint, data, args, tokens.size)
                         own = plain_forward(sae)(eval_ND[:64])[0]  # its own forward is the folded one
                         check_x, check_x_hat = eval_ND[:64], own
-                    else:
+                    elif name == "sparsify":
                         r, sae, check_x, check_x_hat = run_sparsify(
                             files, hookpoint, args, n_windows, CACHE / "stream_speed" / f"sparsify-{rep}"
+                        )
+                    else:
+                        r, sae, check_x, check_x_hat = run_saelens(
+                            files, hookpoint, args, CACHE / "stream_speed" / f"saelens-{rep}"
                         )
                     r["check_max_rel_diff"] = check_own_forward(sae, check_x, check_x_hat, name)
                     r.update(reconstruction_stats(eval_ND, plain_forward(sae), sae.d_sae))
@@ -258,7 +304,7 @@ def main() -> None:
                 )
     med = {n: {k: statistics.median(r[k] for r in rs) for k in ("model_tokens_per_second", "seconds")}
            for n, rs in runs.items()}  # fmt: skip
-    for name in ("saelab", "sparsify"):
+    for name in ("saelab", *PEER_RUNS):
         if name in runs:
             for key in ("explained_variance", "l0", "dead_fraction", "trained_tokens_per_second"):
                 med[name][key] = statistics.median(r[key] for r in runs[name])
@@ -267,13 +313,14 @@ def main() -> None:
         ratios["saelab_over_forward"] = (
             med["saelab"]["model_tokens_per_second"] / med["forward"]["model_tokens_per_second"]
         )
-    if "saelab" in med and "sparsify" in med:
-        ratios["saelab_over_sparsify"] = (
-            med["saelab"]["model_tokens_per_second"] / med["sparsify"]["model_tokens_per_second"]
-        )
-        ratios["saelab_over_sparsify_trained"] = (
-            med["saelab"]["trained_tokens_per_second"] / med["sparsify"]["trained_tokens_per_second"]
-        )
+    for peer in PEER_RUNS:
+        if "saelab" in med and peer in med:
+            ratios[f"saelab_over_{peer}"] = (
+                med["saelab"]["model_tokens_per_second"] / med[peer]["model_tokens_per_second"]
+            )
+            ratios[f"saelab_over_{peer}_trained"] = (
+                med["saelab"]["trained_tokens_per_second"] / med[peer]["trained_tokens_per_second"]
+            )
     result = {
         "command": "python benchmarks/stream_speed.py " + " ".join(sys.argv[1:]),
         "machine": {**machine(), "load_avg_start": load_start, "load_avg_end": os.getloadavg()},
@@ -285,6 +332,7 @@ def main() -> None:
             "forward_windows": FORWARD_WINDOWS,
             "forward_windows_total": len(tokens),
             "sparsify_windows": n_windows,
+            "saelens_windows_given": saelens_windows,
             "eval_tokens": eval_ND.shape[0],
         },
         "medians": med,
