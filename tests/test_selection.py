@@ -17,8 +17,16 @@ from support_train import planted
 from saelab.config import TrainConfig
 from saelab.models.precision import native_bf16, resolve_float
 from saelab.sae import base as sae_lib
-from saelab.sae.selection import BF16Selector
+from saelab.sae.selection import EPS_F32, UNIT_ROUNDOFF_BF16, BF16Selector, rounding_bound
 from saelab.train.trainer import train
+
+
+def bound_of(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor):
+    """(the bfloat16 approximation as the selector computes it, in float64; |x|, |w|, E from `rounding_bound`)."""
+    xh = torch.cat([x, torch.ones(len(x), 1)], dim=1).bfloat16()
+    wh = torch.cat([W, b[None]], dim=0).bfloat16()
+    approx = torch.mm(xh, wh).double()
+    return approx, *rounding_bound(x, xh, W, b, wh, torch.empty(wh.shape))
 
 
 def float32_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, b_pre: torch.Tensor, k: int):
@@ -44,6 +52,47 @@ def test_bf16_choice_equals_the_float32_topk(F: int) -> None:
     torch.testing.assert_close(chosen.vals_BK.sort(dim=1).values, ref.values.sort(dim=1).values)
     assert chosen.vals_BK.dtype == torch.float32
     assert chosen.rechecked == sel.rechecked < B // 10  # the bound confirms nearly every row of such data
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-3, 1e3])
+def test_the_bound_holds_for_every_entry(scale: float) -> None:
+    """What step 3 rests on, checked against float64 on every entry rather than through the choice: an entry's
+    exact value is at most max(s~, 0) / (1 - u) + E (s~ its bfloat16 approximation), and its float32 value is
+    within gamma |x| |w| of it. Inputs of mixed magnitudes, values below bfloat16's normal range among them."""
+    gen = torch.Generator().manual_seed(2)
+    B, D, F = 256, 64, 512
+    x = torch.randn(B, D, generator=gen) * scale * torch.logspace(-3, 2, D)[torch.randperm(D, generator=gen)]
+    W = torch.randn(D, F, generator=gen) / D**0.5
+    W[:, :8] *= 1e-39  # subnormal in float32 and bfloat16
+    b = torch.randn(F, generator=gen)
+    approx, x_norm, w_norm, err_B = bound_of(x, W, b)
+    exact = x.double() @ W.double() + b.double()
+    above = approx.clamp_min(0) / (1 - UNIT_ROUNDOFF_BF16) + err_B.double()[:, None] + (D + 1) * 2.0**-126
+    assert bool((exact <= above).all())
+    gamma = (D + 1) * EPS_F32 / (1 - (D + 1) * EPS_F32)
+    f32 = torch.addmm(b, x, W).double()
+    assert bool(((f32 - exact).abs() <= gamma * (x_norm * w_norm).double()[:, None]).all())
+    # and the bound is not vacuous: a small fraction of |x| |w|
+    assert float((err_B / (x_norm * w_norm)).max()) < 0.01
+
+
+def test_the_bound_holds_where_rounding_errors_add_up() -> None:
+    """x = (v, -1, v, -1, ...) and w = (v, 1, v, 1, ...) with v just below bfloat16's halfway point above 1: the
+    rounded product is exactly 0 (no slack from the output's rounding), while every pair's rounding errors add
+    up to an exact value of about u D. The bound must cover that, and it does with less to spare than the
+    error itself (halving E, or dropping either operand's rounding term, fails here)."""
+    B, D, F = 4, 64, 8
+    v = 1 + 0.99 * 2.0**-8
+    assert float(torch.tensor(v).bfloat16()) == 1.0  # rounds down by almost u
+    pair = torch.tensor([v, -1.0]).repeat(D // 2)
+    x = pair.expand(B, D).clone()
+    W = pair.abs()[:, None].expand(D, F).clone()
+    approx, _, _, err_B = bound_of(x, W, torch.zeros(F))
+    exact = x.double() @ W.double()
+    assert bool((approx == 0).all()) and float(exact.min()) > 0.9 * UNIT_ROUNDOFF_BF16 * D
+    above = approx.clamp_min(0) / (1 - UNIT_ROUNDOFF_BF16) + err_B.double()[:, None]
+    assert bool((exact <= above).all())
+    assert float((above - exact).max()) < float(exact.min())
 
 
 def test_rows_the_bound_cannot_confirm_are_recomputed_in_float32() -> None:
