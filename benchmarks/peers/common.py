@@ -49,6 +49,26 @@ def parse_args(description: str) -> argparse.Namespace:
     return args
 
 
+def stream_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every on-the-fly peer script (`*_stream.py`, started by `benchmarks/stream_speed.py`) takes;
+    each adds its own hookpoint naming and schedule."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", type=Path, required=True)
+    p.add_argument("--windows", type=Path, required=True, help="token windows [n, ctx] (.npy)")
+    p.add_argument(
+        "--check", type=Path, required=True, help="safetensors with `x` [n, D]: held-out check rows"
+    )
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--expansion", type=int, default=8)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", help="the LM's dtype (the SAE is float32)")
+    return p
+
+
 def load_tokens(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     """(training tokens in the shared seeded order, check rows from the held-out tokens)."""
     with safe_open(str(args.acts), framework="pt") as f:

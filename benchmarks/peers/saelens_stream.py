@@ -48,6 +48,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import common
 import numpy as np
 import torch
 from datasets import Dataset
@@ -59,19 +60,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", type=Path, required=True)
-    p.add_argument("--windows", type=Path, required=True)
-    p.add_argument(
-        "--check", type=Path, required=True, help="safetensors with `x` [n, D]: held-out check rows"
-    )
+    p = common.stream_parser(__doc__)
     p.add_argument("--hookpoint", default="model.layers.15", help="module path in the HF model")
-    p.add_argument("--out", type=Path, required=True)
     p.add_argument("--training-tokens", type=int, required=True, help="activations trained on")
     p.add_argument("--batch", type=int, default=1024, help="tokens per SAE step")
-    p.add_argument("--expansion", type=int, default=8)
-    p.add_argument("--k", type=int, default=32)
-    p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
     p.add_argument("--decay", type=int, default=0, help="steps of linear decay to 0 at the end")
     p.add_argument(
@@ -79,10 +71,6 @@ def parse_args() -> argparse.Namespace:
         type=int,
         help="SAELens's default (20), or enough for one batch where that is less",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", help="the LM's dtype (the SAE is float32)")
     return p.parse_args()
 
 

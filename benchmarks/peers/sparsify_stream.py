@@ -15,14 +15,13 @@ Writes `sae.safetensors` in the exchange format of `benchmarks/peers/common.py` 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
 import time
 from importlib.metadata import version
-from pathlib import Path
 
+import common
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
@@ -31,23 +30,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model-dir", type=Path, required=True)
-    p.add_argument("--windows", type=Path, required=True)
-    p.add_argument(
-        "--check", type=Path, required=True, help="safetensors with `x` [n, D]: held-out check rows"
-    )
+    p = common.stream_parser(__doc__)
     p.add_argument("--hookpoint", default="layers.15", help="module name under model.base_model")
-    p.add_argument("--out", type=Path, required=True)
     p.add_argument("--batch-windows", type=int, default=8)
-    p.add_argument("--expansion", type=int, default=8)
-    p.add_argument("--k", type=int, default=32)
-    p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", help="the LM's dtype (the SAE is float32)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t_load = time.perf_counter()
