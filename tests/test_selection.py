@@ -189,6 +189,22 @@ with reuse_freed_memory(torch.device("meta")) as meta_active:
 print(first, int(active), inside, round(kept), round(released), int(meta_active))
 """
 
+OVERLAP_PROBE = (
+    MALLOC_PROBE[: MALLOC_PROBE.index("first = ")]
+    + """
+torch.ones(1 << 22).fill_(2.0)  # torch's worker threads (their stacks are mappings too) start now, not below
+base = rss_mib()
+a, b = reuse_freed_memory(torch.device("cpu")), reuse_freed_memory(torch.device("cpu"))
+a.__enter__()
+b.__enter__()
+a.__exit__(None, None, None)
+after_first_ends = new_mappings()
+kept = rss_mib() - base
+b.__exit__(None, None, None)
+print(after_first_ends, round(kept), round(rss_mib() - base))
+"""
+)
+
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
 def test_training_loop_keeps_freed_blocks_then_restores_malloc() -> None:
@@ -200,6 +216,17 @@ def test_training_loop_keeps_freed_blocks_then_restores_malloc() -> None:
     assert active == 1 and meta_active == 0
     assert first >= 1
     assert inside <= 0 and kept_mib >= 60, (inside, kept_mib)
+    assert released_mib < 16, released_mib
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_overlapping_trainings_keep_the_setting_until_the_last_ends() -> None:
+    """Two trainings in threads of one process (a fresh one, so no freed block is in its heap yet): when the first
+    ends, the second still gets its large blocks from the heap and keeps them; when it ends, the memory goes
+    back."""
+    out = subprocess.run([sys.executable, "-c", OVERLAP_PROBE], capture_output=True, text=True, check=True)
+    after_first_ends, kept_mib, released_mib = (int(v) for v in out.stdout.split())
+    assert after_first_ends <= 0 and kept_mib >= 60, (after_first_ends, kept_mib)
     assert released_mib < 16, released_mib
 
 
