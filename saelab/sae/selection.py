@@ -125,9 +125,8 @@ def _confirmed(
     D1 = xh_BD1.shape[1]
     x_norm, w_norm, err_B = rounding_bound(xc_BD, xh_BD1, W_DF, b_F, wh_D1F, scratch_D1F)
     t_B = approx_BC.min(dim=1).values.float()
-    above_B = (
-        t_B.clamp_min(0) / (1 - UNIT_ROUNDOFF_BF16) + err_B
-    )  # no non-candidate's exact value exceeds this
+    # no non-candidate's exact value exceeds this
+    above_B = t_B.clamp_min(0) / (1 - UNIT_ROUNDOFF_BF16) + err_B
     kth_B = vals_BK.min(dim=1).values - _gamma(D1) * x_norm * w_norm  # the float32 candidates' own rounding
     # The absolute term covers products flushed to zero below float32's normal range (bfloat16 dot instructions).
     return kth_B > above_B * (1 + 1e-3) + D1 * 2.0**-126

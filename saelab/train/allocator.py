@@ -34,7 +34,7 @@ GLIBC_TRIM_THRESHOLD = 128 * 1024
 
 _lock = threading.Lock()
 _holders = 0
-"""Blocks inside `reuse_freed_memory` now (its settings are set while any is)."""
+"""Trainings inside `reuse_freed_memory` now (malloc's options stay set while there is any)."""
 
 
 def _glibc() -> Any:
